@@ -1,0 +1,359 @@
+"""The configuration: TOML text -> frozen dataclasses.
+
+Pure: `parse_config(text, source=...)` validates and never touches the file system;
+`load_config(path)` is the one function that opens the file. Every error names the file, the
+dotted key, what was expected and what was found; an unknown key is an error with a
+"did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, NoReturn, cast
+
+from sparkd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/sparkd.toml")
+CONFIG_ENV: Final = "SPARKD_CONFIG"
+
+EngineKind = Literal["vllm", "sglang", "llamacpp", "sim", "external"]
+ENGINE_KINDS: Final[tuple[EngineKind, ...]] = ("vllm", "sglang", "llamacpp", "sim", "external")
+RolePolicy = Literal["passthrough", "merge", "strict", "strict-tools", "auto"]
+ROLE_POLICIES: Final[tuple[RolePolicy, ...]] = (
+    "passthrough",
+    "merge",
+    "strict",
+    "strict-tools",
+    "auto",
+)
+
+# Model names become systemd instance names and journal field values: keep them plain.
+MODEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    unit_dir: Path = Path("/run/systemd/system")
+    state_dir: Path = Path("/var/lib/sparkd")
+    control_socket: Path = Path("/run/sparkd/control.sock")
+    control_group: str = "sparkd"
+    default_model: str | None = None
+    stop_engines_on_exit: bool = False
+    memory_reserve_gib: float = 4.0
+    sparkd_path: Path = Path("/usr/bin/sparkd")
+    engine_user: str = "sparkd"
+    health_interval_s: float = 5.0
+    settle_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    listen: str = "127.0.0.1:8000"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    engine: EngineKind
+    path: Path
+    port: int
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    memory_gib: float = 0.0
+    load_timeout_s: float = 900.0
+    binary: str | None = None
+    url: str | None = None
+    role_policy: RolePolicy = "passthrough"
+    source: str | None = None
+    revision: str | None = None
+
+    @property
+    def unit_name(self) -> str:
+        return f"sparkd-engine@{self.name}.service"
+
+    @property
+    def supervised(self) -> bool:
+        """Whether sparkd runs this model's engine (external models are only routed)."""
+        return self.engine != "external"
+
+    @property
+    def env_dict(self) -> dict[str, str]:
+        return dict(self.env)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+
+    def model(self, name: str) -> ModelConfig:
+        from sparkd.errors import UnknownModel
+
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise UnknownModel(
+                f"unknown model {name!r} (configured in {self.source}: {known})"
+            ) from None
+
+    @property
+    def supervised_models(self) -> list[ModelConfig]:
+        return [m for m in self.models.values() if m.supervised]
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The config path: an explicit one, else $SPARKD_CONFIG, else /etc/sparkd.toml."""
+    if explicit is not None:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: file not found (create it, or point --config/{CONFIG_ENV} at one)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse_config(text, source=path)
+
+
+def parse_config(text: str, *, source: Path) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    v = _Validator(source)
+    v.known_keys(raw, "", ("daemon", "gateway", "models"))
+    daemon = _parse_daemon(v, v.table(raw, "daemon"))
+    gateway = _parse_gateway(v, v.table(raw, "gateway"))
+    models_raw = v.table(raw, "models")
+    models: dict[str, ModelConfig] = {}
+    ports: dict[int, str] = {}
+    for name, table in models_raw.items():
+        key = f"models.{name}"
+        if not MODEL_NAME_RE.match(name):
+            v.fail(
+                key,
+                "a model name of letters, digits, '_', '.' or '-' (at most 64, "
+                "starting with a letter or digit)",
+                name,
+            )
+        if not isinstance(table, dict):
+            v.fail(key, "a table", table)
+        model = _parse_model(v, name, table, daemon)
+        if model.supervised:
+            if model.port in ports:
+                v.fail(f"{key}.port", f"a port not used by models.{ports[model.port]}", model.port)
+            ports[model.port] = name
+        models[name] = model
+    if daemon.default_model is not None and daemon.default_model not in models:
+        v.fail(
+            "daemon.default_model",
+            "the name of a configured model" + _suggest(daemon.default_model, list(models)),
+            daemon.default_model,
+        )
+    if daemon.default_model is not None and not models[daemon.default_model].supervised:
+        v.fail("daemon.default_model", "a model sparkd runs (not engine = \"external\")",
+               daemon.default_model)
+    return Config(source=source, daemon=daemon, gateway=gateway, models=models)
+
+
+_DAEMON_KEYS: Final = tuple(DaemonConfig.__dataclass_fields__)
+_GATEWAY_KEYS: Final = tuple(GatewayConfig.__dataclass_fields__)
+_MODEL_KEYS: Final = tuple(k for k in ModelConfig.__dataclass_fields__ if k != "name")
+
+
+def _parse_daemon(v: _Validator, t: dict[str, Any]) -> DaemonConfig:
+    v.known_keys(t, "daemon", _DAEMON_KEYS)
+    d = DaemonConfig()
+    return DaemonConfig(
+        unit_dir=v.abspath(t, "daemon.unit_dir", d.unit_dir),
+        state_dir=v.abspath(t, "daemon.state_dir", d.state_dir),
+        control_socket=v.abspath(t, "daemon.control_socket", d.control_socket),
+        control_group=v.string(t, "daemon.control_group", d.control_group),
+        default_model=v.opt_string(t, "daemon.default_model"),
+        stop_engines_on_exit=v.boolean(t, "daemon.stop_engines_on_exit", d.stop_engines_on_exit),
+        memory_reserve_gib=v.number(t, "daemon.memory_reserve_gib", d.memory_reserve_gib, lo=0),
+        sparkd_path=v.abspath(t, "daemon.sparkd_path", d.sparkd_path),
+        engine_user=v.string(t, "daemon.engine_user", d.engine_user),
+        health_interval_s=v.number(t, "daemon.health_interval_s", d.health_interval_s, lo=0.1),
+        settle_timeout_s=v.number(t, "daemon.settle_timeout_s", d.settle_timeout_s, lo=0),
+    )
+
+
+def _parse_gateway(v: _Validator, t: dict[str, Any]) -> GatewayConfig:
+    v.known_keys(t, "gateway", _GATEWAY_KEYS)
+    listen = v.string(t, "gateway.listen", "127.0.0.1:8000")
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        v.fail("gateway.listen", 'HOST:PORT such as "127.0.0.1:8000"', listen)
+    return GatewayConfig(listen=listen)
+
+
+def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConfig) -> ModelConfig:
+    key = f"models.{name}"
+    v.known_keys(t, key, _MODEL_KEYS)
+    if "engine" not in t:
+        v.fail(f"{key}.engine", "one of " + ", ".join(ENGINE_KINDS), "nothing")
+    engine = cast(EngineKind, v.choice(t, f"{key}.engine", ENGINE_KINDS, "vllm"))
+    url = v.opt_string(t, f"{key}.url")
+    if engine == "external":
+        if url is None or not re.match(r"^https?://", url):
+            v.fail(f"{key}.url", "an http:// or https:// URL (external models need one)", url)
+    elif url is not None:
+        v.fail(f"{key}.url", 'no url (only engine = "external" models have one)', url)
+    if engine != "external" and "port" not in t:
+        v.fail(f"{key}.port", "an integer from 1 to 65535", "nothing")
+    port = v.integer(t, f"{key}.port", 0, lo=1 if engine != "external" else 0, hi=65535)
+    env_table = v.table(t, f"{key}.env", path=f"{key}.env")
+    env: list[tuple[str, str]] = []
+    for env_key, env_val in sorted(env_table.items()):
+        if not ENV_NAME_RE.match(env_key):
+            v.fail(f"{key}.env", "environment variable names like NAME_1", env_key)
+        if not isinstance(env_val, str):
+            v.fail(f"{key}.env.{env_key}", "a string", env_val)
+        env.append((env_key, env_val))
+    args = t.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        v.fail(f"{key}.args", "a list of strings", args)
+    return ModelConfig(
+        name=name,
+        engine=engine,
+        path=v.abspath(t, f"{key}.path", daemon.state_dir / "models" / name),
+        port=port,
+        args=tuple(args),
+        env=tuple(env),
+        memory_gib=v.number(t, f"{key}.memory_gib", 0.0, lo=0),
+        load_timeout_s=v.number(t, f"{key}.load_timeout_s", 900.0, lo=1),
+        binary=v.opt_string(t, f"{key}.binary"),
+        url=url,
+        role_policy=cast(
+            RolePolicy, v.choice(t, f"{key}.role_policy", ROLE_POLICIES, "passthrough")
+        ),
+        source=v.opt_string(t, f"{key}.source"),
+        revision=v.opt_string(t, f"{key}.revision"),
+    )
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "nothing"
+    return repr(value)
+
+
+class _Validator:
+    """Typed getters that raise ConfigError naming the file and dotted key."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+
+    def fail(self, key: str, expected: str, found: object) -> NoReturn:
+        shown = found if found == "nothing" else _show(found)
+        raise ConfigError(f"{self.source}: {key}: expected {expected}, got {shown}")
+
+    def known_keys(self, t: Mapping[str, Any], prefix: str, allowed: tuple[str, ...]) -> None:
+        for k in t:
+            if k not in allowed:
+                where = f"{prefix}.{k}" if prefix else k
+                raise ConfigError(
+                    f"{self.source}: {where}: unknown key{_suggest(k, list(allowed))}; "
+                    f"known keys here: {', '.join(allowed)}"
+                )
+
+    def table(self, t: Mapping[str, Any], key: str, *, path: str | None = None) -> dict[str, Any]:
+        value = t.get(key.rpartition(".")[2], {})
+        if not isinstance(value, dict):
+            self.fail(path or key, "a table", value)
+        return cast(dict[str, Any], value)
+
+    def _get(self, t: Mapping[str, Any], key: str) -> Any:
+        return t.get(key.rpartition(".")[2])
+
+    def _typed(
+        self, t: Mapping[str, Any], key: str, default: Any, check: Callable[[Any], bool], what: str
+    ) -> Any:
+        value = self._get(t, key)
+        if value is None:
+            return default
+        if not check(value):
+            self.fail(key, what, value)
+        return value
+
+    def string(self, t: Mapping[str, Any], key: str, default: str) -> str:
+        return cast(str, self._typed(t, key, default, lambda x: isinstance(x, str), "a string"))
+
+    def opt_string(self, t: Mapping[str, Any], key: str) -> str | None:
+        return cast(
+            "str | None", self._typed(t, key, None, lambda x: isinstance(x, str), "a string")
+        )
+
+    def boolean(self, t: Mapping[str, Any], key: str, default: bool) -> bool:  # noqa: FBT001
+        return cast(
+            bool, self._typed(t, key, default, lambda x: isinstance(x, bool), "true or false")
+        )
+
+    def integer(self, t: Mapping[str, Any], key: str, default: int, *, lo: int, hi: int) -> int:
+        what = f"an integer from {lo} to {hi}"
+        return cast(
+            int,
+            self._typed(
+                t,
+                key,
+                default,
+                lambda x: isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi,
+                what,
+            ),
+        )
+
+    def number(self, t: Mapping[str, Any], key: str, default: float, *, lo: float) -> float:
+        what = f"a number >= {lo:g}"
+        value = self._typed(
+            t,
+            key,
+            default,
+            lambda x: isinstance(x, int | float) and not isinstance(x, bool) and x >= lo,
+            what,
+        )
+        return float(value)
+
+    def choice(
+        self, t: Mapping[str, Any], key: str, options: tuple[str, ...], default: str
+    ) -> str:
+        value = self._get(t, key)
+        if value is None:
+            return default
+        if value not in options:
+            hint = _suggest(value, list(options)) if isinstance(value, str) else ""
+            self.fail(key, "one of " + ", ".join(options) + hint, value)
+        return cast(str, value)
+
+    def abspath(self, t: Mapping[str, Any], key: str, default: Path) -> Path:
+        value = self.opt_string(t, key)
+        if value is None:
+            return default
+        if not value.startswith("/"):
+            self.fail(key, "an absolute path", value)
+        return Path(value)

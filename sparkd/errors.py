@@ -1,0 +1,65 @@
+"""One error base class carrying a stable, machine-readable code.
+
+`sparkctl` maps codes to exit statuses in one place (`sparkd.cli.ExitStatus`); the control
+socket sends the code in error replies so the client can raise the same class.
+"""
+
+from __future__ import annotations
+
+
+class SparkdError(Exception):
+    """Base of every error sparkd reports to a person or a script."""
+
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(SparkdError):
+    """The configuration file is missing, unparseable or invalid."""
+
+    code = "config"
+
+
+class StateError(SparkdError):
+    """The durable state could not be read or written."""
+
+    code = "state"
+
+
+class PrestartRefused(SparkdError):
+    """The memory gate refused an engine start."""
+
+    code = "prestart-refused"
+
+
+class DaemonUnreachable(SparkdError):
+    """sparkctl could not reach the daemon's control socket."""
+
+    code = "daemon-unreachable"
+
+
+class PermissionDenied(SparkdError):
+    """The caller may not use the control socket."""
+
+    code = "permission-denied"
+
+
+class BadRequest(SparkdError):
+    """A control request was malformed or unknown."""
+
+    code = "bad-request"
+
+
+class UnknownModel(SparkdError):
+    """A model name that the configuration does not define."""
+
+    code = "unknown-model"
+
+
+class SystemdError(SparkdError):
+    """A call to systemd failed."""
+
+    code = "systemd"
