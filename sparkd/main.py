@@ -1,0 +1,46 @@
+"""`sparkd`: the daemon and the helpers its units run (prestart, wait-healthy, sim-engine)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from sparkd.config import load_config
+from sparkd.errors import ConfigError
+from sparkd.lazy import LazyGroup
+from sparkd.options import config_option
+
+EXIT_CONFIG_INVALID = 2
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy={
+        "daemon": "sparkd.daemon:command",
+        "prestart": "sparkd.prestart:command",
+        "wait-healthy": "sparkd.engine.health:wait_healthy_command",
+        "sim-engine": "sparkd.sim.engine:command",
+    },
+)
+@click.version_option(package_name="sparkd")
+def cli() -> None:
+    """sparkd: supervisor for LLM inference engines on a DGX Spark."""
+
+
+@cli.command("check-config")
+@config_option
+def check_config(config_file: Path) -> None:
+    """Validate the configuration: exit 0 when valid, 2 with the reason when not."""
+    try:
+        config = load_config(config_file)
+    except ConfigError as exc:
+        click.echo(exc.message, err=True)
+        sys.exit(EXIT_CONFIG_INVALID)
+    names = ", ".join(config.models) or "no models"
+    click.echo(f"{config_file}: OK ({names})")
+
+
+def main() -> None:
+    cli()
