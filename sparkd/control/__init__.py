@@ -1,0 +1,1 @@
+"""The control socket: JSON lines between sparkctl and the daemon."""

@@ -1,0 +1,64 @@
+"""sparkctl's end of the control socket. Blocking and small: no asyncio on the CLI path."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from sparkd.control.protocol import MAX_LINE, encode, error_from_reply
+from sparkd.errors import DaemonUnreachable, PermissionDenied, SparkdError
+
+
+def call(path: Path, method: str, params: dict[str, Any] | None = None, *,
+         timeout_s: float = 10.0) -> Any:
+    """Send one request and return its result, or raise the daemon's error."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise DaemonUnreachable(
+                f"sparkd is not running (no control socket at {path}); "
+                "start it with: systemctl start sparkd"
+            ) from None
+        except PermissionError:
+            raise PermissionDenied(
+                f"permission denied on {path}: run as root or join group sparkd"
+            ) from None
+        except ConnectionRefusedError:
+            raise DaemonUnreachable(
+                f"sparkd is not running (nothing listens on {path}); "
+                "check: systemctl status sparkd"
+            ) from None
+        sock.sendall(encode({"method": method, "params": params or {}}))
+        buf = b""
+        while not buf.endswith(b"\n"):
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise DaemonUnreachable(
+                    f"sparkd did not answer within {timeout_s:g} s on {path}"
+                ) from None
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > MAX_LINE:
+                raise SparkdError("reply from sparkd is too long")
+    finally:
+        sock.close()
+    if not buf:
+        raise DaemonUnreachable(f"sparkd closed {path} without answering")
+    reply = json.loads(buf)
+    if reply.get("ok"):
+        return reply.get("result")
+    raise _known(error_from_reply(reply.get("error")))
+
+
+def _known(exc: SparkdError) -> SparkdError:
+    for cls in (PermissionDenied, DaemonUnreachable):
+        if exc.code == cls.code:
+            return cls(exc.message)
+    return exc

@@ -1,0 +1,59 @@
+"""The wire format, pure: one JSON object per line each way.
+
+Request:  {"method": "status", "params": {...}}
+Reply:    {"ok": true, "result": {...}}
+     or   {"ok": false, "error": {"code": "...", "message": "..."}}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from sparkd.errors import BadRequest, SparkdError
+
+MAX_LINE: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+
+def decode_request(line: bytes) -> Request:
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("request must be a JSON object")
+    method = obj.get("method")
+    if not isinstance(method, str):
+        raise BadRequest('request needs "method": a string')
+    params = obj.get("params", {})
+    if not isinstance(params, dict):
+        raise BadRequest('"params" must be an object')
+    return Request(method=method, params=params)
+
+
+def ok_reply(result: Any) -> dict[str, Any]:
+    return {"ok": True, "result": result}
+
+
+def error_reply(exc: SparkdError) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+
+
+def error_from_reply(error: Any) -> SparkdError:
+    """Rebuild the daemon's error on the client side, keeping its code."""
+    if not isinstance(error, dict):
+        return SparkdError(f"malformed error reply: {error!r}")
+    exc = SparkdError(str(error.get("message", "unknown error")))
+    exc.code = str(error.get("code", "error"))
+    return exc

@@ -1,0 +1,1 @@
+"""systemd: the manager Protocol (pure types) and its pystemd adapter."""
