@@ -1,0 +1,88 @@
+"""sparkctl's output for a person: rich tables and colour (never used with --json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+GIB = 1 << 30
+
+_STATE_STYLE = {
+    "active": "green",
+    "activating": "yellow",
+    "deactivating": "yellow",
+    "reloading": "yellow",
+    "failed": "bold red",
+    "inactive": "dim",
+}
+
+
+def _gib(n: Any) -> str:
+    return f"{n / GIB:.1f} GiB" if isinstance(n, int | float) else "?"
+
+
+def format_age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, s = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{s:02d}s"
+    hours, m = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{m:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def _health(h: dict[str, Any] | None) -> str:
+    if h is None:
+        return "[dim]-[/]"
+    if h.get("ok"):
+        return f"[green]ok[/] {h.get('latency_ms', 0):.0f} ms"
+    return f"[red]{h.get('status') or h.get('error') or 'failing'}[/]"
+
+
+def render_status(status: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    d = status["daemon"]
+    console.print(
+        f"[bold]sparkd[/] {d['version']} · {d['state']} · pid {d['pid']} · "
+        f"up {format_age(d['uptime_s'])} · {d['status_line']}"
+    )
+    console.print(
+        f"desired [bold]{status['desired_model'] or '-'}[/] · active "
+        f"[bold]{status['active_model'] or '-'}[/] · last good {status['last_good_model'] or '-'}"
+    )
+    if d.get("state_warning"):
+        console.print(f"[yellow]warning:[/] {d['state_warning']}")
+    reload = d.get("last_reload")
+    if reload and not reload["ok"]:
+        console.print(f"[red]last config reload failed (previous config kept):[/] "
+                      f"{reload['message']}")
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("model", "engine", "unit state", "pid", "restarts", "port", "health"):
+        table.add_column(col)
+    for e in status["engines"]:
+        style = _STATE_STYLE.get(e["active_state"], "")
+        state = f"[{style}]{e['active_state']}/{e['sub_state']}[/]" if style else (
+            f"{e['active_state']}/{e['sub_state']}")
+        table.add_row(
+            e["model"],
+            e["engine"],
+            state,
+            str(e["main_pid"] or "-"),
+            str(e["n_restarts"]),
+            str(e["port"]),
+            _health(e.get("health")),
+        )
+    console.print(table)
+    mem = status.get("memory", {})
+    if "error" in mem:
+        console.print(f"memory: [red]{mem['error']}[/]")
+    else:
+        console.print(
+            f"memory: {_gib(mem.get('available_bytes'))} available of "
+            f"{_gib(mem.get('total_bytes'))}, page cache {_gib(mem.get('page_cache_bytes'))}"
+        )

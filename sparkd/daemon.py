@@ -1,0 +1,182 @@
+"""`sparkd daemon`: the composition root. Builds every component, runs the event loop.
+
+One asyncio loop owns the Supervisor. Blocking sd-bus calls run in one dedicated thread (its
+connection is used by that thread only); signals arrive on the loop through the signal bus's
+file descriptor. The watchdog ping is a task on the same loop, so a stuck loop stops the
+pings and systemd restarts sparkd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from sparkd.config import Config, load_config
+from sparkd.control.server import ControlServer
+from sparkd.engine.health import probe
+from sparkd.errors import ConfigError, SparkdError, SystemdError
+from sparkd.journal import event, setup_logging
+from sparkd.monitor.memory import read_meminfo
+from sparkd.options import config_option
+from sparkd.state import StateStore
+from sparkd.supervisor import Deps, Notifier, Supervisor, read_boot_id
+from sparkd.systemd.bus import PystemdManager, PystemdSignals
+from sparkd.systemd.manager import SystemdManager
+from sparkd.units.reconcile import reconcile
+from sparkd.units.render import render_units
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+EXIT_CONFIG = 2
+SYSTEMD_CALL_TIMEOUT_S = 60.0
+PROBE_TIMEOUT_S = 2.0
+
+
+class SdNotifier:
+    """sd_notify through sdnotify; a no-op outside systemd (no NOTIFY_SOCKET)."""
+
+    def __init__(self) -> None:
+        import sdnotify
+
+        self._n = sdnotify.SystemdNotifier()
+
+    def notify(self, state: str) -> None:
+        self._n.notify(state)
+
+
+def watchdog_interval() -> float | None:
+    """Half of WATCHDOG_USEC when the watchdog is meant for us, else None."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6 / 2
+
+
+def apply_units(
+    config: Config, systemd_version: int, reload: Callable[[], None]
+) -> Mapping[str, Any]:
+    result = reconcile(
+        config.daemon.unit_dir,
+        render_units(config, systemd_version=systemd_version),
+        reload=reload,
+    )
+    return {
+        "changed": result.changed,
+        "written": list(result.written),
+        "removed": list(result.removed),
+    }
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="systemd")
+        self._manager = PystemdManager()
+        self._stop = asyncio.Event()
+        self.notifier: Notifier = SdNotifier()
+
+    async def systemd(self, fn: Callable[[SystemdManager], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, fn, self._manager)
+        try:
+            return await asyncio.wait_for(future, SYSTEMD_CALL_TIMEOUT_S)
+        except TimeoutError:
+            raise SystemdError(
+                f"systemd did not answer within {SYSTEMD_CALL_TIMEOUT_S:g} s"
+            ) from None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        deps = Deps(
+            systemd=self.systemd,
+            apply_units=apply_units,
+            store=StateStore(self.config.daemon.state_dir),
+            notifier=self.notifier,
+            probe=lambda url: probe(url, timeout_s=PROBE_TIMEOUT_S),
+            meminfo=read_meminfo,
+            boot_id=read_boot_id(),
+        )
+        sup = Supervisor(self.config, deps)
+        signals = PystemdSignals(unit_filter=lambda u: u.startswith("sparkd-engine@"))
+        signals.attach(sup.on_systemd_event)
+        server = ControlServer(
+            self.config.daemon.control_socket,
+            group=self.config.daemon.control_group,
+            handler=sup.handle,
+        )
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+            loop.add_signal_handler(signal.SIGINT, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, lambda: tasks.append(
+                asyncio.create_task(self._reload(sup))))
+            interval = watchdog_interval()
+            if interval:
+                tasks.append(asyncio.create_task(self._watchdog(interval)))
+            await server.start()
+            await sup.start()
+            event(log, "daemon_ready", "sparkd ready: %s", sup.status_line())
+            tasks.append(asyncio.create_task(self._health_loop(sup)))
+            await self._stop.wait()
+            event(log, "daemon_stopping", "sparkd stopping")
+            await sup.shutdown()
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            await server.close()
+            signals.close()
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._manager.close)
+            self._executor.shutdown(wait=True)
+        return 0
+
+    async def _reload(self, sup: Supervisor) -> None:
+        with contextlib.suppress(SparkdError):
+            await sup.reload()
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _health_loop(self, sup: Supervisor) -> None:
+        while True:
+            await asyncio.sleep(sup.config.daemon.health_interval_s)
+            try:
+                await sup.check_health()
+                await sup.refresh_units(list(sup.engines))
+            except SparkdError as exc:
+                log.warning("periodic check failed: %s", exc)
+
+
+@click.command("daemon")
+@config_option
+@click.option("--debug", is_flag=True, help="Log debug messages.")
+def command(config_file: Path, *, debug: bool) -> None:
+    """Run the supervisor (started by sparkd.service)."""
+    setup_logging("sparkd", debug=debug)
+    try:
+        config = load_config(config_file)
+    except ConfigError as exc:
+        log.error("%s", exc.message)
+        sys.exit(EXIT_CONFIG)
+    try:
+        sys.exit(asyncio.run(Daemon(config).run()))
+    except SparkdError as exc:
+        log.error("sparkd failed: %s", exc.message)
+        sys.exit(1)
