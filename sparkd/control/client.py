@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from pathlib import Path
@@ -33,11 +34,15 @@ def call(path: Path, method: str, params: dict[str, Any] | None = None, *,
                 f"sparkd is not running (nothing listens on {path}); "
                 "check: systemctl status sparkd"
             ) from None
-        sock.sendall(encode({"method": method, "params": params or {}}))
+        # The daemon may refuse (and close) before reading: its reply is still there.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(encode({"method": method, "params": params or {}}))
         buf = b""
         while not buf.endswith(b"\n"):
             try:
                 chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
             except TimeoutError:
                 raise DaemonUnreachable(
                     f"sparkd did not answer within {timeout_s:g} s on {path}"

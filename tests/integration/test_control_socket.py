@@ -1,0 +1,205 @@
+"""The control socket for real: a Unix socket, SO_PEERCRED, sparkctl against it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from sparkd.cli import ExitStatus, cli
+from sparkd.control.client import call
+from sparkd.control.protocol import Request
+from sparkd.control.server import ControlServer
+from sparkd.errors import BadRequest, DaemonUnreachable, PermissionDenied, SparkdError
+
+STATUS = {
+    "schema": 1,
+    "daemon": {
+        "state": "running",
+        "status_line": "a: serving, healthy",
+        "pid": 1,
+        "version": "0.1.0",
+        "uptime_s": 75.0,
+        "config": "/etc/sparkd.toml",
+        "state_warning": None,
+        "last_reload": None,
+    },
+    "desired_model": "a",
+    "active_model": "a",
+    "last_good_model": None,
+    "engines": [
+        {
+            "model": "a",
+            "engine": "sim",
+            "unit": "sparkd-engine@a.service",
+            "port": 9001,
+            "active_state": "active",
+            "sub_state": "running",
+            "main_pid": 42,
+            "n_restarts": 0,
+            "health": {"ok": True, "status": 200, "error": None, "latency_ms": 1.5},
+        }
+    ],
+    "memory": {"total_bytes": 8 << 30, "available_bytes": 6 << 30, "page_cache_bytes": 1 << 30},
+}
+
+
+async def handler(request: Request) -> Any:
+    if request.method == "status":
+        return STATUS
+    if request.method == "boom":
+        raise RuntimeError("handler bug")
+    raise BadRequest(f"unknown method {request.method!r}")
+
+
+class ServerThread:
+    def __init__(self, path: Path, group: str) -> None:
+        self.path = path
+        self.loop = asyncio.new_event_loop()
+        self.server = ControlServer(path, group=group, handler=handler)
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.start())
+        self.ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.server.close())
+        self.loop.close()
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        assert self.ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerThread]:
+    with ServerThread(tmp_path / "run" / "control.sock", group="sparkd-no-such-group") as s:
+        yield s
+
+
+def raw(path: Path, payload: bytes) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(payload)
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    result: dict[str, Any] = json.loads(buf)
+    return result
+
+
+def test_status_round_trip_and_socket_mode(server: ServerThread) -> None:
+    assert call(server.path, "status") == STATUS
+    assert stat.S_IMODE(server.path.stat().st_mode) == 0o660
+
+
+def test_malformed_and_unknown_requests_get_errors_and_server_keeps_serving(
+    server: ServerThread,
+) -> None:
+    assert raw(server.path, b"not json\n")["error"]["code"] == "bad-request"
+    assert raw(server.path, b"[1]\n")["error"]["code"] == "bad-request"
+    assert raw(server.path, b'{"method": 3}\n')["error"]["code"] == "bad-request"
+    with pytest.raises(SparkdError, match="unknown method 'nope'") as info:
+        call(server.path, "nope")
+    assert info.value.code == "bad-request"
+    with pytest.raises(SparkdError, match="internal error: handler bug"):
+        call(server.path, "boom")
+    assert call(server.path, "status") == STATUS
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_peer_credentials_refuse_a_user_outside_the_group() -> None:
+    # A directory that user nobody can traverse (pytest's tmp_path is root-only).
+    with tempfile.TemporaryDirectory(prefix="sparkd-peercred-") as d:
+        os.chmod(d, 0o755)
+        with ServerThread(Path(d) / "control.sock", group="sparkd-no-such-group") as server:
+            os.chmod(server.path, 0o666)  # even with the file mode open, SO_PEERCRED refuses
+            answer = _ask_as_nobody(server.path)
+    assert answer == "uid 65534 may not use sparkd: be root or a member of group "\
+        "'sparkd-no-such-group'"
+
+
+def _ask_as_nobody(path: Path) -> str:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: become nobody and ask
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                call(path, "status")
+                out = b"allowed"
+            except PermissionDenied as exc:
+                out = exc.message.encode()
+            except Exception as exc:
+                out = repr(exc).encode()
+            os.write(write_fd, out)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as r:
+        answer = r.read().decode()
+    os.waitpid(pid, 0)
+    return answer
+
+
+def test_no_daemon_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DaemonUnreachable, match="sparkd is not running"):
+        call(tmp_path / "none.sock", "status")
+
+
+def _config(tmp_path: Path, sock: Path) -> Path:
+    cfg = tmp_path / "sparkd.toml"
+    cfg.write_text(f'[daemon]\ncontrol_socket = "{sock}"\n')
+    return cfg
+
+
+def test_sparkctl_status_json_and_table(server: ServerThread, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, server.path)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["status", "--json", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == STATUS
+    res = runner.invoke(cli, ["status", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "a: serving, healthy" in res.output
+    assert "active/running" in res.output
+    assert "6.0 GiB available of 8.0 GiB" in res.output
+
+
+def test_sparkctl_status_without_daemon_exits_3(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, tmp_path / "absent.sock")
+    res = CliRunner().invoke(cli, ["status", "--config", str(cfg)])
+    assert res.exit_code == ExitStatus.DAEMON_UNREACHABLE == 3
+    assert "sparkd is not running" in res.output
+
+
+def test_sparkctl_bad_config_exits_5(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[daemon]\ncontrol_sock = 1\n")
+    res = CliRunner().invoke(cli, ["status", "--config", str(cfg)])
+    assert res.exit_code == ExitStatus.CONFIG_INVALID
+    assert "daemon.control_sock: unknown key" in res.output
