@@ -1,0 +1,1 @@
+"""Engines: readiness and liveness probes, and later swap planning and execution."""

@@ -1,0 +1,193 @@
+"""Engine readiness over HTTP: `probe()` for the daemon, `sparkd wait-healthy` for units.
+
+vLLM, SGLang and llama.cpp all serve `GET /health`; llama.cpp answers 503 while loading and the
+others do not listen until they are ready, so "healthy" is exactly HTTP 200 and anything else
+(another status, refused connection, timeout) is "not yet".
+
+`sparkd wait-healthy --url URL --timeout S` is the engine unit's `ExecStartPost=`: vLLM sends no
+READY=1, so the unit stays `activating` until this exits 0, and `systemctl start` then means
+"serving" (FACTS.md, systemd). It writes one line to stderr (the journal) either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+import click
+
+PROBE_TIMEOUT_S: Final = 5.0  # one probe; a loaded engine answers /health in milliseconds
+MIN_PROBE_TIMEOUT_S: Final = 0.1  # the last probe before the deadline still gets this long
+DEFAULT_INTERVAL_S: Final = 0.5
+
+EXIT_UNHEALTHY: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """One probe: the HTTP status, or why there was none; and how long it took."""
+
+    url: str
+    status: int | None
+    error: str | None
+    latency_s: float
+
+    @property
+    def ok(self) -> bool:
+        """Healthy: exactly HTTP 200."""
+        return self.status == 200
+
+    @property
+    def latency_ms(self) -> float:
+        return self.latency_s * 1000
+
+    def describe(self) -> str:
+        """'HTTP 503' or the error, for log lines and status output."""
+        if self.status is not None:
+            return f"HTTP {self.status}"
+        return self.error or "no answer"
+
+
+async def probe(
+    url: str, *, timeout_s: float, session: aiohttp.ClientSession | None = None
+) -> ProbeResult:
+    """GET `url` once. Never raises for network trouble: the error is in the result.
+
+    Pass a long-lived `session` from the daemon (one per probe loop) to reuse connections;
+    without one, a session is opened and closed for this probe. Redirects are not followed:
+    a health endpoint that redirects is not healthy.
+    """
+    if session is None:
+        async with aiohttp.ClientSession() as own:
+            return await probe(url, timeout_s=timeout_s, session=own)
+    start = time.monotonic()
+    status: int | None = None
+    error: str | None = None
+    try:
+        async with session.get(
+            url, timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False
+        ) as response:
+            status = response.status
+    except TimeoutError:
+        error = f"no answer within {timeout_s:g} s"
+    except aiohttp.ClientConnectorError as exc:
+        error = f"cannot connect: {_os_error_text(exc.os_error)}"
+    except aiohttp.ClientError as exc:
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return ProbeResult(url=url, status=status, error=error, latency_s=time.monotonic() - start)
+
+
+def _os_error_text(err: OSError) -> str:
+    # asyncio's refused connect carries no strerror ("Connect call failed ('127.0.0.1', 1)").
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    return err.strerror or str(err) or type(err).__name__
+
+
+ProbeOnce = Callable[[str, float], Awaitable[ProbeResult]]
+
+
+@dataclass(frozen=True, slots=True)
+class WaitResult:
+    healthy: bool
+    waited_s: float
+    probes: int
+    last: ProbeResult
+
+
+async def wait_healthy(
+    url: str,
+    *,
+    timeout_s: float,
+    interval_s: float = DEFAULT_INTERVAL_S,
+    probe_timeout_s: float = PROBE_TIMEOUT_S,
+    probe_once: ProbeOnce | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> WaitResult:
+    """Probe `url` every `interval_s` until HTTP 200 or `timeout_s` has passed.
+
+    One probe always runs, and one runs at (about) the deadline, each bounded by what is left
+    (at least MIN_PROBE_TIMEOUT_S), so the whole wait overruns `timeout_s` by at most that.
+    `probe_once`, `clock` and `sleep` are for tests; by default one session serves all probes.
+    """
+    if probe_once is None:
+        async with aiohttp.ClientSession() as session:
+
+            async def with_session(u: str, t: float) -> ProbeResult:
+                return await probe(u, timeout_s=t, session=session)
+
+            return await wait_healthy(
+                url,
+                timeout_s=timeout_s,
+                interval_s=interval_s,
+                probe_timeout_s=probe_timeout_s,
+                probe_once=with_session,
+                clock=clock,
+                sleep=sleep,
+            )
+    start = clock()
+    deadline = start + timeout_s
+    probes = 0
+    while True:
+        left = deadline - clock()
+        result = await probe_once(url, max(MIN_PROBE_TIMEOUT_S, min(probe_timeout_s, left)))
+        probes += 1
+        now = clock()
+        if result.ok or now >= deadline:
+            return WaitResult(
+                healthy=result.ok, waited_s=now - start, probes=probes, last=result
+            )
+        await sleep(min(interval_s, deadline - now))
+
+
+def _check_url(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise click.BadParameter(f"expected an http:// or https:// URL, got {value!r}")
+    return value
+
+
+@click.command("wait-healthy")
+@click.option(
+    "--url", required=True, callback=_check_url, help="The engine's health URL (HTTP 200 = ready)."
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0),
+    required=True,
+    help="Give up after this many seconds (exit 1).",
+)
+@click.option(
+    "--interval",
+    "interval_s",
+    type=click.FloatRange(min=0.01),
+    default=DEFAULT_INTERVAL_S,
+    show_default=True,
+    help="Seconds between probes.",
+)
+def wait_healthy_command(url: str, timeout_s: float, interval_s: float) -> None:
+    """Poll URL until it answers HTTP 200 (exit 0) or TIMEOUT seconds pass (exit 1).
+
+    The engine unit's ExecStartPost: the unit is "active" only once the engine serves."""
+    result = asyncio.run(wait_healthy(url, timeout_s=timeout_s, interval_s=interval_s))
+    plural = "" if result.probes == 1 else "s"
+    if result.healthy:
+        click.echo(
+            f"wait-healthy: {url}: healthy (HTTP 200) after {result.waited_s:.1f} s, "
+            f"{result.probes} probe{plural}",
+            err=True,
+        )
+        return
+    click.echo(
+        f"wait-healthy: {url}: not healthy after {result.waited_s:.1f} s "
+        f"({result.probes} probe{plural}, timeout {timeout_s:g} s): "
+        f"last {result.last.describe()}",
+        err=True,
+    )
+    sys.exit(EXIT_UNHEALTHY)

@@ -1,0 +1,1 @@
+"""Monitors of the machine: memory, and later NVML, PSI, desktop and udev."""

@@ -1,0 +1,375 @@
+"""`sparkd prestart NAME`: make room for an engine, then refuse to start it if there is none.
+
+Runs as `ExecStartPre=+sparkd prestart NAME` of `sparkd-engine@NAME.service` (as root, so the
+drop normally works), which means stderr is the journal: every step writes one line saying what
+it did, what it freed and how long it took, e.g.
+
+    prestart qwen: drop_caches: freed 88.1 GiB of page cache in 850 ms
+
+Steps (Disaster 1: the previous run's weights stayed in the page cache, and on GB10 CUDA counts
+page cache as used):
+
+1. sync, so dirty pages become droppable;
+2. drop the page cache (`3` into /proc/sys/vm/drop_caches); where that is not permitted (not
+   root, read-only /proc/sys in a container), `posix_fadvise(DONTNEED)` on every regular file
+   under the model's path instead: the root-free way to evict one checkpoint;
+3. wait until MemAvailable stops rising (an engine that just exited is still giving memory back),
+   bounded by `daemon.settle_timeout_s`; a timeout is reported and the gate decides;
+4. the memory gate: refuse (exit 1) when memory_gib + daemon.memory_reserve_gib is more than
+   MemAvailable.
+
+Exit status: 0 started may go ahead, 1 refused or failed, 2 configuration error or unknown model.
+
+Plan, then apply: `plan_prestart(config, name)` and `memory_gate(plan, meminfo)` are pure;
+`run_prestart(plan, system, emit)` performs the steps through `PrestartSystem`, a Protocol whose
+one real implementation is `RealSystem`; `command` wires the real ones.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, Protocol
+
+import click
+
+from sparkd.config import Config, load_config
+from sparkd.errors import ConfigError, PrestartRefused, UnknownModel
+from sparkd.monitor.memory import (
+    GIB,
+    MEMINFO_PATH,
+    MemInfo,
+    MemInfoError,
+    SettleRule,
+    SettleState,
+    SettleTracker,
+    format_size,
+    gib,
+    read_meminfo,
+)
+from sparkd.options import config_option
+
+DROP_CACHES_PATH: Final = Path("/proc/sys/vm/drop_caches")
+SETTLE_INTERVAL_S: Final = 0.15
+
+Emit = Callable[[str], None]
+
+
+class ExitStatus(enum.IntEnum):
+    OK = 0
+    REFUSED = 1  # the memory gate said no, or a step failed (meminfo unreadable)
+    CONFIG = 2  # invalid configuration or unknown model
+
+
+class PrestartSystem(Protocol):
+    """The outside world prestart touches, one narrow method per effect."""
+
+    def sync(self) -> None: ...
+
+    def drop_caches(self) -> None:
+        """Drop the whole page cache. Raises OSError where that is not permitted."""
+        ...
+
+    def regular_files(self, root: Path) -> list[tuple[Path, int]]:
+        """(path, size) of every regular file under root. Raises FileNotFoundError when root
+        does not exist."""
+        ...
+
+    def fadvise_dontneed(self, path: Path) -> None:
+        """Evict one file's clean pages from the page cache. Raises OSError."""
+        ...
+
+    def read_meminfo(self) -> MemInfo: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+    def monotonic(self) -> float: ...
+
+
+# --- plan (pure) ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PrestartPlan:
+    model: str
+    model_path: Path
+    memory_gib: float
+    reserve_gib: float
+    settle: SettleRule
+    interval_s: float = SETTLE_INTERVAL_S
+
+    @property
+    def need_bytes(self) -> int:
+        return round((self.memory_gib + self.reserve_gib) * GIB)
+
+    @property
+    def prefix(self) -> str:
+        return f"prestart {self.model}"
+
+
+def plan_prestart(config: Config, name: str) -> PrestartPlan:
+    """What prestart will do for model `name`. Raises UnknownModel."""
+    model = config.model(name)
+    return PrestartPlan(
+        model=model.name,
+        model_path=model.path,
+        memory_gib=model.memory_gib,
+        reserve_gib=config.daemon.memory_reserve_gib,
+        settle=SettleRule(timeout_s=config.daemon.settle_timeout_s),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class GateVerdict:
+    admitted: bool
+    line: str  # the log line (admitted) or the refusal message, prefixed with "prestart NAME: "
+
+
+def memory_gate(plan: PrestartPlan, mem: MemInfo) -> GateVerdict:
+    """Admit when memory_gib + reserve fits in MemAvailable (swap never counts)."""
+    needs = (
+        f"needs {plan.memory_gib:.1f} GiB + {plan.reserve_gib:.1f} GiB reserve, "
+        f"{gib(mem.available)} GiB available"
+    )
+    if plan.need_bytes > mem.available:
+        return GateVerdict(
+            admitted=False,
+            line=f"{plan.prefix}: refused: {needs} (stop other GPU work or lower memory_gib)",
+        )
+    line = f"{plan.prefix}: memory gate: ok: {needs} ({gib(mem.free)} GiB free)"
+    if plan.need_bytes > mem.free:
+        # Only after a partial drop (the fadvise fallback): MemAvailable counts the page cache
+        # that is left, cudaMemGetInfo on GB10 does not.
+        line += (
+            f"; warning: only {gib(mem.free)} GiB is free, the rest is page cache that CUDA on "
+            "GB10 counts as used"
+        )
+    return GateVerdict(admitted=True, line=line)
+
+
+# --- apply ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DropResult:
+    method: Literal["drop_caches", "fadvise"]
+    freed: int  # bytes of page cache, before minus after (0 when it grew)
+    files: int = 0  # fadvise only: files advised
+    failed: int = 0  # fadvise only: files that could not be opened or advised
+
+
+@dataclass(frozen=True, slots=True)
+class PrestartReport:
+    drop: DropResult
+    settle: SettleState | None  # None: settling skipped (settle_timeout_s = 0)
+    meminfo: MemInfo  # the reading the gate decided on
+    lines: tuple[str, ...] = ()
+
+
+def run_prestart(plan: PrestartPlan, system: PrestartSystem, emit: Emit) -> PrestartReport:
+    """Run the steps, emitting one line each. Raises PrestartRefused when the gate says no,
+    OSError / MemInfoError when /proc/meminfo cannot be read."""
+    lines: list[str] = []
+
+    def log(text: str) -> None:
+        line = f"{plan.prefix}: {text}"
+        lines.append(line)
+        emit(line)
+
+    def since(start: float) -> str:
+        return f"{(system.monotonic() - start) * 1000:.0f} ms"
+
+    before_sync = system.read_meminfo()
+    start = system.monotonic()
+    system.sync()
+    took = since(start)
+    after_sync = system.read_meminfo()
+    log(
+        f"sync: flushed dirty pages ({format_size(before_sync.dirty)} before, "
+        f"{format_size(after_sync.dirty)} after) in {took}"
+    )
+
+    start = system.monotonic()
+    method: Literal["drop_caches", "fadvise"] = "drop_caches"
+    advised, failed, how = 0, 0, ""
+    try:
+        system.drop_caches()
+    except OSError as exc:
+        method = "fadvise"
+        advised, failed, how = _fadvise_fallback(plan, system, exc)
+    took = since(start)
+    after_drop = system.read_meminfo()
+    freed = max(0, after_sync.page_cache - after_drop.page_cache)
+    drop = DropResult(method, freed, advised, failed)
+    log(
+        f"drop_caches: {how}freed {format_size(drop.freed)} of page cache in {took} "
+        f"({gib(after_drop.free)} GiB free, {format_size(after_drop.page_cache)} cached)"
+    )
+
+    settle_state, mem = _settle(plan, system, after_drop, log)
+
+    verdict = memory_gate(plan, mem)
+    if not verdict.admitted:
+        raise PrestartRefused(verdict.line)
+    lines.append(verdict.line)
+    emit(verdict.line)
+    return PrestartReport(drop=drop, settle=settle_state, meminfo=mem, lines=tuple(lines))
+
+
+def _fadvise_fallback(
+    plan: PrestartPlan, system: PrestartSystem, exc: OSError
+) -> tuple[int, int, str]:
+    """Evict only this model's files: (files advised, files failed, the log line's why/how)."""
+    why = f"{DROP_CACHES_PATH} not writable ({type(exc).__name__}: {exc.strerror or exc})"
+    try:
+        files = system.regular_files(plan.model_path)
+    except FileNotFoundError:
+        return (
+            0,
+            0,
+            f"{why}; fell back to posix_fadvise(DONTNEED), but the model path "
+            f"{plan.model_path} does not exist, nothing advised: ",
+        )
+    failures: list[tuple[Path, OSError]] = []
+    size = 0
+    for path, nbytes in files:
+        try:
+            system.fadvise_dontneed(path)
+        except OSError as err:
+            failures.append((path, err))
+        else:
+            size += nbytes
+    advised = len(files) - len(failures)
+    how = (
+        f"{why}; fell back to posix_fadvise(DONTNEED) on {advised} "
+        f"file{'' if advised == 1 else 's'} ({format_size(size)}) under {plan.model_path} "
+        "(other page cache stays)"
+    )
+    if failures:
+        first_path, first_err = failures[0]
+        how += (
+            f", {len(failures)} could not be advised (first: {first_path}: "
+            f"{type(first_err).__name__}: {first_err.strerror or first_err})"
+        )
+    return advised, len(failures), how + ": "
+
+
+def _settle(
+    plan: PrestartPlan, system: PrestartSystem, first: MemInfo, log: Emit
+) -> tuple[SettleState | None, MemInfo]:
+    if plan.settle.timeout_s <= 0:
+        log("settle: skipped (daemon.settle_timeout_s = 0)")
+        return None, first
+    tracker = SettleTracker(total=first.total, rule=plan.settle)
+    mem = first
+    verdict = tracker.add(system.monotonic(), mem.available)
+    while verdict.state is SettleState.SETTLING:
+        # The last sample lands on the deadline, not up to one interval past it.
+        system.sleep(min(plan.interval_s, plan.settle.timeout_s - verdict.waited_s))
+        mem = system.read_meminfo()
+        verdict = tracker.add(system.monotonic(), mem.available)
+    waited = f"{verdict.waited_s * 1000:.0f} ms"
+    if verdict.state is SettleState.SETTLED:
+        log(
+            f"settle: MemAvailable settled at {gib(verdict.available)} GiB in {waited} "
+            f"({_signed(verdict.total_rise)} while waiting)"
+        )
+    else:
+        log(
+            f"settle: MemAvailable still rising after {verdict.waited_s:.1f} s "
+            f"(+{format_size(verdict.rise)} over the last {plan.settle.window} samples, "
+            f"settled means less than {format_size(verdict.threshold)}); "
+            "going on to the memory gate"
+        )
+    return verdict.state, mem
+
+
+def _signed(n: int) -> str:
+    return format_size(n) if n < 0 else "+" + format_size(n)
+
+
+# --- the real system --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RealSystem:
+    drop_caches_path: Path = DROP_CACHES_PATH
+    meminfo_path: Path = MEMINFO_PATH
+
+    def sync(self) -> None:
+        os.sync()
+
+    def drop_caches(self) -> None:
+        # "3": page cache plus reclaimable slab (dentries, inodes), as NVIDIA's playbooks say.
+        with self.drop_caches_path.open("w", encoding="ascii") as f:
+            f.write("3\n")
+
+    def regular_files(self, root: Path) -> list[tuple[Path, int]]:
+        """Symlinks to files are followed (a Hugging Face snapshot is all symlinks into
+        blobs/); symlinks to directories are not (no loops). Each file once, by inode."""
+        if not root.exists():
+            raise FileNotFoundError(root)
+        found: list[tuple[Path, int]] = []
+        seen: set[tuple[int, int]] = set()
+        for dirpath, _dirs, names in os.walk(root):
+            for name in names:
+                path = Path(dirpath, name)
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue  # a dangling symlink, or gone since the walk listed it
+                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    found.append((path, st.st_size))
+        if root.is_file():
+            st = root.stat()
+            found.append((root, st.st_size))
+        return found
+
+    def fadvise_dontneed(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def read_meminfo(self) -> MemInfo:
+        return read_meminfo(self.meminfo_path)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def _stderr(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@click.command("prestart")
+@config_option
+@click.argument("name")
+def command(config_file: Path, name: str) -> None:
+    """Sync, drop the page cache, wait for memory to settle, and refuse to start model NAME
+    when its memory_gib plus the reserve is not available. Runs as the engine unit's
+    ExecStartPre; exit 1 refuses the start."""
+    try:
+        plan = plan_prestart(load_config(config_file), name)
+    except (ConfigError, UnknownModel) as exc:
+        _stderr(exc.message)
+        sys.exit(ExitStatus.CONFIG)
+    try:
+        run_prestart(plan, RealSystem(), _stderr)
+    except PrestartRefused as exc:
+        _stderr(exc.message)
+        sys.exit(ExitStatus.REFUSED)
+    except (OSError, MemInfoError) as exc:
+        _stderr(f"{plan.prefix}: failed: cannot read memory: {exc}")
+        sys.exit(ExitStatus.REFUSED)
