@@ -1,0 +1,352 @@
+"""PURE: the configuration -> the text of one systemd unit file per supervised model.
+
+`render_units(config, systemd_version=...)` maps each unit file name
+(`sparkd-engine@NAME.service`) to its text. The output is deterministic: the same config and
+version give byte-identical files, so the reconciler can compare texts and write only what
+changed. Nothing here touches the file system or the clock.
+
+Quoting follows systemd's own parser (systemd.syntax(7), systemd.service(5) "Command lines"):
+
+- every line is first expanded for specifiers, so a literal `%` is written `%%`;
+- Exec* command lines then split into words with double quotes and C escapes, and each argument
+  is expanded for `$VAR`/`${VAR}`, so a literal `$` is written `$$` (but not in the executable
+  path, which systemd never expands);
+- Environment= assignments are split the same way but never `$`-expanded.
+
+See docs/units.md for why each setting is what it is.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from typing import Final
+
+from sparkd.config import Config, EngineKind, ModelConfig
+from sparkd.errors import ConfigError
+
+#: A line that marks a unit file as written by sparkd. The reconciler only ever rewrites or
+#: removes files that carry it; a file without it is an administrator's and is left alone.
+GENERATED_MARKER: Final = "# X-Sparkd-Generated: engine-unit (sparkd rewrites or removes this file)"
+
+UNIT_PREFIX: Final = "sparkd-engine@"
+UNIT_SUFFIX: Final = ".service"
+#: fnmatch pattern of the files sparkd manages in its unit directory.
+UNIT_GLOB: Final = f"{UNIT_PREFIX}*{UNIT_SUFFIX}"
+
+#: systemd learned RestartSteps= and RestartMaxDelaySec= in version 254.
+RESTART_STEPS_MIN_VERSION: Final = 254
+
+ENGINE_HOST: Final = "127.0.0.1"  # engines listen on loopback only: the gateway is the one door
+DEFAULT_BINARIES: Final[dict[EngineKind, str]] = {
+    "vllm": "vllm",
+    "sglang": "python3",
+    "llamacpp": "llama-server",
+}
+PYTHON_ENGINES: Final[frozenset[EngineKind]] = frozenset({"vllm", "sglang", "sim"})
+VLLM_MOE_BACKEND: Final = ("VLLM_FLASHINFER_MOE_BACKEND", "latency")
+
+#: Seconds of TimeoutStartSec= on top of the model's load_timeout_s, for `sparkd prestart`
+#: (sync, drop caches, wait for memory to settle). Grows with daemon.settle_timeout_s.
+PRESTART_ALLOWANCE_S: Final = 60
+RESTART_SEC: Final = 5
+RESTART_STEPS: Final = 5
+RESTART_MAX_DELAY_S: Final = 120
+START_LIMIT_INTERVAL_S: Final = 600
+START_LIMIT_BURST: Final = 5
+TIMEOUT_STOP_S: Final = 60
+CPU_WEIGHT: Final = 50
+IO_WEIGHT: Final = 50
+OOM_SCORE_ADJUST: Final = 500
+
+# A user name systemd's User= takes without complaint (the portable POSIX subset).
+_USER_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,30}$")
+
+# Characters that need no quoting in a systemd word. Everything else is double-quoted.
+_SAFE_CHARS: Final = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./:=,+@-"
+)
+# Characters that may not open an unquoted executable path: systemd reads them as prefixes.
+_EXEC_PREFIXES: Final = frozenset("@-:+!|")
+_C_ESCAPES: Final = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+# systemd refuses an executable path containing these ("contains special characters").
+_BAD_EXEC_CHARS: Final = frozenset("\"'\\")
+
+
+def is_generated(text: str) -> bool:
+    """Whether a unit file's text carries GENERATED_MARKER (on a line of its own)."""
+    return GENERATED_MARKER in text.split("\n")
+
+
+def engine_argv(config: Config, model: ModelConfig) -> list[str]:
+    """The engine's command line, binary first. Raises ValueError for external models."""
+    name, path, port, binary = model.name, str(model.path), str(model.port), model.binary
+    listen = ["--host", ENGINE_HOST, "--port", port]
+    if model.engine == "vllm":
+        head = [binary or DEFAULT_BINARIES["vllm"], "serve", path, "--served-model-name", name]
+    elif model.engine == "sglang":
+        head = [binary or DEFAULT_BINARIES["sglang"], "-m", "sglang.launch_server",
+                "--model-path", path, "--served-model-name", name]
+    elif model.engine == "llamacpp":
+        head = [binary or DEFAULT_BINARIES["llamacpp"], "-m", path, "--alias", name]
+    elif model.engine == "sim":
+        head = [binary or str(config.daemon.sparkd_path), "sim-engine", "--model", name,
+                "--path", path]
+    else:
+        raise ValueError(f"model {name!r} is external: sparkd runs no engine for it")
+    return [*head, *listen, *model.args]
+
+
+def quote_word(word: str, *, expand_dollar: bool = True) -> str:
+    """One word for a systemd command line or Environment= line.
+
+    Words of plain characters are written as they are; any other word is double-quoted, with
+    `\\` and `"` escaped, control characters C-escaped, `%` doubled (specifiers) and, when
+    `expand_dollar` (Exec* arguments), `$` doubled.
+    """
+    if "\0" in word:
+        raise ValueError("a NUL character cannot be passed through a unit file")
+    if word and all(c in _SAFE_CHARS for c in word):
+        return word
+    out = ['"']
+    for c in word:
+        if c in _C_ESCAPES:
+            out.append(_C_ESCAPES[c])
+        elif c == "%":
+            out.append("%%")
+        elif c == "$" and expand_dollar:
+            out.append("$$")
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\x{ord(c):02x}")
+        else:
+            out.append(c)
+    out.append('"')
+    return "".join(out)
+
+
+def quote_command(argv: Iterable[str]) -> str:
+    """An argv as the value of an Exec*= line (without a prefix such as `+`)."""
+    words = list(argv)
+    if not words:
+        raise ValueError("an empty command line")
+    exe = words[0]
+    # The executable path is specifier-expanded but never `$`-expanded; a leading prefix
+    # character must be quoted so systemd does not take it for `-`, `+`, `@`, ...
+    first = quote_word(exe, expand_dollar=False)
+    if first == exe and exe[0] in _EXEC_PREFIXES:
+        first = f'"{exe}"'
+    return " ".join([first, *(quote_word(w) for w in words[1:])])
+
+
+def render_units(config: Config, *, systemd_version: int) -> dict[str, str]:
+    """File name -> unit text for every supervised model, sorted by file name."""
+    units = {
+        m.unit_name: render_unit(config, m, systemd_version=systemd_version)
+        for m in config.models.values()
+        if m.supervised
+    }
+    return dict(sorted(units.items()))
+
+
+def render_unit(config: Config, model: ModelConfig, *, systemd_version: int) -> str:
+    """The text of `sparkd-engine@NAME.service` for one supervised model."""
+    if not model.supervised:
+        raise ValueError(f"model {model.name!r} is external: sparkd renders no unit for it")
+    _check_model(config, model)
+    sparkd = str(config.daemon.sparkd_path)
+    name = model.name
+    cache = f"sparkd/{name}"
+    port = model.port
+    argv = engine_argv(config, model)
+    start_timeout = math.ceil(model.load_timeout_s) + max(
+        PRESTART_ALLOWANCE_S, math.ceil(config.daemon.settle_timeout_s) + 30
+    )
+    user = config.daemon.engine_user
+
+    lines = [
+        f"# {model.unit_name}: the engine of model {_comment(name)}.",
+        f"# Generated by sparkd from {_comment(str(config.source))}.",
+        "# Do not edit: sparkd rewrites this file whenever the configuration changes.",
+        "# Put changes in a drop-in instead, which sparkd never touches:",
+        f"#   systemctl edit {model.unit_name}",
+        "# or, for every engine, /etc/systemd/system/sparkd-engine@.service.d/*.conf",
+        "# (not `systemctl edit --full`: a full copy in /etc hides this file for good).",
+        GENERATED_MARKER,
+        "",
+        "[Unit]",
+        f"Description=sparkd engine {name} ({model.engine})",
+        "# Engines need only loopback; no [Install]: sparkd starts and stops engines itself.",
+        "After=network.target",
+        "# At most 5 starts in 10 minutes, then the unit stays failed (a crash loop is",
+        "# reported, not retried forever); sparkd or `systemctl reset-failed` clears it.",
+        f"StartLimitIntervalSec={START_LIMIT_INTERVAL_S}",
+        f"StartLimitBurst={START_LIMIT_BURST}",
+        "",
+        "[Service]",
+        "Type=exec",
+        f"User={user}",
+        f"Group={user}",
+        "SupplementaryGroups=video",
+        "# Engines (vLLM, Triton, torch.compile, FlashInfer, HF) write their caches under",
+        "# HOME / XDG_CACHE_HOME: a per-model directory in /var/cache that systemd creates",
+        "# writable under ProtectSystem=strict.",
+        f"CacheDirectory={cache}",
+        f"WorkingDirectory=%C/{cache}",
+    ]
+    lines += _environment(model)
+    lines += [
+        "# As root (+): sync, drop the page cache, wait for memory to settle, and refuse to",
+        "# start when the model's memory is not available.",
+        "ExecStartPre=+"
+        + quote_command([sparkd, "prestart", "--config", str(config.source), name]),
+        f"ExecStart={quote_command(argv)}",
+        "# The unit turns active only once the engine serves: start means serving.",
+        "ExecStartPost="
+        + quote_command([sparkd, "wait-healthy", "--url", f"http://{ENGINE_HOST}:{port}/health",
+                         "--timeout", _number(model.load_timeout_s)]),
+        "# The prestart plus the model load.",
+        f"TimeoutStartSec={start_timeout}",
+        f"TimeoutStopSec={TIMEOUT_STOP_S}",
+        "# SIGTERM to the engine, which stops its workers; SIGKILL to what is left at the timeout.",
+        "KillMode=mixed",
+        "Restart=on-failure",
+        f"RestartSec={RESTART_SEC}",
+    ]
+    if systemd_version >= RESTART_STEPS_MIN_VERSION:
+        lines += [
+            f"RestartSteps={RESTART_STEPS}",
+            f"RestartMaxDelaySec={RESTART_MAX_DELAY_S}",
+        ]
+    lines += [
+        f"LogExtraFields=SPARKD_MODEL={name}",
+        f"SyslogIdentifier=sparkd-engine-{name}",
+        "",
+        "# Below the default weight of 100: the desktop wins when both want the CPU or disk.",
+        f"CPUWeight={CPU_WEIGHT}",
+        f"IOWeight={IO_WEIGHT}",
+        "# When memory runs out, the kernel kills the engine before the desktop.",
+        f"OOMScoreAdjust={OOM_SCORE_ADJUST}",
+        "",
+        "# Hardening that keeps the GPU usable. Not PrivateDevices= (it hides the GPU), not",
+        "# MemoryDenyWriteExecute= (it breaks the Triton and torch.compile JITs).",
+        "DevicePolicy=closed",
+        "# Every /proc/devices group named nvidia*: nvidia and nvidiactl (/dev/nvidiaN,",
+        "# /dev/nvidiactl), nvidia-uvm, nvidia-caps, nvidia-nvlink, ... Matched when the unit",
+        "# starts: the nvidia and nvidia-uvm modules must be loaded by then.",
+        "DeviceAllow=char-nvidia* rw",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+        "ProtectSystem=strict",
+        "ProtectHome=read-only",
+    ]
+    if model.engine == "sim":
+        lines += [
+            "# The simulated engine creates its synthetic weights in its model path.",
+            f"ReadWritePaths={_quote_path('-' + str(model.path))}",
+        ]
+    lines += [
+        "PrivateTmp=yes",
+        "PrivateMounts=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "ProtectProc=invisible",
+        "RestrictNamespaces=yes",
+        "LockPersonality=yes",
+        "RestrictRealtime=yes",
+        "RestrictSUIDSGID=yes",
+        "# Removes the engine user's SysV/POSIX shared memory when its last engine stops:",
+        "# a crashed engine's /dev/shm segments otherwise keep unified memory in use.",
+        "RemoveIPC=yes",
+        "UMask=0077",
+        "SystemCallArchitectures=native",
+        "# Deny only groups no engine needs, EPERM rather than a kill if one ever tries. Not",
+        "# @resources (vLLM raises RLIMIT_NOFILE, torch sets affinity and NUMA policy), not",
+        "# @debug (torch can share CUDA memory between processes with pidfd_getfd).",
+        "SystemCallFilter=~@clock @cpu-emulation @module @mount @obsolete @privileged @raw-io",
+        "SystemCallFilter=~@reboot @swap",
+        "SystemCallErrorNumber=EPERM",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _environment(model: ModelConfig) -> list[str]:
+    """sparkd's defaults (unless the model sets the same key), then the model's env, sorted."""
+    home = f"%C/sparkd/{model.name}"  # a specifier on purpose: %C is /var/cache
+    defaults = [("HOME", home), ("XDG_CACHE_HOME", home)]
+    if model.engine in PYTHON_ENGINES:
+        defaults.append(("PYTHONUNBUFFERED", "1"))
+    if model.engine == "vllm":
+        defaults.append(VLLM_MOE_BACKEND)
+    own = model.env_dict
+    lines = [f"Environment={k}={v}" for k, v in defaults if k not in own]
+    lines += [
+        f"Environment={quote_word(f'{k}={v}', expand_dollar=False)}"
+        for k, v in sorted(own.items())
+    ]
+    return lines
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _comment(text: str) -> str:
+    """Text safe inside a one-line comment (no line breaks or other control characters)."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def _quote_path(path: str) -> str:
+    # Path settings are unquoted without C escapes: `\` and `"` take a backslash, and the
+    # path may hold no control characters (checked in _check_model).
+    if all(c in _SAFE_CHARS for c in path):
+        return path
+    escaped = path.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{escaped}"'
+
+
+def _check_model(config: Config, model: ModelConfig) -> None:
+    """Refuse what systemd could not represent, naming the config key."""
+    where = f"{config.source}: models.{model.name}"
+    for key, value in (("path", str(model.path)), ("binary", model.binary)):
+        if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise ConfigError(f"{where}.{key}: expected no control characters, got {value!r}")
+    for i, arg in enumerate(model.args):
+        if "\0" in arg:
+            raise ConfigError(f"{where}.args[{i}]: a NUL character cannot reach the engine")
+    for k, v in model.env:
+        if "\0" in v:
+            raise ConfigError(f"{where}.env.{k}: a NUL character cannot be in the environment")
+    if model.binary is not None:
+        _check_executable(f"{where}.binary", model.binary)
+    _check_executable(f"{config.source}: daemon.sparkd_path", str(config.daemon.sparkd_path))
+    user = config.daemon.engine_user
+    if not _USER_RE.match(user) or user == "root":
+        raise ConfigError(
+            f"{config.source}: daemon.engine_user: expected a plain user name other than root "
+            f"(engines never run as root), got {user!r}"
+        )
+
+
+def _check_executable(key: str, value: str) -> None:
+    """systemd takes an absolute, normalized path or a bare file name (searched in its PATH)."""
+    problem = None
+    if not value:
+        problem = "a path"
+    elif any(c in _BAD_EXEC_CHARS or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        problem = "no quotes, backslashes or control characters (systemd refuses them)"
+    elif "/" in value:
+        parts = value.split("/")
+        if not value.startswith("/") or value.endswith("/") or any(
+            p in ("", ".", "..") for p in parts[1:]
+        ):
+            problem = "an absolute, normalized path or a bare program name"
+    elif value in (".", ".."):
+        problem = "a program name"
+    if problem is not None:
+        raise ConfigError(f"{key}: expected {problem}, got {value!r}")
