@@ -120,6 +120,8 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def load_config(path: Path) -> Config:
+    # Absolute: the rendered units pass this path to `sparkd prestart --config`.
+    path = path.absolute()
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

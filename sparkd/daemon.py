@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -34,6 +34,9 @@ from sparkd.systemd.bus import PystemdManager, PystemdSignals
 from sparkd.systemd.manager import SystemdManager
 from sparkd.units.reconcile import reconcile
 from sparkd.units.render import render_units
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +102,19 @@ class Daemon:
             ) from None
 
     async def run(self) -> int:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            return await self._run(session)
+
+    async def _run(self, session: aiohttp.ClientSession) -> int:
         loop = asyncio.get_running_loop()
         deps = Deps(
             systemd=self.systemd,
             apply_units=apply_units,
             store=StateStore(self.config.daemon.state_dir),
             notifier=self.notifier,
-            probe=lambda url: probe(url, timeout_s=PROBE_TIMEOUT_S),
+            probe=lambda url: probe(url, timeout_s=PROBE_TIMEOUT_S, session=session),
             meminfo=read_meminfo,
             boot_id=read_boot_id(),
         )

@@ -35,6 +35,10 @@ def check_config(config_file: Path) -> None:
     """Validate the configuration: exit 0 when valid, 2 with the reason when not."""
     try:
         config = load_config(config_file)
+        from sparkd.cli import installed_systemd_version
+        from sparkd.units.render import render_units
+
+        render_units(config, systemd_version=installed_systemd_version())
     except ConfigError as exc:
         click.echo(exc.message, err=True)
         sys.exit(EXIT_CONFIG_INVALID)

@@ -353,6 +353,22 @@ def _stderr(line: str) -> None:
     click.echo(line, err=True)
 
 
+def prepare_sim_dir(path: Path, user: str) -> str:
+    """The simulated engine writes its synthetic weights itself, as the unprivileged engine
+    user under ProtectSystem=strict: make sure its directory exists and is the user's."""
+    import pwd
+
+    if path.is_dir():
+        return f"sim weights directory {path} exists"
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return f"created sim weights directory {path} (no user {user!r} to give it to)"
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    return f"created sim weights directory {path} for {user}"
+
+
 @click.command("prestart")
 @config_option
 @click.argument("name")
@@ -361,10 +377,14 @@ def command(config_file: Path, name: str) -> None:
     when its memory_gib plus the reserve is not available. Runs as the engine unit's
     ExecStartPre; exit 1 refuses the start."""
     try:
-        plan = plan_prestart(load_config(config_file), name)
+        config = load_config(config_file)
+        plan = plan_prestart(config, name)
     except (ConfigError, UnknownModel) as exc:
         _stderr(exc.message)
         sys.exit(ExitStatus.CONFIG)
+    model = config.models[name]
+    if model.engine == "sim":
+        _stderr(f"{plan.prefix}: {prepare_sim_dir(model.path, config.daemon.engine_user)}")
     try:
         run_prestart(plan, RealSystem(), _stderr)
     except PrestartRefused as exc:

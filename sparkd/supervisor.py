@@ -33,6 +33,7 @@ from sparkd.journal import event
 from sparkd.monitor.memory import MemInfo
 from sparkd.state import State, StateStore
 from sparkd.systemd.manager import JobDone, SystemdEvent, SystemdManager, UnitStatus
+from sparkd.units.render import render_units
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,8 @@ class Supervisor:
         path = self.config.source
         try:
             new = load_config(path)
+            # Rendering checks what parsing cannot (binaries systemd would refuse, ...).
+            render_units(new, systemd_version=self.systemd_version)
         except ConfigError as exc:
             self.last_reload = _Reload(ok=False, message=exc.message, at=self.deps.wall_clock())
             event(
@@ -335,7 +338,7 @@ class Supervisor:
                 "available_bytes": mem.available,
                 "page_cache_bytes": mem.page_cache,
             }
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: MemInfoError
             memory = {"error": str(exc)}
         return {
             "schema": 1,
