@@ -112,6 +112,16 @@ class PystemdManager:
         )
 
 
+def _callback(handler: Callable[[Any], None]) -> Callable[..., None]:
+    def callback(msg: Any, error: Any = None, userdata: Any = None) -> None:
+        try:
+            handler(msg)
+        except Exception:
+            log.exception("handling a systemd signal failed")
+
+    return callback
+
+
 class PystemdSignals:
     """JobRemoved and PropertiesChanged from PID 1, read on the event loop."""
 
@@ -121,11 +131,15 @@ class PystemdSignals:
         self._bus.open()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_event: Callable[[SystemdEvent], None] | None = None
+        self._callbacks: list[Callable[..., None]] = []
 
     def attach(self, on_event: Callable[[SystemdEvent], None]) -> None:
         self._on_event = on_event
-        self._bus.match_signal(DEST, None, MANAGER_IFACE, b"JobRemoved", self._job_removed)
-        self._bus.match_signal(DEST, None, PROPS_IFACE, b"PropertiesChanged", self._props_changed)
+        # pystemd sets attributes on the callback and keeps only a borrowed pointer to it:
+        # pass plain functions, and keep them alive as long as the bus.
+        self._callbacks = [_callback(self._job_removed), _callback(self._props_changed)]
+        self._bus.match_signal(DEST, None, MANAGER_IFACE, b"JobRemoved", self._callbacks[0])
+        self._bus.match_signal(DEST, None, PROPS_IFACE, b"PropertiesChanged", self._callbacks[1])
         # PID 1 sends most signals only while some client has subscribed; this connection is
         # that client for as long as it lives.
         self._bus.call_method(DEST, ROOT, MANAGER_IFACE, b"Subscribe", [])
@@ -158,14 +172,14 @@ class PystemdSignals:
                 # sd-bus callbacks cannot raise to anyone: say it here.
                 log.exception("handling %r failed", event)
 
-    def _job_removed(self, msg: Any, error: Any = None, userdata: Any = None) -> None:
+    def _job_removed(self, msg: Any) -> None:
         msg.process_reply(with_headers=True)
         job_id, _job_path, unit, result = msg.body
         name = _text(unit)
         if self._unit_filter(name):
             self._emit(JobDone(job_id=int(job_id), unit=name, result=_text(result)))
 
-    def _props_changed(self, msg: Any, error: Any = None, userdata: Any = None) -> None:
+    def _props_changed(self, msg: Any) -> None:
         msg.process_reply(with_headers=True)
         path = msg.headers.get("Path") or msg.headers.get(b"Path")
         if not path:
