@@ -1,0 +1,110 @@
+# sparkd: build, package, test. GNU make. `make help` lists the targets.
+#
+# `make test` is what CI runs (.ci/run): bootstrap, lint, typecheck and the three test tiers.
+# It runs every step even when an earlier one fails, then reports each step and fails if
+# any did. The single-step targets stop at their first error, as usual.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+VENV := .venv
+PYTEST := $(VENV)/bin/pytest
+VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml | head -n 1)
+ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo unknown)
+DEB := build/sparkd_$(VERSION)_$(ARCH).deb
+
+# Everything that ends up in the package: a change to any of them rebuilds it.
+DEB_INPUTS := pyproject.toml $(wildcard README.md LICENSE) \
+	$(shell find sparkd units etc docs packaging -type f \
+		-not -name '*.pyc' -not -path '*/__pycache__/*' 2>/dev/null)
+
+# Run one test tier; pytest's exit status 5 (no tests collected) counts as success, since a
+# tier may legitimately be empty while the project grows.
+define pytest_tier
+	@rc=0; $(PYTEST) tests/$(1) -q || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "tests/$(1): no tests collected"; rc=0; fi; exit $$rc
+endef
+
+.PHONY: help
+help:
+	@echo "make venv              system packages (as root) and the dev virtualenv $(VENV)"
+	@echo "make lint              ruff check"
+	@echo "make typecheck         mypy --strict on the package"
+	@echo "make test-unit         tests/unit (pure, fast)"
+	@echo "make test-integration  tests/integration (real processes and sockets on loopback)"
+	@echo "make test-system       tests/system (booted systemd container, root; builds the .deb)"
+	@echo "make test              all of the above, as CI runs it"
+	@echo "make deb               $(DEB)"
+	@echo "make demo              scripts/demo.py"
+	@echo "make clean             build outputs and caches (keeps $(VENV) and the wheel cache)"
+	@echo "make distclean         clean, and $(VENV) and the wheel cache .whl/"
+
+.PHONY: venv bootstrap system-deps
+venv bootstrap:
+	scripts/bootstrap.sh
+
+# What building the .deb needs from the system (pip for /usr/bin/python3, a compiler and
+# libsystemd-dev for pystemd). An order-only prerequisite: it never forces a rebuild.
+system-deps:
+	@scripts/bootstrap.sh --system
+
+$(PYTEST):
+	scripts/bootstrap.sh --venv
+
+.PHONY: lint
+lint: | $(PYTEST)
+	$(VENV)/bin/ruff check sparkd tests $(wildcard bench)
+
+.PHONY: typecheck
+typecheck: | $(PYTEST)
+	$(VENV)/bin/mypy --strict sparkd
+
+.PHONY: test-unit test-integration test-system
+test-unit: | $(PYTEST)
+	$(call pytest_tier,unit)
+
+test-integration: | $(PYTEST)
+	$(call pytest_tier,integration)
+
+test-system: $(DEB) | $(PYTEST)
+	$(call pytest_tier,system)
+
+.PHONY: deb
+deb: $(DEB)
+
+$(DEB): $(DEB_INPUTS) | system-deps
+	packaging/build-deb.sh
+	@dpkg-deb --info $@ >/dev/null
+	@dpkg-deb --contents $@ >build/deb-contents.txt
+	@for path in usr/bin/sparkd usr/bin/sparkctl lib/systemd/system/sparkd.service \
+		etc/sparkd.toml usr/lib/sparkd/python/sparkd/main.py; do \
+		grep -q " ./$$path$$" build/deb-contents.txt || { echo "$@ lacks /$$path"; exit 1; }; \
+	done
+
+.PHONY: test
+test: venv
+	@failed=(); \
+	for step in lint typecheck test-unit test-integration test-system; do \
+		start=$$SECONDS; \
+		echo "=== make $$step"; \
+		if $(MAKE) --no-print-directory $$step; then result=ok; else result=FAILED; failed+=("$$step"); fi; \
+		echo "=== make $$step: $$result in $$((SECONDS - start)) s"; \
+	done; \
+	if (( $${#failed[@]} )); then echo "make test: FAILED: $${failed[*]}"; exit 1; fi; \
+	echo "make test: all steps passed"
+
+.PHONY: demo
+demo: | $(PYTEST)
+	@if [ ! -f scripts/demo.py ]; then \
+		echo "make demo: scripts/demo.py does not exist yet"; exit 1; fi
+	$(VENV)/bin/python scripts/demo.py
+
+.PHONY: clean distclean
+clean:
+	rm -rf build .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) .whl *.egg-info
