@@ -259,6 +259,7 @@ class Container:
         self._pid1: int | None = None
         self._mounted = False
         self._lock_files: set[Path] = set()
+        self._cgroups: list[Path] = []
 
     # -- paths ------------------------------------------------------------------------
 
@@ -350,6 +351,33 @@ class Container:
             link.symlink_to("/dev/null")
         log.info("%s: image prepared in %s, masked %s", self.name, self.base, ", ".join(masked))
 
+    # -- cgroups ----------------------------------------------------------------------
+
+    def _create_cgroups(self) -> list[Path]:
+        self._remove_cgroups()
+        self._cgroups = [base / self.name for base in _own_cgroups()]
+        for group in self._cgroups:
+            group.mkdir(exist_ok=True)
+        if not self._cgroups:
+            log.warning("%s: no cgroup hierarchy found to give the container its own", self.name)
+        return self._cgroups
+
+    def _remove_cgroups(self) -> None:
+        """Remove the container's cgroup trees (empty once its processes are gone)."""
+        for group in self._cgroups:
+            deadline = time.monotonic() + 5.0
+            while group.exists():
+                for dirpath, _, _ in os.walk(group, topdown=False):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(dirpath)
+                if not group.exists():
+                    break
+                if time.monotonic() > deadline:
+                    log.warning("%s: cannot remove cgroup %s (processes left?)", self.name, group)
+                    break
+                time.sleep(0.05)
+        self._cgroups = []
+
     # -- boot -------------------------------------------------------------------------
 
     def boot(self, *, timeout: float = 60.0) -> None:
@@ -381,13 +409,21 @@ class Container:
             "TERM": "dumb",
             LONG_LIVED_ENV: self.name,
         }
+        # Into cgroups of its own first: nspawn puts the container in "payload" under its
+        # own cgroup, so two containers started from one cgroup would share one tree (and
+        # systemctl kill in one sees the other's processes: "Input/output error").
+        join = "".join(
+            f"echo $$ > {shlex.quote(str(group / 'cgroup.procs'))} && "
+            for group in self._create_cgroups()
+        )
+        launcher = ["/bin/sh", "-c", f'{join}exec "$@"', "sh", *argv]
         self.boots += 1
         with self.log_path.open("ab") as console:
             console.write(f"\n===== boot {self.boots}: {shlex.join(argv)}\n".encode())
             console.flush()
             start = time.monotonic()
             self._proc = subprocess.Popen(
-                argv,
+                launcher,
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=subprocess.STDOUT,
@@ -655,6 +691,7 @@ class Container:
                 self._proc.returncode,
             )
         self._pid1 = None
+        self._remove_cgroups()
 
     def _kill(self, *, timeout: float) -> None:
         assert self._proc is not None
@@ -673,6 +710,7 @@ class Container:
                 pid = self._proc.pid
                 raise ContainerError(f"systemd-nspawn pid {pid} survives SIGKILL") from exc
         self._pid1 = None
+        self._remove_cgroups()
 
     # -- cleanup ------------------------------------------------------------------------
 
@@ -687,6 +725,7 @@ class Container:
                 errors.append(str(exc))
         elif self._proc is not None:
             self._proc.wait()
+        self._remove_cgroups()
         if self.base is not None:
             for point in _mount_points_under(self.base):
                 try:
@@ -727,6 +766,40 @@ class Container:
                 log.error("%s: failing with %r:\n%s", self.name, exc, self.diagnostics())
         finally:
             self.cleanup()
+
+
+def _own_cgroups() -> list[Path]:
+    """This process's cgroup in each hierarchy systemd tracks processes with: the cgroup2
+    one (at /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts) and, on hybrid and
+    legacy hosts, the named v1 hierarchy name=systemd."""
+    own: dict[str, str] = {}
+    with open("/proc/self/cgroup") as cgroups:
+        for line in cgroups:
+            hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
+            if hierarchy == "0":
+                own["cgroup2"] = path
+            elif controllers == "name=systemd":
+                own["name=systemd"] = path
+    found: list[Path] = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            separator = fields.index("-")
+            fstype, options = fields[separator + 1], fields[separator + 3]
+            if fstype == "cgroup2":
+                key = "cgroup2"
+            elif fstype == "cgroup" and "name=systemd" in options.split(","):
+                key = "name=systemd"
+            else:
+                continue
+            if key not in own:
+                continue
+            path = own.pop(key)
+            # Field 4 is the root of the mount within its hierarchy ("/" on a host).
+            mount_root, mount_point = fields[3], fields[4]
+            relative = path[len(mount_root) :] if path.startswith(mount_root) else path
+            found.append(Path(mount_point) / relative.lstrip("/"))
+    return found
 
 
 def _wait_group_gone(pgid: int, *, timeout: float) -> None:

@@ -59,6 +59,18 @@ def test_exec_environment_exit_status_and_timeout(make_container: ContainerFacto
     assert box.exec(["pgrep", "-x", "sleep"], check=False).returncode == 1
 
 
+def test_containers_side_by_side_do_not_share_cgroups(make_container: ContainerFactory) -> None:
+    first, second = make_container(), make_container()
+    assert (
+        Path(f"/proc/{first.pid}/cgroup").read_text()
+        != Path(f"/proc/{second.pid}/cgroup").read_text()
+    )
+    for box in (first, second):
+        box.exec(["systemd-run", "--unit=harness-probe", "sleep", "600"])
+    first.exec(["systemctl", "kill", "--signal=SIGKILL", "harness-probe.service"])
+    second.exec(["systemctl", "is-active", "harness-probe.service"])
+
+
 def test_api_filesystems_are_writable(make_container: ContainerFactory) -> None:
     box = make_container()
     box.sh("sync; echo 3 > /proc/sys/vm/drop_caches")
