@@ -66,13 +66,22 @@ def _run(ctx: click.Context, fn: Callable[[], None]) -> None:
 
 
 def _socket_path(config_file: Path | None) -> Path:
-    """The control socket named by the config (default /run/sparkd/control.sock)."""
+    """The control socket named by the config (default /run/sparkd/control.sock).
+
+    A broken config must not cut the operator off from the daemon, which still runs on its
+    last good one: warn, and use the default socket.
+    """
     from sparkd.config import DaemonConfig
 
     path = config_path(config_file)
     if not path.exists() and path == DEFAULT_CONFIG_PATH:
         return DaemonConfig().control_socket
-    return load_config(path).daemon.control_socket
+    try:
+        return load_config(path).daemon.control_socket
+    except ConfigError as exc:
+        default = DaemonConfig().control_socket
+        click.echo(f"sparkctl: warning: {exc.message} (trying {default})", err=True)
+        return default
 
 
 @click.group()

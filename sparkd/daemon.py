@@ -56,7 +56,9 @@ class SdNotifier:
         self._n = sdnotify.SystemdNotifier()
 
     def notify(self, state: str) -> None:
-        self._n.notify(state)
+        # sdnotify encodes as Latin-1 (non-Latin-1 text raises inside it and is dropped
+        # silently); systemd wants UTF-8. Hand it text whose Latin-1 bytes are our UTF-8.
+        self._n.notify(state.encode("utf-8").decode("latin-1"))
 
 
 def watchdog_interval() -> float | None:

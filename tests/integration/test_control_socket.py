@@ -197,9 +197,19 @@ def test_sparkctl_status_without_daemon_exits_3(tmp_path: Path) -> None:
     assert "sparkd is not running" in res.output
 
 
-def test_sparkctl_bad_config_exits_5(tmp_path: Path) -> None:
+def test_sparkctl_status_with_a_broken_config_warns_and_uses_the_default_socket(
+    tmp_path: Path,
+) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[daemon]\ncontrol_sock = 1\n")
     res = CliRunner().invoke(cli, ["status", "--config", str(cfg)])
+    assert "warning:" in res.output and "daemon.control_sock: unknown key" in res.output
+    assert "/run/sparkd/control.sock" in res.output
+
+
+def test_sparkctl_units_with_a_broken_config_exits_5(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[daemon]\ncontrol_sock = 1\n")
+    res = CliRunner().invoke(cli, ["units", "--config", str(cfg)])
     assert res.exit_code == ExitStatus.CONFIG_INVALID
     assert "daemon.control_sock: unknown key" in res.output
