@@ -140,7 +140,7 @@ class Daemon:
             await server.start()
             await sup.start()
             event(log, "daemon_ready", "sparkd ready: %s", sup.status_line())
-            tasks.append(asyncio.create_task(self._health_loop(sup)))
+            tasks.append(asyncio.create_task(self._health_loop(sup, signals)))
             await self._stop.wait()
             event(log, "daemon_stopping", "sparkd stopping")
             await sup.shutdown()
@@ -165,12 +165,14 @@ class Daemon:
             self.notifier.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    async def _health_loop(self, sup: Supervisor) -> None:
+    async def _health_loop(self, sup: Supervisor, signals: PystemdSignals) -> None:
         while True:
             await asyncio.sleep(sup.config.daemon.health_interval_s)
+            # Unit state comes from signals; this only picks up a message sd-bus may have
+            # buffered without the fd becoming readable again. No D-Bus traffic.
+            signals.drain()
             try:
                 await sup.check_health()
-                await sup.refresh_units(list(sup.engines))
             except SparkdError as exc:
                 log.warning("periodic check failed: %s", exc)
 

@@ -1,0 +1,66 @@
+"""A booted systemd container with the sparkd .deb installed, for benchmarks.
+
+Uses the system tier's harness (tests/system/harness.py); run as root after `make deb`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "system"))
+
+from harness import Container  # noqa: E402
+
+
+def deb_path() -> Path:
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    arch = subprocess.run(
+        ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    deb = REPO / "build" / f"sparkd_{version}_{arch}.deb"
+    if not deb.is_file():
+        raise SystemExit(f"{deb} is missing: run `make deb` first")
+    return deb
+
+
+@contextmanager
+def sparkd_container() -> Iterator[Container]:
+    deb = deb_path()
+    with Container(deb_dir=deb.parent, src_dir=REPO) as box:
+        box.boot()
+        box.wait_running()
+        box.install_deb(deb.name)
+        wait_serving(box)
+        yield box
+
+
+def wait_serving(box: Container, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = box.exec(["sparkctl", "status", "--json"], check=False).stdout
+        try:
+            if json.loads(out)["daemon"]["status_line"].endswith("serving, healthy"):
+                return
+        except (ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    raise SystemExit("sparkd did not report a healthy default model in time")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    import os
+
+    return f"{cpu}, {os.cpu_count()} cores, {Path('/etc/debian_version').read_text().strip()}"
