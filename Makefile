@@ -37,6 +37,7 @@ help:
 	@echo "make test-system       tests/system (booted systemd container, root; builds the .deb)"
 	@echo "make test              all of the above, as CI runs it"
 	@echo "make deb               $(DEB)"
+	@echo "make lintian           lintian on the .deb (needs: apt-get install lintian)"
 	@echo "make demo              scripts/demo.py"
 	@echo "make clean             build outputs and caches (keeps $(VENV) and the wheel cache)"
 	@echo "make distclean         clean, and $(VENV) and the wheel cache .whl/"
@@ -82,6 +83,12 @@ $(DEB): $(DEB_INPUTS) | system-deps
 		etc/sparkd.toml usr/lib/sparkd/python/sparkd/main.py; do \
 		grep -q " ./$$path$$" build/deb-contents.txt || { echo "$@ lacks /$$path"; exit 1; }; \
 	done
+
+# Optional: lintian is not installed by bootstrap (it is large); apt-get install lintian.
+.PHONY: lintian
+lintian: $(DEB)
+	@command -v lintian >/dev/null || { echo "make lintian: apt-get install lintian"; exit 1; }
+	lintian --tag-display-limit 0 --fail-on error,warning --suppress-tags no-manual-page $(DEB)
 
 .PHONY: test
 test: venv

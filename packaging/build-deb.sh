@@ -3,17 +3,17 @@
 #
 # The project and its runtime dependencies are installed with Debian's own python
 # (/usr/bin/python3, never a virtualenv's) into /usr/lib/sparkd/python, so that compiled
-# extensions (pystemd, psutil, aiohttp...) match the ABI of the python3 the package
-# depends on. Dependency wheels are kept in .whl/ (keyed on the dependency list and the
-# python), so a rebuild after a source change is offline and takes seconds.
+# extensions (pystemd, psutil, aiohttp...) are built for the python3 the package depends on.
+# Dependency wheels are kept in .whl/ (keyed on the dependency list and the python), so a
+# rebuild after a source change is offline and takes seconds.
 #
-# Environment: PYTHON (default /usr/bin/python3), BUILD_DIR (default build),
-# WHEELHOUSE (default .whl/<python tag>), DEB_COMPRESSION (default gzip) and
-# DEB_COMPRESSION_LEVEL (default 6: xz saves 20% of the size and costs 2 s more).
+# Environment: PYTHON (default /usr/bin/python3), BUILD_DIR (default build), WHEELHOUSE
+# (default .whl/<python tag>), DEB_COMPRESSION (default gzip) and DEB_COMPRESSION_LEVEL
+# (default 6: xz saves a fifth of the size and costs seconds more), DEBFULLNAME and
+# DEBEMAIL (the Maintainer field).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-REPO=$PWD
 
 PYTHON=${PYTHON:-/usr/bin/python3}
 BUILD_DIR=${BUILD_DIR:-build}
@@ -24,22 +24,42 @@ die() { log "error: $*"; exit 1; }
 "$PYTHON" -m pip --version >/dev/null 2>&1 || die "$PYTHON has no pip (apt-get install python3-pip)"
 command -v dpkg-deb >/dev/null || die "dpkg-deb not found"
 
-VERSION=$("$PYTHON" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+pyproject() { "$PYTHON" -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); $1"; }
+VERSION=$(pyproject 'print(p["project"]["version"])')
 ARCH=$(dpkg --print-architecture)
 PY_MINOR=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 PY_NEXT=$("$PYTHON" -c 'import sys; print("%d.%d" % (sys.version_info[0], sys.version_info[1] + 1))')
 PY_TAG=$("$PYTHON" -c 'import sys, sysconfig; print("cp%d%d-%s" % (*sys.version_info[:2], sysconfig.get_platform()))')
 WHEELHOUSE=${WHEELHOUSE:-.whl/$PY_TAG}
+PIP_CACHE="$WHEELHOUSE.pip-cache"
 DEB="$BUILD_DIR/sparkd_${VERSION}_${ARCH}.deb"
 STAGE="$BUILD_DIR/deb-stage"
 SRC="$BUILD_DIR/deb-src"
 LIBDIR=/usr/lib/sparkd/python
+DOCDIR=/usr/share/doc/sparkd
+MAINTAINER="${DEBFULLNAME:-sparkd maintainers} <${DEBEMAIL:-sparkd-maintainers@example.org}>"
+pip() { "$PYTHON" -m pip --disable-pip-version-check --cache-dir "$PIP_CACHE" "$@"; }
 
 log "sparkd $VERSION for $ARCH with $("$PYTHON" --version) ($PYTHON)"
-rm -rf "$STAGE" "$SRC" "$BUILD_DIR/deb-wheel"
-mkdir -p "$STAGE" "$SRC" "$BUILD_DIR/deb-wheel" "$WHEELHOUSE"
+rm -rf "$STAGE" "$SRC" "$BUILD_DIR/deb-wheel" "$BUILD_DIR/deb-shlibdeps"
+mkdir -p "$STAGE" "$SRC" "$BUILD_DIR/deb-wheel"
 
-# 1. The project's wheel, built from a clean copy: setuptools' in-tree build/lib keeps
+# 1. Wheels of the runtime dependencies (not the test extra) and of the build backend,
+#    rebuilt only when that list or the python changes. pip gets a cache of its own: its
+#    shared one would hand back wheels that another python built (the pyenv one of .venv).
+REQS="$BUILD_DIR/deb-requirements.txt"
+pyproject 'print(*p["project"]["dependencies"], *p["build-system"]["requires"], "wheel", sep="\n")' >"$REQS"
+KEY=$({ echo "wheelhouse v2"; "$PYTHON" -c 'import sys; print(sys.version)'; cat "$REQS"; } |
+  sha256sum | cut -c1-64)
+if [[ "$(cat "$WHEELHOUSE/.key" 2>/dev/null)" != "$KEY" ]]; then
+  log "building the dependency wheels into $WHEELHOUSE (first build, or the dependencies changed)"
+  rm -rf "$WHEELHOUSE"
+  mkdir -p "$WHEELHOUSE"
+  pip wheel -q --wheel-dir "$WHEELHOUSE" -r "$REQS"
+  echo "$KEY" >"$WHEELHOUSE/.key"
+fi
+
+# 2. The project's wheel, offline, from a clean copy: setuptools' in-tree build/lib keeps
 #    modules deleted since the last build, and the copy has no __pycache__ or egg-info.
 cp pyproject.toml "$SRC/"
 for f in README.md LICENSE; do
@@ -49,44 +69,17 @@ cp -r sparkd "$SRC/sparkd"
 find "$SRC" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
 # README.md is the project's readme= file: the build needs one even before it is written.
 [[ -e "$SRC/README.md" ]] || echo "sparkd" >"$SRC/README.md"
-
-# setuptools (the build backend) comes from the wheelhouse too, so this step is offline.
-if ! compgen -G "$WHEELHOUSE/setuptools-*.whl" >/dev/null; then
-  log "fetching the build backend into $WHEELHOUSE"
-  "$PYTHON" -m pip wheel -q --wheel-dir "$WHEELHOUSE" 'setuptools>=68' wheel
-fi
-"$PYTHON" -m pip wheel -q --no-deps --no-index --find-links "$WHEELHOUSE" \
-  --wheel-dir "$BUILD_DIR/deb-wheel" "$SRC"
+pip wheel -q --no-deps --no-index --find-links "$WHEELHOUSE" --wheel-dir "$BUILD_DIR/deb-wheel" "$SRC"
 WHEEL=$(echo "$BUILD_DIR"/deb-wheel/sparkd-*.whl)
 [[ -f "$WHEEL" ]] || die "no sparkd wheel was built"
 
-# 2. Runtime dependencies (not the test extra) as wheels, rebuilt only when the list changes.
-REQS="$BUILD_DIR/deb-requirements.txt"
-"$PYTHON" - "$WHEEL" >"$REQS" <<'PY'
-import sys
-import zipfile
-from email.parser import Parser
-
-with zipfile.ZipFile(sys.argv[1]) as wheel:
-    name = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
-    metadata = Parser().parsestr(wheel.read(name).decode())
-for requirement in metadata.get_all("Requires-Dist") or []:
-    if "extra ==" not in requirement:
-        print(requirement)
-PY
-KEY=$({ cat "$REQS"; "$PYTHON" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-64)
-if [[ "$(cat "$WHEELHOUSE/.key" 2>/dev/null)" != "$KEY" ]]; then
-  log "building dependency wheels into $WHEELHOUSE (first build, or the dependencies changed)"
-  "$PYTHON" -m pip wheel -q --wheel-dir "$WHEELHOUSE" --find-links "$WHEELHOUSE" -r "$REQS"
-  echo "$KEY" >"$WHEELHOUSE/.key"
-fi
-
-# 3. Install into the stage. Byte-compile ourselves, with the installed path recorded,
-#    so that root running sparkd never writes __pycache__ under /usr/lib/sparkd.
-"$PYTHON" -m pip install -q --no-index --find-links "$WHEELHOUSE" --no-compile \
-  --no-warn-script-location --root-user-action=ignore --target "$STAGE$LIBDIR" "$WHEEL"
+# 3. Install into the stage, without byte-compiling: postinst compiles for the installed
+#    python and prerm removes the caches (as dh_python3's py3compile/py3clean do).
+pip install -q --no-index --find-links "$WHEELHOUSE" --no-compile --no-warn-script-location \
+  --root-user-action=ignore --target "$STAGE$LIBDIR" "$WHEEL"
 rm -rf "$STAGE$LIBDIR/bin"
-"$PYTHON" -m compileall -q -j 0 -s "$STAGE" -p / "$STAGE$LIBDIR" >/dev/null
+find "$STAGE$LIBDIR" -name '*.so' -exec strip --strip-unneeded --remove-section=.comment \
+  --remove-section=.note {} +
 
 mkdir -p "$STAGE/usr/bin"
 write_wrapper() { # name module
@@ -108,7 +101,7 @@ write_wrapper sparkctl sparkd.cli
 
 # 4. Units, configuration, systemd integration, documentation.
 install -d "$STAGE/lib/systemd/system" "$STAGE/etc" "$STAGE/usr/lib/sysusers.d" \
-  "$STAGE/usr/lib/tmpfiles.d" "$STAGE/usr/share/doc/sparkd"
+  "$STAGE/usr/lib/tmpfiles.d" "$STAGE$DOCDIR" "$STAGE/usr/share/lintian/overrides"
 for unit in units/*; do
   case "$unit" in
     *.service | *.socket | *.target | *.timer | *.path | *.slice)
@@ -118,19 +111,62 @@ done
 install -m 0644 etc/sparkd.toml "$STAGE/etc/sparkd.toml"
 install -m 0644 packaging/sparkd.sysusers "$STAGE/usr/lib/sysusers.d/sparkd.conf"
 install -m 0644 packaging/sparkd.tmpfiles "$STAGE/usr/lib/tmpfiles.d/sparkd.conf"
+install -m 0644 packaging/lintian-overrides "$STAGE/usr/share/lintian/overrides/sparkd"
 for doc in README.md docs/*.md; do
-  if [[ -e "$doc" ]]; then install -m 0644 "$doc" "$STAGE/usr/share/doc/sparkd/"; fi
+  if [[ -e "$doc" ]]; then install -m 0644 "$doc" "$STAGE$DOCDIR/"; fi
 done
+
+# copyright: sparkd's own, then every bundled distribution with the license it declares.
+"$PYTHON" - "$STAGE$LIBDIR" >"$STAGE$DOCDIR/copyright" <<'PY'
+import sys
+import time
+from email.parser import Parser
+from pathlib import Path
+
+print("Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/")
+print("Upstream-Name: sparkd\n")
+print(f"Files: *\nCopyright: 2025-{time.gmtime().tm_year} the sparkd authors\nLicense: Apache-2.0")
+print(" On Debian systems, the full text of the Apache License 2.0 is in")
+print(" /usr/share/common-licenses/Apache-2.0.\n")
+print("Files: usr/lib/sparkd/python/*\nCopyright: the authors of each distribution")
+print("License: various")
+print(" The python distributions below are bundled; each one's license texts are")
+print(" in its .dist-info directory under /usr/lib/sparkd/python.")
+for dist in sorted(Path(sys.argv[1]).glob("*.dist-info")):
+    meta = Parser().parsestr((dist / "METADATA").read_text(errors="replace"))
+    license_ = meta.get("License-Expression") or (meta.get("License") or "").split("\n")[0]
+    classifiers = [c.split(" :: ")[-1] for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
+    license_ = (license_.strip() or ", ".join(classifiers) or "see its dist-info")[:70]
+    print(f" .\n {meta['Name']} {meta['Version']}: {license_}")
+PY
+GIT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+printf 'sparkd (%s) unstable; urgency=medium\n\n  * Built from git commit %s.\n\n -- %s  %s\n' \
+  "$VERSION" "$GIT_COMMIT" "$MAINTAINER" "$(date -R)" | gzip -9n >"$STAGE$DOCDIR/changelog.gz"
 
 # Everything root-owned (dpkg-deb --root-owner-group), nothing group/world writable.
 find "$STAGE" -type d -exec chmod 0755 {} +
 find "$STAGE" -type f -exec chmod go-w {} +
 
-# 5. Control files.
+# 5. Control files. Shared-library dependencies of the compiled extensions (libc6,
+#    libsystemd0...) come from dpkg-shlibdeps, which wants a debian/control to read.
+SHLIBS_DEPENDS=""
+if command -v dpkg-shlibdeps >/dev/null; then
+  mkdir -p "$BUILD_DIR/deb-shlibdeps/debian"
+  printf 'Source: sparkd\n\nPackage: sparkd\nArchitecture: any\n' \
+    >"$BUILD_DIR/deb-shlibdeps/debian/control"
+  mapfile -t OBJECTS < <(find "$(realpath "$STAGE")$LIBDIR" -name '*.so' | sort)
+  if ((${#OBJECTS[@]})) && SHLIBS=$(cd "$BUILD_DIR/deb-shlibdeps" &&
+    dpkg-shlibdeps -O --ignore-missing-info -e "${OBJECTS[@]}" 2>../deb-shlibdeps.log); then
+    SHLIBS_DEPENDS=$(sed -n 's/^shlibs:Depends=//p' <<<"$SHLIBS")
+  else
+    log "warning: dpkg-shlibdeps failed (see $BUILD_DIR/deb-shlibdeps.log): no libc6 dependency"
+  fi
+fi
 install -d "$STAGE/DEBIAN"
 INSTALLED_SIZE=$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)
-sed -e "s/@VERSION@/$VERSION/" -e "s/@ARCH@/$ARCH/" -e "s/@INSTALLED_SIZE@/$INSTALLED_SIZE/" \
-  -e "s/@PYTHON_DEPENDS@/python3 (>= $PY_MINOR), python3 (<< $PY_NEXT)/" \
+DEPENDS="python3 (>= $PY_MINOR), python3 (<< $PY_NEXT), ${SHLIBS_DEPENDS:-libc6, libsystemd0}"
+sed -e "s#@VERSION@#$VERSION#" -e "s#@ARCH@#$ARCH#" -e "s#@INSTALLED_SIZE@#$INSTALLED_SIZE#" \
+  -e "s#@DEPENDS@#$DEPENDS#" -e "s#@MAINTAINER@#$MAINTAINER#" \
   packaging/debian/control.in >"$STAGE/DEBIAN/control"
 echo /etc/sparkd.toml >"$STAGE/DEBIAN/conffiles"
 for script in postinst prerm postrm; do

@@ -159,6 +159,8 @@ def test_deb_installs_and_its_commands_run(
         ]
     ).stdout.strip()
     assert located == "/usr/lib/sparkd/python/sparkd/__init__.py"
+    # postinst byte-compiled it (the package ships no __pycache__; prerm removes them).
+    box.exec(["test", "-d", "/usr/lib/sparkd/python/sparkd/__pycache__"])
 
     assert box.exec(["getent", "passwd", "sparkd"]).returncode == 0
     owner = box.exec(["stat", "-c", "%U:%G %a", "/var/lib/sparkd/models"]).stdout.strip()
@@ -169,6 +171,12 @@ def test_deb_installs_and_its_commands_run(
         .stdout.strip()
         .startswith("/etc/sparkd.toml")
     )
+
+    # An upgrade (here: the same version again) keeps an admin's `systemctl disable`.
+    box.exec(["systemctl", "disable", "sparkd.service"])
+    box.exec(["dpkg", "-i", f"/mnt/deb/{deb_path.name}"], timeout=120)
+    enabled = box.exec(["systemctl", "is-enabled", "sparkd.service"], check=False)
+    assert enabled.stdout.strip() == "disabled"
 
     box.exec(["dpkg", "--purge", "sparkd"], timeout=120)
     assert box.exec(["test", "-e", "/usr/bin/sparkd"], check=False).returncode != 0
