@@ -77,7 +77,7 @@ WHEEL=$(echo "$BUILD_DIR"/deb-wheel/sparkd-*.whl)
 #    python and prerm removes the caches (as dh_python3's py3compile/py3clean do).
 pip install -q --no-index --find-links "$WHEELHOUSE" --no-compile --no-warn-script-location \
   --root-user-action=ignore --target "$STAGE$LIBDIR" "$WHEEL"
-rm -rf "$STAGE$LIBDIR/bin"
+rm -rf "${STAGE:?}$LIBDIR/bin"
 find "$STAGE$LIBDIR" -name '*.so' -exec strip --strip-unneeded --remove-section=.comment \
   --remove-section=.note {} +
 
