@@ -1,0 +1,128 @@
+"""`make demo`: a narrated tour of sparkd on a real systemd, with simulated engines.
+
+Boots a systemd container (the system tier's harness), installs the sparkd .deb in it with the
+shipped /etc/sparkd.toml (two simulated models), and shows: the daemon and its STATUS line,
+`sparkctl status`, a generated engine unit, the prestart log, a chat request to the engine,
+`kill -9` of sparkd (the engine keeps running and is adopted), and `kill -9` of the engine
+(systemd restarts it and sparkd reports it). Everything is cleaned up at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "system"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from container import deb_path  # noqa: E402
+from harness import Container  # noqa: E402
+
+ENGINE = "sparkd-engine@sim-small.service"
+BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
+
+
+def say(text: str) -> None:
+    print(f"\n{BOLD}== {text}{RESET}", flush=True)
+
+
+def run(box: Container, command: str, *, lines: int | None = None) -> str:
+    print(f"{DIM}# {command}{RESET}", flush=True)
+    result = box.sh(command, check=False)
+    out = (result.stdout + result.stderr).rstrip("\n")
+    shown = out.splitlines()
+    if lines is not None and len(shown) > lines:
+        shown = [*shown[:lines], f"{DIM}... ({len(shown) - lines} more lines){RESET}"]
+    print("\n".join(shown), flush=True)
+    return result.stdout
+
+
+def prop(box: Container, unit: str, name: str) -> str:
+    return box.exec(["systemctl", "show", "-P", name, unit]).stdout.strip()
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    raise SystemExit(f"demo: timed out waiting for {what}")
+
+
+def serving(box: Container) -> bool:
+    return prop(box, "sparkd.service", "StatusText") == "sim-small: serving, healthy"
+
+
+def main() -> int:
+    deb = deb_path()
+    say("Booting a real systemd in a container (overlay of this machine, private network)")
+    with Container(deb_dir=deb.parent, src_dir=REPO) as box:
+        box.boot()
+        print(box.wait_running())
+        say(f"Installing {deb.name}: postinst creates user sparkd and starts sparkd.service")
+        box.install_deb(deb.name)
+        wait_for("the default model to serve", lambda: serving(box))
+
+        say("sparkd is Type=notify: systemd shows its one-line STATUS")
+        run(box, "systemctl status sparkd --no-pager", lines=9)
+
+        say("sparkctl status: engines, health and unified memory (page cache included)")
+        run(box, "sparkctl status")
+
+        say("The engine unit sparkd generated: prestart, health wait, restart policy, weights")
+        run(box, f"systemctl cat {ENGINE} | grep -E '^(Exec|Environment|Timeout|Restart|"
+                 "CPUWeight|IOWeight|OOMScoreAdjust|User|DeviceAllow|ProtectSystem)'")
+
+        say("A vLLM model gets VLLM_FLASHINFER_MOE_BACKEND=latency pinned (no daemon needed)")
+        box.sh("printf '[models.qwen]\\nengine = \"vllm\"\\nport = 8201\\nmemory_gib = 70\\n"
+               "binary = \"/usr/bin/true\"\\n' > /root/vllm-example.toml")
+        run(box, "sparkctl units --config /root/vllm-example.toml | grep -E '^(Environment=VLLM|"
+                 "ExecStart=)'")
+
+        say("Before the engine started, prestart dropped the page cache and gated on memory")
+        run(box, f"journalctl -b -u {ENGINE} -o cat --no-pager | grep prestart")
+
+        say("A chat request to the engine (the simulated one: a test double)")
+        body = json.dumps({
+            "model": "sim-small",
+            "messages": [{"role": "user", "content": "Hello from the demo"}],
+            "max_tokens": 8,
+        })
+        run(box, "curl -s http://127.0.0.1:8101/v1/chat/completions "
+                 f"-H 'Content-Type: application/json' -d '{body}' | python3 -m json.tool",
+            lines=30)
+
+        say("kill -9 of sparkd: systemd restarts it; the engine keeps running and is adopted")
+        engine_pid = prop(box, ENGINE, "MainPID")
+        daemon_pid = prop(box, "sparkd.service", "MainPID")
+        print(f"engine MainPID {engine_pid}, sparkd MainPID {daemon_pid}")
+        run(box, "systemctl kill --signal=SIGKILL sparkd.service")
+        wait_for("sparkd to come back", lambda: prop(box, "sparkd.service", "MainPID")
+                 not in ("0", daemon_pid))
+        wait_for("sparkd to serve again", lambda: serving(box))
+        print(f"engine MainPID now {prop(box, ENGINE, 'MainPID')} (unchanged), sparkd MainPID "
+              f"now {prop(box, 'sparkd.service', 'MainPID')}")
+        run(box, "journalctl -b SPARKD_EVENT=engine_adopted -o cat --no-pager")
+
+        say("kill -9 of the engine: systemd restarts it (with prestart again); sparkd sees it")
+        run(box, f"systemctl kill --signal=SIGKILL {ENGINE}")
+        wait_for("the engine to restart", lambda: prop(box, ENGINE, "NRestarts") == "1"
+                 and prop(box, ENGINE, "ActiveState") == "active", timeout=90)
+        wait_for("sparkd to report it healthy", lambda: serving(box))
+        run(box, "sparkctl status")
+
+        say("Events are structured journal entries: journalctl SPARKD_EVENT=... -o json")
+        run(box, "journalctl -b SPARKD_EVENT=engine_starting -o json --no-pager | python3 -c "
+                 "\"import json,sys; [print({k: v for k, v in json.loads(l).items() "
+                 "if k.startswith(('SPARKD_', 'MESSAGE'))}) for l in sys.stdin]\"")
+        say("Done: the container is powered off and removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
