@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Container, ContainerError, ContainerFactory, missing_prerequisites
+from harness import (
+    Container,
+    ContainerError,
+    ContainerFactory,
+    missing_prerequisites,
+    reap_stale_containers,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SKIP_VARIABLE = "SPARKD_SKIP_SYSTEM"
@@ -27,6 +33,9 @@ def system_prerequisites() -> None:
     if os.environ.get(SKIP_VARIABLE) == "1":
         pytest.skip(f"{SKIP_VARIABLE}=1: the system tier was skipped on request")
     problems = missing_prerequisites()
+    if not problems:
+        # Leftovers of an earlier run that was killed before it could clean up.
+        reap_stale_containers()
     if problems:
         pytest.fail(
             "the system tier cannot run here: "

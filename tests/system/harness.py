@@ -42,7 +42,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -217,6 +217,80 @@ def missing_prerequisites() -> tuple[str, ...]:
     return tuple(problems)
 
 
+def _process_identity(pid: int) -> str | None:
+    """pid and start time: a pid the kernel reused does not pass for its first owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{pid} {stat.rpartition(')')[2].split()[19]}"
+
+
+def _nspawn_processes() -> Iterator[tuple[int, int, str]]:
+    """(pid, ppid, container name) of every harness-started systemd-nspawn."""
+    marker = LONG_LIVED_ENV.encode() + b"="
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or _comm(int(entry)) != "systemd-nspawn":
+            continue
+        try:
+            values = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        for value in values:
+            if value.startswith(marker):
+                yield int(entry), ppid, value[len(marker) :].decode()
+
+
+def reap_stale_containers() -> list[str]:
+    """Clean up after harness containers whose owner died without cleanup() (a pytest
+    killed by a CI timeout): their nspawn (orphaned to the host's PID 1), mounts, temporary
+    directory, cgroups and nspawn entries. A container whose owner process still runs is left
+    alone, whatever state it is in (this host may run several test sessions at once).
+    Returns what it reaped."""
+    bases = {
+        b.name.rpartition("-")[0]: b for b in Path(tempfile.gettempdir()).glob("sparkd-test-*-*")
+    }
+    live: set[str] = set()
+    for name, base in bases.items():
+        with contextlib.suppress(OSError, ValueError):
+            owner = (base / "owner").read_text().strip()
+            if _process_identity(int(owner.split()[0])) == owner:
+                live.add(name)
+    reaped: list[str] = []
+    for pid, ppid, name in list(_nspawn_processes()):
+        if ppid != 1:
+            live.add(name)  # its owner (the parent) still runs
+        elif name not in live:
+            for child in _children(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            reaped.append(f"orphaned systemd-nspawn {pid} of {name}")
+    deadline = time.monotonic() + 10.0
+    for name, base in sorted(bases.items()):
+        if name in live or not base.is_dir():
+            continue
+        while _mount_points_under(base) and time.monotonic() < deadline:
+            for point in _mount_points_under(base):
+                with contextlib.suppress(ContainerError, subprocess.SubprocessError):
+                    _unmount(point)
+        if _mount_points_under(base):
+            log.warning("stale container %s: still mounted, left alone", base)
+            continue
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(NSPAWN_STATE / "propagate" / name, ignore_errors=True)
+        reaped.append(f"leftovers of {name} in {base}")
+    for hierarchy in _own_cgroups():
+        for group in hierarchy.glob("sparkd-test-*"):
+            if group.name not in live:
+                _remove_cgroup_tree(group)  # only empty cgroups can go: a busy one stays
+    for entry in reaped:
+        log.warning("reaped a stale test container: %s", entry)
+    return reaped
+
+
 def units_to_mask(host_root: Path = Path("/")) -> list[str]:
     """ALWAYS_MASKED, plus every unit the host's admin or packages enabled (the links in
     /etc/systemd/system/*.wants and *.requires), except targets and NEVER_MASKED."""
@@ -291,6 +365,8 @@ class Container:
     def _base(self) -> Path:
         if self.base is None:
             self.base = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
+            # Who owns it: reap_stale_containers() leaves alone what a live process owns.
+            (self.base / "owner").write_text(f"{_process_identity(os.getpid())}\n")
         return self.base
 
     # -- mounts -----------------------------------------------------------------------
@@ -365,17 +441,7 @@ class Container:
     def _remove_cgroups(self) -> None:
         """Remove the container's cgroup trees (empty once its processes are gone)."""
         for group in self._cgroups:
-            deadline = time.monotonic() + 5.0
-            while group.exists():
-                for dirpath, _, _ in os.walk(group, topdown=False):
-                    with contextlib.suppress(OSError):
-                        os.rmdir(dirpath)
-                if not group.exists():
-                    break
-                if time.monotonic() > deadline:
-                    log.warning("%s: cannot remove cgroup %s (processes left?)", self.name, group)
-                    break
-                time.sleep(0.05)
+            _remove_cgroup_tree(group)
         self._cgroups = []
 
     # -- boot -------------------------------------------------------------------------
@@ -800,6 +866,22 @@ def _own_cgroups() -> list[Path]:
             relative = path[len(mount_root) :] if path.startswith(mount_root) else path
             found.append(Path(mount_point) / relative.lstrip("/"))
     return found
+
+
+def _remove_cgroup_tree(group: Path, *, timeout: float = 5.0) -> None:
+    """rmdir a cgroup and its descendants, deepest first, retrying while the processes of
+    a killed container are still exiting."""
+    deadline = time.monotonic() + timeout
+    while group.exists():
+        for dirpath, _, _ in os.walk(group, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
+        if not group.exists():
+            return
+        if time.monotonic() > deadline:
+            log.warning("cannot remove cgroup %s (processes left in it?)", group)
+            return
+        time.sleep(0.05)
 
 
 def _wait_group_gone(pgid: int, *, timeout: float) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from harness import (
     ContainerFactory,
     ExecError,
     missing_prerequisites,
+    reap_stale_containers,
     units_to_mask,
 )
 
@@ -137,6 +140,40 @@ def test_cleanup_leaves_nothing_behind(make_container: ContainerFactory) -> None
             assert f"{LONG_LIVED_ENV}={name}".encode() not in environ.read_bytes()
         except OSError:
             continue
+
+
+def test_reap_stale_containers_after_a_killed_run() -> None:
+    """A test session killed before its cleanup (a CI timeout) leaves an orphaned nspawn and
+    its mounts; the next session's reap_stale_containers() removes them."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_MAKER],
+        cwd=Path(__file__).parent,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert owner.stdout is not None
+    name = owner.stdout.readline().strip()
+    owner.kill()
+    owner.wait()
+    owner.stdout.close()
+    assert name.startswith("sparkd-test-"), name
+    assert name in Path("/proc/self/mountinfo").read_text()
+
+    reaped = reap_stale_containers()
+    assert any(name in entry for entry in reaped), reaped
+    assert name not in Path("/proc/self/mountinfo").read_text()
+    assert not list(Path(tempfile.gettempdir()).glob(f"{name}-*"))
+
+
+ORPHAN_MAKER = """
+import time
+from harness import Container
+box = Container()
+box.boot()
+box.wait_running()
+print(box.name, flush=True)
+time.sleep(600)
+"""
 
 
 def test_deb_installs_and_its_commands_run(
