@@ -127,6 +127,7 @@ class Daemon:
             self.config.daemon.control_socket,
             group=self.config.daemon.control_group,
             handler=sup.handle,
+            streams={"subscribe": lambda _request: sup.subscribe()},
         )
         tasks: list[asyncio.Task[None]] = []
         try:

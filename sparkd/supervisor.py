@@ -19,7 +19,7 @@ import enum
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -38,6 +38,9 @@ from sparkd.units.render import render_units
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+SUBSCRIBER_QUEUE = 256
+SUBSCRIBER_KEEPALIVE_S = 30.0
 
 SystemdCall = Callable[[Callable[[SystemdManager], T]], Awaitable[T]]
 Probe = Callable[[str], Awaitable[ProbeResult]]
@@ -102,6 +105,8 @@ class Supervisor:
         self._refresh_pending: set[str] = set()
         self._refresh_task: asyncio.Task[None] | None = None
         self._status_line = ""
+        self._published_digest: tuple[Any, ...] = ()
+        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -329,6 +334,51 @@ class Supervisor:
         if line != self._status_line:
             self._status_line = line
             self.deps.notifier.notify(f"STATUS={line}")
+        digest = self._routing_digest()
+        if digest != self._published_digest:
+            self._published_digest = digest
+            self.publish("changed")
+
+    def _routing_digest(self) -> tuple[Any, ...]:
+        """What subscribers (the gateway) route on: publish when any of it changes."""
+        return (
+            self.daemon_state,
+            self.state.desired_model,
+            tuple(
+                (n, v.unit.active_state, v.unit.main_pid, v.health is not None and v.health.ok)
+                for n, v in sorted(self.engines.items())
+            ),
+        )
+
+    # -- subscriptions --------------------------------------------------------------------
+
+    def publish(self, name: str, **fields: Any) -> None:
+        """Send an event, with the full status, to every subscriber. A subscriber that does
+        not keep up is dropped (its stream ends) rather than holding the daemon's memory."""
+        if not self._subscribers:
+            return
+        message = {"event": name, **fields, "status": self.status()}
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(message)
+            except asyncio.QueueFull:
+                self._subscribers.discard(queue)
+
+    async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
+        """The event stream of one subscriber: a snapshot first, then each event."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE)
+        self._subscribers.add(queue)
+        try:
+            yield {"event": "snapshot", "status": self.status()}
+            while queue in self._subscribers or not queue.empty():
+                try:
+                    yield await asyncio.wait_for(queue.get(), SUBSCRIBER_KEEPALIVE_S)
+                except TimeoutError:
+                    if queue not in self._subscribers:
+                        return
+                    yield {"event": "keepalive"}
+        finally:
+            self._subscribers.discard(queue)
 
     def status(self) -> dict[str, Any]:
         try:
@@ -371,7 +421,9 @@ class Supervisor:
             return {"pong": True}
         if request.method == "reload":
             return await self.reload()
-        raise BadRequest(f"unknown method {request.method!r} (known: status, ping, reload)")
+        raise BadRequest(
+            f"unknown method {request.method!r} (known: status, ping, reload, subscribe)"
+        )
 
     def _save_state(self) -> None:
         try:

@@ -15,7 +15,7 @@ import os
 import pwd
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from sparkd.errors import BadRequest, PermissionDenied, SparkdError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[Any]]
+StreamHandler = Callable[[Request], AsyncIterator[Any]]
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -59,10 +60,18 @@ def uid_in_group(uid: int, gid: int, primary_gid: int) -> bool:
 
 
 class ControlServer:
-    def __init__(self, path: Path, *, group: str, handler: Handler) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        group: str,
+        handler: Handler,
+        streams: Mapping[str, StreamHandler] | None = None,
+    ) -> None:
         self.path = path
         self.group = group
         self._handler = handler
+        self._streams = dict(streams or {})
         self._server: asyncio.AbstractServer | None = None
         self._gid: int | None = None
 
@@ -112,6 +121,13 @@ class ControlServer:
                     return
                 if not line:
                     return
+                stream = self._stream_for(line)
+                if stream is not None:
+                    # The connection now carries this stream until either side closes it.
+                    async for item in stream:
+                        writer.write(encode(ok_reply(item)))
+                        await writer.drain()
+                    return
                 writer.write(encode(await self._answer(line)))
                 await writer.drain()
         except (ConnectionError, BrokenPipeError):
@@ -120,6 +136,14 @@ class ControlServer:
             writer.close()
             with contextlib.suppress(ConnectionError, BrokenPipeError):
                 await writer.wait_closed()
+
+    def _stream_for(self, line: bytes) -> AsyncIterator[Any] | None:
+        try:
+            request = decode_request(line)
+        except SparkdError:
+            return None  # _answer replies with the error
+        handler = self._streams.get(request.method)
+        return handler(request) if handler else None
 
     async def _answer(self, line: bytes) -> dict[str, Any]:
         try:

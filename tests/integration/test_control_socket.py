@@ -9,7 +9,7 @@ import socket
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from sparkd.cli import ExitStatus, cli
+from sparkd.control import aio_client
 from sparkd.control.client import call
 from sparkd.control.protocol import Request
 from sparkd.control.server import ControlServer
@@ -62,11 +63,18 @@ async def handler(request: Request) -> Any:
     raise BadRequest(f"unknown method {request.method!r}")
 
 
+async def events(request: Request) -> AsyncIterator[Any]:
+    for i in range(3):
+        yield {"event": "tick", "n": i}
+
+
 class ServerThread:
     def __init__(self, path: Path, group: str) -> None:
         self.path = path
         self.loop = asyncio.new_event_loop()
-        self.server = ControlServer(path, group=group, handler=handler)
+        self.server = ControlServer(
+            path, group=group, handler=handler, streams={"subscribe": events}
+        )
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -213,3 +221,11 @@ def test_sparkctl_units_with_a_broken_config_exits_5(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["units", "--config", str(cfg)])
     assert res.exit_code == ExitStatus.CONFIG_INVALID
     assert "daemon.control_sock: unknown key" in res.output
+
+
+def test_subscribe_streams_events_to_the_asyncio_client(server: ServerThread) -> None:
+    async def collect() -> list[dict[str, Any]]:
+        return [item async for item in aio_client.subscribe(server.path)]
+
+    assert asyncio.run(collect()) == [{"event": "tick", "n": i} for i in range(3)]
+    assert asyncio.run(aio_client.call(server.path, "status")) == STATUS

@@ -262,3 +262,29 @@ def test_control_methods(tmp_path: Path) -> None:
     assert run(sup.handle(Request("status")))["schema"] == 1
     with pytest.raises(BadRequest, match="unknown method 'nope'"):
         run(sup.handle(Request("nope")))
+
+
+def test_subscribers_get_a_snapshot_then_changes(tmp_path: Path) -> None:
+    m = FakeManager()
+    sup, _, _ = make(tmp_path, m)
+
+    async def scenario() -> list[dict[str, Any]]:
+        await sup.start()
+        stream = sup.subscribe()
+        got = [await anext(stream)]
+        m.set("sparkd-engine@a.service", "active", "running", pid=7)
+        await sup.refresh_units(["a"])
+        got.append(await anext(stream))
+        await sup.refresh_units(["a"])  # nothing changed: no event
+        await sup.check_health()  # health turned ok: an event
+        got.append(await anext(stream))
+        await stream.aclose()
+        return got
+
+    snapshot, changed, healthy = run(scenario())
+    assert snapshot["event"] == "snapshot"
+    assert snapshot["status"]["engines"][0]["active_state"] == "activating"
+    assert changed["event"] == "changed"
+    assert changed["status"]["engines"][0]["main_pid"] == 7
+    assert healthy["status"]["engines"][0]["health"]["ok"] is True
+    assert not sup._subscribers
