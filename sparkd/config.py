@@ -51,6 +51,16 @@ class DaemonConfig:
     engine_user: str = "sparkd"
     health_interval_s: float = 5.0
     settle_timeout_s: float = 30.0
+    # An engine whose process lives but whose health fails this many checks in a row is hung:
+    # sparkd restarts it through systemd.
+    hung_after_failures: int = 3
+    # A swapped-in model becomes the "last good" one (the rollback target) after this long
+    # healthy.
+    last_good_after_s: float = 60.0
+    # Engine restart policy, rendered into every engine unit.
+    restart_sec: float = 5.0
+    start_limit_burst: int = 5
+    start_limit_interval_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +204,17 @@ def _parse_daemon(v: _Validator, t: dict[str, Any]) -> DaemonConfig:
         engine_user=v.string(t, "daemon.engine_user", d.engine_user),
         health_interval_s=v.number(t, "daemon.health_interval_s", d.health_interval_s, lo=0.1),
         settle_timeout_s=v.number(t, "daemon.settle_timeout_s", d.settle_timeout_s, lo=0),
+        hung_after_failures=v.integer(
+            t, "daemon.hung_after_failures", d.hung_after_failures, lo=1, hi=1000
+        ),
+        last_good_after_s=v.number(t, "daemon.last_good_after_s", d.last_good_after_s, lo=0),
+        restart_sec=v.number(t, "daemon.restart_sec", d.restart_sec, lo=0.1),
+        start_limit_burst=v.integer(
+            t, "daemon.start_limit_burst", d.start_limit_burst, lo=1, hi=1000
+        ),
+        start_limit_interval_s=v.number(
+            t, "daemon.start_limit_interval_s", d.start_limit_interval_s, lo=1
+        ),
     )
 
 

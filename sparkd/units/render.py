@@ -50,11 +50,8 @@ VLLM_MOE_BACKEND: Final = ("VLLM_FLASHINFER_MOE_BACKEND", "latency")
 #: Seconds of TimeoutStartSec= on top of the model's load_timeout_s, for `sparkd prestart`
 #: (sync, drop caches, wait for memory to settle). Grows with daemon.settle_timeout_s.
 PRESTART_ALLOWANCE_S: Final = 60
-RESTART_SEC: Final = 5
 RESTART_STEPS: Final = 5
 RESTART_MAX_DELAY_S: Final = 120
-START_LIMIT_INTERVAL_S: Final = 600
-START_LIMIT_BURST: Final = 5
 TIMEOUT_STOP_S: Final = 60
 CPU_WEIGHT: Final = 50
 IO_WEIGHT: Final = 50
@@ -163,6 +160,7 @@ def render_unit(config: Config, model: ModelConfig, *, systemd_version: int) -> 
         PRESTART_ALLOWANCE_S, math.ceil(config.daemon.settle_timeout_s) + 30
     )
     user = config.daemon.engine_user
+    d = config.daemon
 
     lines = [
         f"# {model.unit_name}: the engine of model {_comment(name)}.",
@@ -178,10 +176,11 @@ def render_unit(config: Config, model: ModelConfig, *, systemd_version: int) -> 
         f"Description=sparkd engine {name} ({model.engine})",
         "# Engines need only loopback; no [Install]: sparkd starts and stops engines itself.",
         "After=network.target",
-        "# At most 5 starts in 10 minutes, then the unit stays failed (a crash loop is",
-        "# reported, not retried forever); sparkd or `systemctl reset-failed` clears it.",
-        f"StartLimitIntervalSec={START_LIMIT_INTERVAL_S}",
-        f"StartLimitBurst={START_LIMIT_BURST}",
+        f"# At most {d.start_limit_burst} starts in {_number(d.start_limit_interval_s)} s, then "
+        "the unit stays failed (a crash",
+        "# loop is reported, not retried forever); sparkd rolls back to the last good model.",
+        f"StartLimitIntervalSec={_number(d.start_limit_interval_s)}",
+        f"StartLimitBurst={d.start_limit_burst}",
         "",
         "[Service]",
         "Type=exec",
@@ -211,7 +210,7 @@ def render_unit(config: Config, model: ModelConfig, *, systemd_version: int) -> 
         "# SIGTERM to the engine, which stops its workers; SIGKILL to what is left at the timeout.",
         "KillMode=mixed",
         "Restart=on-failure",
-        f"RestartSec={RESTART_SEC}",
+        f"RestartSec={_number(d.restart_sec)}",
     ]
     if systemd_version >= RESTART_STEPS_MIN_VERSION:
         lines += [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import string
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -490,3 +491,14 @@ def test_quote_command_round_trips(argv: list[str]) -> None:
         exe += "x"
     words = [exe, *argv[1:]]
     assert parse_exec(quote_command(words)) == words
+
+
+def test_restart_policy_follows_the_daemon_config() -> None:
+    base = golden_config()
+    daemon = replace(base.daemon, restart_sec=0.5, start_limit_burst=3, start_limit_interval_s=60)
+    config = replace(base, daemon=daemon)
+    model = next(iter(config.supervised_models))
+    text = render_unit(config, model, systemd_version=252)
+    assert unit_values(text, "RestartSec") == ["0.5"]
+    assert unit_values(text, "StartLimitBurst") == ["3"]
+    assert unit_values(text, "StartLimitIntervalSec") == ["60"]
