@@ -34,6 +34,13 @@ class State:
     # previous boot without a clean stop is an unclean shutdown (power cut, crash).
     boot_id: str | None = None
     clean_shutdown: bool = False
+    # A swap in flight (kept so that a sparkd killed mid-swap converges after its restart).
+    swap_to: str | None = None
+    swap_from: str | None = None
+    swap_step: str | None = None
+    # The last failed swap or crash loop, for `sparkctl status`.
+    last_failure_model: str | None = None
+    last_failure_reason: str | None = None
 
     def replace(self, **changes: Any) -> State:
         return dataclasses.replace(self, **changes)

@@ -109,6 +109,7 @@ class PystemdManager:
             main_pid=int(service.get(b"MainPID", 0)),
             n_restarts=int(service.get(b"NRestarts", 0)),
             result=_text(service.get(b"Result", b"success")),
+            exec_main_status=int(service.get(b"ExecMainStatus", 0)),
         )
 
 

@@ -19,6 +19,7 @@ class UnitStatus:
     main_pid: int = 0
     n_restarts: int = 0
     result: str = "success"
+    exec_main_status: int = 0
 
     @property
     def running(self) -> bool:

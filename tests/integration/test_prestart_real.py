@@ -95,7 +95,9 @@ def test_prestart_admits(tmp_path: Path, model_dir: Path, run_prestart_cli: Run)
     result = run_prestart_cli("--config", str(_config(tmp_path, model_dir, 0.001)), "m")
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
-    lines = result.stderr.splitlines()
+    sim_dir, *lines = result.stderr.splitlines()
+    # A simulated engine's weights directory is prepared first (the engine user writes it).
+    assert sim_dir == f"prestart m: sim weights directory {model_dir} exists"
     assert [line.split(":")[1].strip() for line in lines] == [
         "sync", "drop_caches", "settle", "memory gate"
     ]
