@@ -45,6 +45,24 @@ T = TypeVar("T")
 EXIT_CONFIG = 2
 SYSTEMD_CALL_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S = 2.0
+JOURNAL_TIMEOUT_S = 10.0
+
+
+async def models_listed(session: aiohttp.ClientSession, url: str, model: str) -> bool:
+    """Whether the engine's /v1/models lists `model`."""
+    import aiohttp
+
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as r:
+            if r.status != 200:
+                return False
+            body = await r.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return False
+    data = body.get("data") if isinstance(body, dict) else None
+    return isinstance(data, list) and any(
+        isinstance(d, dict) and d.get("id") == model for d in data
+    )
 
 
 class SdNotifier:
@@ -119,6 +137,8 @@ class Daemon:
             probe=lambda url: probe(url, timeout_s=PROBE_TIMEOUT_S, session=session),
             meminfo=read_meminfo,
             boot_id=read_boot_id(),
+            journal_since=self.journal_since,
+            models_listed=lambda url, model: models_listed(session, url, model),
         )
         sup = Supervisor(self.config, deps)
         signals = PystemdSignals(unit_filter=lambda u: u.startswith("sparkd-engine@"))
@@ -156,6 +176,20 @@ class Daemon:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._manager.close)
             self._executor.shutdown(wait=True)
         return 0
+
+    async def journal_since(self, unit: str, since: float) -> list[str]:
+        """The unit's journal lines since `since` (Unix time), from journalctl."""
+        argv = ["journalctl", "-u", unit, f"--since=@{int(since) - 1}", "-o", "cat",
+                "--no-pager", "-q"]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+            )
+            out, _ = await asyncio.wait_for(proc.communicate(), JOURNAL_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            log.warning("reading the journal of %s failed: %s", unit, exc)
+            return []
+        return out.decode(errors="replace").splitlines()
 
     async def _reload(self, sup: Supervisor) -> None:
         with contextlib.suppress(SparkdError):

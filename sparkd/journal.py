@@ -29,10 +29,13 @@ def event(
     message: str,
     *args: object,
     level: int = logging.INFO,
+    common: Mapping[str, object] | None = None,
     **fields: object,
 ) -> None:
-    """Log `message % args` as event `name` with extra journald fields (SPARKD_*)."""
-    extra = {FIELDS_ATTR: {"SPARKD_EVENT": name, **{k: str(v) for k, v in fields.items()}}}
+    """Log `message % args` as event `name` with extra journald fields (SPARKD_*):
+    `common` (fields shared by a series of events) and then `fields`."""
+    merged = {**(common or {}), **fields}
+    extra = {FIELDS_ATTR: {"SPARKD_EVENT": name, **{k: str(v) for k, v in merged.items()}}}
     logger.log(level, message, *args, extra=extra)
 
 

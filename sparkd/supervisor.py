@@ -27,7 +27,10 @@ from typing import Any, Protocol, TypeVar
 from sparkd import __version__
 from sparkd.config import Config, ModelConfig, load_config
 from sparkd.control.protocol import Request
+from sparkd.engine.fingerprints import Match
 from sparkd.engine.health import ProbeResult
+from sparkd.engine.plan import Snapshot, SwapInProgress, SwapPlan, SwapStep, plan_swap
+from sparkd.engine.swap import SwapRun, execute
 from sparkd.errors import BadRequest, ConfigError, SparkdError, StateError
 from sparkd.journal import event
 from sparkd.monitor.memory import MemInfo
@@ -45,6 +48,9 @@ SUBSCRIBER_KEEPALIVE_S = 30.0
 SystemdCall = Callable[[Callable[[SystemdManager], T]], Awaitable[T]]
 Probe = Callable[[str], Awaitable[ProbeResult]]
 StatusSink = Callable[[str], None]
+JournalSince = Callable[[str, float], Awaitable[list[str]]]
+ModelsListed = Callable[[str, str], Awaitable[bool]]
+JOB_RESULTS_KEPT = 256
 ApplyUnits = Callable[[Config, int, Callable[[], None]], Mapping[str, Any]]
 
 
@@ -66,6 +72,8 @@ class EngineView:
     unit: UnitStatus
     health: ProbeResult | None = None
     health_failures: int = 0
+    healthy_since: float | None = None
+    fingerprints: list[Match] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -79,6 +87,9 @@ class Deps:
     probe: Probe
     meminfo: Callable[[], MemInfo]
     boot_id: str
+    journal_since: JournalSince
+    models_listed: ModelsListed
+    path_exists: Callable[[Path], bool] = Path.exists
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
 
@@ -107,6 +118,12 @@ class Supervisor:
         self._status_line = ""
         self._published_digest: tuple[Any, ...] = ()
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.swap_run: SwapRun | None = None
+        self.last_swap: SwapRun | None = None
+        self._swap_task: asyncio.Task[SwapRun] | None = None
+        self._job_waiters: dict[int, asyncio.Future[str]] = {}
+        self._job_results: dict[int, str] = {}
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -160,7 +177,24 @@ class Supervisor:
         await self.refresh_units(list(self.engines))
 
     async def converge(self) -> None:
-        """Adopt the desired engine when it runs; start it when it does not."""
+        """Resume a swap that a previous sparkd left in flight; otherwise adopt the desired
+        engine when it runs and start it when it does not."""
+        if self.state.swap_to is not None:
+            target = self.state.swap_to
+            event(log, "swap_resumed", "resuming the swap to %s (left at step %s)", target,
+                  self.state.swap_step or "?", SPARKD_MODEL=target)
+            self.state = self.state.replace(
+                desired_model=self.state.swap_from or self.state.desired_model
+            )
+            try:
+                self.request_swap(target, reason="resumed after a sparkd restart")
+                return
+            except SparkdError as exc:
+                event(log, "swap_failed", "cannot resume the swap to %s: %s", target,
+                      exc.message, level=logging.ERROR, SPARKD_MODEL=target)
+                self.state = self.state.replace(swap_to=None, swap_from=None, swap_step=None,
+                                                last_failure_model=target,
+                                                last_failure_reason=exc.message)
         name = self.state.desired_model
         if name is None or name not in self.engines:
             return
@@ -195,6 +229,7 @@ class Supervisor:
         if model is None or model not in self.engines:
             return
         if isinstance(ev, JobDone):
+            self._job_finished(ev.job_id, ev.result)
             level = logging.INFO if ev.result == "done" else logging.WARNING
             event(
                 log,
@@ -232,21 +267,227 @@ class Supervisor:
             model = _model_of_unit(status.name)
             if model in self.engines:
                 view = self.engines[model]
-                if view.unit.running and not status.running:
+                before = view.unit
+                if before.running and not status.running:
                     view.health = None
+                    view.healthy_since = None
                 view.unit = status
+                self._observe_unit(model, before, status)
         self.update_status()
+
+    def _observe_unit(self, model: str, before: UnitStatus, now: UnitStatus) -> None:
+        if now.n_restarts > before.n_restarts and before.load_state == "loaded":
+            event(log, "engine_restarted", "systemd restarted %s (restart %d, %s)", model,
+                  now.n_restarts, now.result, level=logging.WARNING, SPARKD_MODEL=model)
+        if (
+            now.active_state == "failed"
+            and now.result == "start-limit-hit"
+            and before.result != "start-limit-hit"
+            and self.swap_run is None
+            and model == self.state.desired_model
+        ):
+            self._spawn(self._crash_loop(model))
+
+    async def _crash_loop(self, model: str) -> None:
+        unit = self.engines[model].model.unit_name
+        back = self.state.last_good_model
+        event(log, "engine_crash_loop", "%s hit its start limit (crash loop)%s", model,
+              f"; rolling back to {back}" if back and back != model else "; no other last good "
+              "model to roll back to", level=logging.ERROR, SPARKD_MODEL=model)
+        self.state = self.state.replace(last_failure_model=model,
+                                        last_failure_reason="crash loop: start limit hit")
+        self._save_state()
+        await self.deps.systemd(lambda m: m.reset_failed_unit(unit))
+        if back and back != model and back in self.engines:
+            try:
+                self.request_swap(back, reason=f"rollback: {model} crash-looped")
+            except SparkdError as exc:
+                log.error("rollback to %s after the crash loop of %s failed: %s", back, model,
+                          exc.message)
+        await self.refresh_units([model])
+
+    async def quiesce(self) -> None:
+        """Wait for the work events have started (refreshes, swaps, crash-loop handling)."""
+        await asyncio.sleep(0)  # let call_soon'd signal handlers run
+        while True:
+            pending = [t for t in (self._refresh_task, self._swap_task, *self._background)
+                       if t is not None and not t.done()]
+            if not pending:
+                return
+            await asyncio.wait(pending)
+            await asyncio.sleep(0)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- health ---------------------------------------------------------------------------
 
     async def check_health(self) -> None:
-        for view in list(self.engines.values()):
+        for name, view in list(self.engines.items()):
             if not view.unit.running:
                 continue
             result = await self.deps.probe(f"http://127.0.0.1:{view.model.port}/health")
             view.health = result
-            view.health_failures = 0 if result.ok else view.health_failures + 1
+            now = self.deps.clock()
+            if result.ok:
+                view.health_failures = 0
+                view.healthy_since = view.healthy_since or now
+                self._maybe_last_good(name, view, now)
+                continue
+            view.health_failures += 1
+            view.healthy_since = None
+            if (
+                view.unit.active_state == "active"
+                and view.unit.sub_state == "running"
+                and view.health_failures >= self.config.daemon.hung_after_failures
+                and self.swap_run is None
+            ):
+                await self._restart_hung(name, view, result)
         self.update_status()
+
+    def _maybe_last_good(self, name: str, view: EngineView, now: float) -> None:
+        if (
+            name == self.state.desired_model
+            and self.state.last_good_model != name
+            and self.swap_run is None
+            and view.healthy_since is not None
+            and now - view.healthy_since >= self.config.daemon.last_good_after_s
+        ):
+            self.state = self.state.replace(last_good_model=name)
+            self._save_state()
+            event(log, "last_good", "%s is now the last good model (healthy for %.0f s)", name,
+                  now - view.healthy_since, SPARKD_MODEL=name)
+
+    async def _restart_hung(self, name: str, view: EngineView, result: ProbeResult) -> None:
+        unit = view.model.unit_name
+        event(log, "engine_hung", "%s is hung: process %d alive, %d health checks failed in a "
+              "row (last: %s); restarting it", name, view.unit.main_pid, view.health_failures,
+              result.describe(), level=logging.ERROR, SPARKD_MODEL=name)
+        view.health_failures = 0
+        await self.deps.systemd(lambda m: m.restart_unit(unit))
+
+    # -- swaps (the SwapContext the executor runs against) -------------------------------
+
+    def snapshot(self) -> Snapshot:
+        mem = self.deps.meminfo()
+        return Snapshot(
+            mem_total=mem.total,
+            mem_available=mem.available,
+            units={n: v.unit for n, v in self.engines.items()},
+            path_exists={n: self.deps.path_exists(m.path) for n, m in self.config.models.items()},
+        )
+
+    def plan(self, target: str) -> SwapPlan:
+        return plan_swap(self.config, self.state, target, self.snapshot())
+
+    def request_swap(self, target: str, *, reason: str = "requested") -> SwapRun | None:
+        """Start a swap to `target` in the background; None when it already serves.
+        Raises SwapInProgress, UnknownModel or SwapRefused (nothing changed)."""
+        if self.swap_run is not None:
+            run = self.swap_run
+            raise SwapInProgress(
+                f"swap {run.id} ({run.plan.from_model or 'nothing'} -> {run.plan.target}) is "
+                f"in progress, at step {run.step.value}; try again when it has finished"
+            )
+        plan = self.plan(target)
+        if plan.noop:
+            if self.state.swap_to is not None:
+                self.state = self.state.replace(swap_to=None, swap_from=None, swap_step=None)
+                self._save_state()
+            return None
+        run = SwapRun(plan=plan, reason=reason)
+        self.swap_run = run
+        self._swap_task = asyncio.create_task(execute(run, self))
+        return run
+
+    async def systemd(self, fn: Callable[[SystemdManager], T]) -> T:
+        result: T = await self.deps.systemd(fn)
+        return result
+
+    async def wait_job(self, job: str, timeout_s: float) -> str:
+        job_id = int(job.rstrip("/").rsplit("/", 1)[-1])
+        if job_id in self._job_results:
+            return self._job_results.pop(job_id)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._job_waiters[job_id] = future
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return "no answer from systemd in time"
+        finally:
+            self._job_waiters.pop(job_id, None)
+
+    def _job_finished(self, job_id: int, result: str) -> None:
+        waiter = self._job_waiters.pop(job_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
+            return
+        # The signal can arrive before the StartUnit call has returned its job path.
+        self._job_results[job_id] = result
+        while len(self._job_results) > JOB_RESULTS_KEPT:
+            del self._job_results[next(iter(self._job_results))]
+
+    async def probe(self, url: str) -> ProbeResult:
+        return await self.deps.probe(url)
+
+    async def models_listed(self, url: str, model: str) -> bool:
+        return await self.deps.models_listed(url, model)
+
+    async def journal_since(self, unit: str, since: float) -> list[str]:
+        return await self.deps.journal_since(unit, since)
+
+    def swap_progress(self, run: SwapRun) -> None:
+        self.state = self.state.replace(
+            swap_to=run.plan.target, swap_from=run.plan.from_model, swap_step=run.step.value
+        )
+        self._save_state()
+        self.publish("swap_step", swap=run.to_json())
+        self.update_status()
+
+    def swap_flip(self, run: SwapRun) -> None:
+        self.state = self.state.replace(desired_model=run.plan.target)
+        self._save_state()
+
+    def swap_finished(self, run: SwapRun) -> None:
+        changes: dict[str, Any] = {"swap_to": None, "swap_from": None, "swap_step": None}
+        if not run.succeeded:
+            changes.update(last_failure_model=run.plan.target, last_failure_reason=run.failure)
+            if run.step is SwapStep.ROLLED_BACK:
+                changes["desired_model"] = run.plan.rollback_to
+        self.state = self.state.replace(**changes)
+        self._save_state()
+        self.swap_run = None
+        self.last_swap = run
+        self.publish("swap_done" if run.succeeded else "swap_failed", swap=run.to_json())
+        self.update_status()
+
+    def fingerprints_found(self, model: str, matches: list[Match]) -> None:
+        if model in self.engines:
+            self.engines[model].fingerprints = matches
+        for m in matches:
+            level = {"info": logging.INFO, "warning": logging.WARNING}.get(
+                m.fingerprint.severity, logging.ERROR
+            )
+            event(log, "fingerprint", "%s: %s (%s): %s", model, m.fingerprint.id,
+                  m.fingerprint.meaning, m.line, level=level, SPARKD_MODEL=model,
+                  SPARKD_FINGERPRINT=m.fingerprint.id, SPARKD_VALUE=m.value or "")
+
+    async def unload(self, name: str) -> dict[str, Any]:
+        """Stop a model's engine (idle unload): it stays configured, it is no longer desired."""
+        model = self.config.model(name)
+        if self.swap_run is not None:
+            raise SwapInProgress(f"swap {self.swap_run.id} is in progress; unload after it")
+        job = await self.deps.systemd(lambda m: m.stop_unit(model.unit_name))
+        result = await self.wait_job(job, 90.0)
+        if self.state.desired_model == name:
+            self.state = self.state.replace(desired_model=None)
+            self._save_state()
+        event(log, "engine_unloaded", "%s unloaded (stop job %s)", name, result,
+              SPARKD_MODEL=name)
+        await self.refresh_units([name])
+        return {"model": name, "stopped": result == "done"}
 
     # -- config reload --------------------------------------------------------------------
 
@@ -281,6 +522,10 @@ class Supervisor:
     # -- shutdown -------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
+        # A swap in flight stays in the state: the next sparkd resumes it.
+        for task in [self._swap_task, *self._background]:
+            if task is not None and not task.done():
+                task.cancel()
         self.daemon_state = DaemonState.STOPPING
         self.update_status()
         self.deps.notifier.notify("STOPPING=1")
@@ -311,7 +556,10 @@ class Supervisor:
         if self.daemon_state is not DaemonState.RUNNING:
             return self.daemon_state.value
         desired = self.state.desired_model
-        if desired is None:
+        run = self.swap_run
+        if run is not None:
+            line = f"swapping {run.plan.from_model or 'nothing'} -> {run.plan.target}: {run.step}"
+        elif desired is None:
             line = "no model configured to run"
         elif desired not in self.engines:
             line = f"{desired}: not a supervised model"
@@ -344,6 +592,7 @@ class Supervisor:
         return (
             self.daemon_state,
             self.state.desired_model,
+            None if self.swap_run is None else (self.swap_run.id, self.swap_run.step),
             tuple(
                 (n, v.unit.active_state, v.unit.main_pid, v.health is not None and v.health.ok)
                 for n, v in sorted(self.engines.items())
@@ -410,6 +659,12 @@ class Supervisor:
             "desired_model": self.state.desired_model,
             "active_model": self.active_model(),
             "last_good_model": self.state.last_good_model,
+            "swap": None if self.swap_run is None else self.swap_run.to_json(),
+            "last_swap": None if self.last_swap is None else self.last_swap.to_json(),
+            "last_failure": None
+            if self.state.last_failure_model is None
+            else {"model": self.state.last_failure_model,
+                  "reason": self.state.last_failure_reason},
             "engines": [_engine_json(v) for _, v in sorted(self.engines.items())],
             "memory": memory,
         }
@@ -421,8 +676,21 @@ class Supervisor:
             return {"pong": True}
         if request.method == "reload":
             return await self.reload()
+        if request.method in ("swap", "plan_swap", "unload"):
+            model = request.params.get("model")
+            if not isinstance(model, str):
+                raise BadRequest(f'{request.method} needs "model": a model name')
+            if request.method == "plan_swap":
+                return {"plan": self.plan(model).describe()}
+            if request.method == "unload":
+                return await self.unload(model)
+            run = self.request_swap(model, reason=str(request.params.get("reason", "requested")))
+            if run is None:
+                return {"accepted": True, "noop": True, "swap": None}
+            return {"accepted": True, "noop": False, "swap": run.to_json()}
         raise BadRequest(
-            f"unknown method {request.method!r} (known: status, ping, reload, subscribe)"
+            f"unknown method {request.method!r} (known: status, ping, reload, subscribe, "
+            "swap, plan_swap, unload)"
         )
 
     def _save_state(self) -> None:
@@ -470,6 +738,7 @@ def _engine_json(view: EngineView) -> dict[str, Any]:
             "latency_ms": round(h.latency_ms, 2),
         },
         "health_failures": view.health_failures,
+        "fingerprints": [m.to_json() for m in view.fingerprints],
     }
 
 

@@ -96,6 +96,12 @@ def make(
     async def probe(url: str) -> ProbeResult:
         return ProbeResult(url=url, status=probe_status, error=None, latency_s=0.001)
 
+    async def journal_since(unit: str, since: float) -> list[str]:
+        return []
+
+    async def models_listed(url: str, model: str) -> bool:
+        return True
+
     notes = Notes()
     deps = Deps(
         systemd=systemd,
@@ -105,6 +111,8 @@ def make(
         probe=probe,
         meminfo=lambda: MemInfo(total=8 << 30, free=1 << 30, available=6 << 30, cached=1 << 30),
         boot_id="boot-2",
+        journal_since=journal_since,
+        models_listed=models_listed,
     )
     return Supervisor(config, deps), notes, applied
 

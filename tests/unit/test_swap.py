@@ -1,0 +1,411 @@
+"""Swap planning (pure) and the executor against a fake systemd that sends job signals."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from sparkd.config import Config, parse_config
+from sparkd.engine.fingerprints import match_lines
+from sparkd.engine.health import ProbeResult
+from sparkd.engine.plan import (
+    Snapshot,
+    SwapInProgress,
+    SwapRefused,
+    SwapStep,
+    next_step,
+    plan_swap,
+)
+from sparkd.errors import UnknownModel
+from sparkd.monitor.memory import MemInfo
+from sparkd.state import State, StateStore
+from sparkd.supervisor import Deps, Supervisor
+from sparkd.systemd.manager import JobDone, SystemdManager, UnitStatus
+
+T = TypeVar("T")
+GIB = 1 << 30
+
+CONFIG = """
+[daemon]
+default_model = "a"
+state_dir = "{state}"
+memory_reserve_gib = 1
+[models.a]
+engine = "sim"
+port = 9001
+[models.b]
+engine = "sim"
+port = 9002
+load_timeout_s = 5
+[models.crash]
+engine = "sim"
+port = 9003
+[models.huge]
+engine = "sim"
+port = 9004
+memory_gib = 100
+[models.real]
+engine = "vllm"
+port = 9005
+path = "/nonexistent/weights"
+[models.ext]
+engine = "external"
+url = "http://10.0.0.9:8000"
+"""
+
+
+def unit(name: str, active: str = "inactive", sub: str = "dead", pid: int = 0) -> UnitStatus:
+    return UnitStatus(f"sparkd-engine@{name}.service", "loaded", active, sub, pid)
+
+
+def config(tmp_path: Path) -> Config:
+    path = tmp_path / "sparkd.toml"
+    path.write_text(CONFIG.format(state=tmp_path / "state"))
+    return parse_config(path.read_text(), source=path)
+
+
+def snap(**units: UnitStatus) -> Snapshot:
+    return Snapshot(mem_total=16 * GIB, mem_available=12 * GIB, units=units,
+                    path_exists={"real": False})
+
+
+# -- the state machine ----------------------------------------------------------------------
+
+def test_every_transition_of_the_swap_state_machine() -> None:
+    ok = {
+        SwapStep.PREFLIGHT: SwapStep.STOP,
+        SwapStep.STOP: SwapStep.START,
+        SwapStep.START: SwapStep.HEALTH_GATE,
+        SwapStep.HEALTH_GATE: SwapStep.FLIP,
+        SwapStep.FLIP: SwapStep.DONE,
+        SwapStep.ROLLBACK: SwapStep.ROLLED_BACK,
+    }
+    fail = {
+        SwapStep.PREFLIGHT: SwapStep.REFUSED,
+        SwapStep.STOP: SwapStep.ROLLBACK,
+        SwapStep.START: SwapStep.ROLLBACK,
+        SwapStep.HEALTH_GATE: SwapStep.ROLLBACK,
+        SwapStep.FLIP: SwapStep.ROLLBACK,
+        SwapStep.ROLLBACK: SwapStep.ROLLBACK_FAILED,
+    }
+    for step in SwapStep:
+        if step.terminal:
+            with pytest.raises(ValueError, match="terminal"):
+                next_step(step, ok=True)
+            continue
+        assert next_step(step, ok=True) is ok[step]
+        assert next_step(step, ok=False) is fail[step]
+    assert {s for s in SwapStep if s.terminal} == {
+        SwapStep.DONE, SwapStep.REFUSED, SwapStep.ROLLED_BACK, SwapStep.ROLLBACK_FAILED}
+
+
+# -- planning -------------------------------------------------------------------------------
+
+def test_plan_stops_the_active_engine_and_rolls_back_to_it(tmp_path: Path) -> None:
+    c = config(tmp_path)
+    plan = plan_swap(c, State(desired_model="a"), "b", snap(a=unit("a", "active", "running", 5)))
+    assert plan.from_model == "a"
+    assert plan.stop == ("sparkd-engine@a.service",)
+    assert plan.start == "sparkd-engine@b.service"
+    assert plan.rollback_to == "a"
+    assert plan.health_url == "http://127.0.0.1:9002/health"
+    assert plan.gate_timeout_s == 5
+    text = "\n".join(plan.describe())
+    assert "stop sparkd-engine@a.service" in text
+    assert "on failure: stop sparkd-engine@b.service, start a" in text
+
+
+def test_last_good_is_the_rollback_target(tmp_path: Path) -> None:
+    c = config(tmp_path)
+    state = State(desired_model="a", last_good_model="crash")
+    assert plan_swap(c, state, "b", snap()).rollback_to == "crash"
+    # ... unless it is the target itself.
+    assert plan_swap(c, State(desired_model="a", last_good_model="b"), "b",
+                     snap()).rollback_to == "a"
+
+
+def test_swap_to_the_serving_model_is_a_noop(tmp_path: Path) -> None:
+    plan = plan_swap(config(tmp_path), State(desired_model="a"), "a",
+                     snap(a=unit("a", "active", "running", 5)))
+    assert plan.noop
+    assert plan.describe() == ["a is already serving: nothing to do"]
+
+
+@pytest.mark.parametrize(
+    ("target", "error", "message"),
+    [
+        ("nope", UnknownModel, "unknown model 'nope'"),
+        ("huge", SwapRefused, "huge needs 100 GiB + 1 GiB reserve, more than this machine's "
+                              "16.0 GiB in all"),
+        ("real", SwapRefused, "real: its weights are missing at /nonexistent/weights"),
+        ("ext", SwapRefused, 'ext is engine = "external"'),
+    ],
+)
+def test_preflight_refusals(tmp_path: Path, target: str, error: type[Exception],
+                            message: str) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        plan_swap(config(tmp_path), State(desired_model="a"), target, snap())
+
+
+def test_fingerprints_match_real_vllm_lines() -> None:
+    lines = [
+        "INFO 12-01 [modelopt.py:1200] Using FlashInfer CUTLASS kernels for "
+        "ModelOptNvFp4FusedMoE.",
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        "unrelated",
+    ]
+    found = {m.fingerprint.id: m for m in match_lines(lines, engine="vllm")}
+    assert set(found) == {"moe_backend", "cuda_oom"}
+    assert found["moe_backend"].value == "CUTLASS"
+    assert match_lines(["Using FlashInfer MoE backend: latency"], engine="llamacpp") == []
+
+
+# -- the executor against a fake systemd -----------------------------------------------------
+
+class FakeSystemd:
+    """Units change state when started/stopped and every job ends with a JobDone signal."""
+
+    def __init__(self, sup_ref: list[Supervisor], *, fail_start: set[str]) -> None:
+        self.sup_ref = sup_ref
+        self.fail_start = fail_start
+        self.units: dict[str, UnitStatus] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.jobs = itertools.count(100)
+
+    def _job(self, name: str, result: str) -> str:
+        job_id = next(self.jobs)
+        loop = self.loop
+        sup = self.sup_ref[0]
+        loop.call_soon_threadsafe(sup.on_systemd_event, JobDone(job_id, name, result))
+        return f"/org/freedesktop/systemd1/job/{job_id}"
+
+    def version(self) -> int:
+        return 252
+
+    def daemon_reload(self) -> None:
+        pass
+
+    def start_unit(self, name: str) -> str:
+        self.calls.append(("start", name))
+        model = name.split("@")[1].removesuffix(".service")
+        if model in self.fail_start:
+            self.units[name] = UnitStatus(name, "loaded", "failed", "failed", 0, 0, "exit-code", 1)
+            return self._job(name, "failed")
+        self.units[name] = UnitStatus(name, "loaded", "active", "running", 77)
+        return self._job(name, "done")
+
+    def stop_unit(self, name: str) -> str:
+        self.calls.append(("stop", name))
+        self.units[name] = UnitStatus(name, "loaded", "inactive", "dead")
+        return self._job(name, "done")
+
+    def restart_unit(self, name: str) -> str:
+        self.calls.append(("restart", name))
+        return self._job(name, "done")
+
+    def reset_failed_unit(self, name: str) -> None:
+        self.calls.append(("reset-failed", name))
+
+    def unit_status(self, name: str) -> UnitStatus:
+        return self.units.get(name, UnitStatus(name, "loaded"))
+
+
+def make(tmp_path: Path, *, fail_start: set[str] | None = None,
+         state: State | None = None) -> tuple[Supervisor, FakeSystemd]:
+    c = config(tmp_path)
+    if state is not None:
+        StateStore(tmp_path / "state").save(state)
+    ref: list[Supervisor] = []
+    fake = FakeSystemd(ref, fail_start=fail_start or set())
+
+    async def systemd(fn: Callable[[SystemdManager], T]) -> T:
+        fake.loop = asyncio.get_running_loop()  # type: ignore[attr-defined]
+        return fn(fake)
+
+    async def probe(url: str) -> ProbeResult:
+        return ProbeResult(url=url, status=200, error=None, latency_s=0.001)
+
+    async def journal_since(unit: str, since: float) -> list[str]:
+        if "crash" in unit:
+            return ["loading", "torch.OutOfMemoryError: CUDA out of memory (simulated)"]
+        return ["Using FlashInfer MoE backend: latency"]
+
+    async def models_listed(url: str, model: str) -> bool:
+        return True
+
+    def apply(cfg: Config, version: int, reload: Callable[[], None]) -> Mapping[str, Any]:
+        return {"changed": False}
+
+    class Quiet:
+        def notify(self, state: str) -> None:
+            pass
+
+    deps = Deps(systemd=systemd, apply_units=apply, store=StateStore(tmp_path / "state"),
+                notifier=Quiet(), probe=probe,
+                meminfo=lambda: MemInfo(total=16 * GIB, free=GIB, available=12 * GIB),
+                boot_id="boot", journal_since=journal_since, models_listed=models_listed)
+    sup = Supervisor(c, deps)
+    ref.append(sup)
+    return sup, fake
+
+
+async def swap_and_wait(sup: Supervisor, target: str) -> Any:
+    run = sup.request_swap(target)
+    assert run is not None
+    assert sup._swap_task is not None
+    return await sup._swap_task
+
+
+def test_swap_a_to_b_then_back(tmp_path: Path) -> None:
+    sup, fake = make(tmp_path)
+
+    async def scenario() -> None:
+        await sup.start()
+        run = await swap_and_wait(sup, "b")
+        assert run.step is SwapStep.DONE, run.failure
+        assert [r.step for r in run.history] == [SwapStep.PREFLIGHT, SwapStep.STOP,
+                                                 SwapStep.START, SwapStep.HEALTH_GATE,
+                                                 SwapStep.FLIP]
+        assert sup.state.desired_model == "b"
+        assert sup.state.swap_to is None
+        run = await swap_and_wait(sup, "a")
+        assert run.step is SwapStep.DONE
+        await sup.quiesce()
+
+    asyncio.run(scenario())
+    assert fake.calls == [
+        ("start", "sparkd-engine@a.service"),
+        ("stop", "sparkd-engine@a.service"), ("start", "sparkd-engine@b.service"),
+        ("stop", "sparkd-engine@b.service"), ("start", "sparkd-engine@a.service"),
+    ]
+    stored, _ = StateStore(tmp_path / "state").load()
+    assert stored.desired_model == "a"
+    assert sup.engines["a"].fingerprints[0].value == "latency"
+
+
+def test_failed_start_rolls_back_and_records_why(tmp_path: Path) -> None:
+    sup, fake = make(tmp_path, fail_start={"crash"})
+
+    async def scenario() -> Any:
+        await sup.start()
+        run = await swap_and_wait(sup, "crash")
+        await sup.quiesce()
+        return run
+
+    run = asyncio.run(scenario())
+    assert run.step is SwapStep.ROLLED_BACK
+    assert run.failure.startswith("start: sparkd-engine@crash.service start job failed, "
+                                  "result exit-code, exit status 1; cuda_oom:")
+    assert fake.calls[-3:] == [("start", "sparkd-engine@crash.service"),
+                               ("stop", "sparkd-engine@crash.service"),
+                               ("start", "sparkd-engine@a.service")]
+    assert sup.state.desired_model == "a"
+    assert sup.state.last_failure_model == "crash"
+    status = sup.status()
+    assert status["last_failure"]["reason"] == run.failure
+    assert status["last_swap"]["step"] == "rolled_back"
+
+
+def test_one_swap_at_a_time(tmp_path: Path) -> None:
+    sup, _ = make(tmp_path)
+
+    async def scenario() -> None:
+        await sup.start()
+        sup.request_swap("b")
+        with pytest.raises(SwapInProgress, match=r"swap \d+ \(a -> b\) is in progress"):
+            sup.request_swap("a")
+        await sup.quiesce()
+
+    asyncio.run(scenario())
+
+
+def test_refused_swap_changes_nothing(tmp_path: Path) -> None:
+    sup, fake = make(tmp_path)
+
+    async def scenario() -> None:
+        await sup.start()
+        before = list(fake.calls)
+        with pytest.raises(SwapRefused):
+            sup.request_swap("huge")
+        assert fake.calls == before
+        assert sup.swap_run is None
+        await sup.quiesce()
+
+    asyncio.run(scenario())
+
+
+def test_swap_in_flight_is_resumed_by_the_next_sparkd(tmp_path: Path) -> None:
+    left = State(desired_model="a", swap_to="b", swap_from="a", swap_step="start")
+    sup, fake = make(tmp_path, state=left)
+
+    async def scenario() -> Any:
+        await sup.start()
+        assert sup._swap_task is not None
+        run = await sup._swap_task
+        await sup.quiesce()
+        return run
+
+    run = asyncio.run(scenario())
+    assert run.step is SwapStep.DONE
+    assert run.reason == "resumed after a sparkd restart"
+    assert sup.state.desired_model == "b" and sup.state.swap_to is None
+    assert ("start", "sparkd-engine@b.service") in fake.calls
+
+
+def test_crash_loop_rolls_back_to_the_last_good_model(tmp_path: Path) -> None:
+    sup, fake = make(tmp_path, state=State(desired_model="b", last_good_model="a"))
+
+    async def scenario() -> None:
+        await sup.start()
+        name = "sparkd-engine@b.service"
+        fake.units[name] = UnitStatus(name, "loaded", "failed", "failed", 0, 4, "start-limit-hit")
+        await sup.refresh_units(["b"])
+        await sup.quiesce()
+
+    asyncio.run(scenario())
+    assert ("reset-failed", "sparkd-engine@b.service") in fake.calls
+    assert fake.calls[-1] == ("start", "sparkd-engine@a.service")
+    assert sup.state.desired_model == "a"
+    assert sup.state.last_failure_reason == "crash loop: start limit hit"
+
+
+def test_hung_engine_is_restarted_after_n_failed_checks(tmp_path: Path) -> None:
+    sup, fake = make(tmp_path)
+    statuses = iter([200, 503, 503, 503, 200])
+
+    async def probe(url: str) -> ProbeResult:
+        return ProbeResult(url=url, status=next(statuses), error=None, latency_s=0.001)
+
+    sup.deps.probe = probe
+
+    async def scenario() -> None:
+        await sup.start()
+        for _ in range(4):
+            await sup.check_health()
+        await sup.quiesce()
+
+    asyncio.run(scenario())
+    assert fake.calls.count(("restart", "sparkd-engine@a.service")) == 1
+
+
+def test_last_good_after_staying_healthy(tmp_path: Path) -> None:
+    sup, _ = make(tmp_path)
+    now = [1000.0]
+    sup.deps.clock = lambda: now[0]
+
+    async def scenario() -> None:
+        await sup.start()
+        await sup.check_health()
+        assert sup.state.last_good_model is None
+        now[0] += 61
+        await sup.check_health()
+        await sup.quiesce()
+
+    asyncio.run(scenario())
+    assert sup.state.last_good_model == "a"
