@@ -16,6 +16,7 @@ from typing import NoReturn
 import click
 
 from sparkd.config import DEFAULT_CONFIG_PATH, config_path, load_config
+from sparkd.engine.plan import SwapFailed, SwapInProgress, SwapRefused
 from sparkd.errors import (
     ConfigError,
     DaemonUnreachable,
@@ -23,7 +24,14 @@ from sparkd.errors import (
     SparkdError,
     UnknownModel,
 )
+from sparkd.lazy import LazyGroup
 from sparkd.options import config_option, json_option
+
+
+class WaitTimeout(SparkdError):
+    """sparkctl stopped waiting for work that goes on in the daemon."""
+
+    code = "timeout"
 
 
 class ExitStatus(enum.IntEnum):
@@ -34,6 +42,10 @@ class ExitStatus(enum.IntEnum):
     PERMISSION_DENIED = 4
     CONFIG_INVALID = 5
     UNKNOWN_MODEL = 6
+    SWAP_FAILED = 7  # the swap failed and was rolled back (or the rollback failed)
+    SWAP_IN_PROGRESS = 8
+    SWAP_REFUSED = 9  # preflight said no; nothing changed
+    TIMEOUT = 10  # sparkctl stopped waiting; the work goes on in sparkd
 
 
 _EXIT_FOR: dict[type[SparkdError], ExitStatus] = {
@@ -41,6 +53,10 @@ _EXIT_FOR: dict[type[SparkdError], ExitStatus] = {
     PermissionDenied: ExitStatus.PERMISSION_DENIED,
     ConfigError: ExitStatus.CONFIG_INVALID,
     UnknownModel: ExitStatus.UNKNOWN_MODEL,
+    SwapFailed: ExitStatus.SWAP_FAILED,
+    SwapInProgress: ExitStatus.SWAP_IN_PROGRESS,
+    SwapRefused: ExitStatus.SWAP_REFUSED,
+    WaitTimeout: ExitStatus.TIMEOUT,
 }
 
 
@@ -58,14 +74,15 @@ def _fail(exc: SparkdError, *, debug: bool) -> NoReturn:
     sys.exit(exit_status_for(exc))
 
 
-def _run(ctx: click.Context, fn: Callable[[], None]) -> None:
+def run(ctx: click.Context, fn: Callable[[], None]) -> None:
+    """Run a command's body, mapping SparkdError to its exit status (the one place)."""
     try:
         fn()
     except SparkdError as exc:
         _fail(exc, debug=bool(ctx.obj and ctx.obj.get("debug")))
 
 
-def _socket_path(config_file: Path | None) -> Path:
+def socket_path(config_file: Path | None) -> Path:
     """The control socket named by the config (default /run/sparkd/control.sock).
 
     A broken config must not cut the operator off from the daemon, which still runs on its
@@ -84,7 +101,13 @@ def _socket_path(config_file: Path | None) -> Path:
         return default
 
 
-@click.group()
+@click.group(
+    cls=LazyGroup,
+    lazy={
+        "swap": "sparkd.cli_swap:swap",
+        "logs": "sparkd.cli_logs:logs",
+    },
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.version_option(package_name="sparkd")
 @click.pass_context
@@ -106,7 +129,7 @@ def status(ctx: click.Context, config_file: Path, *, as_json: bool) -> None:
     def go() -> None:
         from sparkd.control.client import call
 
-        result = call(_socket_path(config_file), "status")
+        result = call(socket_path(config_file), "status")
         if as_json:
             click.echo(json.dumps(result, indent=2, sort_keys=True))
         else:
@@ -114,7 +137,7 @@ def status(ctx: click.Context, config_file: Path, *, as_json: bool) -> None:
 
             render_status(result)
 
-    _run(ctx, go)
+    run(ctx, go)
 
 
 @cli.command()
@@ -153,7 +176,7 @@ def units(
             (render_to / name).write_text(text, encoding="utf-8")
             click.echo(str(render_to / name))
 
-    _run(ctx, go)
+    run(ctx, go)
 
 
 def installed_systemd_version() -> int:

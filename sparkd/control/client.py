@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +16,8 @@ from sparkd.errors import DaemonUnreachable, PermissionDenied, SparkdError
 def call(path: Path, method: str, params: dict[str, Any] | None = None, *,
          timeout_s: float = 10.0) -> Any:
     """Send one request and return its result, or raise the daemon's error."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout_s)
+    sock = _connect(path, timeout_s)
     try:
-        try:
-            sock.connect(str(path))
-        except FileNotFoundError:
-            raise DaemonUnreachable(
-                f"sparkd is not running (no control socket at {path}); "
-                "start it with: systemctl start sparkd"
-            ) from None
-        except PermissionError:
-            raise PermissionDenied(
-                f"permission denied on {path}: run as root or join group sparkd"
-            ) from None
-        except ConnectionRefusedError:
-            raise DaemonUnreachable(
-                f"sparkd is not running (nothing listens on {path}); "
-                "check: systemctl status sparkd"
-            ) from None
         # The daemon may refuse (and close) before reading: its reply is still there.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(encode({"method": method, "params": params or {}}))
@@ -62,8 +46,50 @@ def call(path: Path, method: str, params: dict[str, Any] | None = None, *,
     raise _known(error_from_reply(reply.get("error")))
 
 
+def _connect(path: Path, timeout_s: float | None) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    try:
+        sock.connect(str(path))
+    except FileNotFoundError:
+        sock.close()
+        raise DaemonUnreachable(
+            f"sparkd is not running (no control socket at {path}); "
+            "start it with: systemctl start sparkd"
+        ) from None
+    except PermissionError:
+        sock.close()
+        raise PermissionDenied(
+            f"permission denied on {path}: run as root or join group sparkd"
+        ) from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise DaemonUnreachable(
+            f"sparkd is not running (nothing listens on {path}); "
+            "check: systemctl status sparkd"
+        ) from None
+    return sock
+
+
 def _known(exc: SparkdError) -> SparkdError:
     for cls in (PermissionDenied, DaemonUnreachable):
         if exc.code == cls.code:
             return cls(exc.message)
     return exc
+
+
+def stream(path: Path, method: str, params: dict[str, Any] | None = None, *,
+           timeout_s: float | None = None) -> Iterator[Any]:
+    """A streaming request (`subscribe`): yields each result until the daemon closes it.
+    `timeout_s` bounds the wait for each message (TimeoutError past it)."""
+    sock = _connect(path, timeout_s)
+    try:
+        sock.sendall(encode({"method": method, "params": params or {}}))
+        with sock.makefile("rb") as lines:
+            for line in lines:
+                reply = json.loads(line)
+                if not reply.get("ok"):
+                    raise _known(error_from_reply(reply.get("error")))
+                yield reply.get("result")
+    finally:
+        sock.close()

@@ -1,0 +1,114 @@
+"""`sparkctl swap NAME`: swap the serving model, showing each step as sparkd runs it.
+
+One swap at a time: a second `sparkctl swap` while one runs is refused with the swap in
+progress (exit 8) rather than queued, so two operators never stack surprises on each other.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sparkd.cli import WaitTimeout, run, socket_path
+from sparkd.engine.plan import SwapFailed
+from sparkd.options import config_option, json_option
+
+
+@click.command()
+@click.argument("name")
+@config_option
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option("--no-wait", is_flag=True, help="Return once sparkd has accepted the swap.")
+@click.option("--timeout", "timeout_s", type=float, default=None,
+              help="Stop waiting after this many seconds (the swap goes on in sparkd).")
+@json_option
+@click.pass_context
+def swap(
+    ctx: click.Context,
+    name: str,
+    config_file: Path,
+    *,
+    dry_run: bool,
+    no_wait: bool,
+    timeout_s: float | None,
+    as_json: bool,
+) -> None:
+    """Swap the serving model to NAME: stop the active engine, drop the page cache, start
+    NAME, gate on its health, and roll back to the last good model if any step fails.
+
+    Exit 0 when NAME serves, 7 when the swap failed (rolled back), 8 when another swap is in
+    progress, 9 when preflight refused it (nothing changed), 6 for an unknown model.
+    """
+
+    def go() -> None:
+        from sparkd.control.client import call, stream
+
+        sock = socket_path(config_file)
+        if dry_run:
+            plan = call(sock, "plan_swap", {"model": name})["plan"]
+            click.echo(json.dumps({"plan": plan}) if as_json else "\n".join(plan))
+            return
+        # Subscribe before asking, so that no step of this swap can be missed.
+        events = stream(sock, "subscribe", timeout_s=timeout_s)
+        next(events)  # the snapshot: the subscription is in place
+        reply = call(sock, "swap", {"model": name})
+        if reply["noop"]:
+            _say({"event": "noop", "model": name}, f"{name} is already serving", as_json=as_json)
+            return
+        swap_id = reply["swap"]["id"]
+        _say({"event": "accepted", "swap": reply["swap"]},
+             f"swap {swap_id}: {reply['swap']['from'] or 'nothing'} -> {name} accepted",
+             as_json=as_json)
+        if no_wait:
+            return
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            for message in events:
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                if _show(message, swap_id, as_json=as_json):
+                    return
+        except TimeoutError:
+            pass
+        raise WaitTimeout(f"stopped waiting after {timeout_s:g} s; the swap goes on in sparkd "
+                          "(sparkctl status shows it)")
+
+    run(ctx, go)
+
+
+def _say(obj: dict[str, Any], text: str, *, as_json: bool) -> None:
+    click.echo(json.dumps(obj, sort_keys=True) if as_json else text)
+
+
+def _show(message: dict[str, Any], swap_id: int, *, as_json: bool) -> bool:
+    """Print one event of this swap; True when the swap has ended (raises when it failed)."""
+    swap = message.get("swap")
+    name = message.get("event")
+    if not isinstance(swap, dict) or swap.get("id") != swap_id:
+        return False
+    if name == "swap_step" and swap["steps"]:
+        step = swap["steps"][-1]
+        mark = click.style("ok", fg="green") if step["ok"] else click.style("FAILED", fg="red")
+        _say({"event": "step", **step},
+             f"  {step['step']:<12} {mark:<6} {step['duration_ms']:8.0f} ms  {step['detail']}",
+             as_json=as_json)
+    elif name == "swap_done":
+        _say({"event": "done", "swap": swap},
+             click.style(f"{swap['to']} serves", bold=True)
+             + f" (swap took {swap['duration_ms']:.0f} ms)", as_json=as_json)
+        return True
+    elif name == "swap_failed":
+        if as_json:
+            _say({"event": "failed", "swap": swap}, "", as_json=True)
+        if swap["step"] != "rolled_back":
+            outcome = "the rollback failed too"
+        elif swap["rollback_to"]:
+            outcome = f"rolled back to {swap['rollback_to']}"
+        else:
+            outcome = "stopped it, nothing to roll back to"
+        raise SwapFailed(f"swap to {swap['to']} failed at {swap['failure']}; {outcome}")
+    return False
