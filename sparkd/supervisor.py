@@ -430,7 +430,15 @@ class Supervisor:
             del self._job_results[next(iter(self._job_results))]
 
     async def probe(self, url: str) -> ProbeResult:
-        return await self.deps.probe(url)
+        """A probe for the swap executor; a health answer also counts as the engine's check."""
+        result = await self.deps.probe(url)
+        for view in self.engines.values():
+            if url == f"http://127.0.0.1:{view.model.port}/health":
+                view.health = result
+                if result.ok:
+                    view.health_failures = 0
+                    view.healthy_since = view.healthy_since or self.deps.clock()
+        return result
 
     async def models_listed(self, url: str, model: str) -> bool:
         return await self.deps.models_listed(url, model)

@@ -12,6 +12,7 @@ READY=1, so the unit stays `activating` until this exits 0, and `systemctl start
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -98,6 +99,7 @@ class WaitResult:
     waited_s: float
     probes: int
     last: ProbeResult
+    process_gone: bool = False
 
 
 async def wait_healthy(
@@ -109,12 +111,15 @@ async def wait_healthy(
     probe_once: ProbeOnce | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    alive: Callable[[], bool] | None = None,
 ) -> WaitResult:
     """Probe `url` every `interval_s` until HTTP 200 or `timeout_s` has passed.
 
     One probe always runs, and one runs at (about) the deadline, each bounded by what is left
     (at least MIN_PROBE_TIMEOUT_S), so the whole wait overruns `timeout_s` by at most that.
     `probe_once`, `clock` and `sleep` are for tests; by default one session serves all probes.
+    `alive` (the engine's process still runs) ends the wait early when it says no: an engine
+    that died while loading will not become healthy.
     """
     if probe_once is None:
         async with aiohttp.ClientSession() as session:
@@ -130,6 +135,7 @@ async def wait_healthy(
                 probe_once=with_session,
                 clock=clock,
                 sleep=sleep,
+                alive=alive,
             )
     start = clock()
     deadline = start + timeout_s
@@ -139,11 +145,23 @@ async def wait_healthy(
         result = await probe_once(url, max(MIN_PROBE_TIMEOUT_S, min(probe_timeout_s, left)))
         probes += 1
         now = clock()
-        if result.ok or now >= deadline:
+        gone = not result.ok and alive is not None and not alive()
+        if result.ok or now >= deadline or gone:
             return WaitResult(
-                healthy=result.ok, waited_s=now - start, probes=probes, last=result
+                healthy=result.ok, waited_s=now - start, probes=probes, last=result,
+                process_gone=gone,
             )
         await sleep(min(interval_s, deadline - now))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_url(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -171,11 +189,27 @@ def _check_url(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     show_default=True,
     help="Seconds between probes.",
 )
-def wait_healthy_command(url: str, timeout_s: float, interval_s: float) -> None:
+@click.option(
+    "--pid",
+    type=int,
+    default=0,
+    help="The engine's process ($MAINPID): stop waiting (exit 1) when it has exited.",
+)
+def wait_healthy_command(url: str, timeout_s: float, interval_s: float, pid: int) -> None:
     """Poll URL until it answers HTTP 200 (exit 0) or TIMEOUT seconds pass (exit 1).
 
     The engine unit's ExecStartPost: the unit is "active" only once the engine serves."""
-    result = asyncio.run(wait_healthy(url, timeout_s=timeout_s, interval_s=interval_s))
+    alive = (lambda: pid_alive(pid)) if pid > 0 else None
+    result = asyncio.run(
+        wait_healthy(url, timeout_s=timeout_s, interval_s=interval_s, alive=alive)
+    )
+    if result.process_gone:
+        click.echo(
+            f"wait-healthy: {url}: the engine (pid {pid}) exited before it became healthy "
+            f"({result.waited_s:.1f} s, last {result.last.describe()})",
+            err=True,
+        )
+        sys.exit(EXIT_UNHEALTHY)
     plural = "" if result.probes == 1 else "s"
     if result.healthy:
         click.echo(

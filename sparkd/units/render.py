@@ -203,7 +203,9 @@ def render_unit(config: Config, model: ModelConfig, *, systemd_version: int) -> 
         "# The unit turns active only once the engine serves: start means serving.",
         "ExecStartPost="
         + quote_command([sparkd, "wait-healthy", "--url", f"http://{ENGINE_HOST}:{port}/health",
-                         "--timeout", _number(model.load_timeout_s)]),
+                         "--timeout", _number(model.load_timeout_s)])
+        # systemd expands $MAINPID here: wait-healthy stops when the engine has died.
+        + " --pid $MAINPID",
         "# The prestart plus the model load.",
         f"TimeoutStartSec={start_timeout}",
         f"TimeoutStopSec={TIMEOUT_STOP_S}",

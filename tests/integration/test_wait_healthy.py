@@ -138,6 +138,29 @@ def test_always_503_times_out_with_exit_1(
     assert server.hits >= 5
 
 
+def test_engine_that_exited_ends_the_wait_at_once(
+    serve: Callable[..., ThreadedServer], wait_healthy_cli: Run
+) -> None:
+    server = serve(lambda _n: 503)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    start = time.monotonic()
+    result = wait_healthy_cli("--url", server.url, "--timeout", "30", "--interval", "0.2",
+                              "--pid", str(dead.pid))
+    assert result.returncode == 1
+    assert time.monotonic() - start < 10
+    assert f"the engine (pid {dead.pid}) exited before it became healthy" in result.stderr
+
+
+def test_live_engine_keeps_the_wait_going(
+    serve: Callable[..., ThreadedServer], wait_healthy_cli: Run
+) -> None:
+    server = serve(lambda n: 503 if n < 3 else 200)
+    result = wait_healthy_cli("--url", server.url, "--timeout", "10", "--interval", "0.1",
+                              "--pid", str(os.getpid()))
+    assert result.returncode == 0, result.stderr
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -305,7 +305,7 @@ def test_exec_lines_and_timeouts() -> None:
     (post,) = unit_values(text, "ExecStartPost")
     assert parse_exec(post) == [
         "/usr/bin/sparkd", "wait-healthy", "--url", "http://127.0.0.1:8202/health",
-        "--timeout", "1200.5",
+        "--timeout", "1200.5", "--pid", "$MAINPID",
     ]
     (start,) = unit_values(text, "ExecStart")
     assert parse_exec(start) == engine_argv(c, c.model("gpt-oss-120b"))
