@@ -279,23 +279,26 @@ class Supervisor:
         if now.n_restarts > before.n_restarts and before.load_state == "loaded":
             event(log, "engine_restarted", "systemd restarted %s (restart %d, %s)", model,
                   now.n_restarts, now.result, level=logging.WARNING, SPARKD_MODEL=model)
+        # Engine units restart on failure, so a failed one is one systemd gave up on: its
+        # start limit was hit (systemd 252 reports the auto-restart's Result, e.g. exit-code;
+        # later versions say start-limit-hit) or it failed in a way not worth restarting.
         if (
             now.active_state == "failed"
-            and now.result == "start-limit-hit"
-            and before.result != "start-limit-hit"
+            and before.active_state != "failed"
             and self.swap_run is None
             and model == self.state.desired_model
         ):
-            self._spawn(self._crash_loop(model))
+            self._spawn(self._crash_loop(model, now))
 
-    async def _crash_loop(self, model: str) -> None:
+    async def _crash_loop(self, model: str, status: UnitStatus) -> None:
         unit = self.engines[model].model.unit_name
         back = self.state.last_good_model
-        event(log, "engine_crash_loop", "%s hit its start limit (crash loop)%s", model,
+        why = (f"crash loop: systemd gave up after {status.n_restarts} restarts "
+               f"(result {status.result})")
+        event(log, "engine_crash_loop", "%s: %s%s", model, why,
               f"; rolling back to {back}" if back and back != model else "; no other last good "
               "model to roll back to", level=logging.ERROR, SPARKD_MODEL=model)
-        self.state = self.state.replace(last_failure_model=model,
-                                        last_failure_reason="crash loop: start limit hit")
+        self.state = self.state.replace(last_failure_model=model, last_failure_reason=why)
         self._save_state()
         await self.deps.systemd(lambda m: m.reset_failed_unit(unit))
         if back and back != model and back in self.engines:

@@ -257,7 +257,8 @@ def test_crash_loop_of_the_active_engine_rolls_back_to_the_last_good(box: Contai
     assert loop and loop[0]["SPARKD_MODEL"] == "flaky"
     assert events(box, "engine_restarted", since)
     s = status(box)
-    assert s["last_failure"] == {"model": "flaky", "reason": "crash loop: start limit hit"}
+    assert s["last_failure"]["model"] == "flaky"
+    assert s["last_failure"]["reason"].startswith("crash loop: systemd gave up after ")
     assert prop(box, "sparkd-engine@flaky.service", "ActiveState") in ("inactive", "failed")
 
 

@@ -372,7 +372,8 @@ def test_crash_loop_rolls_back_to_the_last_good_model(tmp_path: Path) -> None:
     assert ("reset-failed", "sparkd-engine@b.service") in fake.calls
     assert fake.calls[-1] == ("start", "sparkd-engine@a.service")
     assert sup.state.desired_model == "a"
-    assert sup.state.last_failure_reason == "crash loop: start limit hit"
+    assert sup.state.last_failure_reason == (
+        "crash loop: systemd gave up after 4 restarts (result start-limit-hit)")
 
 
 def test_hung_engine_is_restarted_after_n_failed_checks(tmp_path: Path) -> None:
