@@ -55,6 +55,13 @@ def render_status(status: dict[str, Any], console: Console | None = None) -> Non
         f"desired [bold]{status['desired_model'] or '-'}[/] · active "
         f"[bold]{status['active_model'] or '-'}[/] · last good {status['last_good_model'] or '-'}"
     )
+    swap = status.get("swap")
+    if swap:
+        console.print(f"[yellow]swap {swap['id']} in progress:[/] {swap['from'] or '-'} -> "
+                      f"{swap['to']}, at {swap['step']} ({swap['duration_ms'] / 1000:.1f} s)")
+    failure = status.get("last_failure")
+    if failure:
+        console.print(f"[red]last failure[/] of {failure['model']}: {failure['reason']}")
     if d.get("state_warning"):
         console.print(f"[yellow]warning:[/] {d['state_warning']}")
     reload = d.get("last_reload")
@@ -78,6 +85,11 @@ def render_status(status: dict[str, Any], console: Console | None = None) -> Non
             _health(e.get("health")),
         )
     console.print(table)
+    for e in status["engines"]:
+        for fp in e.get("fingerprints", []):
+            style = {"error": "red", "warning": "yellow"}.get(fp["severity"], "dim")
+            value = f" = {fp['value']}" if fp.get("value") else ""
+            console.print(f"[{style}]{e['model']}: {fp['id']}{value}[/] ({fp['meaning']})")
     mem = status.get("memory", {})
     if "error" in mem:
         console.print(f"memory: [red]{mem['error']}[/]")
