@@ -211,16 +211,16 @@ class Supervisor:
                 SPARKD_MODEL=name,
             )
             return
-        unit = view.model.unit_name
-
-        def start(m: SystemdManager) -> str:
-            if view.unit.active_state == "failed":
-                m.reset_failed_unit(unit)
-            return m.start_unit(unit)
-
-        job = await self.deps.systemd(start)
-        event(log, "engine_starting", "starting engine %s (%s)", name, job, SPARKD_MODEL=name)
-        await self.refresh_units([name])
+        # Started as a swap from nothing: the same health gate, and a rollback to the last
+        # good model when the desired one does not come up (after a power cut, say).
+        event(log, "engine_starting", "starting engine %s", name, SPARKD_MODEL=name)
+        try:
+            self.request_swap(name, reason="start the desired model")
+        except SparkdError as exc:
+            event(log, "engine_start_refused", "cannot start %s: %s", name, exc.message,
+                  level=logging.ERROR, SPARKD_MODEL=name)
+            self.state = self.state.replace(last_failure_model=name,
+                                            last_failure_reason=exc.message)
 
     # -- events from systemd --------------------------------------------------------------
 
@@ -244,6 +244,8 @@ class Supervisor:
         self._schedule_refresh(model)
 
     def _schedule_refresh(self, model: str) -> None:
+        if self.daemon_state is DaemonState.STOPPING:
+            return
         self._refresh_pending.add(model)
         if self._refresh_task is None or self._refresh_task.done():
             self._refresh_task = asyncio.create_task(self._drain_refreshes())
@@ -285,6 +287,7 @@ class Supervisor:
         if (
             now.active_state == "failed"
             and before.active_state != "failed"
+            and before.load_state == "loaded"  # a change seen, not the first reading
             and self.swap_run is None
             and model == self.state.desired_model
         ):
@@ -534,9 +537,7 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         # A swap in flight stays in the state: the next sparkd resumes it.
-        for task in [self._swap_task, *self._background]:
-            if task is not None and not task.done():
-                task.cancel()
+        await self._cancel_work()
         self.daemon_state = DaemonState.STOPPING
         self.update_status()
         self.deps.notifier.notify("STOPPING=1")
@@ -551,6 +552,14 @@ class Supervisor:
             event(log, "engines_stopped", "stopped %s on exit", ", ".join(units) or "nothing")
         self.state = self.state.replace(clean_shutdown=True)
         self._save_state()
+        await self._cancel_work()
+
+    async def _cancel_work(self) -> None:
+        tasks = [t for t in (self._swap_task, self._refresh_task, *self._background)
+                 if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- status ---------------------------------------------------------------------------
 
@@ -568,8 +577,10 @@ class Supervisor:
             return self.daemon_state.value
         desired = self.state.desired_model
         run = self.swap_run
-        if run is not None:
-            line = f"swapping {run.plan.from_model or 'nothing'} -> {run.plan.target}: {run.step}"
+        if run is not None and run.plan.from_model is None:
+            line = f"starting {run.plan.target}: {run.step}"
+        elif run is not None:
+            line = f"swapping {run.plan.from_model} -> {run.plan.target}: {run.step}"
         elif desired is None:
             line = "no model configured to run"
         elif desired not in self.engines:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import re
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from fakes import FakeSystemd, build, started
 
 from sparkd.config import Config, parse_config
 from sparkd.engine.fingerprints import match_lines
@@ -23,10 +22,9 @@ from sparkd.engine.plan import (
     plan_swap,
 )
 from sparkd.errors import UnknownModel
-from sparkd.monitor.memory import MemInfo
 from sparkd.state import State, StateStore
-from sparkd.supervisor import Deps, Supervisor
-from sparkd.systemd.manager import JobDone, SystemdManager, UnitStatus
+from sparkd.supervisor import Supervisor
+from sparkd.systemd.manager import UnitStatus
 
 T = TypeVar("T")
 GIB = 1 << 30
@@ -168,91 +166,18 @@ def test_fingerprints_match_real_vllm_lines() -> None:
 
 # -- the executor against a fake systemd -----------------------------------------------------
 
-class FakeSystemd:
-    """Units change state when started/stopped and every job ends with a JobDone signal."""
-
-    def __init__(self, sup_ref: list[Supervisor], *, fail_start: set[str]) -> None:
-        self.sup_ref = sup_ref
-        self.fail_start = fail_start
-        self.units: dict[str, UnitStatus] = {}
-        self.calls: list[tuple[str, str]] = []
-        self.jobs = itertools.count(100)
-
-    def _job(self, name: str, result: str) -> str:
-        job_id = next(self.jobs)
-        loop = self.loop
-        sup = self.sup_ref[0]
-        loop.call_soon_threadsafe(sup.on_systemd_event, JobDone(job_id, name, result))
-        return f"/org/freedesktop/systemd1/job/{job_id}"
-
-    def version(self) -> int:
-        return 252
-
-    def daemon_reload(self) -> None:
-        pass
-
-    def start_unit(self, name: str) -> str:
-        self.calls.append(("start", name))
-        model = name.split("@")[1].removesuffix(".service")
-        if model in self.fail_start:
-            self.units[name] = UnitStatus(name, "loaded", "failed", "failed", 0, 0, "exit-code", 1)
-            return self._job(name, "failed")
-        self.units[name] = UnitStatus(name, "loaded", "active", "running", 77)
-        return self._job(name, "done")
-
-    def stop_unit(self, name: str) -> str:
-        self.calls.append(("stop", name))
-        self.units[name] = UnitStatus(name, "loaded", "inactive", "dead")
-        return self._job(name, "done")
-
-    def restart_unit(self, name: str) -> str:
-        self.calls.append(("restart", name))
-        return self._job(name, "done")
-
-    def reset_failed_unit(self, name: str) -> None:
-        self.calls.append(("reset-failed", name))
-
-    def unit_status(self, name: str) -> UnitStatus:
-        return self.units.get(name, UnitStatus(name, "loaded"))
+def journal(unit: str) -> list[str]:
+    if "crash" in unit:
+        return ["loading", "torch.OutOfMemoryError: CUDA out of memory (simulated)"]
+    return ["Using FlashInfer MoE backend: latency"]
 
 
 def make(tmp_path: Path, *, fail_start: set[str] | None = None,
          state: State | None = None) -> tuple[Supervisor, FakeSystemd]:
-    c = config(tmp_path)
     if state is not None:
         StateStore(tmp_path / "state").save(state)
-    ref: list[Supervisor] = []
-    fake = FakeSystemd(ref, fail_start=fail_start or set())
-
-    async def systemd(fn: Callable[[SystemdManager], T]) -> T:
-        fake.loop = asyncio.get_running_loop()  # type: ignore[attr-defined]
-        return fn(fake)
-
-    async def probe(url: str) -> ProbeResult:
-        return ProbeResult(url=url, status=200, error=None, latency_s=0.001)
-
-    async def journal_since(unit: str, since: float) -> list[str]:
-        if "crash" in unit:
-            return ["loading", "torch.OutOfMemoryError: CUDA out of memory (simulated)"]
-        return ["Using FlashInfer MoE backend: latency"]
-
-    async def models_listed(url: str, model: str) -> bool:
-        return True
-
-    def apply(cfg: Config, version: int, reload: Callable[[], None]) -> Mapping[str, Any]:
-        return {"changed": False}
-
-    class Quiet:
-        def notify(self, state: str) -> None:
-            pass
-
-    deps = Deps(systemd=systemd, apply_units=apply, store=StateStore(tmp_path / "state"),
-                notifier=Quiet(), probe=probe,
-                meminfo=lambda: MemInfo(total=16 * GIB, free=GIB, available=12 * GIB),
-                boot_id="boot", journal_since=journal_since, models_listed=models_listed)
-    sup = Supervisor(c, deps)
-    ref.append(sup)
-    return sup, fake
+    w = build(tmp_path, CONFIG, systemd=FakeSystemd(fail_start=fail_start), journal=journal)
+    return w.sup, w.systemd
 
 
 async def swap_and_wait(sup: Supervisor, target: str) -> Any:
@@ -266,7 +191,7 @@ def test_swap_a_to_b_then_back(tmp_path: Path) -> None:
     sup, fake = make(tmp_path)
 
     async def scenario() -> None:
-        await sup.start()
+        await started(sup)
         run = await swap_and_wait(sup, "b")
         assert run.step is SwapStep.DONE, run.failure
         assert [r.step for r in run.history] == [SwapStep.PREFLIGHT, SwapStep.STOP,
@@ -293,7 +218,7 @@ def test_failed_start_rolls_back_and_records_why(tmp_path: Path) -> None:
     sup, fake = make(tmp_path, fail_start={"crash"})
 
     async def scenario() -> Any:
-        await sup.start()
+        await started(sup)
         run = await swap_and_wait(sup, "crash")
         await sup.quiesce()
         return run
@@ -316,7 +241,7 @@ def test_one_swap_at_a_time(tmp_path: Path) -> None:
     sup, _ = make(tmp_path)
 
     async def scenario() -> None:
-        await sup.start()
+        await started(sup)
         sup.request_swap("b")
         with pytest.raises(SwapInProgress, match=r"swap \d+ \(a -> b\) is in progress"):
             sup.request_swap("a")
@@ -329,7 +254,7 @@ def test_refused_swap_changes_nothing(tmp_path: Path) -> None:
     sup, fake = make(tmp_path)
 
     async def scenario() -> None:
-        await sup.start()
+        await started(sup)
         before = list(fake.calls)
         with pytest.raises(SwapRefused):
             sup.request_swap("huge")
@@ -345,7 +270,7 @@ def test_swap_in_flight_is_resumed_by_the_next_sparkd(tmp_path: Path) -> None:
     sup, fake = make(tmp_path, state=left)
 
     async def scenario() -> Any:
-        await sup.start()
+        await started(sup)
         assert sup._swap_task is not None
         run = await sup._swap_task
         await sup.quiesce()
@@ -362,7 +287,7 @@ def test_crash_loop_rolls_back_to_the_last_good_model(tmp_path: Path) -> None:
     sup, fake = make(tmp_path, state=State(desired_model="b", last_good_model="a"))
 
     async def scenario() -> None:
-        await sup.start()
+        await started(sup)
         name = "sparkd-engine@b.service"
         fake.units[name] = UnitStatus(name, "loaded", "failed", "failed", 0, 4, "start-limit-hit")
         await sup.refresh_units(["b"])
@@ -386,7 +311,7 @@ def test_hung_engine_is_restarted_after_n_failed_checks(tmp_path: Path) -> None:
     sup.deps.probe = probe
 
     async def scenario() -> None:
-        await sup.start()
+        await started(sup)
         for _ in range(4):
             await sup.check_health()
         await sup.quiesce()
@@ -401,7 +326,7 @@ def test_last_good_after_staying_healthy(tmp_path: Path) -> None:
     sup.deps.clock = lambda: now[0]
 
     async def scenario() -> None:
-        await sup.start()
+        await started(sup)
         await sup.check_health()
         assert sup.state.last_good_model is None
         now[0] += 61
