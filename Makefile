@@ -56,7 +56,7 @@ $(PYTEST):
 
 .PHONY: lint
 lint: | $(PYTEST)
-	$(VENV)/bin/ruff check sparkd tests $(wildcard bench)
+	$(VENV)/bin/ruff check sparkd tests bench scripts
 
 .PHONY: typecheck
 typecheck: | $(PYTEST)
@@ -103,9 +103,7 @@ test: venv
 	echo "make test: all steps passed"
 
 .PHONY: demo
-demo: | $(PYTEST)
-	@if [ ! -f scripts/demo.py ]; then \
-		echo "make demo: scripts/demo.py does not exist yet"; exit 1; fi
+demo: $(DEB) | $(PYTEST)
 	$(VENV)/bin/python scripts/demo.py
 
 .PHONY: clean distclean

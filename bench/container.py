@@ -5,11 +5,7 @@ Uses the system tier's harness (tests/system/harness.py); run as root after `mak
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import time
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,15 +13,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "system"))
 
+from checks import built_deb, status, wait_for  # noqa: E402
 from harness import Container  # noqa: E402
 
 
 def deb_path() -> Path:
-    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    arch = subprocess.run(
-        ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    deb = REPO / "build" / f"sparkd_{version}_{arch}.deb"
+    deb = built_deb(REPO)
     if not deb.is_file():
         raise SystemExit(f"{deb} is missing: run `make deb` first")
     return deb
@@ -43,16 +36,9 @@ def sparkd_container() -> Iterator[Container]:
 
 
 def wait_serving(box: Container, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = box.exec(["sparkctl", "status", "--json"], check=False).stdout
-        try:
-            if json.loads(out)["daemon"]["status_line"].endswith("serving, healthy"):
-                return
-        except (ValueError, KeyError):
-            pass
-        time.sleep(0.5)
-    raise SystemExit("sparkd did not report a healthy default model in time")
+    wait_for("sparkd to report a healthy default model",
+             lambda: (status(box) or {}).get("daemon", {}).get("status_line", "").endswith(
+                 "serving, healthy"), timeout=timeout)
 
 
 def machine() -> str:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "system"))
 sys.path.insert(0, str(REPO / "bench"))
 
+import checks  # noqa: E402
+from checks import prop, wait_for  # noqa: E402
 from container import deb_path  # noqa: E402
 from harness import Container  # noqa: E402
 
@@ -41,21 +41,8 @@ def run(box: Container, command: str, *, lines: int | None = None) -> str:
     return result.stdout
 
 
-def prop(box: Container, unit: str, name: str) -> str:
-    return box.exec(["systemctl", "show", "-P", name, unit]).stdout.strip()
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    raise SystemExit(f"demo: timed out waiting for {what}")
-
-
 def serving(box: Container) -> bool:
-    return prop(box, "sparkd.service", "StatusText") == "sim-small: serving, healthy"
+    return checks.serving(box, "sim-small")
 
 
 def main() -> int:

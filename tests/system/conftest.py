@@ -8,13 +8,12 @@ the tier with the reason; SPARKD_SKIP_SYSTEM=1, set by a person, skips them inst
 from __future__ import annotations
 
 import os
-import subprocess
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from checks import built_deb
 from harness import (
     Container,
     ContainerError,
@@ -48,11 +47,7 @@ def system_prerequisites() -> None:
 @pytest.fixture(scope="session")
 def deb_path() -> Path:
     """The package `make deb` built for this checkout's version."""
-    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    arch = subprocess.run(
-        ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    deb = REPO / "build" / f"sparkd_{version}_{arch}.deb"
+    deb = built_deb(REPO)
     if not deb.is_file():
         pytest.fail(f"{deb} does not exist: run `make deb` (make test-system does)", pytrace=False)
     return deb

@@ -8,11 +8,11 @@ sparkd running with the default model serving.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
+import checks
 import pytest
+from checks import status, wait_for
 from harness import Container
 
 pytestmark = pytest.mark.system
@@ -27,22 +27,14 @@ def show(box: Container, unit: str, *props: str) -> dict[str, str]:
 
 
 def status_json(box: Container) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(box.exec(["sparkctl", "status", "--json"]).stdout)
-    return result
-
-
-def wait_for(what: str, check: Callable[[], bool], *, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+    s = status(box)
+    assert s is not None, "sparkd does not answer"
+    return s
 
 
 def serving(box: Container) -> bool:
-    s = show(box, "sparkd.service", "ActiveState", "StatusText")
-    return s["ActiveState"] == "active" and s["StatusText"] == f"{DEFAULT}: serving, healthy"
+    return checks.serving(box, DEFAULT) and (
+        show(box, "sparkd.service", "StatusText")["StatusText"] == f"{DEFAULT}: serving, healthy")
 
 
 def test_sparkd_runs_and_the_default_model_serves(container: Container) -> None:

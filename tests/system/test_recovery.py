@@ -5,12 +5,8 @@ A power cut is SIGKILL of the container; booting the same overlay again is the n
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable
-from typing import Any
-
 import pytest
+from checks import serving, status, wait_for
 from harness import Container
 
 pytestmark = pytest.mark.system
@@ -37,25 +33,6 @@ args = ["--load-seconds", "1", "--crash-after", "0.3", "--weights-mib", "8"]
 """
 
 
-def status(box: Container) -> dict[str, Any] | None:
-    res = box.exec(["sparkctl", "status", "--json"], check=False)
-    return json.loads(res.stdout) if res.returncode == 0 else None
-
-
-def wait_for(what: str, check: Callable[[], bool], *, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def serving(box: Container, model: str) -> bool:
-    s = status(box)
-    return s is not None and s["daemon"]["status_line"] == f"{model}: serving, healthy"
-
-
 def reboot_after_power_cut(box: Container) -> None:
     box.power_cut()
     box.boot()
@@ -69,12 +46,13 @@ def test_power_cut_then_boot_brings_the_model_back(container: Container) -> None
     box.exec(["rm", "-f", "/var/lib/sparkd/state.toml"])
     box.exec(["systemctl", "start", "sparkd"])
     wait_for("a to serve and become last good",
-             lambda: serving(box, "a") and (status(box) or {}).get("last_good_model") == "a")
+             lambda: serving(box, "a") and (status(box) or {}).get("last_good_model") == "a",
+             timeout=90)
     first_boot = box.boot_id()
 
     reboot_after_power_cut(box)
     assert box.boot_id() != first_boot
-    wait_for("a to serve after the power cut", lambda: serving(box, "a"))
+    wait_for("a to serve after the power cut", lambda: serving(box, "a"), timeout=90)
     unclean = box.exec(["journalctl", "-b", "SPARKD_EVENT=unclean_shutdown", "-o", "cat",
                         "--no-pager"]).stdout
     assert f"the previous boot {first_boot} ended without a clean sparkd stop" in unclean

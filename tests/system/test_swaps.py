@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from checks import prop, serving, wait_for
+from checks import status as maybe_status
 from harness import Container
 
 pytestmark = pytest.mark.system
@@ -74,30 +75,9 @@ def sh(box: Container, script: str, *, check: bool = True) -> subprocess.Complet
 
 
 def status(box: Container) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(box.exec(["sparkctl", "status", "--json"]).stdout)
-    return result
-
-
-def prop(box: Container, unit: str, name: str) -> str:
-    return box.exec(["systemctl", "show", "-P", name, unit]).stdout.strip()
-
-
-def wait_for(what: str, check: Callable[[], bool], *, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def serving(box: Container, model: str) -> bool:
-    res = box.exec(["sparkctl", "status", "--json"], check=False)
-    if res.returncode != 0:  # sparkd is (re)starting
-        return False
-    s = json.loads(res.stdout)
-    return (s["active_model"] == model and s["swap"] is None
-            and s["daemon"]["status_line"] == f"{model}: serving, healthy")
+    s = maybe_status(box)
+    assert s is not None, "sparkd does not answer"
+    return s
 
 
 def events(box: Container, name: str, since: str) -> list[dict[str, Any]]:
