@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import http.client
 import json
 import shutil
@@ -134,7 +135,8 @@ class Gateway:
 
 @contextlib.contextmanager
 def running_gateway(config_text: str, *, initial: dict[str, Any] | None = None,
-                    start_daemon: bool = True) -> Iterator[Gateway]:
+                    start_daemon: bool = True, clock: Callable[[], float] | None = None,
+                    draw: Callable[[], float] | None = None) -> Iterator[Gateway]:
     """The gateway on a free port, its config being `config_text` with the fake daemon's
     socket and the port filled in ({socket}, {listen} placeholders are added if absent)."""
     workdir = Path(tempfile.mkdtemp(prefix="sgw", dir="/tmp"))  # short: a socket path
@@ -147,7 +149,12 @@ def running_gateway(config_text: str, *, initial: dict[str, Any] | None = None,
     daemon = FakeDaemon(sock)
     if initial is not None:
         daemon.status = initial
-    app = build_app(settings_for(config))
+    settings = settings_for(config)
+    if clock is not None:
+        settings = dataclasses.replace(settings, clock=clock)
+    if draw is not None:
+        settings = dataclasses.replace(settings, draw=draw)
+    app = build_app(settings)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                            shutdown_timeout=1)
     started = threading.Event()
