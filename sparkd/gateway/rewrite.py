@@ -65,12 +65,12 @@ class PolicyChoice:
 
 
 def policy_for_family(*names: str | None) -> PolicyChoice:
-    """`auto`: the policy for the first known family among these names (else passthrough)."""
-    for name in names:
-        lowered = (name or "").lower()
-        for needle, policy, keep_system in FAMILIES:
-            if needle in lowered:
-                return PolicyChoice(policy, keep_system)
+    """`auto`: the policy of the most specific known family any of these names (the model's
+    name, source, path) belongs to; passthrough for unknown families."""
+    lowered = [(name or "").lower() for name in names]
+    for needle, policy, keep_system in FAMILIES:  # the most specific family first
+        if any(needle in name for name in lowered):
+            return PolicyChoice(policy, keep_system)
     return PolicyChoice("passthrough", keep_system=True)
 
 
@@ -229,7 +229,11 @@ def _content_texts(content: object) -> list[str]:
 
 
 def _is_empty(content: object) -> bool:
-    return content is None or content == "" or content == []
+    """No text and no other part (an image is content)."""
+    if isinstance(content, list):
+        return all(isinstance(p, dict) and p.get("type") == "text" and not p.get("text")
+                   for p in content)
+    return content is None or content == ""
 
 
 def _join(a: object, b: object, *, flatten: bool) -> object:
