@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar, cast
 
 import aiohttp
+import yarl
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from sparkd.config import Config, ModelConfig, Variant
 from sparkd.control import aio_client
@@ -437,6 +439,27 @@ def _variant(app: web.Application, model: ModelConfig, workload: str, serve: rou
                            app[STATE].stats, draw=settings.draw()).variant
 
 
+@functools.lru_cache(maxsize=1024)
+def _url(base: str, query: str) -> yarl.URL:
+    """Parsed once: yarl's parsing is a noticeable share of a proxied request."""
+    return yarl.URL(base + ("?" + query if query else ""), encoded=False)
+
+
+_Metric = TypeVar("_Metric", Counter, Histogram)
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: _Metric, *labels: str) -> _Metric:
+    """metric.labels(...), remembered (the lookup takes a lock and builds tuples)."""
+    key = (id(metric), labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+        if len(_children) > 100_000:  # pragma: no cover - label sets are bounded
+            _children.clear()
+    return cast(_Metric, child)
+
+
 def _measured(model: str, app: web.Application) -> bool:
     spec = app[CONFIG].config.models[model].speculative
     return spec is not None and spec.dispatch == "measured"
@@ -458,14 +481,15 @@ async def _relay(
     app = request.app
     session, m = app[SESSION], app[METRICS]
     headers = {k: v for k in FORWARDED if (v := request.headers.get(k)) is not None}
+    target = _url(url, request.query_string)
     loop = asyncio.get_running_loop()
     began = loop.time()
     status = 502
     try:
         try:
-            async with session.request(method, url, data=raw or None, headers=headers,
-                                       params=request.rel_url.query) as up:
-                m.upstream_seconds.labels(model, variant).observe(loop.time() - began)
+            async with session.request(method, target, data=raw or None, headers=headers
+                                       ) as up:
+                _child(m.upstream_seconds, model, variant).observe(loop.time() - began)
                 status = up.status
                 if up.status >= 400:
                     body = upstream_error_body(up.status, await up.read())
@@ -495,7 +519,7 @@ async def _relay(
                                f"the engine of {model} ({url}) failed: {exc}",
                                retry_after_s=1) from None
     finally:
-        m.requests.labels(model, route, workload, variant, str(status)).inc()
+        _child(m.requests, model, route, workload, variant, str(status)).inc()
 
 
 async def _relay_stream(

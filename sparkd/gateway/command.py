@@ -49,6 +49,16 @@ async def _run(config_file: Path) -> int:
     return 0
 
 
+def _runner() -> asyncio.Runner:
+    """uvloop's loop when it is installed (a dependency): a proxy's cost is mostly the loop's
+    and the sockets'; the standard loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - installed with sparkd
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
 @click.command("gateway")
 @config_option
 @click.option("--debug", is_flag=True, help="Log debug messages (each rewrite's roles).")
@@ -56,7 +66,9 @@ def command(config_file: Path, *, debug: bool) -> None:
     """Run the OpenAI-compatible gateway in front of sparkd's engines."""
     setup_logging("sparkd-gateway", debug=debug)
     try:
-        sys.exit(asyncio.run(_run(config_file)))
+        with _runner() as runner:
+            code = runner.run(_run(config_file))
+        sys.exit(code)
     except ConfigError as exc:
         log.error("%s", exc.message)
         sys.exit(EXIT_CONFIG)
