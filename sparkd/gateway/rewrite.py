@@ -8,7 +8,8 @@ result coded as a user message, a system message in the middle. The policies:
 - `passthrough`: nothing changes.
 - `merge`: consecutive messages of one role become one (text joined by a blank line, as
   mistral-common's `_aggregate_messages` does; content-part lists concatenated). Tool results
-  are never merged (each answers its own call).
+  are never merged (each answers its own call), nor is an assistant's text merged into an
+  earlier assistant message with tool calls (it would move before the calls).
 - `strict`: after an optional leading system message (only when the template takes one), only
   user and assistant, alternating, starting and ending with user. System messages are folded
   into the next user turn, tool calls become assistant text, tool results user text.
@@ -124,7 +125,10 @@ def satisfies(messages: Sequence[Message], choice: PolicyChoice) -> bool:
     if choice.policy == "passthrough":
         return True
     if choice.policy == "merge":
-        return all(a != b or a == "tool" for a, b in itertools.pairwise(rs))
+        return all(
+            a.get("role") != b.get("role") or a.get("role") == "tool" or _keeps_apart(a, b)
+            for a, b in itertools.pairwise(messages)
+        )
     if not rs:
         return True
     rest = list(rs)
@@ -265,7 +269,8 @@ def _merge_runs(messages: list[Message], work: _Work, *, flatten: bool) -> list[
     out: list[Message] = []
     for m in messages:
         prev = out[-1] if out else None
-        if prev is not None and prev["role"] == m["role"] and m["role"] != "tool":
+        if (prev is not None and prev["role"] == m["role"] and m["role"] != "tool"
+                and not _keeps_apart(prev, m)):
             merged = dict(prev)
             merged["content"] = _join(prev.get("content"), m.get("content"), flatten=flatten)
             calls = [*(prev.get("tool_calls") or ()), *(m.get("tool_calls") or ())]
@@ -276,6 +281,12 @@ def _merge_runs(messages: list[Message], work: _Work, *, flatten: bool) -> list[
         else:
             out.append(m)
     return out
+
+
+def _keeps_apart(prev: Mapping[str, Any], m: Mapping[str, Any]) -> bool:
+    """An assistant's tool calls followed by an assistant's text stay two messages: merged,
+    the text would come before the calls (a message's content precedes its calls)."""
+    return bool(prev.get("tool_calls")) and not _is_empty(m.get("content"))
 
 
 def _call_text(call: Mapping[str, Any]) -> str:
