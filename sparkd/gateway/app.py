@@ -350,11 +350,12 @@ def _prepare(request: web.Request, raw: bytes, settings: Settings, *, chat: bool
             body["messages"] = result.messages
             raw = json.dumps(body, ensure_ascii=False).encode()
             m = request.app[METRICS]
-            m.rewrites.labels(name, choice.policy).inc(changes)
-            m.rewritten_requests.labels(name, choice.policy).inc()
-            log.debug("role policy %s rewrote %s's messages (%d changes): %s -> %s",
-                      choice.policy, name, changes, ",".join(result.roles_before),
-                      ",".join(result.roles_after))
+            _child(m.rewrites, name, choice.policy).inc(changes)
+            _child(m.rewritten_requests, name, choice.policy).inc()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("role policy %s rewrote %s's messages (%d changes): %s -> %s",
+                          choice.policy, name, changes, ",".join(result.roles_before),
+                          ",".join(result.roles_after))
     return Prepared(model, raw, bool(stream), workload, changes)
 
 
