@@ -169,71 +169,98 @@ async def one_client(targets: list[Proc], n: int, *, stream: bool) -> dict[str, 
     return out
 
 
-async def open_loop(url: str, rate: float, seconds: float, conns: int, timeout: float
-                    ) -> tuple[list[float], int, int]:
-    """Requests sent on a fixed schedule (not when the previous one returns); latency counted
-    from the scheduled time, so queueing behind a slow proxy is counted (no coordinated
-    omission)."""
-    latencies: list[float] = []
+async def open_loop_slice(session: aiohttp.ClientSession, url: str, rate: float,
+                          seconds: float, latencies: list[float]) -> int:
+    """Requests sent on a fixed schedule (not when the previous one returns), latency counted
+    from the scheduled time so that queueing behind a slow proxy counts (no coordinated
+    omission). Returns the errors."""
     errors = 0
-    connector = aiohttp.TCPConnector(limit=conns)
-    client_timeout = aiohttp.ClientTimeout(total=timeout)
-    async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
-        for _ in range(conns):  # open the connections first
-            await one_request(session, url)
-        loop = asyncio.get_running_loop()
-        start = loop.time() + 0.05
-        total = int(rate * seconds)
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.01
 
-        async def shot(at: float) -> None:
-            nonlocal errors
+    async def shot(at: float) -> None:
+        nonlocal errors
+        try:
+            async with session.post(url + "/v1/chat/completions", data=BODY,
+                                    headers=HEADERS) as r:
+                await r.read()
+                if r.status != 200:
+                    errors += 1
+                    return
+            latencies.append((loop.time() - at) * 1000)
+        except (aiohttp.ClientError, TimeoutError):
+            errors += 1
+
+    tasks = []
+    for i in range(int(rate * seconds)):
+        at = start + i / rate
+        delay = at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(shot(at)))
+    await asyncio.gather(*tasks)
+    return errors
+
+
+async def closed_loop_slice(session: aiohttp.ClientSession, url: str, conns: int,
+                            seconds: float) -> tuple[int, int, float]:
+    """`conns` clients, each sending its next request when the last one returns:
+    (answered, errors, elapsed seconds)."""
+    done = errors = 0
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+
+    async def worker() -> None:
+        nonlocal done, errors
+        while loop.time() < end:
             try:
-                async with session.post(url + "/v1/chat/completions", data=BODY,
-                                        headers=HEADERS) as r:
-                    await r.read()
-                    if r.status != 200:
-                        errors += 1
-                        return
-                latencies.append((loop.time() - at) * 1000)
-            except (aiohttp.ClientError, TimeoutError):
+                await one_request(session, url)
+                done += 1
+            except (aiohttp.ClientError, TimeoutError, RuntimeError):
                 errors += 1
 
-        tasks = []
-        for i in range(total):
-            at = start + i / rate
-            delay = at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(shot(at)))
-        await asyncio.gather(*tasks)
-        achieved = total / max(1e-9, loop.time() - start)
-    return latencies, errors, int(achieved)
+    began = loop.time()
+    await asyncio.gather(*(worker() for _ in range(conns)))
+    return done, errors, loop.time() - began
 
 
-async def closed_loop(url: str, conns: int, seconds: float, timeout: float
-                      ) -> tuple[float, int, float]:
-    """`conns` clients, each sending its next request when the last one returns."""
-    done = errors = 0
-    latencies: list[float] = []
-    connector = aiohttp.TCPConnector(limit=conns)
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        loop = asyncio.get_running_loop()
-        end = loop.time() + seconds
-
-        async def worker() -> None:
-            nonlocal done, errors
-            while loop.time() < end:
-                try:
-                    latencies.append(await one_request(session, url))
-                    done += 1
-                except (aiohttp.ClientError, TimeoutError, RuntimeError):
-                    errors += 1
-
-        began = loop.time()
-        await asyncio.gather(*(worker() for _ in range(conns)))
-        elapsed = loop.time() - began
-    return done / elapsed, errors, pct(latencies, 50)
+async def under_load(targets: list[Proc], *, slices: int, slice_s: float, conns: int = 64,
+                     rate: float = 1000, timeout: float = 10) -> dict[str, Any]:
+    """The open-loop and throughput phases in short slices, the targets taking turns: the
+    interference of a shared machine falls on every target alike. Each target keeps its own
+    `conns` connections, opened before the first slice."""
+    out: dict[str, Any] = {"open_loop": {}, "throughput": {}}
+    sessions = {p.name: aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=conns),
+        timeout=aiohttp.ClientTimeout(total=timeout)) for p in targets}
+    try:
+        for p in targets:
+            await asyncio.gather(*(one_request(sessions[p.name], p.url) for _ in range(conns)))
+        lat: dict[str, list[float]] = {p.name: [] for p in targets}
+        errs = dict.fromkeys(lat, 0)
+        for _ in range(slices):
+            for p in targets:
+                errs[p.name] += await open_loop_slice(sessions[p.name], p.url, rate, slice_s,
+                                                      lat[p.name])
+                await asyncio.sleep(0.2)  # let stragglers finish before the next target
+        for name in lat:
+            out["open_loop"][name] = {"p50": pct(lat[name], 50), "p99": pct(lat[name], 99),
+                                      "p999": pct(lat[name], 99.9), "errors": errs[name],
+                                      "ok": len(lat[name])}
+        totals = {p.name: [0, 0, 0.0] for p in targets}
+        for _ in range(slices):
+            for p in targets:
+                done, e, elapsed = await closed_loop_slice(sessions[p.name], p.url, conns,
+                                                           slice_s)
+                t = totals[p.name]
+                t[0], t[1], t[2] = t[0] + done, t[1] + e, t[2] + elapsed
+                await asyncio.sleep(0.2)
+        for name, (done, e, elapsed) in totals.items():
+            out["throughput"][name] = {"rps": done / elapsed, "errors": e}
+    finally:
+        for session in sessions.values():
+            await session.close()
+    return out
 
 
 @contextlib.asynccontextmanager
@@ -307,7 +334,8 @@ general_settings:
 """)
     py = sys.executable
     env = {"PYTHONPATH": str(REPO)}
-    results: dict[str, Any] = {"machine": machine()}
+    results: dict[str, Any] = {"machine": machine(),
+                               "load": Path("/proc/loadavg").read_text().split()[0]}
     with processes() as procs:
         direct = spawn(procs, "direct", [*SPARKD, "sim-engine", "--model", MODEL,
                                          "--path", str(work / "model"), "--port",
@@ -336,121 +364,87 @@ general_settings:
                 for p in procs:
                     await wait_ready(s, p, 120 if p.name == "litellm" else 20)
             fast = [direct, minimal, gateway]
-            rounds = 1 if args.quick else args.rounds
-            n = 200 if args.quick else 600
-            secs = 2.0 if args.quick else 3.0
-            results["rounds"] = []
-            for i in range(rounds):
-                print(f"round {i + 1}/{rounds}: one client ({n} requests each, interleaved),"
-                      f" first tokens ({n // 2}), 1000 req/s open loop and 64-connection"
-                      f" throughput ({secs:g} s each)", flush=True)
-                results["rounds"].append(await measure(fast, n, secs))
+            n = 300 if args.quick else 3000
+            slices = 2 if args.quick else args.slices
+            print(f"one client: {n} requests to each target, interleaved ...", flush=True)
+            results["one_client"] = summarize(await one_client(fast, n, stream=False))
+            print(f"first streamed token: {n // 2} streams to each, interleaved ...", flush=True)
+            results["ttft"] = summarize(await one_client(fast, n // 2, stream=True))
+            print(f"1,000 req/s open loop, then 64-connection throughput: {slices} slices of"
+                  " 1 s per target, taking turns ...", flush=True)
+            results.update(await under_load(fast, slices=slices, slice_s=1.0))
             if litellm is not None:
-                # Last: a LiteLLM overrun keeps working off its backlog after the clients
+                # Last: an overrun LiteLLM keeps working off its backlog after the clients
                 # gave up, which would slow whatever ran next.
-                print("LiteLLM: the same phases, once (fewer requests: it is slow) ...",
-                      flush=True)
-                results["litellm"] = await measure([litellm], max(20, n // 10), secs)
+                print("LiteLLM: the same phases, fewer requests (it is slow) ...", flush=True)
+                ll: dict[str, Any] = {
+                    "one_client": summarize(await one_client([litellm], n // 20, stream=False)),
+                    "ttft": summarize(await one_client([litellm], n // 40, stream=True)),
+                }
+                ll.update(await under_load([litellm], slices=min(3, slices), slice_s=1.0))
+                results["litellm"] = ll
     return results
-
-
-async def measure(targets: list[Proc], n: int, secs: float) -> dict[str, Any]:
-    r: dict[str, Any] = {
-        "one_client": summarize(await one_client(targets, n, stream=False)),
-        "ttft": summarize(await one_client(targets, n // 2, stream=True)),
-        "open_loop": {}, "throughput": {},
-    }
-    for p in targets:
-        await asyncio.sleep(0.5)
-        lat, errs, achieved = await open_loop(p.url, 1000, secs, 64, timeout=10)
-        r["open_loop"][p.name] = {"p50": pct(lat, 50), "p99": pct(lat, 99), "errors": errs,
-                                  "ok": len(lat), "sent_per_s": achieved}
-    for p in targets:
-        await asyncio.sleep(0.5)
-        rps, errs, p50 = await closed_loop(p.url, 64, secs, timeout=10)
-        r["throughput"][p.name] = {"rps": rps, "errors": errs, "p50": p50}
-    return r
 
 
 def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     return {k: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for k, v in samples.items()}
 
 
-def figures(r: dict[str, Any]) -> dict[str, float]:
-    """One round's bar figures (gateway and minimal proxy, each against direct)."""
-    oc, tt, ol, tp = r["one_client"], r["ttft"], r["open_loop"], r["throughput"]
-    out: dict[str, float] = {}
-    for name in ("gateway", "minimal"):
-        out[f"{name}_add50"] = oc[name]["p50"] - oc["direct"]["p50"]
-        out[f"{name}_add99"] = oc[name]["p99"] - oc["direct"]["p99"]
-        out[f"{name}_ol99"] = ol[name]["p99"] - ol["direct"]["p99"]
-        out[f"{name}_ttft"] = tt[name]["p50"] - tt["direct"]["p50"]
-        out[f"{name}_errors"] = ol[name]["errors"] + tp[name]["errors"]
-    out["ratio"] = tp["gateway"]["rps"] / tp["minimal"]["rps"]
-    return out
-
-
-def median(values: list[float]) -> float:
-    s = sorted(values)
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
-
-
 def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
-    per_round = [figures(x) for x in r["rounds"]]
+    oc, tt, ol, tp = r["one_client"], r["ttft"], r["open_loop"], r["throughput"]
 
-    def m(key: str) -> float:
-        return median([f[key] for f in per_round])
+    def added(kind: dict[str, Any], name: str, key: str) -> float:
+        return float(kind[name][key] - kind["direct"][key])
 
-    def spread(key: str, unit: str = " ms") -> str:
-        vals = [f[key] for f in per_round]
-        return f"{m(key):.3f}{unit} (rounds: {min(vals):.3f} to {max(vals):.3f})"
-
-    errors = sum(f["gateway_errors"] for f in per_round)
+    ratio = tp["gateway"]["rps"] / tp["minimal"]["rps"]
+    errors = ol["gateway"]["errors"] + tp["gateway"]["errors"]
     return [
-        ("added latency p50, one client <= 0.5 ms", spread("gateway_add50"),
-         f"minimal proxy {m('minimal_add50'):.3f} ms", m("gateway_add50") <= 0.5),
-        ("added latency p99, one client <= 2 ms", spread("gateway_add99"),
-         f"minimal proxy {m('minimal_add99'):.3f} ms", m("gateway_add99") <= 2.0),
-        ("added p99 at 1,000 req/s open loop, 64 connections <= 5 ms", spread("gateway_ol99"),
-         f"minimal proxy {m('minimal_ol99'):.3f} ms; gateway errors {errors:.0f}",
-         m("gateway_ol99") <= 5.0 and errors == 0),
-        ("time to first token within 0.2 ms of direct (p50)", spread("gateway_ttft"),
-         f"minimal proxy {m('minimal_ttft'):.3f} ms", m("gateway_ttft") <= 0.2),
-        ("throughput at 64 connections >= 0.8x minimal proxy", spread("ratio", "x"),
-         "req/s in the table below", m("ratio") >= 0.8),
+        ("added latency p50, one client <= 0.5 ms", f"{added(oc, 'gateway', 'p50'):.3f} ms",
+         f"minimal proxy {added(oc, 'minimal', 'p50'):.3f} ms", added(oc, "gateway", "p50") <= 0.5),
+        ("added latency p99, one client <= 2 ms", f"{added(oc, 'gateway', 'p99'):.3f} ms",
+         f"minimal proxy {added(oc, 'minimal', 'p99'):.3f} ms", added(oc, "gateway", "p99") <= 2),
+        ("added p99 at 1,000 req/s open loop, 64 connections <= 5 ms",
+         f"{added(ol, 'gateway', 'p99'):.2f} ms (p99 {ol['gateway']['p99']:.2f} ms vs direct"
+         f" {ol['direct']['p99']:.2f} ms; {errors} errors)",
+         f"minimal proxy {added(ol, 'minimal', 'p99'):.2f} ms",
+         added(ol, "gateway", "p99") <= 5 and errors == 0),
+        ("time to first token within 0.2 ms of direct (p50)",
+         f"+{added(tt, 'gateway', 'p50'):.3f} ms",
+         f"minimal proxy +{added(tt, 'minimal', 'p50'):.3f} ms",
+         added(tt, "gateway", "p50") <= 0.2),
+        ("throughput at 64 connections >= 0.8x minimal proxy",
+         f"{tp['gateway']['rps']:.0f} req/s = {ratio:.2f}x",
+         f"minimal proxy {tp['minimal']['rps']:.0f} req/s, direct {tp['direct']['rps']:.0f}",
+         ratio >= 0.8),
     ]
 
 
 def report(r: dict[str, Any]) -> str:
-    rounds = r["rounds"]
-    lines = [f"Machine: {r['machine']}. {len(rounds)} rounds; each figure is the median over"
-             " the rounds (the range beside it).", ""]
+    lines = [f"Machine: {r['machine']}. Shared with other work while it ran (load average"
+             f" {r.get('load', '?')} before the run).", ""]
     lines.append("| bar | gateway, measured | beside it in the same run | result |")
     lines.append("| --- | --- | --- | --- |")
     for bar, measured, beside, ok in verdicts(r):
         lines.append(f"| {bar} | {measured} | {beside} | {'met' if ok else 'NOT MET'} |")
     lines.append("")
-    lines.append("| target | one client p50 / p99 | TTFT p50 | 1,000 req/s open loop p50 / p99"
-                 " (errors) | 64 connections req/s (errors) |")
+    lines.append("| target | one client p50 / p99 | TTFT p50 | 1,000 req/s open loop p50 / p99 /"
+                 " p99.9 (errors) | 64 connections req/s (errors) |")
     lines.append("| --- | --- | --- | --- | --- |")
 
-    def row(name: str, rs: list[dict[str, Any]]) -> str:
-        def med(kind: str, key: str) -> float:
-            return median([x[kind][name][key] for x in rs])
-
-        return (f"| {name} | {med('one_client', 'p50'):.3f} / {med('one_client', 'p99'):.3f} ms"
-                f" | {med('ttft', 'p50'):.3f} ms | {med('open_loop', 'p50'):.2f} /"
-                f" {med('open_loop', 'p99'):.2f} ms ({med('open_loop', 'errors'):.0f}) |"
-                f" {med('throughput', 'rps'):.0f} ({med('throughput', 'errors'):.0f}) |")
+    def row(name: str, x: dict[str, Any]) -> str:
+        oc, tt = x["one_client"][name], x["ttft"][name]
+        ol, tp = x["open_loop"][name], x["throughput"][name]
+        return (f"| {name} | {oc['p50']:.3f} / {oc['p99']:.3f} ms | {tt['p50']:.3f} ms |"
+                f" {ol['p50']:.2f} / {ol['p99']:.2f} / {ol['p999']:.2f} ms ({ol['errors']}) |"
+                f" {tp['rps']:.0f} ({tp['errors']}) |")
 
     for name in ("direct", "minimal", "gateway"):
-        lines.append(row(name, rounds))
+        lines.append(row(name, r))
     if "litellm" in r:
-        lines.append(row("litellm", [r["litellm"]]))
+        lines.append(row("litellm", r["litellm"]))
         lines.append("")
         lines.append(f"LiteLLM {r.get('litellm_version', '?')} proxy, one worker, same upstream,"
-                     " measured once after the rounds (errors: timeouts at 10 s).")
+                     " measured after the others with fewer requests (errors: 10 s timeouts).")
     return "\n".join(lines)
 
 
@@ -459,8 +453,8 @@ def main() -> int:
     parser.add_argument("--litellm-venv", default=str(REPO / "build" / "litellm-venv"))
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="rounds of all phases (medians over them: this machine is shared)")
+    parser.add_argument("--slices", type=int, default=10,
+                        help="1-second slices per target of the load phases, taking turns")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args()
