@@ -80,6 +80,7 @@ $(DEB): $(DEB_INPUTS) | system-deps
 	@dpkg-deb --info $@ >/dev/null
 	@dpkg-deb --contents $@ >build/deb-contents.txt
 	@for path in usr/bin/sparkd usr/bin/sparkctl lib/systemd/system/sparkd.service \
+		lib/systemd/system/sparkd-gateway.service \
 		etc/sparkd.toml usr/lib/sparkd/python/sparkd/main.py; do \
 		grep -q " ./$$path$$" build/deb-contents.txt || { echo "$@ lacks /$$path"; exit 1; }; \
 	done

@@ -106,6 +106,7 @@ def socket_path(config_file: Path | None) -> Path:
     lazy={
         "swap": "sparkd.cli_swap:swap",
         "logs": "sparkd.cli_logs:logs",
+        "rewrite": "sparkd.cli_rewrite:rewrite",
     },
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks.")

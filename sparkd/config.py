@@ -33,6 +33,22 @@ ROLE_POLICIES: Final[tuple[RolePolicy, ...]] = (
     "auto",
 )
 
+SpeculativeMethod = Literal["eagle", "eagle3"]
+SPECULATIVE_METHODS: Final[tuple[SpeculativeMethod, ...]] = ("eagle", "eagle3")
+DispatchMode = Literal["static", "measured"]
+DISPATCH_MODES: Final[tuple[DispatchMode, ...]] = ("static", "measured")
+Variant = Literal["plain", "speculative"]
+VARIANTS: Final[tuple[Variant, ...]] = ("plain", "speculative")
+WORKLOADS: Final = ("structured", "vision", "code", "chat")
+# Speculation loses on grammar-constrained output (JSON, tool calls) and on code (the seed's
+# fifth disaster): those go to the plain engine, the rest to the speculative one.
+DEFAULT_DISPATCH_ROUTES: Final[tuple[tuple[str, Variant], ...]] = (
+    ("structured", "plain"),
+    ("vision", "speculative"),
+    ("code", "plain"),
+    ("chat", "speculative"),
+)
+
 # Model names become systemd instance names and journal field values: keep them plain.
 MODEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -64,8 +80,48 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClassifierConfig:
+    """Overrides of the workload classifier's code rules (None: the built-in lists)."""
+
+    code_user_agents: tuple[str, ...] | None = None
+    code_system_prompts: tuple[str, ...] | None = None
+    code_patterns: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listen: str = "127.0.0.1:8000"
+    hold_seconds: float = 120.0
+    queue_limit: int = 256
+    swap_on_demand: bool = False
+    swap_min_interval_s: float = 300.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    allow_remote_images: bool = False
+    upstream_timeout_s: float = 600.0
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """A second engine variant with speculative decoding (EAGLE/EAGLE3), and how the gateway
+    splits traffic between it and the plain variant."""
+
+    method: SpeculativeMethod
+    draft_model: str
+    num_speculative_tokens: int = 3
+    # SGLang's knobs (vLLM takes num_speculative_tokens only).
+    num_steps: int | None = None
+    eagle_topk: int | None = None
+    num_draft_tokens: int | None = None
+    port: int | None = None  # the speculative variant's port (None: the swap planner picks)
+    dispatch: DispatchMode = "static"
+    routes: tuple[tuple[str, Variant], ...] = DEFAULT_DISPATCH_ROUTES
+    min_samples: int = 20
+    recheck_share: float = 0.05
+
+    @property
+    def routes_dict(self) -> dict[str, Variant]:
+        return dict(self.routes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +139,8 @@ class ModelConfig:
     role_policy: RolePolicy = "passthrough"
     source: str | None = None
     revision: str | None = None
+    speculative: SpeculativeConfig | None = None
+    idle_unload_minutes: float | None = None
 
     @property
     def unit_name(self) -> str:
@@ -187,6 +245,8 @@ def parse_config(text: str, *, source: Path) -> Config:
 _DAEMON_KEYS: Final = tuple(DaemonConfig.__dataclass_fields__)
 _GATEWAY_KEYS: Final = tuple(GatewayConfig.__dataclass_fields__)
 _MODEL_KEYS: Final = tuple(k for k in ModelConfig.__dataclass_fields__ if k != "name")
+_CLASSIFIER_KEYS: Final = tuple(ClassifierConfig.__dataclass_fields__)
+_SPECULATIVE_KEYS: Final = tuple(SpeculativeConfig.__dataclass_fields__)
 
 
 def _parse_daemon(v: _Validator, t: dict[str, Any]) -> DaemonConfig:
@@ -220,11 +280,78 @@ def _parse_daemon(v: _Validator, t: dict[str, Any]) -> DaemonConfig:
 
 def _parse_gateway(v: _Validator, t: dict[str, Any]) -> GatewayConfig:
     v.known_keys(t, "gateway", _GATEWAY_KEYS)
-    listen = v.string(t, "gateway.listen", "127.0.0.1:8000")
+    d = GatewayConfig()
+    listen = v.string(t, "gateway.listen", d.listen)
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         v.fail("gateway.listen", 'HOST:PORT such as "127.0.0.1:8000"', listen)
-    return GatewayConfig(listen=listen)
+    c = v.table(t, "gateway.classifier")
+    v.known_keys(c, "gateway.classifier", _CLASSIFIER_KEYS)
+    patterns = v.opt_strings(c, "gateway.classifier.code_patterns")
+    for i, pattern in enumerate(patterns or ()):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            v.fail(f"gateway.classifier.code_patterns[{i}]", f"a regular expression ({exc})",
+                   pattern)
+    return GatewayConfig(
+        listen=listen,
+        hold_seconds=v.number(t, "gateway.hold_seconds", d.hold_seconds, lo=0),
+        queue_limit=v.integer(t, "gateway.queue_limit", d.queue_limit, lo=0, hi=1_000_000),
+        swap_on_demand=v.boolean(t, "gateway.swap_on_demand", d.swap_on_demand),
+        swap_min_interval_s=v.number(
+            t, "gateway.swap_min_interval_s", d.swap_min_interval_s, lo=0
+        ),
+        max_body_bytes=v.integer(
+            t, "gateway.max_body_bytes", d.max_body_bytes, lo=1024, hi=1 << 31
+        ),
+        allow_remote_images=v.boolean(t, "gateway.allow_remote_images", d.allow_remote_images),
+        upstream_timeout_s=v.number(t, "gateway.upstream_timeout_s", d.upstream_timeout_s, lo=1),
+        classifier=ClassifierConfig(
+            code_user_agents=v.opt_strings(c, "gateway.classifier.code_user_agents"),
+            code_system_prompts=v.opt_strings(c, "gateway.classifier.code_system_prompts"),
+            code_patterns=patterns,
+        ),
+    )
+
+
+def _parse_speculative(v: _Validator, key: str, t: dict[str, Any]) -> SpeculativeConfig:
+    v.known_keys(t, key, _SPECULATIVE_KEYS)
+    for required in ("method", "draft_model"):
+        if required not in t:
+            what = "one of " + ", ".join(SPECULATIVE_METHODS) if required == "method" else (
+                "the draft model (a path or a Hugging Face id)")
+            v.fail(f"{key}.{required}", what, "nothing")
+
+    def opt_int(name: str) -> int | None:
+        return None if name not in t else v.integer(t, f"{key}.{name}", 0, lo=1, hi=64)
+
+    routes = dict(DEFAULT_DISPATCH_ROUTES)
+    routes_raw = v.table(t, f"{key}.routes")
+    for workload in routes_raw:
+        if workload not in WORKLOADS:
+            v.fail(f"{key}.routes", "workload classes among " + ", ".join(WORKLOADS)
+                   + _suggest(workload, list(WORKLOADS)), workload)
+        routes[workload] = cast(
+            Variant, v.choice(routes_raw, f"{key}.routes.{workload}", VARIANTS, "plain")
+        )
+    d = SpeculativeConfig(method="eagle", draft_model="")
+    spec_port = None if "port" not in t else v.integer(t, f"{key}.port", 0, lo=1, hi=65535)
+    return SpeculativeConfig(
+        method=cast(SpeculativeMethod, v.choice(t, f"{key}.method", SPECULATIVE_METHODS, "")),
+        draft_model=v.string(t, f"{key}.draft_model", ""),
+        num_speculative_tokens=v.integer(
+            t, f"{key}.num_speculative_tokens", d.num_speculative_tokens, lo=1, hi=64
+        ),
+        num_steps=opt_int("num_steps"),
+        eagle_topk=opt_int("eagle_topk"),
+        num_draft_tokens=opt_int("num_draft_tokens"),
+        port=spec_port,
+        dispatch=cast(DispatchMode, v.choice(t, f"{key}.dispatch", DISPATCH_MODES, "static")),
+        routes=tuple((w, routes[w]) for w in WORKLOADS),
+        min_samples=v.integer(t, f"{key}.min_samples", d.min_samples, lo=1, hi=100_000),
+        recheck_share=v.number(t, f"{key}.recheck_share", d.recheck_share, lo=0),
+    )
 
 
 def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConfig) -> ModelConfig:
@@ -253,6 +380,23 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
     args = t.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         v.fail(f"{key}.args", "a list of strings", args)
+    speculative = None
+    if "speculative" in t:
+        if engine not in ("vllm", "sglang", "sim"):
+            v.fail(f"{key}.speculative", "no speculative table (vllm, sglang and sim only)",
+                   engine)
+        speculative = _parse_speculative(
+            v, f"{key}.speculative", v.table(t, f"{key}.speculative")
+        )
+        if speculative.recheck_share > 0.5:
+            v.fail(f"{key}.speculative.recheck_share", "a share from 0 to 0.5",
+                   speculative.recheck_share)
+    idle = None
+    if "idle_unload_minutes" in t:
+        if engine == "external":
+            v.fail(f"{key}.idle_unload_minutes", "nothing for an external model", t[
+                "idle_unload_minutes"])
+        idle = v.number(t, f"{key}.idle_unload_minutes", 0.0, lo=0.1)
     return ModelConfig(
         name=name,
         engine=engine,
@@ -269,6 +413,8 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
         ),
         source=v.opt_string(t, f"{key}.source"),
         revision=v.opt_string(t, f"{key}.revision"),
+        speculative=speculative,
+        idle_unload_minutes=idle,
     )
 
 
@@ -332,6 +478,14 @@ class _Validator:
         return cast(
             "str | None", self._typed(t, key, None, lambda x: isinstance(x, str), "a string")
         )
+
+    def opt_strings(self, t: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
+        value = self._get(t, key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            self.fail(key, "a list of strings", value)
+        return tuple(value)
 
     def boolean(self, t: Mapping[str, Any], key: str, default: bool) -> bool:  # noqa: FBT001
         return cast(

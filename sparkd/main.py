@@ -22,6 +22,7 @@ EXIT_CONFIG_INVALID = 2
         "prestart": "sparkd.prestart:command",
         "wait-healthy": "sparkd.engine.health:wait_healthy_command",
         "sim-engine": "sparkd.sim.engine:command",
+        "gateway": "sparkd.gateway.command:command",
     },
 )
 @click.version_option(package_name="sparkd")

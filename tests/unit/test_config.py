@@ -136,3 +136,49 @@ def test_check_config_reads_sparkd_config_env(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["check-config"], env={"SPARKD_CONFIG": str(bad)})
     assert res.exit_code == 2
     assert str(bad) in res.output
+
+
+def test_gateway_and_speculative_keys() -> None:
+    c = parse_config(MINIMAL + """
+idle_unload_minutes = 30
+[models.a.speculative]
+method = "eagle3"
+draft_model = "/models/eagle3-draft"
+num_speculative_tokens = 4
+eagle_topk = 8
+dispatch = "measured"
+routes = { code = "speculative" }
+[gateway]
+hold_seconds = 5
+queue_limit = 3
+swap_on_demand = true
+allow_remote_images = true
+[gateway.classifier]
+code_user_agents = ["my-ide"]
+""", source=SRC)
+    spec = c.models["a"].speculative
+    assert spec is not None and spec.method == "eagle3" and spec.eagle_topk == 8
+    assert spec.routes_dict == {"structured": "plain", "vision": "speculative",
+                                "code": "speculative", "chat": "speculative"}
+    assert c.models["a"].idle_unload_minutes == 30
+    g = c.gateway
+    assert (g.hold_seconds, g.queue_limit, g.swap_on_demand, g.allow_remote_images) == (
+        5, 3, True, True)
+    assert g.classifier.code_user_agents == ("my-ide",)
+    assert g.classifier.code_patterns is None
+    d = parse_config(MINIMAL, source=SRC)
+    assert d.models["a"].speculative is None and not d.gateway.swap_on_demand
+
+
+def test_gateway_and_speculative_errors() -> None:
+    assert 'models.a.speculative.method: expected one of eagle, eagle3' in err(
+        MINIMAL + '[models.a.speculative]\ndraft_model = "d"\n')
+    assert 'did you mean "draft_model"' in err(
+        MINIMAL + '[models.a.speculative]\nmethod = "eagle"\ndraft_modle = "d"\n')
+    assert "models.a.speculative.routes: expected workload classes" in err(
+        MINIMAL + '[models.a.speculative]\nmethod = "eagle"\ndraft_model = "d"\n'
+        'routes = { json = "plain" }\n')
+    assert "gateway.classifier.code_patterns[0]: expected a regular expression" in err(
+        MINIMAL + '[gateway.classifier]\ncode_patterns = ["("]\n')
+    assert "gateway.queue_limit: expected an integer" in err(
+        MINIMAL + '[gateway]\nqueue_limit = "many"\n')

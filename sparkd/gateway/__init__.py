@@ -1,0 +1,10 @@
+"""The gateway: one OpenAI-compatible endpoint in front of sparkd's engines.
+
+- `rewrite`: PURE role policies (passthrough, merge, strict, strict-tools, auto).
+- `classify`: PURE workload classifier (structured, vision, code, chat).
+- `dispatch`: PURE choice of engine variant (plain, speculative), static or measured.
+- `routing`: PURE view of the daemon's status and what to do with a request (serve, hold,
+  swap on demand, refuse), idle unloads, the /v1/models listing.
+- `errors`, `metrics`: OpenAI-style error bodies; Prometheus metrics.
+- `app`: the aiohttp adapter; `command`: `sparkd gateway`.
+"""

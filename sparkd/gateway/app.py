@@ -1,0 +1,667 @@
+"""The gateway's aiohttp adapter: one OpenAI-compatible endpoint in front of sparkd's engines.
+
+Per request: validate the body, classify the workload, rewrite the messages for the model's
+role policy, find the engine (holding while it loads or a swap runs), pick the variant, and
+relay the answer (SSE chunk by chunk). The decisions are the pure modules' (rewrite, classify,
+dispatch, routing); this module does the I/O: HTTP both ways, the daemon's event stream, the
+daemon calls (swap, unload), the clock and the random draw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar, cast
+
+import aiohttp
+import yarl
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+from sparkd.config import Config, ModelConfig, Variant
+from sparkd.control import aio_client
+from sparkd.errors import SparkdError
+from sparkd.gateway import classify, dispatch, rewrite, routing
+from sparkd.gateway.errors import GatewayError, error_body, upstream_error_body
+from sparkd.gateway.metrics import Metrics
+from sparkd.journal import event
+
+log = logging.getLogger(__name__)
+
+WORKLOAD_HEADER: Final = "X-Sparkd-Workload"
+REWRITES_HEADER: Final = "X-Sparkd-Rewrites"
+VARIANT_HEADER: Final = "X-Sparkd-Variant"
+# Request headers passed to the engine; the rest (hop-by-hop, Host, our own) are not.
+FORWARDED: Final = ("Content-Type", "Accept", "Authorization", "User-Agent", "X-Request-Id",
+                    "OpenAI-Organization", "OpenAI-Project")
+RECONNECT_MIN_S: Final = 0.1
+RECONNECT_MAX_S: Final = 5.0
+IDLE_CHECK_S: Final = 30.0
+
+DaemonCall = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class GatewayState:
+    """What the gateway knows and remembers; mutated only on the event loop."""
+
+    view: routing.DaemonView = field(default_factory=routing.DaemonView)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    held: int = 0
+    last_swap_request: float | None = None
+    last_swap_model: str | None = None
+    swap_failures: dict[str, tuple[float, str]] = field(default_factory=dict)
+    last_used: dict[str, float] = field(default_factory=dict)
+    stats: dispatch.DecodeStats = field(default_factory=dispatch.DecodeStats)
+
+    def update(self, view: routing.DaemonView, *, now: float) -> None:
+        self.view = view
+        for name, endpoints in view.endpoints.items():
+            if any(e.healthy for e in endpoints):
+                self.last_used.setdefault(name, now)  # idle time counts from first seen
+            else:
+                self.last_used.pop(name, None)
+        # Wake every held request: each re-decides on the new view.
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    config: Config
+    rules: classify.CompiledRules
+    policies: Mapping[str, rewrite.PolicyChoice]
+    daemon_call: DaemonCall
+    clock: Callable[[], float] = time.monotonic
+    draw: Callable[[], float] = random.random
+
+
+CONFIG: Final = web.AppKey("settings", Settings)
+STATE: Final = web.AppKey("state", GatewayState)
+METRICS: Final = web.AppKey("metrics", Metrics)
+SESSION: Final = web.AppKey("session", aiohttp.ClientSession)
+
+
+def settings_for(config: Config, *, daemon_call: DaemonCall | None = None) -> Settings:
+    gc = config.gateway.classifier
+    socket = config.daemon.control_socket
+
+    async def call(method: str, params: dict[str, Any]) -> Any:
+        return await aio_client.call(socket, method, params)
+
+    return Settings(
+        config=config,
+        rules=classify.rules_from(
+            code_user_agents=gc.code_user_agents,
+            code_system_prompts=gc.code_system_prompts,
+            code_patterns=gc.code_patterns,
+        ),
+        policies={
+            name: rewrite.resolve_policy(m.role_policy, name, m.source, str(m.path))
+            for name, m in config.models.items()
+        },
+        daemon_call=daemon_call or call,
+    )
+
+
+def build_app(settings: Settings, *, subscribe: bool = True) -> web.Application:
+    app = web.Application(
+        middlewares=[openai_errors], client_max_size=settings.config.gateway.max_body_bytes
+    )
+    app[CONFIG] = settings
+    app[STATE] = GatewayState()
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_client_session)
+    if subscribe:
+        app.cleanup_ctx.append(_daemon_events)
+    if any(m.idle_unload_minutes for m in settings.config.models.values()):
+        app.cleanup_ctx.append(_idle_unloader)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/v1/{tail:.*}", passthrough)
+    return app
+
+
+# --- background tasks (cleanup_ctx) ----------------------------------------------------------
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=10, sock_read=app[CONFIG].config.gateway.upstream_timeout_s
+    )
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False
+    ) as session:
+        app[SESSION] = session
+        yield
+
+
+async def _daemon_events(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(follow_daemon(app), name="gateway-daemon-events")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def follow_daemon(app: web.Application) -> None:
+    """Keep the view current from the daemon's subscribe stream; reconnect with backoff
+    while the daemon is away (the last view stays: engines outlive a sparkd restart)."""
+    settings, state, m = app[CONFIG], app[STATE], app[METRICS]
+    path = settings.config.daemon.control_socket
+    delay = RECONNECT_MIN_S
+    while True:
+        try:
+            async for message in aio_client.subscribe(path):
+                status = message.get("status")
+                if message.get("event") == "swap_failed":
+                    _note_swap_failure(state, message, now=settings.clock())
+                if status is None:
+                    continue  # keepalive
+                if not state.view.connected:
+                    event(log, "gateway_daemon_connected", "following sparkd's events on %s",
+                          path)
+                m.daemon_connected.set(1)
+                state.update(routing.view_from_status(status), now=settings.clock())
+                delay = RECONNECT_MIN_S
+        except (SparkdError, OSError, ValueError) as exc:
+            log.debug("daemon event stream: %s", exc)
+        if state.view.connected:
+            event(log, "gateway_daemon_lost", "lost sparkd's event stream on %s; reconnecting",
+                  path, level=logging.WARNING)
+            m.daemon_connected.set(0)
+            view = state.view
+            state.update(routing.DaemonView(seen=view.seen, connected=False,
+                                            endpoints=view.endpoints, swap=view.swap,
+                                            active_model=view.active_model),
+                         now=settings.clock())
+        await asyncio.sleep(delay)
+        delay = min(RECONNECT_MAX_S, delay * 2)
+
+
+def _note_swap_failure(state: GatewayState, message: Mapping[str, Any], *, now: float) -> None:
+    target = message.get("to") or message.get("model")
+    swap = (message.get("status") or {}).get("swap") if isinstance(message.get("status"),
+                                                                    dict) else None
+    if not isinstance(target, str) and isinstance(swap, dict):
+        target = swap.get("to")
+    if isinstance(target, str):
+        state.swap_failures[target] = (now, str(message.get("message") or message.get("error")
+                                                or "the swap failed"))
+
+
+async def _idle_unloader(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(unload_idle(app), name="gateway-idle-unload")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def unload_idle(app: web.Application, *, interval_s: float = IDLE_CHECK_S) -> None:
+    settings, state = app[CONFIG], app[STATE]
+    shortest = min(m.idle_unload_minutes or 1e9 for m in settings.config.models.values())
+    interval_s = min(interval_s, shortest * 60 / 4)
+    while True:
+        await asyncio.sleep(interval_s)
+        now = settings.clock()
+        for name in routing.idle_models(settings.config, state.view, state.last_used, now=now):
+            state.last_used[name] = now  # one request per idle period
+            app[METRICS].unload_requests.labels(name).inc()
+            try:
+                await settings.daemon_call("unload", {"model": name})
+                event(log, "gateway_idle_unload", "asked sparkd to unload %s (idle %g min)",
+                      name, settings.config.models[name].idle_unload_minutes,
+                      SPARKD_MODEL=name)
+            except (SparkdError, OSError) as exc:
+                log.warning("could not ask sparkd to unload idle %s: %s", name,
+                            getattr(exc, "message", exc))
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as an OpenAI-style body, aiohttp's own 404/405/413 included."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        request.app[METRICS].refused.labels(exc.code).inc()
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            exc.status, "bad_request")
+        message = exc.reason
+        if exc.status == 413:
+            limit = request.app[CONFIG].config.gateway.max_body_bytes
+            message = f"request body too large (limit {limit} bytes: gateway.max_body_bytes)"
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        request.app[METRICS].refused.labels(code).inc()
+        return web.json_response(error_body(exc.status, code, message), status=exc.status,
+                                 headers=headers)
+
+
+# --- the OpenAI routes -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Prepared:
+    model: ModelConfig
+    raw: bytes
+    stream: bool
+    workload: str
+    rewrites: int
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _openai(request, "/v1/chat/completions", chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _openai(request, "/v1/completions", chat=False)
+
+
+async def _openai(request: web.Request, path: str, *, chat: bool) -> web.StreamResponse:
+    settings = request.app[CONFIG]
+    prepared = _prepare(request, await request.read(), settings, chat=chat)
+    model = prepared.model
+    serve = await _route(request.app, model)
+    variant = _variant(request.app, model, prepared.workload, serve)
+    headers = {WORKLOAD_HEADER: prepared.workload, REWRITES_HEADER: str(prepared.rewrites),
+               VARIANT_HEADER: variant}
+    return await _relay(
+        request, serve.urls[variant] + path, prepared.raw, headers,
+        model=model.name, variant=variant, workload=prepared.workload, route=path,
+    )
+
+
+def _prepare(request: web.Request, raw: bytes, settings: Settings, *, chat: bool) -> Prepared:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise GatewayError(400, "invalid_json", f"request body is not valid JSON: {exc}"
+                           ) from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "invalid_type", "request body: expected a JSON object")
+    name = body.get("model")
+    if not isinstance(name, str):
+        raise GatewayError(400, "invalid_type", "model: expected a string", param="model")
+    model = settings.config.models.get(name)
+    if model is None:
+        known = ", ".join(sorted(settings.config.models)) or "none"
+        raise GatewayError(404, "model_not_found",
+                           f"The model `{name}` does not exist (configured: {known}).",
+                           param="model")
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise GatewayError(400, "invalid_type", "stream: expected a boolean", param="stream")
+    messages = body.get("messages")
+    if chat:
+        if not isinstance(messages, list) or not messages:
+            raise GatewayError(400, "invalid_type", "messages: expected a non-empty list",
+                               param="messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise GatewayError(400, "invalid_type",
+                                   f"messages[{i}]: expected an object with a string role",
+                                   param="messages")
+            content = m.get("content")
+            if content is not None and not isinstance(content, str | list):
+                raise GatewayError(400, "invalid_type",
+                                   f"messages[{i}].content: expected a string or a list of parts",
+                                   param="messages")
+        if not settings.config.gateway.allow_remote_images:
+            for url in classify.image_urls(body):
+                if classify.is_remote(url):
+                    raise GatewayError(
+                        400, "remote_image_refused",
+                        "image parts must be inline data: URLs; remote image URLs are refused"
+                        " (an engine that fetches URLs is a request-forgery path, vLLM"
+                        " CVE-2025-6242; gateway.allow_remote_images turns them on)",
+                        param="messages")
+    workload = classify.parse_override(request.headers.get(WORKLOAD_HEADER))
+    if workload is None:
+        workload = classify.classify(
+            body, user_agent=request.headers.get("User-Agent", ""), rules=settings.rules
+        ).workload
+    changes = 0
+    if chat:
+        assert isinstance(messages, list)  # checked above
+        choice = settings.policies[name]
+        result = rewrite.rewrite(messages, choice)
+        if result.changes:
+            changes = result.changes
+            body["messages"] = result.messages
+            raw = json.dumps(body, ensure_ascii=False).encode()
+            m = request.app[METRICS]
+            _child(m.rewrites, name, choice.policy).inc(changes)
+            _child(m.rewritten_requests, name, choice.policy).inc()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("role policy %s rewrote %s's messages (%d changes): %s -> %s",
+                          choice.policy, name, changes, ",".join(result.roles_before),
+                          ",".join(result.roles_after))
+    return Prepared(model, raw, bool(stream), workload, changes)
+
+
+async def _route(app: web.Application, model: ModelConfig) -> routing.Serve:
+    """The engine(s) for the model, waiting (bounded) while it loads or a swap runs."""
+    settings, state, m = app[CONFIG], app[STATE], app[METRICS]
+    gateway = settings.config.gateway
+    started = settings.clock()
+    deadline = started + gateway.hold_seconds
+    held = swap_requested = False
+    requested_at = 0.0
+    try:
+        while True:
+            now = settings.clock()
+            if swap_requested:
+                failure = state.swap_failures.get(model.name)
+                if failure is not None and failure[0] >= requested_at:
+                    raise GatewayError(503, "swap_failed",
+                                       f"the swap to {model.name} failed: {failure[1]}",
+                                       retry_after_s=gateway.swap_min_interval_s)
+            decision = routing.decide(
+                model, state.view, gateway, now=now,
+                last_swap_request=state.last_swap_request,
+                swap_requested=swap_requested or (
+                    state.last_swap_model == model.name
+                    and state.last_swap_request is not None
+                    and now - state.last_swap_request < gateway.swap_min_interval_s),
+            )
+            if isinstance(decision, routing.Serve):
+                state.last_used[model.name] = now
+                return decision
+            if isinstance(decision, routing.Refuse):
+                raise GatewayError(503, decision.code, decision.message,
+                                   retry_after_s=decision.retry_after_s)
+            if isinstance(decision, routing.StartSwap):
+                state.last_swap_request, state.last_swap_model = now, model.name
+                requested_at = now
+                swap_requested = True
+                m.swap_requests.labels(model.name).inc()
+                event(log, "gateway_swap_on_demand", "%s", decision.reason,
+                      SPARKD_MODEL=model.name)
+                try:
+                    await settings.daemon_call("swap", {"model": model.name})
+                except (SparkdError, OSError) as exc:
+                    raise GatewayError(503, "swap_failed",
+                                       f"sparkd did not start a swap to {model.name}: "
+                                       f"{getattr(exc, 'message', exc)}",
+                                       retry_after_s=gateway.swap_min_interval_s) from None
+                continue
+            # Hold.
+            if not held:
+                if state.held >= gateway.queue_limit:
+                    raise GatewayError(503, "queue_full",
+                                       f"{decision.reason}, and {state.held} requests already"
+                                       f" wait (gateway.queue_limit)",
+                                       retry_after_s=max(1.0, gateway.hold_seconds))
+                held = True
+                state.held += 1
+                m.held.inc()
+            remaining = deadline - settings.clock()
+            if remaining <= 0:
+                raise GatewayError(503, "model_loading",
+                                   f"{decision.reason}; not ready within"
+                                   f" {gateway.hold_seconds:g} s (gateway.hold_seconds)",
+                                   retry_after_s=max(1.0, gateway.hold_seconds / 4))
+            changed = state.changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+    finally:
+        if held:
+            state.held -= 1
+            m.held.dec()
+            m.hold_seconds.observe(settings.clock() - started)
+
+
+def _variant(app: web.Application, model: ModelConfig, workload: str, serve: routing.Serve
+             ) -> Variant:
+    if len(serve.urls) == 1:
+        return next(iter(serve.urls))
+    settings = app[CONFIG]
+    return dispatch.choose(model.name, workload, tuple(serve.urls), model.speculative,
+                           app[STATE].stats, draw=settings.draw()).variant
+
+
+@functools.lru_cache(maxsize=1024)
+def _url(base: str, query: str) -> yarl.URL:
+    """Parsed once: yarl's parsing is a noticeable share of a proxied request."""
+    return yarl.URL(base + ("?" + query if query else ""), encoded=False)
+
+
+_Metric = TypeVar("_Metric", Counter, Histogram)
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: _Metric, *labels: str) -> _Metric:
+    """metric.labels(...), remembered (the lookup takes a lock and builds tuples)."""
+    key = (id(metric), labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+        if len(_children) > 100_000:  # pragma: no cover - label sets are bounded
+            _children.clear()
+    return cast(_Metric, child)
+
+
+def _measured(model: str, app: web.Application) -> bool:
+    spec = app[CONFIG].config.models[model].speculative
+    return spec is not None and spec.dispatch == "measured"
+
+
+async def _relay(
+    request: web.Request,
+    url: str,
+    raw: bytes,
+    extra_headers: Mapping[str, str],
+    *,
+    model: str,
+    variant: Variant,
+    workload: str,
+    route: str,
+    method: str = "POST",
+) -> web.StreamResponse:
+    """Forward one request and relay the answer: SSE chunk by chunk, anything else whole."""
+    app = request.app
+    session, m = app[SESSION], app[METRICS]
+    headers = {k: v for k in FORWARDED if (v := request.headers.get(k)) is not None}
+    target = _url(url, request.query_string)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    status = 502
+    try:
+        try:
+            async with session.request(method, target, data=raw or None, headers=headers
+                                       ) as up:
+                _child(m.upstream_seconds, model, variant).observe(loop.time() - began)
+                status = up.status
+                if up.status >= 400:
+                    body = upstream_error_body(up.status, await up.read())
+                    retry = {"Retry-After": up.headers["Retry-After"]} if (
+                        "Retry-After" in up.headers) else {}
+                    if up.status == 503 and not retry:
+                        retry = {"Retry-After": "5"}
+                    return web.json_response(body, status=up.status,
+                                             headers={**extra_headers, **retry})
+                content_type = up.headers.get("Content-Type", "application/json")
+                if content_type.startswith("text/event-stream"):
+                    return await _relay_stream(request, up, extra_headers, content_type,
+                                               model=model, variant=variant, workload=workload)
+                payload = await up.read()
+                if _measured(model, app):
+                    _record_rate(app, model, workload, variant, payload, loop.time() - began)
+                return web.Response(body=payload, status=up.status,
+                                    headers={**extra_headers, "Content-Type": content_type})
+        except TimeoutError:
+            status = 504
+            raise GatewayError(504, "upstream_timeout",
+                               f"the engine of {model} did not answer within"
+                               f" {app[CONFIG].config.gateway.upstream_timeout_s:g} s") from None
+        except aiohttp.ClientError as exc:
+            status = 502
+            raise GatewayError(502, "upstream_unreachable",
+                               f"the engine of {model} ({url}) failed: {exc}",
+                               retry_after_s=1) from None
+    finally:
+        _child(m.requests, model, route, workload, variant, str(status)).inc()
+
+
+async def _relay_stream(
+    request: web.Request,
+    up: aiohttp.ClientResponse,
+    extra_headers: Mapping[str, str],
+    content_type: str,
+    *,
+    model: str,
+    variant: Variant,
+    workload: str,
+) -> web.StreamResponse:
+    app = request.app
+    response = web.StreamResponse(
+        status=up.status,
+        headers={**extra_headers, "Content-Type": content_type, "Cache-Control": "no-cache"},
+    )
+    await response.prepare(request)
+    measure = _measured(model, app)
+    loop = asyncio.get_running_loop()
+    first = last = 0.0
+    events = 0
+    try:
+        async for chunk in up.content.iter_any():
+            await response.write(chunk)
+            if measure:
+                now = loop.time()
+                first = first or now
+                last = now
+                events += chunk.count(b"data:")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        # Headers are gone already: say it in the stream, as the engines do.
+        err = error_body(502, "upstream_error", f"the engine's stream broke: {exc}")
+        with contextlib.suppress(ConnectionError):
+            await response.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+    except ConnectionError:
+        log.debug("client went away during a stream from %s", model)
+        return response  # leaving `async with` closes the upstream request
+    if measure and events > 2 and last > first:
+        _record(app, model, workload, variant, (events - 2) / (last - first))
+    with contextlib.suppress(ConnectionError):
+        await response.write_eof()
+    return response
+
+
+def _record_rate(app: web.Application, model: str, workload: str, variant: Variant,
+                 payload: bytes, elapsed: float) -> None:
+    try:
+        usage = json.loads(payload).get("usage") or {}
+        tokens = float(usage.get("completion_tokens") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return
+    if tokens > 0 and elapsed > 0:
+        _record(app, model, workload, variant, tokens / elapsed)
+
+
+def _record(app: web.Application, model: str, workload: str, variant: Variant,
+            rate: float) -> None:
+    stats = app[STATE].stats
+    stats.record(model, workload, variant, rate)
+    app[METRICS].decode_rate.labels(model, workload, variant).set(
+        stats.mean(model, workload, variant))
+
+
+# --- other routes ----------------------------------------------------------------------------
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """Other /v1/* routes (embeddings, tokenize...): to the model the body names, else to the
+    one loaded model."""
+    settings = request.app[CONFIG]
+    raw = await request.read()
+    name: object = None
+    if raw:
+        with contextlib.suppress(ValueError, RecursionError):
+            body = json.loads(raw)
+            name = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(name, str):
+        name = request.query.get("model")
+    if isinstance(name, str):
+        model = settings.config.models.get(name)
+        if model is None:
+            raise GatewayError(404, "model_not_found", f"The model `{name}` does not exist.",
+                               param="model")
+    else:
+        loaded = [n for n, eps in request.app[STATE].view.endpoints.items()
+                  if any(e.healthy for e in eps) and n in settings.config.models]
+        if not loaded:
+            raise GatewayError(503, "model_not_loaded",
+                               "no model is loaded to serve this route", retry_after_s=5)
+        model = settings.config.models[loaded[0]]
+    serve = await _route(request.app, model)
+    variant: Variant = "plain" if "plain" in serve.urls else next(iter(serve.urls))
+    return await _relay(request, serve.urls[variant] + request.path, raw, {},
+                        model=model.name, variant=variant, workload="-", route="other",
+                        method=request.method)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    settings = request.app[CONFIG]
+    return web.json_response(routing.models_listing(
+        settings.config, request.app[STATE].view, created=int(time.time())))
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    view = state.view
+    return web.json_response({
+        "status": "ok",
+        "daemon": {"connected": view.connected, "seen": view.seen,
+                   "swap": None if view.swap is None else {
+                       "from": view.swap.from_model, "to": view.swap.to_model,
+                       "step": view.swap.step}},
+        "held_requests": state.held,
+        "loaded": sorted(n for n, eps in view.endpoints.items() if any(e.healthy for e in eps)),
+        "dispatch": state.stats.snapshot(),
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# --- running it ------------------------------------------------------------------------------
+
+
+async def serve(config: Config, *, ready: Callable[[], None] = lambda: None,
+                stop: asyncio.Event | None = None) -> None:
+    """Listen on gateway.listen until `stop` is set."""
+    host, _, port = config.gateway.listen.rpartition(":")
+    app = build_app(settings_for(config))
+    # handler_cancellation: a client that disconnects cancels its handler, and with it the
+    # upstream request (aiohttp >= 3.9 leaves handlers running by default).
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=5)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+        event(log, "gateway_listening", "gateway listening on %s", config.gateway.listen)
+        ready()
+        await (stop or asyncio.Event()).wait()
+    finally:
+        await runner.cleanup()

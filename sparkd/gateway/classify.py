@@ -1,0 +1,220 @@
+"""PURE: the workload classifier. What kind of generation a request asks for, which decides
+whether speculative decoding helps it (the seed's fifth disaster).
+
+    structured  response_format json_object / json_schema; tools, tool_choice, functions;
+                vLLM guided_* / structured_outputs and SGLang regex / json_schema / ebnf fields
+    vision      any image part in any message
+    code        code fences, source-like lines, a coding assistant's system prompt or
+                User-Agent (the rules are data: `Rules`, configurable under
+                [gateway.classifier])
+    chat        everything else
+
+The first class that matches wins, in that order. `classify` never raises: a body of any
+shape gets a class (bad input is the validator's to report, not the classifier's).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+Workload = Literal["structured", "vision", "code", "chat"]
+WORKLOADS: Final[tuple[Workload, ...]] = ("structured", "vision", "code", "chat")
+
+STRUCTURED_FIELDS: Final = (
+    "tools", "tool_choice", "functions", "function_call",
+    # vLLM
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+    # SGLang
+    "regex", "json_schema", "ebnf",
+)
+IMAGE_PART_TYPES: Final = frozenset({"image_url", "input_image", "image"})
+
+DEFAULT_CODE_USER_AGENTS: Final = (
+    "opencode", "aider", "cline", "roo-code", "roocode", "continue", "cursor", "vibe",
+    "openclaw", "openhands", "claude-cli", "codex", "copilot", "kilo-code", "goose",
+)
+DEFAULT_CODE_SYSTEM_PROMPTS: Final = (
+    "coding assistant", "software engineer", "expert programmer", "programming assistant",
+    "code assistant", "senior engineer", "you write code", "pair programmer",
+    "interactive cli tool that helps users with software engineering",
+)
+# Lines that look like source code, counted per message; two or more make it code.
+DEFAULT_CODE_PATTERNS: Final = (
+    r"^[ \t]*(def|class|async def)[ \t]+\w+.*:[ \t]*$",
+    r"^[ \t]*(import|from)[ \t]+[\w.]+([ \t]+import[ \t]+.+)?[ \t]*$",
+    r"^[ \t]*#include[ \t]*[<\"]",
+    r"^[ \t]*(public|private|protected|static)[ \t]+[\w<>\[\]]+[ \t]+\w+[ \t]*\(",
+    r"^[ \t]*(function|fn|func)[ \t]+\w+[ \t]*\(",
+    r"^[ \t]*(const|let|var)[ \t]+\w+[ \t]*=.*;[ \t]*$",
+    r"^[ \t]*(if|for|while)[ \t]*\(.*\)[ \t]*\{[ \t]*$",
+    r"^[ \t]*\}[ \t]*(else[ \t]*\{)?[ \t]*$",
+    r"^[ \t]*(package|use)[ \t]+[\w:.]+;[ \t]*$",
+    r"^[ \t]*(SELECT|INSERT|UPDATE|DELETE|CREATE TABLE)\b.*",
+    r"^diff --git |^@@ -\d+",
+)
+CODE_LINES_NEEDED: Final = 2
+SCAN_LIMIT: Final = 64 * 1024  # characters looked at per message: classification stays O(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    code_user_agents: tuple[str, ...] = DEFAULT_CODE_USER_AGENTS
+    code_system_prompts: tuple[str, ...] = DEFAULT_CODE_SYSTEM_PROMPTS
+    code_patterns: tuple[str, ...] = DEFAULT_CODE_PATTERNS
+
+    def compiled(self) -> CompiledRules:
+        return CompiledRules(
+            user_agents=tuple(s.lower() for s in self.code_user_agents),
+            system_prompts=tuple(s.lower() for s in self.code_system_prompts),
+            source=re.compile("|".join(f"(?:{p})" for p in self.code_patterns) or r"(?!)",
+                              re.MULTILINE),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRules:
+    user_agents: tuple[str, ...]
+    system_prompts: tuple[str, ...]
+    source: re.Pattern[str]
+
+
+DEFAULT_RULES: Final = Rules().compiled()
+
+
+def rules_from(
+    *,
+    code_user_agents: Sequence[str] | None = None,
+    code_system_prompts: Sequence[str] | None = None,
+    code_patterns: Sequence[str] | None = None,
+) -> CompiledRules:
+    """Rules with the configured lists in place of the built-in ones (None: built-in)."""
+    base = Rules()
+    return Rules(
+        code_user_agents=tuple(code_user_agents) if code_user_agents is not None
+        else base.code_user_agents,
+        code_system_prompts=tuple(code_system_prompts) if code_system_prompts is not None
+        else base.code_system_prompts,
+        code_patterns=tuple(code_patterns) if code_patterns is not None else base.code_patterns,
+    ).compiled()
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    workload: Workload
+    reason: str
+
+
+def parse_override(value: str | None) -> Workload | None:
+    """The `X-Sparkd-Workload` request header, when it names a class."""
+    if value is None:
+        return None
+    lowered = value.strip().lower()
+    for w in WORKLOADS:
+        if lowered == w:
+            return w
+    return None
+
+
+def classify(
+    body: object, *, user_agent: str = "", rules: CompiledRules = DEFAULT_RULES
+) -> Classification:
+    if not isinstance(body, Mapping):
+        return Classification("chat", "not a JSON object")
+    reason = _structured(body)
+    if reason:
+        return Classification("structured", reason)
+    messages = body.get("messages")
+    items: list[Any] = list(messages) if isinstance(messages, list) else []
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        items.append({"role": "user", "content": prompt})
+    elif isinstance(prompt, list):
+        items.extend({"role": "user", "content": p} for p in prompt if isinstance(p, str))
+    if any(_has_image(m) for m in items):
+        return Classification("vision", "an image part")
+    ua = user_agent.lower()
+    for marker in rules.user_agents:
+        if marker and marker in ua:
+            return Classification("code", f"User-Agent has {marker!r}")
+    for m in items:
+        if not isinstance(m, Mapping):
+            continue
+        text = _text(m.get("content"))
+        if m.get("role") in ("system", "developer"):
+            lowered = text.lower()
+            for marker in rules.system_prompts:
+                if marker and marker in lowered:
+                    return Classification("code", f"system prompt has {marker!r}")
+        if "```" in text:
+            return Classification("code", "a code fence")
+        if _source_lines(text, rules.source) >= CODE_LINES_NEEDED:
+            return Classification("code", "source-like lines")
+    return Classification("chat", "no structured, vision or code signal")
+
+
+def _structured(body: Mapping[str, Any]) -> str:
+    fmt = body.get("response_format")
+    if isinstance(fmt, Mapping) and fmt.get("type") in ("json_object", "json_schema"):
+        return f"response_format {fmt.get('type')}"
+    for key in STRUCTURED_FIELDS:
+        value = body.get(key)
+        if value is None or value == [] or value == {} or value is False:
+            continue
+        if key in ("tool_choice", "function_call") and value in ("none",):
+            continue
+        return f"field {key}"
+    return ""
+
+
+def _has_image(message: object) -> bool:
+    if not isinstance(message, Mapping):
+        return False
+    content = message.get("content")
+    return isinstance(content, list) and any(
+        isinstance(p, Mapping) and p.get("type") in IMAGE_PART_TYPES for p in content
+    )
+
+
+def _text(content: object) -> str:
+    if isinstance(content, str):
+        return content[:SCAN_LIMIT]
+    if isinstance(content, list):
+        parts = [p.get("text") for p in content if isinstance(p, Mapping)]
+        return "\n".join(p for p in parts if isinstance(p, str))[:SCAN_LIMIT]
+    return ""
+
+
+def _source_lines(text: str, pattern: re.Pattern[str]) -> int:
+    count = 0
+    for _ in pattern.finditer(text):
+        count += 1
+        if count >= CODE_LINES_NEEDED:
+            break
+    return count
+
+
+def image_urls(body: object) -> list[str]:
+    """The URLs of every image part (for the remote-image check)."""
+    found: list[str] = []
+    if not isinstance(body, Mapping) or not isinstance(body.get("messages"), list):
+        return found
+    for m in body["messages"]:
+        content = m.get("content") if isinstance(m, Mapping) else None
+        if not isinstance(content, list):
+            continue
+        for p in content:
+            if not isinstance(p, Mapping) or p.get("type") not in IMAGE_PART_TYPES:
+                continue
+            ref = p.get("image_url")
+            url = ref.get("url") if isinstance(ref, Mapping) else ref
+            if isinstance(url, str):
+                found.append(url)
+    return found
+
+
+def is_remote(url: str) -> bool:
+    """Whether an engine would fetch this URL (anything but inline data: URLs)."""
+    return not url.strip().lower().startswith("data:")

@@ -1,0 +1,74 @@
+"""`sparkd gateway`: run the gateway (started by sparkd-gateway.service)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from sparkd.config import load_config
+from sparkd.errors import ConfigError
+from sparkd.journal import setup_logging
+from sparkd.options import config_option
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2
+EXIT_LISTEN = 1
+
+
+def _notify(state: str) -> None:
+    import sdnotify
+
+    # sdnotify encodes as Latin-1; systemd wants UTF-8 (see sparkd.daemon.SdNotifier).
+    sdnotify.SystemdNotifier().notify(state.encode("utf-8").decode("latin-1"))
+
+
+async def _run(config_file: Path) -> int:
+    from sparkd.gateway.app import serve
+
+    config = load_config(config_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await serve(config, ready=lambda: _notify(
+            f"READY=1\nSTATUS=serving on {config.gateway.listen}"), stop=stop)
+    except OSError as exc:
+        log.error("gateway cannot listen on %s: %s", config.gateway.listen, exc)
+        return EXIT_LISTEN
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    _notify("STOPPING=1")
+    return 0
+
+
+def _runner() -> asyncio.Runner:
+    """uvloop's loop when it is installed (a dependency): a proxy's cost is mostly the loop's
+    and the sockets'; the standard loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - installed with sparkd
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+@click.command("gateway")
+@config_option
+@click.option("--debug", is_flag=True, help="Log debug messages (each rewrite's roles).")
+def command(config_file: Path, *, debug: bool) -> None:
+    """Run the OpenAI-compatible gateway in front of sparkd's engines."""
+    setup_logging("sparkd-gateway", debug=debug)
+    try:
+        with _runner() as runner:
+            code = runner.run(_run(config_file))
+        sys.exit(code)
+    except ConfigError as exc:
+        log.error("%s", exc.message)
+        sys.exit(EXIT_CONFIG)

@@ -1,0 +1,232 @@
+"""The gateway in a thread of its own, in front of real simulated engines (test doubles), with a
+fake daemon on a real control socket whose status the test drives (swap in progress, loading,
+healthy), as the daemon's subscribe stream would.
+
+Everything runs on one event loop in one thread, started and stopped by the fixture, so the
+synchronous `openai` client can be used from the test, and nothing outlives the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import http.client
+import json
+import shutil
+import socket
+import tempfile
+import threading
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from sparkd.config import Config, parse_config
+from sparkd.control.protocol import Request
+from sparkd.control.server import ControlServer
+from sparkd.errors import BadRequest
+from sparkd.gateway.app import build_app, settings_for
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def engine_entry(model: str, port: int, *, active_state: str = "active", healthy: bool = True,
+                 variant: str | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "model": model, "engine": "sim", "unit": f"sparkd-engine@{model}.service", "port": port,
+        "load_state": "loaded", "active_state": active_state, "sub_state": "running",
+        "main_pid": 1, "n_restarts": 0, "result": "success",
+        "health": {"ok": healthy, "status": 200 if healthy else 503, "error": None,
+                   "latency_ms": 1.0},
+        "health_failures": 0,
+    }
+    if variant is not None:
+        entry["variant"] = variant
+    return entry
+
+
+class FakeDaemon:
+    """The daemon's control socket: `status`, `subscribe`, and the swap author's `swap` and
+    `unload` (recorded; the test decides what the status says next)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.status: dict[str, Any] = {"schema": 1, "engines": [], "active_model": None,
+                                       "swap": None}
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.refuse: dict[str, str] = {}  # method -> error message
+        self._queues: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.server = ControlServer(path, group="sparkd-test-none", handler=self._handle,
+                                    streams={"subscribe": self._subscribe})
+
+    async def _handle(self, request: Request) -> Any:
+        self.calls.append((request.method, dict(request.params)))
+        if request.method in self.refuse:
+            raise BadRequest(self.refuse[request.method])
+        if request.method == "status":
+            return self.status
+        if request.method in ("swap", "unload"):
+            return {"accepted": True}
+        raise BadRequest(f"unknown method {request.method!r}")
+
+    async def _subscribe(self, _request: Request) -> AsyncIterator[Any]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._queues.add(queue)
+        try:
+            yield {"event": "snapshot", "status": self.status}
+            while True:
+                message = await queue.get()
+                if message.get("event") == "_close":
+                    return
+                yield message
+        finally:
+            self._queues.discard(queue)
+
+    def publish(self, name: str = "changed", **fields: Any) -> None:
+        for queue in list(self._queues):
+            queue.put_nowait({"event": name, **fields, "status": self.status})
+
+    def drop_subscribers(self) -> None:
+        for queue in list(self._queues):
+            queue.put_nowait({"event": "_close"})
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._queues)
+
+
+class Gateway:
+    def __init__(self, config: Config, daemon: FakeDaemon, loop: asyncio.AbstractEventLoop,
+                 port: int, app: web.Application) -> None:
+        self.config = config
+        self.daemon = daemon
+        self.loop = loop
+        self.port = port
+        self.app = app
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def run(self, fn: Callable[[], Coroutine[Any, Any, T]], timeout: float = 10) -> T:
+        """Run a coroutine on the gateway's loop (to drive the fake daemon)."""
+        return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout)
+
+    def set_status(self, *, engines: list[dict[str, Any]], active_model: str | None = None,
+                   swap: dict[str, Any] | None = None, event: str = "changed",
+                   **fields: Any) -> None:
+        async def go() -> None:
+            self.daemon.status = {"schema": 1, "engines": engines, "active_model": active_model,
+                                  "swap": swap}
+            self.daemon.publish(event, **fields)
+
+        self.run(go)
+
+
+@contextlib.contextmanager
+def running_gateway(config_text: str, *, initial: dict[str, Any] | None = None,
+                    start_daemon: bool = True, clock: Callable[[], float] | None = None,
+                    draw: Callable[[], float] | None = None) -> Iterator[Gateway]:
+    """The gateway on a free port, its config being `config_text` with the fake daemon's
+    socket and the port filled in ({socket}, {listen} placeholders are added if absent)."""
+    workdir = Path(tempfile.mkdtemp(prefix="sgw", dir="/tmp"))  # short: a socket path
+    sock = workdir / "control.sock"
+    port = free_port()
+    text = f'[daemon]\ncontrol_socket = "{sock}"\n' + config_text.replace(
+        "{listen}", f"127.0.0.1:{port}")
+    config = parse_config(text, source=workdir / "sparkd.toml")
+    loop = asyncio.new_event_loop()
+    daemon = FakeDaemon(sock)
+    if initial is not None:
+        daemon.status = initial
+    settings = settings_for(config)
+    if clock is not None:
+        settings = dataclasses.replace(settings, clock=clock)
+    if draw is not None:
+        settings = dataclasses.replace(settings, draw=draw)
+    app = build_app(settings)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=1)
+    started = threading.Event()
+    stopping: asyncio.Event | None = None
+
+    async def main() -> None:
+        nonlocal stopping
+        stopping = asyncio.Event()
+        if start_daemon:
+            await daemon.server.start()
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        started.set()
+        await stopping.wait()
+        await runner.cleanup()
+        daemon.drop_subscribers()
+        await daemon.server.close()
+        # The server's connection handlers end once their streams do: wait for them.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.wait_for(asyncio.gather(*others, return_exceptions=True), 5)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),),
+                              name="gateway-under-test")
+    thread.start()
+    try:
+        if not started.wait(10):
+            raise AssertionError("the gateway did not start")
+        yield Gateway(config, daemon, loop, port, app)
+    finally:
+        if stopping is not None:
+            loop.call_soon_threadsafe(stopping.set)
+        thread.join(15)
+        loop.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class Reply:
+    def __init__(self, status: int, headers: dict[str, str], raw: bytes) -> None:
+        self.status_code = status
+        self.headers = headers
+        self.content = raw
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+def http_request(method: str, url: str, *, content: bytes | None = None, json_body: Any = None,
+         headers: dict[str, str] | None = None, timeout: float = 30) -> Reply:
+    """One plain HTTP request (http.client: no extra dependency)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    hdrs = dict(headers or {})
+    if json_body is not None:
+        content = json.dumps(json_body).encode()
+        hdrs.setdefault("Content-Type", "application/json")
+    try:
+        conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""),
+                     body=content, headers=hdrs)
+        response = conn.getresponse()
+        raw = response.read()
+        return Reply(response.status, {k: v for k, v in response.getheaders()}, raw)
+    finally:
+        conn.close()
+
+
+def get(url: str, **kw: Any) -> Reply:
+    return http_request("GET", url, **kw)
+
+
+def post(url: str, **kw: Any) -> Reply:
+    return http_request("POST", url, **kw)
