@@ -76,7 +76,7 @@ def render_status(status: dict[str, Any], console: Console | None = None) -> Non
         state = f"[{style}]{e['active_state']}/{e['sub_state']}[/]" if style else (
             f"{e['active_state']}/{e['sub_state']}")
         table.add_row(
-            e["model"],
+            e["model"] + (" (speculative)" if e.get("variant") == "speculative" else ""),
             e["engine"],
             state,
             str(e["main_pid"] or "-"),
@@ -86,6 +86,8 @@ def render_status(status: dict[str, Any], console: Console | None = None) -> Non
         )
     console.print(table)
     for e in status["engines"]:
+        if e.get("note"):
+            console.print(f"[yellow]{e['model']} ({e.get('variant', 'plain')}):[/] {e['note']}")
         for fp in e.get("fingerprints", []):
             style = {"error": "red", "warning": "yellow"}.get(fp["severity"], "dim")
             value = f" = {fp['value']}" if fp.get("value") else ""

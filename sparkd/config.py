@@ -113,7 +113,10 @@ class SpeculativeConfig:
     num_steps: int | None = None
     eagle_topk: int | None = None
     num_draft_tokens: int | None = None
-    port: int | None = None  # the speculative variant's port (None: the swap planner picks)
+    port: int | None = None  # the speculative variant's port (None: the model's port + 1)
+    # What the speculative variant needs to start (None: the model's memory_gib): the weights
+    # again, and the draft model.
+    memory_gib: float | None = None
     dispatch: DispatchMode = "static"
     routes: tuple[tuple[str, Variant], ...] = DEFAULT_DISPATCH_ROUTES
     min_samples: int = 20
@@ -145,6 +148,27 @@ class ModelConfig:
     @property
     def unit_name(self) -> str:
         return f"sparkd-engine@{self.name}.service"
+
+    @property
+    def variants(self) -> tuple[Variant, ...]:
+        """The engine variants sparkd runs for this model: plain, and speculative when the
+        model has `speculative` settings."""
+        return ("plain", "speculative") if self.speculative is not None else ("plain",)
+
+    def unit_for(self, variant: Variant) -> str:
+        # ':' cannot appear in a model name, so "NAME:spec" never collides with a model.
+        return self.unit_name if variant == "plain" else f"sparkd-engine@{self.name}:spec.service"
+
+    def port_for(self, variant: Variant) -> int:
+        if variant == "plain" or self.speculative is None:
+            return self.port
+        return self.speculative.port or self.port + 1
+
+    def memory_gib_for(self, variant: Variant) -> float:
+        if variant == "plain" or self.speculative is None:
+            return self.memory_gib
+        return self.speculative.memory_gib if self.speculative.memory_gib is not None else (
+            self.memory_gib)
 
     @property
     def supervised(self) -> bool:
@@ -226,9 +250,12 @@ def parse_config(text: str, *, source: Path) -> Config:
             v.fail(key, "a table", table)
         model = _parse_model(v, name, table, daemon)
         if model.supervised:
-            if model.port in ports:
-                v.fail(f"{key}.port", f"a port not used by models.{ports[model.port]}", model.port)
-            ports[model.port] = name
+            for variant in model.variants:
+                port = model.port_for(variant)
+                where = f"{key}.port" if variant == "plain" else f"{key}.speculative.port"
+                if port in ports:
+                    v.fail(where, f"a port not used by {ports[port]}", port)
+                ports[port] = f"models.{name}" + ("" if variant == "plain" else " (speculative)")
         models[name] = model
     if daemon.default_model is not None and daemon.default_model not in models:
         v.fail(
@@ -347,6 +374,8 @@ def _parse_speculative(v: _Validator, key: str, t: dict[str, Any]) -> Speculativ
         eagle_topk=opt_int("eagle_topk"),
         num_draft_tokens=opt_int("num_draft_tokens"),
         port=spec_port,
+        memory_gib=None if "memory_gib" not in t else v.number(t, f"{key}.memory_gib", 0.0,
+                                                                lo=0),
         dispatch=cast(DispatchMode, v.choice(t, f"{key}.dispatch", DISPATCH_MODES, "static")),
         routes=tuple((w, routes[w]) for w in WORKLOADS),
         min_samples=v.integer(t, f"{key}.min_samples", d.min_samples, lo=1, hi=100_000),

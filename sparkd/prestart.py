@@ -39,7 +39,7 @@ from typing import Final, Literal, Protocol
 
 import click
 
-from sparkd.config import Config, load_config
+from sparkd.config import Config, Variant, load_config
 from sparkd.errors import ConfigError, PrestartRefused, UnknownModel
 from sparkd.monitor.memory import (
     GIB,
@@ -113,13 +113,13 @@ class PrestartPlan:
         return f"prestart {self.model}"
 
 
-def plan_prestart(config: Config, name: str) -> PrestartPlan:
-    """What prestart will do for model `name`. Raises UnknownModel."""
+def plan_prestart(config: Config, name: str, variant: Variant = "plain") -> PrestartPlan:
+    """What prestart will do for model `name` (its `variant`). Raises UnknownModel."""
     model = config.model(name)
     return PrestartPlan(
         model=model.name,
         model_path=model.path,
-        memory_gib=model.memory_gib,
+        memory_gib=model.memory_gib_for(variant),
         reserve_gib=config.daemon.memory_reserve_gib,
         settle=SettleRule(timeout_s=config.daemon.settle_timeout_s),
     )
@@ -372,13 +372,15 @@ def prepare_sim_dir(path: Path, user: str) -> str:
 @click.command("prestart")
 @config_option
 @click.argument("name")
-def command(config_file: Path, name: str) -> None:
+@click.option("--variant", type=click.Choice(["plain", "speculative"]), default="plain",
+              show_default=True, help="Which engine variant of the model starts.")
+def command(config_file: Path, name: str, variant: Variant) -> None:
     """Sync, drop the page cache, wait for memory to settle, and refuse to start model NAME
     when its memory_gib plus the reserve is not available. Runs as the engine unit's
     ExecStartPre; exit 1 refuses the start."""
     try:
         config = load_config(config_file)
-        plan = plan_prestart(config, name)
+        plan = plan_prestart(config, name, variant)
     except (ConfigError, UnknownModel) as exc:
         _stderr(exc.message)
         sys.exit(ExitStatus.CONFIG)

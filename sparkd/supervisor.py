@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sparkd import __version__
-from sparkd.config import Config, ModelConfig, load_config
+from sparkd.config import Config, ModelConfig, Variant, load_config
 from sparkd.control.protocol import Request
 from sparkd.engine.fingerprints import Match
 from sparkd.engine.health import ProbeResult
 from sparkd.engine.plan import Snapshot, SwapInProgress, SwapPlan, SwapStep, plan_swap
-from sparkd.engine.swap import SwapRun, execute
+from sparkd.engine.swap import SwapRun, execute, start_timeout
 from sparkd.errors import BadRequest, ConfigError, SparkdError, StateError
 from sparkd.journal import event
 from sparkd.monitor.memory import MemInfo
@@ -51,6 +51,7 @@ StatusSink = Callable[[str], None]
 JournalSince = Callable[[str, float], Awaitable[list[str]]]
 ModelsListed = Callable[[str, str], Awaitable[bool]]
 JOB_RESULTS_KEPT = 256
+GIB = 1 << 30
 ApplyUnits = Callable[[Config, int, Callable[[], None]], Mapping[str, Any]]
 
 
@@ -70,10 +71,20 @@ class EngineView:
 
     model: ModelConfig
     unit: UnitStatus
+    variant: Variant = "plain"
     health: ProbeResult | None = None
     health_failures: int = 0
     healthy_since: float | None = None
     fingerprints: list[Match] = field(default_factory=list)
+    note: str | None = None  # why a speculative variant is not running, say
+
+    @property
+    def unit_name(self) -> str:
+        return self.model.unit_for(self.variant)
+
+    @property
+    def port(self) -> int:
+        return self.model.port_for(self.variant)
 
 
 @dataclass(slots=True)
@@ -169,11 +180,13 @@ class Supervisor:
         if result.get("changed"):
             event(log, "units_reconciled", "engine units reconciled: %s", _describe(result))
         self.engines = {
-            m.name: self.engines.get(m.name) or EngineView(model=m, unit=UnitStatus(m.unit_name))
+            engine_key(m.name, v): self.engines.get(engine_key(m.name, v))
+            or EngineView(model=m, unit=UnitStatus(m.unit_for(v)), variant=v)
             for m in config.supervised_models
+            for v in m.variants
         }
-        for name, view in self.engines.items():
-            view.model = config.models[name]
+        for view in self.engines.values():
+            view.model = config.models[view.model.name]
         await self.refresh_units(list(self.engines))
 
     async def converge(self) -> None:
@@ -210,6 +223,7 @@ class Supervisor:
                 view.unit.sub_state,
                 SPARKD_MODEL=name,
             )
+            self._spawn(self.start_speculative(name))
             return
         # Started as a swap from nothing: the same health gate, and a rollback to the last
         # good model when the desired one does not come up (after a power cut, say).
@@ -260,7 +274,7 @@ class Supervisor:
                 log.warning("refreshing %s failed: %s", ", ".join(names), exc)
 
     async def refresh_units(self, names: list[str]) -> None:
-        units = [self.engines[n].model.unit_name for n in names if n in self.engines]
+        units = [self.engines[n].unit_name for n in names if n in self.engines]
 
         def read(m: SystemdManager) -> list[UnitStatus]:
             return [m.unit_status(u) for u in units]
@@ -294,7 +308,7 @@ class Supervisor:
             self._spawn(self._crash_loop(model, now))
 
     async def _crash_loop(self, model: str, status: UnitStatus) -> None:
-        unit = self.engines[model].model.unit_name
+        unit = self.engines[model].unit_name
         back = self.state.last_good_model
         why = (f"crash loop: systemd gave up after {status.n_restarts} restarts "
                f"(result {status.result})")
@@ -334,7 +348,7 @@ class Supervisor:
         for name, view in list(self.engines.items()):
             if not view.unit.running:
                 continue
-            result = await self.deps.probe(f"http://127.0.0.1:{view.model.port}/health")
+            result = await self.deps.probe(f"http://127.0.0.1:{view.port}/health")
             view.health = result
             now = self.deps.clock()
             if result.ok:
@@ -367,7 +381,7 @@ class Supervisor:
                   now - view.healthy_since, SPARKD_MODEL=name)
 
     async def _restart_hung(self, name: str, view: EngineView, result: ProbeResult) -> None:
-        unit = view.model.unit_name
+        unit = view.unit_name
         event(log, "engine_hung", "%s is hung: process %d alive, %d health checks failed in a "
               "row (last: %s); restarting it", name, view.unit.main_pid, view.health_failures,
               result.describe(), level=logging.ERROR, SPARKD_MODEL=name)
@@ -439,7 +453,7 @@ class Supervisor:
         """A probe for the swap executor; a health answer also counts as the engine's check."""
         result = await self.deps.probe(url)
         for view in self.engines.values():
-            if url == f"http://127.0.0.1:{view.model.port}/health":
+            if url == f"http://127.0.0.1:{view.port}/health":
                 view.health = result
                 if result.ok:
                     view.health_failures = 0
@@ -476,6 +490,46 @@ class Supervisor:
         self.last_swap = run
         self.publish("swap_done" if run.succeeded else "swap_failed", swap=run.to_json())
         self.update_status()
+        serving = run.plan.target if run.succeeded else run.plan.rollback_to
+        if serving is not None:
+            self._spawn(self.start_speculative(serving))
+
+    async def start_speculative(self, name: str) -> None:
+        """Start the model's speculative variant beside the plain one when memory allows;
+        otherwise say why, and the gateway sends everything to the plain engine."""
+        model = self.config.models.get(name)
+        key = engine_key(name, "speculative")
+        if model is None or model.speculative is None or key not in self.engines:
+            return
+        view = self.engines[key]
+        if view.unit.running or self.swap_run is not None:
+            return
+        mem = self.deps.meminfo()
+        need_gib = model.memory_gib_for("speculative") + self.config.daemon.memory_reserve_gib
+        if mem.available < need_gib * GIB:
+            view.note = (f"not started: needs {need_gib:g} GiB with the reserve, "
+                         f"{mem.available / GIB:.1f} GiB available; every call goes to the "
+                         "plain engine")
+            event(log, "speculative_skipped", "%s: speculative variant %s", name, view.note,
+                  level=logging.WARNING, SPARKD_MODEL=name, SPARKD_VARIANT="speculative")
+            self.publish("changed")
+            return
+        unit = view.unit_name
+
+        def start(m: SystemdManager) -> str:
+            if m.unit_status(unit).active_state == "failed":
+                m.reset_failed_unit(unit)
+            return m.start_unit(unit)
+
+        event(log, "speculative_starting", "%s: starting the speculative variant", name,
+              SPARKD_MODEL=name, SPARKD_VARIANT="speculative")
+        result = await self.wait_job(await self.deps.systemd(start),
+                                     start_timeout(self.config, name))
+        view.note = None if result == "done" else f"failed to start (job {result})"
+        if view.note:
+            event(log, "speculative_failed", "%s: speculative variant %s", name, view.note,
+                  level=logging.ERROR, SPARKD_MODEL=name, SPARKD_VARIANT="speculative")
+        await self.refresh_units([key])
 
     def fingerprints_found(self, model: str, matches: list[Match]) -> None:
         if model in self.engines:
@@ -493,14 +547,16 @@ class Supervisor:
         model = self.config.model(name)
         if self.swap_run is not None:
             raise SwapInProgress(f"swap {self.swap_run.id} is in progress; unload after it")
-        job = await self.deps.systemd(lambda m: m.stop_unit(model.unit_name))
-        result = await self.wait_job(job, 90.0)
+        units = [model.unit_for(v) for v in model.variants]
+        jobs = await self.deps.systemd(lambda m: [m.stop_unit(u) for u in units])
+        results = [await self.wait_job(job, 90.0) for job in jobs]
+        result = "done" if all(r == "done" for r in results) else ", ".join(results)
         if self.state.desired_model == name:
             self.state = self.state.replace(desired_model=None)
             self._save_state()
         event(log, "engine_unloaded", "%s unloaded (stop job %s)", name, result,
               SPARKD_MODEL=name)
-        await self.refresh_units([name])
+        await self.refresh_units([engine_key(name, v) for v in model.variants])
         return {"model": name, "stopped": result == "done"}
 
     # -- config reload --------------------------------------------------------------------
@@ -542,7 +598,7 @@ class Supervisor:
         self.update_status()
         self.deps.notifier.notify("STOPPING=1")
         if self.config.daemon.stop_engines_on_exit:
-            units = [v.model.unit_name for v in self.engines.values() if v.unit.running]
+            units = [v.unit_name for v in self.engines.values() if v.unit.running]
 
             def stop(m: SystemdManager) -> None:
                 for u in units:
@@ -568,7 +624,7 @@ class Supervisor:
         if desired in self.engines and self.engines[desired].unit.active_state == "active":
             return desired
         for name, view in sorted(self.engines.items()):
-            if view.unit.active_state == "active":
+            if view.variant == "plain" and view.unit.active_state == "active":
                 return name
         return None
 
@@ -722,6 +778,11 @@ class Supervisor:
             event(log, "state_write_failed", "%s", exc.message, level=logging.ERROR)
 
 
+def engine_key(model: str, variant: Variant) -> str:
+    """The key of an engine in `Supervisor.engines`: the unit's instance name."""
+    return model if variant == "plain" else f"{model}:spec"
+
+
 def _model_of_unit(unit: str) -> str | None:
     prefix, suffix = "sparkd-engine@", ".service"
     if unit.startswith(prefix) and unit.endswith(suffix):
@@ -743,8 +804,9 @@ def _engine_json(view: EngineView) -> dict[str, Any]:
     return {
         "model": view.model.name,
         "engine": view.model.engine,
-        "unit": view.model.unit_name,
-        "port": view.model.port,
+        "variant": view.variant,
+        "unit": view.unit_name,
+        "port": view.port,
         "load_state": u.load_state,
         "active_state": u.active_state,
         "sub_state": u.sub_state,
@@ -761,6 +823,7 @@ def _engine_json(view: EngineView) -> dict[str, Any]:
         },
         "health_failures": view.health_failures,
         "fingerprints": [m.to_json() for m in view.fingerprints],
+        "note": view.note,
     }
 
 

@@ -106,7 +106,7 @@ class Snapshot:
 
     mem_total: int
     mem_available: int
-    units: Mapping[str, UnitStatus]  # model name -> its unit's status
+    units: Mapping[str, UnitStatus]  # engine key (model, or "model:spec") -> its unit's status
     path_exists: Mapping[str, bool]  # model name -> whether its weights path exists
 
 
@@ -148,11 +148,15 @@ def plan_swap(config: Config, state: State, target: str, snap: Snapshot) -> Swap
     """Raises UnknownModel or SwapRefused (with the reason) when the swap cannot start."""
     model = config.model(target)  # UnknownModel
     _preflight(config, model, snap)
-    running = [
-        name
-        for name, status in sorted(snap.units.items())
-        if status.running and name != target and name in config.models
+    # Every running engine of another model, speculative variants included, stops first; the
+    # target's own speculative variant (started after the swap) is left alone.
+    others = [
+        (key, status)
+        for key, status in sorted(snap.units.items())
+        if status.running and key.split(":", 1)[0] != target
+        and key.split(":", 1)[0] in config.models
     ]
+    running = [key.split(":", 1)[0] for key, _ in others]
     target_status = snap.units.get(target)
     serving = target_status is not None and target_status.active_state == "active"
     from_model = state.desired_model if state.desired_model != target else None
@@ -167,7 +171,7 @@ def plan_swap(config: Config, state: State, target: str, snap: Snapshot) -> Swap
     return SwapPlan(
         target=target,
         from_model=from_model,
-        stop=tuple(config.models[n].unit_name for n in running),
+        stop=tuple(status.name for _, status in others),
         start=model.unit_name,
         health_url=f"{base}/health",
         models_url=f"{base}/v1/models",

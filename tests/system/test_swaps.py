@@ -67,6 +67,16 @@ args = ["--load-seconds", "0.3", "--crash-after", "2.5", "--weights-mib", "8"]
 engine = "sim"
 port = 8106
 memory_gib = 100000
+
+[models.spec]
+engine = "sim"
+port = 8107
+load_timeout_s = 30
+args = ["--load-seconds", "0.5", "--weights-mib", "8", "--tokens-per-second", "100"]
+[models.spec.speculative]
+method = "eagle3"
+draft_model = "sim-draft"
+port = 8117
 """
 
 
@@ -96,6 +106,7 @@ def box(container: Container) -> Iterator[Container]:
     container.exec(["tee", "/etc/sparkd.toml"], input=CONFIG)
     container.exec(["rm", "-f", "/var/lib/sparkd/state.toml"])
     container.exec(["systemctl", "start", "sparkd"])
+    container.exec(["systemctl", "restart", "sparkd-gateway"])
     wait_for("a to serve", lambda: serving(container, "a"))
     wait_for("a to become the last good model",
              lambda: status(container)["last_good_model"] == "a", timeout=30)
@@ -240,6 +251,35 @@ def test_crash_loop_of_the_active_engine_rolls_back_to_the_last_good(box: Contai
     assert s["last_failure"]["model"] == "flaky"
     assert s["last_failure"]["reason"].startswith("crash loop: systemd gave up after ")
     assert prop(box, "sparkd-engine@flaky.service", "ActiveState") in ("inactive", "failed")
+
+
+def test_speculative_variant_runs_beside_the_plain_one_and_the_gateway_routes_by_class(
+    box: Container,
+) -> None:
+    res = swap(box, "spec")
+    assert res.returncode == 0, res.stdout + res.stderr
+    wait_for("the speculative variant to be active",
+             lambda: prop(box, "sparkd-engine@spec:spec.service", "ActiveState") == "active")
+    wait_for("the gateway to see both variants healthy", lambda: all(
+        (e["health"] or {}).get("ok") for e in status(box)["engines"] if e["model"] == "spec"),
+        timeout=30)
+    argv = prop(box, "sparkd-engine@spec:spec.service", "ExecStart")
+    assert "--speculative" in argv and "--port 8117" in argv
+
+    def variant_for(body: dict[str, Any]) -> str:
+        out = box.exec(["curl", "-s", "-D", "-", "-o", "/dev/null", "http://127.0.0.1:8000/v1/"
+                        "chat/completions", "-H", "Content-Type: application/json", "-d",
+                        json.dumps({"model": "spec", "max_tokens": 4, **body})]).stdout
+        headers = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+        return headers["X-Sparkd-Variant"].strip()
+
+    chat = {"messages": [{"role": "user", "content": "tell me a story"}]}
+    structured = {**chat, "response_format": {"type": "json_object"}}
+    wait_for("the gateway to route chat to the speculative engine",
+             lambda: variant_for(chat) == "speculative", timeout=30)
+    assert variant_for(structured) == "plain"
+    assert swap(box, "a").returncode == 0
+    assert prop(box, "sparkd-engine@spec:spec.service", "ActiveState") == "inactive"
 
 
 def test_logs_show_the_timeline(box: Container) -> None:

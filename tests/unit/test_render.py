@@ -53,6 +53,12 @@ memory_gib = 70
 load_timeout_s = 900
 args = ["--gpu-memory-utilization", "0.85", "--max-model-len", "32768"]
 env = { HF_HUB_OFFLINE = "1" }
+[models.qwen3-30b.speculative]
+method = "eagle3"
+draft_model = "/var/lib/sparkd/models/qwen3-30b-eagle3"
+num_speculative_tokens = 4
+memory_gib = 75
+port = 8211
 
 [models.gpt-oss-120b]
 engine = "vllm"
@@ -85,6 +91,14 @@ engine = "sim"
 port = 8101
 load_timeout_s = 60
 args = ["--load-seconds", "2", "--resident-mib", "128"]
+
+[models.sim-spec]
+engine = "sim"
+port = 8110
+[models.sim-spec.speculative]
+method = "eagle"
+draft_model = "draft"
+port = 8120
 
 [models.remote]
 engine = "external"
@@ -221,7 +235,7 @@ def test_golden(version: int) -> None:
         assert text == expected, f"{folder / name} differs: UPDATE_GOLDEN=1 rewrites it"
 
 
-def test_one_unit_per_supervised_model_sorted() -> None:
+def test_one_unit_per_engine_variant_sorted() -> None:
     units = render_units(golden_config(), systemd_version=255)
     assert list(units) == sorted(units)
     assert set(units) == {
@@ -229,7 +243,10 @@ def test_one_unit_per_supervised_model_sorted() -> None:
         "sparkd-engine@gpt-oss-120b.service",
         "sparkd-engine@mistral-7b.service",
         "sparkd-engine@qwen3-30b.service",
+        "sparkd-engine@qwen3-30b:spec.service",
         "sparkd-engine@sim-small.service",
+        "sparkd-engine@sim-spec.service",
+        "sparkd-engine@sim-spec:spec.service",
     }
     assert all(is_generated(t) for t in units.values())
 
@@ -502,3 +519,26 @@ def test_restart_policy_follows_the_daemon_config() -> None:
     assert unit_values(text, "RestartSec") == ["0.5"]
     assert unit_values(text, "StartLimitBurst") == ["3"]
     assert unit_values(text, "StartLimitIntervalSec") == ["60"]
+
+
+def test_speculative_variant_units() -> None:
+    c = golden_config()
+    units = render_units(c, systemd_version=252)
+    assert "sparkd-engine@qwen3-30b:spec.service" in units
+    assert "sparkd-engine@sim-spec:spec.service" in units
+    spec = units["sparkd-engine@qwen3-30b:spec.service"]
+    (start,) = unit_values(spec, "ExecStart")
+    argv = parse_exec(start)
+    assert argv[argv.index("--port") + 1] == "8211"
+    assert argv[-2:] == ["--speculative-config", '{"method":"eagle3","model":'
+                         '"/var/lib/sparkd/models/qwen3-30b-eagle3","num_speculative_tokens":4}']
+    (pre,) = unit_values(spec, "ExecStartPre")
+    assert parse_exec(pre[1:])[-3:] == ["qwen3-30b", "--variant", "speculative"]
+    assert "LogExtraFields=SPARKD_VARIANT=speculative" in spec
+    sim = units["sparkd-engine@sim-spec:spec.service"]
+    argv = parse_exec(unit_values(sim, "ExecStart")[0])
+    assert argv[argv.index("--port") + 1] == "8120" and argv[-1] == "--speculative"
+    sglang = replace(c.model("mistral-7b"), speculative=c.model("qwen3-30b").speculative)
+    assert engine_argv(c, sglang, "speculative")[-4:] == [
+        "--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path",
+        "/var/lib/sparkd/models/qwen3-30b-eagle3"]

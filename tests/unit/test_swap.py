@@ -335,3 +335,64 @@ def test_last_good_after_staying_healthy(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert sup.state.last_good_model == "a"
+
+
+SPEC = CONFIG + """
+[models.s]
+engine = "sim"
+port = 9010
+memory_gib = 2
+[models.s.speculative]
+method = "eagle3"
+draft_model = "/models/draft"
+memory_gib = {spec_gib}
+"""
+
+
+def test_speculative_variant_starts_beside_the_plain_one_when_memory_allows(
+    tmp_path: Path,
+) -> None:
+    w = build(tmp_path, SPEC.replace("{spec_gib}", "3"))
+
+    async def scenario() -> None:
+        await started(w.sup)
+        await swap_and_wait(w.sup, "s")
+        await w.sup.quiesce()
+
+    asyncio.run(scenario())
+    assert w.systemd.calls[-2:] == [("start", "sparkd-engine@s.service"),
+                                    ("start", "sparkd-engine@s:spec.service")]
+    engines = {(e["model"], e["variant"]): e for e in w.sup.status()["engines"]}
+    assert engines[("s", "speculative")]["port"] == 9011
+    assert engines[("s", "speculative")]["active_state"] == "active"
+    assert engines[("s", "speculative")]["note"] is None
+    assert w.sup.active_model() == "s"
+
+
+def test_speculative_variant_skipped_when_memory_does_not_allow_and_status_says_why(
+    tmp_path: Path,
+) -> None:
+    w = build(tmp_path, SPEC.replace("{spec_gib}", "50"))
+
+    async def scenario() -> None:
+        await started(w.sup)
+        await swap_and_wait(w.sup, "s")
+        await w.sup.quiesce()
+
+    asyncio.run(scenario())
+    assert ("start", "sparkd-engine@s:spec.service") not in w.systemd.calls
+    spec = next(e for e in w.sup.status()["engines"] if e["variant"] == "speculative")
+    assert spec["note"] == ("not started: needs 51 GiB with the reserve, 12.0 GiB available; "
+                            "every call goes to the plain engine")
+
+
+def test_a_swap_away_stops_both_variants(tmp_path: Path) -> None:
+    c = parse_config(SPEC.replace("{spec_gib}", "3").format(state=tmp_path),
+                     source=tmp_path / "x.toml")
+    running = {"s": unit("s", "active", "running", 5),
+               "s:spec": UnitStatus("sparkd-engine@s:spec.service", "loaded", "active",
+                                    "running", 6)}
+    plan = plan_swap(c, State(desired_model="s"), "a", snap(**running))
+    assert plan.stop == ("sparkd-engine@s.service", "sparkd-engine@s:spec.service")
+    # ... and a swap to the serving model leaves its speculative variant alone.
+    assert plan_swap(c, State(desired_model="s"), "s", snap(**running)).noop
