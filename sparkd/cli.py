@@ -107,6 +107,7 @@ def socket_path(config_file: Path | None) -> Path:
         "swap": "sparkd.cli_swap:swap",
         "logs": "sparkd.cli_logs:logs",
         "rewrite": "sparkd.cli_rewrite:rewrite",
+        "doctor": "sparkd.cli_doctor:doctor",
     },
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
