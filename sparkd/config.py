@@ -36,6 +36,8 @@ ROLE_POLICIES: Final[tuple[RolePolicy, ...]] = (
 # Model names become systemd instance names and journal field values: keep them plain.
 MODEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A Hub repository id: ORG/REPO of letters, digits, '-', '_', '.' (sparkd.store.hub).
+SOURCE_RE: Final = re.compile(r"^hf://[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,11 @@ class DaemonConfig:
     engine_user: str = "sparkd"
     health_interval_s: float = 5.0
     settle_timeout_s: float = 30.0
+    # sparkd.store (issue 4): files fetched at once, seconds without a byte before a transfer
+    # counts as stalled, tries per file before a pull gives up on it.
+    download_concurrency: int = 4
+    download_stall_timeout_s: float = 30.0
+    download_attempts: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +80,10 @@ class ModelConfig:
     role_policy: RolePolicy = "passthrough"
     source: str | None = None
     revision: str | None = None
+    # sparkd.store (issue 4): glob patterns of the repository's files to fetch (empty: all),
+    # and whether a bad file found before a start is fetched again instead of refusing it.
+    files: tuple[str, ...] = ()
+    repair: bool = False
 
     @property
     def unit_name(self) -> str:
@@ -194,6 +205,15 @@ def _parse_daemon(v: _Validator, t: dict[str, Any]) -> DaemonConfig:
         engine_user=v.string(t, "daemon.engine_user", d.engine_user),
         health_interval_s=v.number(t, "daemon.health_interval_s", d.health_interval_s, lo=0.1),
         settle_timeout_s=v.number(t, "daemon.settle_timeout_s", d.settle_timeout_s, lo=0),
+        download_concurrency=v.integer(
+            t, "daemon.download_concurrency", d.download_concurrency, lo=1, hi=64
+        ),
+        download_stall_timeout_s=v.number(
+            t, "daemon.download_stall_timeout_s", d.download_stall_timeout_s, lo=0.1
+        ),
+        download_attempts=v.integer(
+            t, "daemon.download_attempts", d.download_attempts, lo=1, hi=100
+        ),
     )
 
 
@@ -232,6 +252,13 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
     args = t.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         v.fail(f"{key}.args", "a list of strings", args)
+    files = t.get("files", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        v.fail(f"{key}.files", 'a list of glob patterns such as ["*.safetensors", "*.json"]',
+               files)
+    source = v.opt_string(t, f"{key}.source")
+    if source is not None and not SOURCE_RE.match(source):
+        v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO"', source)
     return ModelConfig(
         name=name,
         engine=engine,
@@ -246,8 +273,10 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
         role_policy=cast(
             RolePolicy, v.choice(t, f"{key}.role_policy", ROLE_POLICIES, "passthrough")
         ),
-        source=v.opt_string(t, f"{key}.source"),
+        source=source,
         revision=v.opt_string(t, f"{key}.revision"),
+        files=tuple(files),
+        repair=v.boolean(t, f"{key}.repair", False),  # noqa: FBT003
     )
 
 
