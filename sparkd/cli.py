@@ -171,5 +171,11 @@ def installed_systemd_version() -> int:
     return int(match.group(1)) if match else 252
 
 
+from sparkd.store import commands as _store_commands  # noqa: E402 (needs cli above)
+
+cli.add_command(_store_commands.pull)
+cli.add_command(_store_commands.verify)
+
+
 def main() -> None:
     cli()

@@ -106,7 +106,8 @@ class VerifyReport:
     model: str
     verdicts: tuple[FileVerdict, ...]  # sorted by path, EXTRA files included
     manifest: Manifest | None  # with the stamps of what verified; None: nothing to verify
-    hashed_bytes: int = 0
+    hashed_bytes: int = 0  # read from disk and hashed by the verification
+    fetched_bytes: int = 0  # received over the network by a pull or repair
     note: str = ""  # e.g. why there was nothing to verify
 
     @property

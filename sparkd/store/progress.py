@@ -76,6 +76,7 @@ def report_json(report: VerifyReport) -> dict[str, Any]:
         "revision": report.manifest.revision if report.manifest else None,
         "files": {s.value: report.count(s) for s in Status},
         "hashed_bytes": report.hashed_bytes,
+        "fetched_bytes": report.fetched_bytes,
         "failures": [
             {"path": v.path, "status": v.status.value, "reason": v.reason}
             for v in report.failures
