@@ -306,8 +306,12 @@ class Fetcher:
                 if end:
                     break
         finally:
+            # Bytes that arrived are kept, also when the transfer broke off: the next try
+            # asks only for what comes after them.
             if pending is not None:
                 await pending
+            if batch:
+                await self._in_thread(lambda c=batch: flush(c))  # type: ignore[misc]
 
 
 def _describe(exc: BaseException) -> str:

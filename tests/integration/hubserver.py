@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +78,7 @@ class Logged:
     status: int
     sent: int  # body bytes written
     authorized: bool
+    seq: int = 0  # arrival order (a stalled response is logged when it ends)
 
 
 @dataclass
@@ -111,6 +114,7 @@ class FakeHub:
         self.hub_port = 0
         self.cdn_port = 0
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._arrivals = itertools.count(1)
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -126,6 +130,7 @@ class FakeHub:
             self.faults.setdefault(path, []).extend(faults)
 
     def reset_log(self) -> None:
+        self.wait_idle()
         with self._lock:
             self.log.clear()
 
@@ -133,16 +138,25 @@ class FakeHub:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.hub_port}"
 
+    def wait_idle(self, timeout: float = 10) -> None:
+        """Until every body response has ended (a stalled one logs itself when it ends)."""
+        deadline = time.monotonic() + timeout
+        while self._handlers:
+            assert time.monotonic() < deadline, "the fake hub is still serving"
+            time.sleep(0.01)
+
     def body_requests(self, file: str | None = None) -> list[Logged]:
         """GETs that carried a file's bytes (the CDN's, and the hub's for small files)."""
+        self.wait_idle()
         with self._lock:
-            return [
+            found = [
                 e
                 for e in self.log
                 if e.method == "GET"
                 and (e.route == "cdn" or (e.route == "resolve" and e.status != 302))
                 and (file is None or e.file == file)
             ]
+        return sorted(found, key=lambda e: e.seq)
 
     # --- life -----------------------------------------------------------------------------
 
@@ -174,8 +188,7 @@ class FakeHub:
 
     @staticmethod
     def _port(runner: web.AppRunner) -> int:
-        server = runner.sites[0]._server  # type: ignore[attr-defined]
-        port: int = server.sockets[0].getsockname()[1]
+        port: int = runner.addresses[0][1]
         return port
 
     async def _stop(self) -> None:
@@ -209,7 +222,7 @@ class FakeHub:
         try:
             repo_id, repo, commit = self._repo(request)
         except web.HTTPException as exc:
-            self._record(request, Logged("hub", "GET", "api", None, None, exc.status, 0, False))
+            self._record(request, Logged("hub", "GET", "api", None, None, exc.status, 0, authorized=False))
             raise
         blobs = request.query.get("blobs") in ("True", "true", "1")
         siblings = []
@@ -235,7 +248,7 @@ class FakeHub:
                 raise web.HTTPNotFound(headers={"X-Error-Code": "EntryNotFound"})
         except web.HTTPException as exc:
             self._record(request, Logged("hub", request.method, "resolve", file, None,
-                                         exc.status, 0, False))
+                                         exc.status, 0, authorized=False))
             raise
         data = repo.files[file]
         headers = {"X-Repo-Commit": commit, "Accept-Ranges": "bytes"}
@@ -263,7 +276,7 @@ class FakeHub:
                 if is_lfs(data) and sha256(data) == wanted:
                     headers = {"ETag": f'"{wanted}"', "Accept-Ranges": "bytes"}
                     return await self._serve(request, "cdn", "cdn", path, data, headers)
-        self._record(request, Logged("cdn", request.method, "cdn", None, None, 404, 0, False))
+        self._record(request, Logged("cdn", request.method, "cdn", None, None, 404, 0, authorized=False))
         raise web.HTTPNotFound()
 
     async def _serve(
@@ -293,6 +306,7 @@ class FakeHub:
         headers: dict[str, str],
     ) -> web.StreamResponse:
         authorized = "Authorization" in request.headers
+        seq = next(self._arrivals)
         start = 0
         status_code = 200
         match = re.match(r"^bytes=(\d+)-(\d*)$", request.headers.get("Range", ""))
@@ -316,7 +330,7 @@ class FakeHub:
                 fault = queue.pop(0) if queue else None
         if fault is not None and fault.kind == "status":
             self._record(request, Logged(origin, request.method, route, file, range_start,
-                                         fault.n, 0, authorized))
+                                         fault.n, 0, authorized, seq))
             return web.Response(status=fault.n, text="injected error")
         response = web.StreamResponse(status=status_code, headers=headers)
         response.content_length = len(body)
@@ -331,7 +345,7 @@ class FakeHub:
             sent = await self._write_body(request, response, body, fault)
         finally:
             self._record(request, Logged(origin, "GET", route, file, range_start, status_code,
-                                         sent, authorized))
+                                         sent, authorized, seq))
         return response
 
     async def _write_body(
@@ -349,7 +363,8 @@ class FakeHub:
             assert fault is not None
             n = min(fault.n, len(body))
             await response.write(body[:n])
-            await response.drain() if hasattr(response, "drain") else None
+            while transport.get_write_buffer_size() and not transport.is_closing():
+                await asyncio.sleep(0.005)  # the n bytes really left, then the fault
             if kind == "stall":
                 await asyncio.sleep(fault.seconds)
             if kind == "cut":
@@ -362,7 +377,10 @@ class FakeHub:
             piece = max(1, fault.n // 20)
             sent = 0
             for i in range(0, len(body), piece):
-                await response.write(body[i : i + piece])
+                try:
+                    await response.write(body[i : i + piece])
+                except ConnectionResetError:  # the client went away (kill -9)
+                    return sent
                 sent += len(body[i : i + piece])
                 await asyncio.sleep(0.05)
             await response.write_eof()
