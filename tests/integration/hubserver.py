@@ -222,7 +222,9 @@ class FakeHub:
         try:
             repo_id, repo, commit = self._repo(request)
         except web.HTTPException as exc:
-            self._record(request, Logged("hub", "GET", "api", None, None, exc.status, 0, authorized=False))
+            self._record(
+                request, Logged("hub", "GET", "api", None, None, exc.status, 0, authorized=False)
+            )
             raise
         blobs = request.query.get("blobs") in ("True", "true", "1")
         siblings = []
@@ -276,7 +278,9 @@ class FakeHub:
                 if is_lfs(data) and sha256(data) == wanted:
                     headers = {"ETag": f'"{wanted}"', "Accept-Ranges": "bytes"}
                     return await self._serve(request, "cdn", "cdn", path, data, headers)
-        self._record(request, Logged("cdn", request.method, "cdn", None, None, 404, 0, authorized=False))
+        self._record(
+            request, Logged("cdn", request.method, "cdn", None, None, 404, 0, authorized=False)
+        )
         raise web.HTTPNotFound()
 
     async def _serve(
