@@ -93,7 +93,9 @@ def verify_model(
     report = verify_dir(model.path, manifest, full=full, workers=settings.workers,
                         reporter=reporter)
     assert report.manifest is not None
-    manifest_store(config).save(report.manifest)
+    if report.manifest != manifest or not manifest_store(config).exists(model.name):
+        # Unchanged stamps: no write (an incremental check of a settled model is only stats).
+        manifest_store(config).save(report.manifest)
     if repair and report.blocking:
         report = _repair(config, model, report, reporter=reporter, settings=settings)
     reporter.result(report)

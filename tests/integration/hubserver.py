@@ -86,6 +86,10 @@ class Repo:
     files: dict[str, bytes]
     commit: str
     branches: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, tuple[str, str]] = field(default_factory=dict)  # (sha256, git sha1)
+
+    def __post_init__(self) -> None:
+        self.digests = {p: (sha256(d), git_blob_sha1(d)) for p, d in self.files.items()}
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -119,8 +123,10 @@ class FakeHub:
     # --- set-up ---------------------------------------------------------------------------
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, commit: str | None = None) -> Repo:
-        digest = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
-        repo = Repo(files=dict(files), commit=commit or digest, branches={})
+        repo = Repo(files=dict(files), commit=commit or "0" * 40, branches={})
+        if commit is None:
+            tree = repr(sorted(repo.digests.items())).encode()
+            repo.commit = hashlib.sha1(tree, usedforsecurity=False).hexdigest()
         repo.branches["main"] = repo.commit
         self.repos[repo_id] = repo
         return repo
@@ -231,10 +237,11 @@ class FakeHub:
         for path, data in sorted(repo.files.items()):
             item: dict[str, Any] = {"rfilename": path}
             if blobs:
+                digest, blob_id = repo.digests[path]
                 item["size"] = len(data)
-                item["blobId"] = git_blob_sha1(data)  # (for LFS files the pointer's, on the Hub)
+                item["blobId"] = blob_id  # (for LFS files the pointer's, on the real Hub)
                 if is_lfs(data):
-                    item["lfs"] = {"size": len(data), "sha256": sha256(data), "pointerSize": 134}
+                    item["lfs"] = {"size": len(data), "sha256": digest, "pointerSize": 134}
             siblings.append(item)
         body = {"id": repo_id, "modelId": repo_id, "sha": commit, "siblings": siblings,
                 "private": False, "tags": []}
@@ -253,12 +260,12 @@ class FakeHub:
                                          exc.status, 0, authorized=False))
             raise
         data = repo.files[file]
+        digest, blob_id = repo.digests[file]
         headers = {"X-Repo-Commit": commit, "Accept-Ranges": "bytes"}
         if is_lfs(data):
-            digest = sha256(data)
             headers.update(
                 {
-                    "ETag": f'"{git_blob_sha1(data)}"',
+                    "ETag": f'"{blob_id}"',
                     "X-Linked-Etag": f'"{digest}"',
                     "X-Linked-Size": str(len(data)),
                     "Location": f"http://127.0.0.1:{self.cdn_port}/cdn/{digest}",
@@ -268,14 +275,14 @@ class FakeHub:
             self._record(request, Logged("hub", request.method, "resolve", file, None, 302, 0,
                                          "Authorization" in request.headers))
             return web.Response(status=302, headers=headers)
-        headers["ETag"] = f'"{git_blob_sha1(data)}"'
+        headers["ETag"] = f'"{blob_id}"'
         return await self._serve(request, "hub", "resolve", file, data, headers)
 
     async def _cdn(self, request: web.Request) -> web.StreamResponse:
         wanted = request.match_info["sha"]
         for repo in self.repos.values():
             for path, data in repo.files.items():
-                if is_lfs(data) and sha256(data) == wanted:
+                if is_lfs(data) and repo.digests[path][0] == wanted:
                     headers = {"ETag": f'"{wanted}"', "Accept-Ranges": "bytes"}
                     return await self._serve(request, "cdn", "cdn", path, data, headers)
         self._record(
