@@ -93,17 +93,36 @@ def bar_parallel(tmp: Path, n: int, size: int, rounds: int) -> tuple[bool, str]:
         warm(path)
     m = manifest_of(files)
     workers = len(os.sched_getaffinity(0))
-    seq, par = [], []
+    paths = [str(tmp / name) for name in files]
+
+    def openssl_parallel() -> None:
+        # The same split by OpenSSL: `workers` processes, the files dealt out round-robin.
+        procs = [subprocess.Popen(["openssl", "dgst", "-sha256", *paths[i::workers]],
+                                  stdout=subprocess.DEVNULL) for i in range(workers)]
+        for proc in procs:
+            assert proc.wait() == 0
+
+    seq, par, o_seq, o_par, cpu = [], [], [], [], []
     for _ in range(rounds):
         seq.append(timed(lambda: verify_dir(tmp, m, full=True, workers=1)))
+        before = os.times()
         par.append(timed(lambda: verify_dir(tmp, m, full=True, workers=workers)))
+        after = os.times()
+        cpu.append((after.user - before.user + after.system - before.system) / par[-1])
+        o_seq.append(timed(lambda: subprocess.run(["openssl", "dgst", "-sha256", *paths],
+                                                  check=True, capture_output=True)))
+        o_par.append(timed(openssl_parallel))
     assert verify_dir(tmp, m, full=True).ok
     s, p = statistics.median(seq), statistics.median(par)
+    os_, op = statistics.median(o_seq), statistics.median(o_par)
     for name in files:
         (tmp / name).unlink()
     total = n * size
     line = (f"2. {n} files of {size / MIB:.0f} MiB: one at a time {total / s / GIB:.2f} GiB/s, "
-            f"{workers} threads {total / p / GIB:.2f} GiB/s: {s / p:.2f}x (bar >= 1.8x)")
+            f"{workers} threads {total / p / GIB:.2f} GiB/s: {s / p:.2f}x (bar >= 1.8x); "
+            f"CPUs busy while hashing in parallel {statistics.median(cpu):.2f}; "
+            f"OpenSSL in the same run: one process {total / os_ / GIB:.2f} GiB/s, {workers} "
+            f"processes {total / op / GIB:.2f} GiB/s: {os_ / op:.2f}x")
     return s / p >= 1.8, line
 
 

@@ -1,7 +1,8 @@
 """`sparkctl pull NAME` and `sparkctl verify NAME`: the store's commands (registered in
 sparkd.cli). They work on the files directly, without the daemon.
 
-Exit status: 0 only when every file verified; 1 (`ExitStatus.FAILURE`) with the list of the
+Exit status: 0 only when every file verified (for `verify`, also no EXTRA file: an engine may
+load a stray shard; `pull` only warns about them); 1 (`ExitStatus.FAILURE`) with the list of the
 files that did not and why (also for a full disk, a Hub error, no manifest); 5 invalid config,
 6 unknown model. With `--json`, stdout carries JSON lines (see sparkd.store.progress), the last
 one `{"event": "result", ...}` or `{"event": "error", "code": ..., "message": ...}`.
@@ -155,8 +156,15 @@ def _run_store(
     as_json: bool,
     verb: str,
     work: Callable[[Reporter], VerifyReport],
+    extra_fails: bool,
 ) -> None:
+    """Run `work` with the reporter `--json` asks for; exit 1 unless every file verified
+    (EXTRA files count against `verify`, and are only warned about by `pull`)."""
     from sparkd.cli import ExitStatus, _run
+    from sparkd.store.plan import Status
+
+    def failed(report: VerifyReport) -> bool:
+        return bool(report.failures if extra_fails else report.blocking)
 
     def go() -> None:
         if as_json:
@@ -167,7 +175,7 @@ def _run_store(
             except SparkdError as exc:
                 click.echo(json.dumps({"event": "error", "code": exc.code, "message": exc.message}))
                 raise
-            if not report.ok:
+            if failed(report):
                 sys.exit(ExitStatus.FAILURE)
             return
         from rich.console import Console
@@ -177,8 +185,11 @@ def _run_store(
             report = work(reporter)
         if report.note:
             console.print(f"note: {report.note}")
-        if report.ok:
+        if not failed(report):
             console.print(f"[green]{_summary(report, verb)}[/]")
+            for v in report.failures:
+                if v.status is Status.EXTRA:
+                    console.print(f"  warning: EXTRA {v.path}: {v.reason}", markup=False)
             return
         console.print(f"[bold red]{_summary(report, verb)}[/]")
         for v in report.failures:
@@ -205,7 +216,7 @@ def pull(ctx: click.Context, config_file: Path, name: str, *, as_json: bool) -> 
         config = load_config(config_file)
         return pull_model(config, config.model(name), reporter=reporter)
 
-    _run_store(ctx, as_json=as_json, verb="pulled", work=work)
+    _run_store(ctx, as_json=as_json, verb="pulled", work=work, extra_fails=False)
 
 
 @click.command("verify")
@@ -237,4 +248,7 @@ def verify(
             config, config.model(name), full=full, repair=repair, reporter=reporter
         )
 
-    _run_store(ctx, as_json=as_json, verb="repaired" if repair else "verified", work=work)
+    _run_store(
+        ctx, as_json=as_json, verb="repaired" if repair else "verified", work=work,
+        extra_fails=True,
+    )

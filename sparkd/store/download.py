@@ -207,7 +207,7 @@ class Fetcher:
                 except _Retry as exc:
                     reason = str(exc)
                 except _GiveUp as exc:
-                    transferred += sink.pos - before
+                    transferred += max(0, sink.pos - before)
                     return self._failed(entry, f"{exc} (partial kept: {sink.pos} bytes)")
                 moved = sink.pos - before
                 transferred += max(0, moved)

@@ -305,6 +305,12 @@ def test_verify_reports_missing_and_extra_files_and_exits_1(
     assert result.exit_code == ExitStatus.FAILURE
     assert "MISSING tokenizer.json: not on disk" in result.output
     assert "EXTRA stale-00004.safetensors: not in the manifest" in result.output
+    # pull fetches the missing file; the stray one is only warned about (never deleted).
+    result = CliRunner().invoke(cli, ["pull", "tiny", "--config", str(config_path)])
+    assert result.exit_code == 0, result.output
+    assert "warning: EXTRA stale-00004.safetensors" in result.output
+    assert (root / "stale-00004.safetensors").exists()
+    assert_all_correct(config)
 
 
 def test_preflight_refuses_a_bad_file_by_name_or_repairs_it(
