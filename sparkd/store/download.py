@@ -120,11 +120,8 @@ class _Sink:
         for chunk in chunks:
             self.hasher.update(chunk)
         written = offset - self.pos
-        # Start the writeback of what was just written (DONTNEED on dirty pages starts it
-        # without waiting): the fsync before the rename then waits only for the tail, and
-        # the download does not pile dirty page cache up (on GB10, page cache is memory the
-        # next engine start cannot use).
-        os.posix_fadvise(self.fd, self.pos, written, os.POSIX_FADV_DONTNEED)
+        # No posix_fadvise(DONTNEED) per batch to start writeback early: measured here, it
+        # doubled the pull's CPU time (bench/RESULTS.md, issue 4); prestart drops the cache.
         self.pos = offset
         return written
 
