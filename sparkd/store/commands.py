@@ -38,7 +38,7 @@ class RichReporter:
     """Progress bars for a person: one per file being worked on, one for the total, with
     speed and ETA (rich computes both). Files that are not OK are printed as they finish."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, *, pulling: bool = False) -> None:
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -51,6 +51,7 @@ class RichReporter:
         from sparkd.store.plan import ProgressBook
 
         self.console = console
+        self._pulling = pulling  # a pull's first verification: MISSING is what it is for
         self.progress: Progress = Progress(
             TextColumn("{task.description}", justify="left"),
             BarColumn(),
@@ -129,7 +130,12 @@ class RichReporter:
             task = self._tasks.pop(verdict.path, None)
             if task is not None:
                 self.progress.remove_task(task)
-        if verdict.status is not Status.OK:
+        if self._pulling and self._phase == "verify" and verdict.status is not Status.OK:
+            if verdict.status is Status.BAD:
+                self.progress.console.print(
+                    f"[yellow]BAD[/] {verdict.path}: {verdict.reason}; fetching it again"
+                )
+        elif verdict.status is not Status.OK:
             self.progress.console.print(
                 f"[bold red]{verdict.status.value}[/] {verdict.path}: {verdict.reason}"
             )
@@ -181,7 +187,7 @@ def _run_store(
         from rich.console import Console
 
         console = Console(stderr=False)
-        with RichReporter(console) as reporter:
+        with RichReporter(console, pulling=verb == "pulled") as reporter:
             report = work(reporter)
         if report.note:
             console.print(f"note: {report.note}")
