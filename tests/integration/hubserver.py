@@ -15,7 +15,8 @@ Faults are queued per file and used by that file's next body responses (hub or C
 `cut(n)` closes the connection after n bytes of a response that announced the full length,
 `short(n)` ends the response cleanly n bytes early, `corrupt()` flips bytes (same size),
 `status(503)` answers an error, `stall(n, seconds)` sends n bytes then goes quiet, `slow(bps)`
-trickles the bytes. Every request is logged: which origin, method, file, the Range start, the
+trickles the bytes, `ignore_range()` answers 200 with the whole file to a Range request.
+Every request is logged: which origin, method, file, the Range start, the
 status, the body bytes sent, whether it carried Authorization.
 """
 
@@ -66,6 +67,11 @@ def stall(n: int, seconds: float) -> Fault:
 
 def slow(bytes_per_s: int) -> Fault:
     return Fault("slow", bytes_per_s)
+
+
+def ignore_range() -> Fault:
+    """Answer 200 with the whole file whatever Range asked (servers may)."""
+    return Fault("ignore-range")
 
 
 @dataclass(frozen=True)
@@ -320,8 +326,14 @@ class FakeHub:
         seq = next(self._arrivals)
         start = 0
         status_code = 200
-        match = re.match(r"^bytes=(\d+)-(\d*)$", request.headers.get("Range", ""))
-        range_start = int(match.group(1)) if match else None
+        with self._lock:
+            queue = self.faults.get(file) if request.method == "GET" else None
+            fault = queue.pop(0) if queue else None
+        wanted_range = "" if fault and fault.kind == "ignore-range" else request.headers.get(
+            "Range", "")
+        match = re.match(r"^bytes=(\d+)-(\d*)$", wanted_range)
+        asked = re.match(r"^bytes=(\d+)-", request.headers.get("Range", ""))
+        range_start = int(asked.group(1)) if asked else None
         if match:
             start = int(match.group(1))
             end = int(match.group(2)) if match.group(2) else len(data) - 1
@@ -334,11 +346,6 @@ class FakeHub:
             body = data[start : end + 1]
         else:
             body = data
-        fault = None
-        if request.method == "GET":
-            with self._lock:
-                queue = self.faults.get(file)
-                fault = queue.pop(0) if queue else None
         if fault is not None and fault.kind == "status":
             self._record(request, Logged(origin, request.method, route, file, range_start,
                                          fault.n, 0, authorized, seq))

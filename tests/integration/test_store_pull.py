@@ -16,7 +16,18 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hubserver import FakeHub, Fault, corrupt, cut, run_hub, short, slow, stall, status
+from hubserver import (
+    FakeHub,
+    Fault,
+    corrupt,
+    cut,
+    ignore_range,
+    run_hub,
+    short,
+    slow,
+    stall,
+    status,
+)
 
 from sparkd.cli import ExitStatus, cli
 from sparkd.config import Config, load_config
@@ -251,12 +262,21 @@ def test_full_disk_is_a_clear_error_and_keeps_the_partial_files(
     assert result.exit_code == ExitStatus.FAILURE, result.output
     assert "sparkctl: disk full while writing" in result.output
     assert "it resumes from the bytes on disk" in result.output
-    parts = list((small_disk / "tiny").rglob("*.part"))
-    assert parts and sum(p.stat().st_size for p in parts) > MIB
+    parts = {p: p.stat().st_size for p in (small_disk / "tiny").rglob("*.part")}
+    assert parts and sum(parts.values()) > 0, "the partial files are gone"
     config = load_config(config_path)
     with pytest.raises(DiskFull):
         pull_model(config, config.model("tiny"), settings=FAST)
     assert list((small_disk / "tiny").rglob("*.part")), "partial files were removed"
+    # Space freed: the next pull resumes every partial from its bytes on disk.
+    kept = {p.name[1:-5]: p.stat().st_size for p in (small_disk / "tiny").rglob("*.part")}
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    hub.reset_log()
+    assert pull_model(config, config.model("tiny"), settings=FAST).ok
+    got = bodies(hub)
+    for name, size in kept.items():
+        (path,) = [p for p in FILES if p.endswith(name)]
+        assert got[path] == [(size or None, 206 if size else 200, len(FILES[path]) - size)]
 
 
 def test_a_flipped_byte_is_found_by_verify_full_and_repaired_alone(
@@ -398,3 +418,45 @@ def test_a_huggingface_cache_snapshot_is_verified_offline(
         f.write(b"\xff\xfe")
     report = verify_model(config, config.model("snap"))
     assert [(v.path, v.status) for v in report.failures] == [(SHARD2, Status.BAD)]
+
+
+def test_a_server_that_ignores_range_is_read_from_the_start(
+    hub: FakeHub, config: Config
+) -> None:
+    root = config.model("tiny").path
+    root.mkdir(parents=True)
+    keep = 2 * MIB
+    (root / f".{SHARD1}.part").write_bytes(FILES[SHARD1][:keep])
+    hub.inject(SHARD1, ignore_range())
+    report = pull_model(config, config.model("tiny"), settings=FAST)
+    assert report.ok
+    assert bodies(hub)[SHARD1] == [(keep, 200, 6 * MIB)]  # asked from 2 MiB, got it all
+    assert_all_correct(config)
+
+
+def test_a_file_that_keeps_failing_is_listed_with_the_reason(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    config_path = write_config(tmp_path)
+    text = config_path.read_text().replace("[daemon]\n", "[daemon]\ndownload_attempts = 2\n")
+    config_path.write_text(text)
+    hub.inject(f"nested/{SHARD3}", status(503), status(503))
+    result = CliRunner().invoke(cli, ["pull", "tiny", "--config", str(config_path)])
+    assert result.exit_code == ExitStatus.FAILURE
+    assert f"MISSING nested/{SHARD3}: gave up after 2 tries: HTTP 503" in result.output
+    config = load_config(config_path)
+    # Everything else arrived; a rerun fetches the one file left.
+    hub.reset_log()
+    assert pull_model(config, config.model("tiny"), settings=FAST).ok
+    assert list(bodies(hub)) == [f"nested/{SHARD3}"]
+
+
+def test_unknown_repository_and_missing_manifest(hub: FakeHub, tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace(f"hf://{REPO}", "hf://acme/nothing-here"))
+    result = CliRunner().invoke(cli, ["pull", "tiny", "--config", str(path)])
+    assert result.exit_code == ExitStatus.FAILURE
+    assert "hf://acme/nothing-here: no such repository at http://127.0.0.1:" in result.output
+    result = CliRunner().invoke(cli, ["verify", "tiny", "--config", str(path)])
+    assert result.exit_code == ExitStatus.FAILURE
+    assert "no manifest for tiny" in result.output and "sparkctl pull tiny" in result.output
