@@ -111,3 +111,29 @@ def test_store_config_errors_name_the_key(extra: str, message: str) -> None:
 def test_download_concurrency_is_bounded() -> None:
     with pytest.raises(ConfigError, match=r"daemon\.download_concurrency: expected an integer"):
         parse_config("[daemon]\ndownload_concurrency = 0\n", source=SRC)
+
+
+def test_files_are_hashed_in_parallel_threads(tmp_path: Path) -> None:
+    import threading
+
+    from sparkd.store.progress import NullReporter
+
+    names: set[str] = set()
+    barrier = threading.Barrier(2, timeout=5)
+
+    class Recording(NullReporter):
+        def advance(self, path: str, nbytes: int) -> None:
+            if threading.current_thread().name not in names:
+                names.add(threading.current_thread().name)
+                barrier.wait()  # both threads must be hashing at once to get past this
+
+    blobs = {f"f{i}": os.urandom(4096) for i in range(2)}
+    for name, data in blobs.items():
+        (tmp_path / name).write_bytes(data)
+    m = make_manifest(
+        model="m", source=None, requested_revision=None, revision=None,
+        files=[FileEntry(n, len(d), "sha256", hashlib.sha256(d).hexdigest())
+               for n, d in blobs.items()],
+    )
+    report = verify_dir(tmp_path, m, workers=2, reporter=Recording())
+    assert report.ok and len(names) == 2 and all(n.startswith("sparkd-hash") for n in names)
