@@ -205,13 +205,15 @@ class Fetcher:
                     reason = str(exc)
                 except _GiveUp as exc:
                     transferred += max(0, sink.pos - before)
-                    return self._failed(entry, f"{exc} (partial kept: {sink.pos} bytes)")
+                    why = f"{exc} (partial kept: {sink.pos} bytes)"
+                    return self._failed(entry, why, transferred)
                 moved = sink.pos - before
                 transferred += max(0, moved)
                 if reason:
                     failures_in_a_row = 1 if moved > 0 else failures_in_a_row + 1
                     if not policy.may_retry(tries):
-                        return self._failed(entry, f"gave up after {tries} tries: {reason}")
+                        why = f"gave up after {tries} tries: {reason}"
+                        return self._failed(entry, why, transferred)
                     delay = policy.delay(failures_in_a_row)
                     self.reporter.retry(entry.path, tries, reason, delay)
                     await self.sleep(delay)
@@ -228,17 +230,16 @@ class Fetcher:
             await self._in_thread(sink.reset)
             if hash_failures >= policy.hash_attempts:
                 part.unlink()
-                return self._failed(
-                    entry, f"{verdict.reason} after {hash_failures} whole-file fetches"
-                )
+                why = f"{verdict.reason} after {hash_failures} whole-file fetches"
+                return self._failed(entry, why, transferred)
             self.reporter.retry(
                 entry.path, tries, f"{verdict.reason}: fetching the whole file again", 0.0
             )
 
-    def _failed(self, entry: FileEntry, reason: str) -> FetchOutcome:
+    def _failed(self, entry: FileEntry, reason: str, transferred: int) -> FetchOutcome:
         dest = self.root / entry.path
         status = Status.BAD if dest.exists() else Status.MISSING
-        return FetchOutcome(FileVerdict(entry.path, status, reason), None, 0)
+        return FetchOutcome(FileVerdict(entry.path, status, reason), None, transferred)
 
     async def _transfer(self, sink: _Sink, url: str) -> None:
         """One request from sink.pos to the end. Raises _Retry or _GiveUp; on return every

@@ -460,3 +460,16 @@ def test_unknown_repository_and_missing_manifest(hub: FakeHub, tmp_path: Path) -
     result = CliRunner().invoke(cli, ["verify", "tiny", "--config", str(path)])
     assert result.exit_code == ExitStatus.FAILURE
     assert "no manifest for tiny" in result.output and "sparkctl pull tiny" in result.output
+
+
+def test_a_file_that_never_hashes_right_gives_up_after_three_whole_fetches(
+    hub: FakeHub, config: Config
+) -> None:
+    hub.inject("tokenizer.json", corrupt(), corrupt(), corrupt())
+    report = pull_model(config, config.model("tiny"), settings=FAST)
+    assert [(v.path, v.status) for v in report.failures] == [("tokenizer.json", Status.MISSING)]
+    assert "after 3 whole-file fetches" in report.failures[0].reason
+    assert [s for s, _, _ in bodies(hub)["tokenizer.json"]] == [None, None, None]
+    root = config.model("tiny").path
+    assert not (root / ".tokenizer.json.part").exists()  # known-wrong bytes are not kept
+    assert (root / SHARD1).read_bytes() == FILES[SHARD1]
