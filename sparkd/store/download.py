@@ -10,9 +10,9 @@ Why aiohttp (not urllib): it follows the Hub's redirect to its CDN and drops `Au
 when the redirect leaves the Hub's origin (urllib's redirect handler forwards it), it has a
 per-read timeout (a stalled transfer is noticed without a watchdog thread), it raises on a body
 shorter than its Content-Length, and N files at once are N tasks on one loop. The bytes go
-from aiohttp's buffers into the partial file with `pwritev` and into the hash in a worker
-thread (both release the GIL), one batch behind the socket, so reading, writing and hashing
-overlap.
+from aiohttp's buffers into the partial file (`pwrite`, in a worker thread) and into the hash
+(in another; both release the GIL), one 4 MiB batch behind the socket, so reading, writing and
+hashing overlap.
 
 For one file (`FetchJob`):
 
@@ -106,24 +106,32 @@ class _Sink:
             pos += n
         self.pos = pos
 
-    def write(self, chunks: Sequence[bytes]) -> int:
+    def write(
+        self, chunks: Sequence[bytes], hash_pool: concurrent.futures.ThreadPoolExecutor
+    ) -> int:
+        """Append chunks at pos and hash them: the hash runs in another thread while this one
+        writes (both release the GIL), so a batch costs max(hash, write), not their sum."""
+        hashed = hash_pool.submit(self._hash, chunks)
         offset = self.pos
-        views = [memoryview(c) for c in chunks]
-        while views:
-            n = os.pwritev(self.fd, views[:1024], offset)  # IOV_MAX
-            offset += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
-        for chunk in chunks:
-            self.hasher.update(chunk)
-        written = offset - self.pos
+        try:
+            # One pwrite per chunk: pwritev of the same chunks cost 4x the system time here.
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    n = os.pwrite(self.fd, view, offset)
+                    offset += n
+                    view = view[n:]
+        finally:
+            hashed.result()  # never leave the hasher running (a failed write aborts the file)
         # No posix_fadvise(DONTNEED) per batch to start writeback early: measured here, it
         # doubled the pull's CPU time (bench/RESULTS.md, issue 4); prestart drops the cache.
+        written = offset - self.pos
         self.pos = offset
         return written
+
+    def _hash(self, chunks: Sequence[bytes]) -> None:
+        for chunk in chunks:
+            self.hasher.update(chunk)
 
 
 class Fetcher:
@@ -138,6 +146,7 @@ class Fetcher:
         settings: FetchSettings,
         reporter: Reporter,
         pool: concurrent.futures.ThreadPoolExecutor,
+        hash_pool: concurrent.futures.ThreadPoolExecutor,
         sleep: Sleep = asyncio.sleep,
         model: str = "",
     ) -> None:
@@ -147,6 +156,7 @@ class Fetcher:
         self.settings = settings
         self.reporter = reporter
         self.pool = pool
+        self.hash_pool = hash_pool
         self.sleep = sleep
         self.model = model
 
@@ -285,7 +295,7 @@ class Fetcher:
         pending: asyncio.Future[object] | None = None
 
         def flush(chunks: list[bytes]) -> None:
-            self.reporter.advance(path, sink.write(chunks))
+            self.reporter.advance(path, sink.write(chunks, self.hash_pool))
 
         try:
             while True:
@@ -347,13 +357,15 @@ async def fetch_files(
     gate = asyncio.Semaphore(settings.concurrency)
     with concurrent.futures.ThreadPoolExecutor(
         max_workers=settings.concurrency, thread_name_prefix="sparkd-fetch"
-    ) as pool:
+    ) as pool, concurrent.futures.ThreadPoolExecutor(
+        max_workers=settings.concurrency, thread_name_prefix="sparkd-fetch-hash"
+    ) as hash_pool:
         async with aiohttp.ClientSession(
             headers=headers,
             timeout=timeout,
             connector=connector,
             auto_decompress=False,
-            read_bufsize=BATCH,
+            read_bufsize=2 * BATCH,  # keep the socket drained while a batch is written
         ) as session:
             fetcher = Fetcher(
                 session,
@@ -362,6 +374,7 @@ async def fetch_files(
                 settings=settings,
                 reporter=reporter,
                 pool=pool,
+                hash_pool=hash_pool,
                 sleep=sleep,
                 model=model,
             )
