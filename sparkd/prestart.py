@@ -373,35 +373,6 @@ def prepare_sim_dir(path: Path, user: str) -> str:
     return f"created sim weights directory {path} for {user}"
 
 
-def verify_files(config: Config, name: str) -> None:
-    """The store's preflight (issue 4) for a model that has a manifest: files changed since
-    they last verified are hashed; a BAD or MISSING file refuses the start (exit 1) with the
-    file named, unless the model says repair = true and the repair succeeds."""
-    from sparkd.errors import SparkdError
-    from sparkd.store.model import has_manifest
-    from sparkd.store.preflight import preflight_verify
-
-    prefix = f"prestart {name}"
-    model = config.models[name]
-    if not has_manifest(config, model):
-        return
-    start = time.monotonic()
-    try:
-        report = preflight_verify(config, model)
-    except SparkdError as exc:
-        _stderr(f"{prefix}: refused: {exc.message}")
-        sys.exit(ExitStatus.REFUSED)
-    took = (time.monotonic() - start) * 1000
-    hashed = sum(1 for v in report.verdicts if v.hashed)
-    extra = [v.path for v in report.verdicts if v.status == "EXTRA"]
-    _stderr(
-        f"{prefix}: verify: {len(report.verdicts) - len(extra)} files OK ({hashed} hashed, "
-        f"{format_size(report.hashed_bytes)}, {format_size(report.fetched_bytes)} fetched) "
-        f"in {took:.0f} ms"
-        + (f"; {len(extra)} not in the manifest: {', '.join(extra[:5])}" if extra else "")
-    )
-
-
 @click.command("prestart")
 @config_option
 @click.argument("name")
@@ -419,8 +390,11 @@ def command(config_file: Path, name: str) -> None:
     if model.engine == "sim":
         _stderr(f"{plan.prefix}: {prepare_sim_dir(model.path, config.daemon.engine_user)}")
     # Before the drop: what verification reads lands in the page cache, and the drop then
-    # gives it back before the memory gate measures.
-    verify_files(config, name)
+    # gives it back before the memory gate measures (issue 4, sparkd.store.preflight).
+    from sparkd.store.preflight import prestart_verify
+
+    if not prestart_verify(config, name, _stderr):
+        sys.exit(ExitStatus.REFUSED)
     try:
         run_prestart(plan, RealSystem(), _stderr)
     except PrestartRefused as exc:

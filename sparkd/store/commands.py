@@ -166,7 +166,7 @@ def _run_store(
 ) -> None:
     """Run `work` with the reporter `--json` asks for; exit 1 unless every file verified
     (EXTRA files count against `verify`, and are only warned about by `pull`)."""
-    from sparkd.cli import ExitStatus, _run
+    from sparkd.cli import ExitStatus, exit_status_for
     from sparkd.store.plan import Status
 
     def failed(report: VerifyReport) -> bool:
@@ -202,7 +202,13 @@ def _run_store(
             console.print(f"  {v.status.value} {v.path}: {v.reason}", markup=False)
         sys.exit(ExitStatus.FAILURE)
 
-    _run(ctx, go)
+    try:
+        go()
+    except SparkdError as exc:  # mapped to an exit status where sparkctl maps them all
+        if ctx.obj and ctx.obj.get("debug"):
+            raise
+        click.echo(f"sparkctl: {exc.message}", err=True)
+        sys.exit(exit_status_for(exc))
 
 
 @click.command("pull")

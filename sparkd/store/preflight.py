@@ -19,10 +19,14 @@ Blocking (hashing, and the network when repairing): the daemon runs it in an exe
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from sparkd.config import Config, ModelConfig
-from sparkd.errors import ManifestError, VerificationFailed
-from sparkd.store.model import current_manifest, verify_model
-from sparkd.store.plan import VerifyReport
+from sparkd.errors import ManifestError, SparkdError, VerificationFailed
+from sparkd.monitor.memory import format_size
+from sparkd.store.model import current_manifest, has_manifest, verify_model
+from sparkd.store.plan import Status, VerifyReport
 from sparkd.store.progress import Reporter
 
 
@@ -47,3 +51,30 @@ def preflight_verify(
             f"{listed} ({hint})"
         )
     return report
+
+
+def prestart_verify(config: Config, name: str, emit: Callable[[str], None]) -> bool:
+    """`sparkd prestart`'s step for a model that has a manifest (nothing for one without):
+    one line to `emit` (the journal), and False when the start must be refused."""
+    prefix = f"prestart {name}"
+    model = config.model(name)
+    if not has_manifest(config, model):
+        return True
+    start = time.monotonic()
+    try:
+        report = preflight_verify(config, model)
+    except SparkdError as exc:
+        emit(f"{prefix}: refused: {exc.message}")
+        return False
+    took = (time.monotonic() - start) * 1000
+    hashed = sum(1 for v in report.verdicts if v.hashed)
+    extra = [v.path for v in report.verdicts if v.status is Status.EXTRA]
+    line = (
+        f"{prefix}: verify: {len(report.verdicts) - len(extra)} files OK ({hashed} hashed, "
+        f"{format_size(report.hashed_bytes)}, {format_size(report.fetched_bytes)} fetched) "
+        f"in {took:.0f} ms"
+    )
+    if extra:
+        line += f"; {len(extra)} not in the manifest: {', '.join(extra[:5])}"
+    emit(line)
+    return True
