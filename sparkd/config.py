@@ -36,8 +36,10 @@ ROLE_POLICIES: Final[tuple[RolePolicy, ...]] = (
 # Model names become systemd instance names and journal field values: keep them plain.
 MODEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# A Hub repository id: ORG/REPO of letters, digits, '-', '_', '.' (sparkd.store.hub).
-SOURCE_RE: Final = re.compile(r"^hf://[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A Hub repository: "hf://ORG/REPO", or the bare id "ORG/REPO" (sparkd.store.hub).
+SOURCE_RE: Final = re.compile(
+    r"^(hf://)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +260,8 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
                files)
     source = v.opt_string(t, f"{key}.source")
     if source is not None and not SOURCE_RE.match(source):
-        v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO"', source)
+        v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
+               source)
     return ModelConfig(
         name=name,
         engine=engine,

@@ -34,10 +34,11 @@ _SHA1_RE: Final = re.compile(r"^[0-9a-f]{40}$")
 
 
 def repo_id(source: str) -> str:
-    """"hf://ORG/REPO" -> "ORG/REPO" (the config validated the form)."""
-    if not source.startswith(HF_SCHEME):
-        raise HubError(f"{source!r} is not a Hugging Face source (hf://ORG/REPO)")
-    return source[len(HF_SCHEME) :]
+    """"hf://ORG/REPO" (or the bare "ORG/REPO") -> "ORG/REPO" (the config validated it)."""
+    repo = source.removeprefix(HF_SCHEME)
+    if repo.startswith(CACHE_SOURCE_PREFIX) or repo.count("/") != 1:
+        raise HubError(f"{source!r} is not a Hugging Face repository (hf://ORG/REPO)")
+    return repo
 
 
 def endpoint() -> str | None:

@@ -166,7 +166,7 @@ def _repair(
 
     manifest = report.manifest
     assert manifest is not None
-    if manifest.source is None or not manifest.source.startswith(hub.HF_SCHEME) or (
+    if manifest.source is None or manifest.source.startswith(hub.CACHE_SOURCE_PREFIX) or (
         manifest.revision is None
     ):
         if model.source is None:

@@ -10,9 +10,9 @@ file), then:
   model says `repair = true`, in which case those files (only those) are fetched again first,
   and the start goes ahead only when they then verify.
 
-A model with no manifest and no source (e.g. the simulated engine's) has nothing to verify:
-the report says so and the start goes ahead. A model with a source that was never pulled
-raises `ManifestError` ("run sparkctl pull NAME").
+A model with no manifest (never pulled, or no source: e.g. the simulated engine's, or weights
+put there by hand) has nothing to verify against: the report has no files, its `note` says why
+("run sparkctl pull NAME"), and the start goes ahead as it did before sparkd had a store.
 
 Blocking (hashing, and the network when repairing): the daemon runs it in an executor.
 """
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from sparkd.config import Config, ModelConfig
-from sparkd.errors import ManifestError, SparkdError, VerificationFailed
+from sparkd.errors import SparkdError, VerificationFailed
 from sparkd.monitor.memory import format_size
 from sparkd.store.model import current_manifest, has_manifest, verify_model
 from sparkd.store.plan import Status, VerifyReport
@@ -35,8 +35,6 @@ def preflight_verify(
 ) -> VerifyReport:
     manifest, note = current_manifest(config, model)
     if manifest is None:
-        if model.source is not None:
-            raise ManifestError(note)
         return VerifyReport(model=model.name, verdicts=(), manifest=None, note=note)
     report = verify_model(config, model, repair=model.repair, reporter=reporter)
     if report.blocking:

@@ -88,6 +88,8 @@ def test_store_config_keys_and_defaults() -> None:
     assert (a.source, a.files, a.repair) == (
         "hf://Qwen/Qwen3-30B-A3B", ("*.safetensors", "*.json"), True)
     assert c.daemon.download_concurrency == 8 and c.daemon.download_attempts == 8
+    bare = parse_config(MODEL + 'source = "Qwen/Qwen3-30B-A3B"\n', source=SRC)
+    assert bare.models["a"].source == "Qwen/Qwen3-30B-A3B"  # the Hub id alone is fine too
     d = parse_config(MODEL, source=SRC)
     assert d.models["a"].files == () and d.models["a"].repair is False
     assert d.daemon.download_concurrency == 4
@@ -96,8 +98,8 @@ def test_store_config_keys_and_defaults() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ('source = "Qwen/Qwen3"\n', 'models.a.source: expected a Hugging Face repository as '
-         '"hf://ORG/REPO", got "Qwen/Qwen3"'),
+        ('source = "https://huggingface.co/Qwen/Qwen3"\n', 'models.a.source: expected a '
+         'Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO"), got "https://'),
         ('files = "*.json"\n', "models.a.files: expected a list of glob patterns"),
         ('repair = "yes"\n', 'models.a.repair: expected true or false, got "yes"'),
     ],
