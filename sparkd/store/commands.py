@@ -34,6 +34,13 @@ if TYPE_CHECKING:
     from sparkd.store.progress import Phase, Reporter
 
 
+def escape(text: str) -> str:
+    """Text shown through rich markup as it is (a path may hold "[")."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 class RichReporter:
     """Progress bars for a person: one per file being worked on, one for the total, with
     speed and ETA (rich computes both). Files that are not OK are printed as they finish."""
@@ -99,7 +106,9 @@ class RichReporter:
         task = self._tasks.get(path)
         if task is None:
             task = self.progress.add_task(
-                path, total=self._book.totals.get(path, 0), completed=self._book.done.get(path, 0)
+                escape(path),
+                total=self._book.totals.get(path, 0),
+                completed=self._book.done.get(path, 0),
             )
             self._tasks[path] = task
         return task
@@ -120,7 +129,8 @@ class RichReporter:
 
     def retry(self, path: str, attempt: int, reason: str, delay_s: float) -> None:
         self.progress.console.print(
-            f"[yellow]retry[/] {path}: {reason} (try {attempt}; again in {delay_s:.1f} s)"
+            f"[yellow]retry[/] {escape(path)}: {escape(reason)} "
+            f"(try {attempt}; again in {delay_s:.1f} s)"
         )
 
     def file_done(self, verdict: FileVerdict) -> None:
@@ -133,14 +143,18 @@ class RichReporter:
         if self._pulling and self._phase == "verify" and verdict.status is not Status.OK:
             if verdict.status is Status.BAD:
                 self.progress.console.print(
-                    f"[yellow]BAD[/] {verdict.path}: {verdict.reason}; fetching it again"
+                    f"[yellow]BAD[/] {escape(verdict.path)}: {escape(verdict.reason)}; "
+                    "fetching it again"
                 )
         elif verdict.status is not Status.OK:
             self.progress.console.print(
-                f"[bold red]{verdict.status.value}[/] {verdict.path}: {verdict.reason}"
+                f"[bold red]{verdict.status.value}[/] {escape(verdict.path)}: "
+                f"{escape(verdict.reason)}"
             )
         elif self._phase == "fetch":
-            self.progress.console.print(f"[green]OK[/] {verdict.path}: {verdict.reason}")
+            self.progress.console.print(
+                f"[green]OK[/] {escape(verdict.path)}: {escape(verdict.reason)}"
+            )
 
     def result(self, report: VerifyReport) -> None:
         pass  # printed by the command, after the bars are gone
@@ -186,7 +200,7 @@ def _run_store(
             return
         from rich.console import Console
 
-        console = Console(stderr=False)
+        console = Console(stderr=False, highlight=False)
         with RichReporter(console, pulling=verb == "pulled") as reporter:
             report = work(reporter)
         if report.note:
