@@ -109,6 +109,7 @@ def socket_path(config_file: Path | None) -> Path:
         "rewrite": "sparkd.cli_rewrite:rewrite",
         "pull": "sparkd.store.commands:pull",
         "verify": "sparkd.store.commands:verify",
+        "doctor": "sparkd.cli_doctor:doctor",
     },
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks.")

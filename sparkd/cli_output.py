@@ -99,4 +99,14 @@ def render_status(status: dict[str, Any], console: Console | None = None) -> Non
         console.print(
             f"memory: {_gib(mem.get('available_bytes'))} available of "
             f"{_gib(mem.get('total_bytes'))}, page cache {_gib(mem.get('page_cache_bytes'))}"
+            + (f" [dim]({mem['accounting']})[/]" if mem.get("accounting") else "")
         )
+    gpu = status.get("gpu")
+    if gpu and gpu.get("error"):
+        console.print(f"gpu: [dim]{gpu['error']}[/]")
+    for g in (gpu or {}).get("gpus", []):
+        used = (f"{_gib(g['memory_used_bytes'])} of {_gib(g['memory_total_bytes'])}"
+                if g.get("memory_total_bytes") is not None else "memory: unified")
+        util = "?" if g.get("utilization_pct") is None else f"{g['utilization_pct']}%"
+        console.print(f"gpu {g['index']}: {g['name']}, {used}, busy {util}, "
+                      f"{len(g['processes'])} process(es) using {_gib(g['process_bytes'])}")

@@ -27,6 +27,7 @@ from sparkd.engine.health import probe
 from sparkd.errors import ConfigError, SparkdError, SystemdError
 from sparkd.journal import event, setup_logging
 from sparkd.monitor.memory import read_meminfo
+from sparkd.monitor.nvml import NvmlMonitor, NvmlSnapshot
 from sparkd.options import config_option
 from sparkd.state import StateStore
 from sparkd.supervisor import Deps, Notifier, Supervisor, read_boot_id
@@ -46,6 +47,7 @@ EXIT_CONFIG = 2
 SYSTEMD_CALL_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S = 2.0
 JOURNAL_TIMEOUT_S = 10.0
+NVML_TIMEOUT_S = 5.0
 
 
 async def models_listed(session: aiohttp.ClientSession, url: str, model: str) -> bool:
@@ -108,6 +110,9 @@ class Daemon:
         self.config = config
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="systemd")
         self._manager = PystemdManager()
+        # NVML from one thread of its own: a slow driver call never delays a systemd call.
+        self._nvml_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
+        self._nvml = NvmlMonitor()
         self._stop = asyncio.Event()
         self.notifier: Notifier = SdNotifier()
 
@@ -138,6 +143,7 @@ class Daemon:
             meminfo=read_meminfo,
             boot_id=read_boot_id(),
             journal_since=self.journal_since,
+            read_gpu=self.read_gpu,
             models_listed=lambda url, model: models_listed(session, url, model),
         )
         sup = Supervisor(self.config, deps)
@@ -175,7 +181,18 @@ class Daemon:
             signals.close()
             await asyncio.get_running_loop().run_in_executor(self._executor, self._manager.close)
             self._executor.shutdown(wait=True)
+            await loop.run_in_executor(self._nvml_executor, self._nvml.close)
+            self._nvml_executor.shutdown(wait=True)
         return 0
+
+    async def read_gpu(self) -> NvmlSnapshot:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._nvml_executor, self._nvml.read), NVML_TIMEOUT_S
+            )
+        except TimeoutError:
+            return NvmlSnapshot(driver=None, gpus=(), error="NVML did not answer in time")
 
     async def journal_since(self, unit: str, since: float) -> list[str]:
         """The unit's journal lines since `since` (Unix time), from journalctl."""

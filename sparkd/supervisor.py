@@ -34,6 +34,7 @@ from sparkd.engine.swap import SwapRun, execute, start_timeout
 from sparkd.errors import BadRequest, ConfigError, SparkdError, StateError
 from sparkd.journal import event
 from sparkd.monitor.memory import MemInfo
+from sparkd.monitor.nvml import NvmlSnapshot
 from sparkd.state import State, StateStore
 from sparkd.systemd.manager import JobDone, SystemdEvent, SystemdManager, UnitStatus
 from sparkd.units.render import render_units
@@ -101,6 +102,7 @@ class Deps:
     journal_since: JournalSince
     models_listed: ModelsListed
     path_exists: Callable[[Path], bool] = Path.exists
+    read_gpu: Callable[[], Awaitable[NvmlSnapshot]] | None = None
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
 
@@ -135,6 +137,7 @@ class Supervisor:
         self._job_waiters: dict[int, asyncio.Future[str]] = {}
         self._job_results: dict[int, str] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self.gpu: NvmlSnapshot | None = None
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -162,6 +165,7 @@ class Supervisor:
                 )
             self.state = self.state.replace(desired_model=self.config.daemon.default_model)
         self.systemd_version = await self.deps.systemd(lambda m: m.version())
+        await self.read_gpu()
         await self.apply_config()
         await self.converge()
         self._save_state()
@@ -365,7 +369,12 @@ class Supervisor:
                 and self.swap_run is None
             ):
                 await self._restart_hung(name, view, result)
+        await self.read_gpu()
         self.update_status()
+
+    async def read_gpu(self) -> None:
+        if self.deps.read_gpu is not None:
+            self.gpu = await self.deps.read_gpu()
 
     def _maybe_last_good(self, name: str, view: EngineView, now: float) -> None:
         if (
@@ -714,6 +723,7 @@ class Supervisor:
                 "total_bytes": mem.total,
                 "available_bytes": mem.available,
                 "page_cache_bytes": mem.page_cache,
+                "accounting": memory_accounting(self.gpu),
             }
         except (OSError, ValueError) as exc:  # ValueError: MemInfoError
             memory = {"error": str(exc)}
@@ -745,6 +755,7 @@ class Supervisor:
                   "reason": self.state.last_failure_reason},
             "engines": [_engine_json(v) for _, v in sorted(self.engines.items())],
             "memory": memory,
+            "gpu": None if self.gpu is None else self.gpu.to_json(),
         }
 
     async def handle(self, request: Request) -> Any:
@@ -776,6 +787,16 @@ class Supervisor:
             self.deps.store.save(self.state)
         except StateError as exc:
             event(log, "state_write_failed", "%s", exc.message, level=logging.ERROR)
+
+
+def memory_accounting(gpu: NvmlSnapshot | None) -> str:
+    """Where the memory figures come from: on unified memory (GB10) NVML has no memory info
+    and /proc/meminfo is the truth; on a discrete GPU NVML reports the GPU's own memory."""
+    if gpu is None or gpu.error is not None or not gpu.gpus:
+        return "meminfo (no GPU reading)"
+    if gpu.unified_memory:
+        return "unified: /proc/meminfo (NVML memory info not supported)"
+    return "discrete: NVML for GPU memory, /proc/meminfo for the host"
 
 
 def engine_key(model: str, variant: Variant) -> str:

@@ -196,3 +196,12 @@ def test_sigterm_stops_sparkd_cleanly_and_leaves_the_engine(container: Container
     container.exec(["systemctl", "start", "sparkd"])
     wait_for("sparkd to serve", lambda: serving(container))
     assert show(container, ENGINE, "MainPID", "NRestarts") == engine_before
+
+
+def test_doctor_passes_on_the_default_install(container: Container) -> None:
+    wait_for("sparkd to serve", lambda: serving(container))
+    res = container.exec(["sparkctl", "doctor"], check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ok  sparkd runs: sim-small: serving, healthy" in res.stdout
+    assert "engine units match the config" in res.stdout
+    assert "/proc/sys/vm/drop_caches is writable" in res.stdout

@@ -217,3 +217,30 @@ def test_subscribers_get_a_snapshot_then_changes(tmp_path: Path) -> None:
     assert changed["status"]["engines"][0]["active_state"] == "active"
     assert healthy["status"]["engines"][0]["health"]["ok"] is True
     assert not w.sup._subscribers
+
+
+def test_status_reports_the_gpu_and_where_memory_figures_come_from(tmp_path: Path) -> None:
+    import json as _json
+
+    from sparkd.monitor.nvml import FixtureNvml, NvmlSnapshot, read
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "nvml"
+    w = world(tmp_path)
+
+    def reader(name: str) -> Any:
+        captured = _json.loads((fixtures / name).read_text())["captured"]
+
+        async def read_gpu() -> NvmlSnapshot:
+            return read(FixtureNvml(captured))
+
+        return read_gpu
+
+    w.sup.deps.read_gpu = reader("gb10-constructed.json")
+    run(started(w.sup))
+    status = w.sup.status()
+    assert status["memory"]["accounting"] == (
+        "unified: /proc/meminfo (NVML memory info not supported)")
+    assert status["gpu"]["gpus"][0]["name"] == "NVIDIA GB10"
+    w.sup.deps.read_gpu = reader("h200.json")
+    run(w.sup.check_health())
+    assert w.sup.status()["memory"]["accounting"].startswith("discrete: NVML")

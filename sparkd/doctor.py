@@ -1,0 +1,158 @@
+"""`sparkctl doctor`: the runbook's checks, each with what was found and the one-line fix.
+
+`gather()` reads the machine (adapters); `diagnose(facts)` is pure and returns the checks, so
+every rule is unit-tested on plain values.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparkd.config import Config
+from sparkd.gateway.rewrite import resolve_policy
+
+GIB = 1 << 30
+
+
+class Level(enum.StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    id: str
+    level: Level
+    message: str
+    fix: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.id, "level": self.level.value, "message": self.message,
+                "fix": self.fix}
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the checks look at, read by `gather` (or written by a test)."""
+
+    config: Config
+    rendered: dict[str, str]  # unit file name -> what sparkd would write
+    installed: dict[str, str | None]  # unit file name -> what is in the unit dir (None: none)
+    daemon_status: dict[str, Any] | None
+    daemon_error: str | None
+    drop_caches_writable: bool
+    mem_total: int
+    path_exists: dict[str, bool] = field(default_factory=dict)
+    psi_available: bool = True
+
+
+def diagnose(f: Facts) -> list[Check]:
+    c = f.config
+    checks: list[Check] = []
+    if f.daemon_status is None:
+        checks.append(Check("daemon", Level.FAIL, f"sparkd does not answer: {f.daemon_error}",
+                            "systemctl start sparkd; journalctl -u sparkd -n 50"))
+    else:
+        line = f.daemon_status["daemon"]["status_line"]
+        checks.append(Check("daemon", Level.OK, f"sparkd runs: {line}"))
+        reload = f.daemon_status["daemon"].get("last_reload")
+        if reload and not reload["ok"]:
+            checks.append(Check("config_reload", Level.FAIL,
+                                f"the last reload was refused: {reload['message']}",
+                                "fix /etc/sparkd.toml, then systemctl reload sparkd"))
+        failure = f.daemon_status.get("last_failure")
+        if failure:
+            checks.append(Check("last_failure", Level.WARN,
+                                f"{failure['model']}: {failure['reason']}",
+                                f"sparkctl logs --model {failure['model']}"))
+    stale = sorted(n for n, text in f.rendered.items() if f.installed.get(n) != text)
+    if stale:
+        checks.append(Check("units", Level.WARN,
+                            f"engine units differ from the config: {', '.join(stale)}",
+                            "systemctl reload sparkd (sparkd rewrites them)"))
+    else:
+        checks.append(Check("units", Level.OK, f"{len(f.rendered)} engine units match the config"))
+    for model in c.supervised_models:
+        if model.engine == "vllm":
+            value = model.env_dict.get("VLLM_FLASHINFER_MOE_BACKEND", "latency")
+            level = Level.OK if value == "latency" else Level.WARN
+            checks.append(Check(f"moe_backend.{model.name}", level,
+                                f"{model.name}: VLLM_FLASHINFER_MOE_BACKEND={value}"
+                                + ("" if value == "latency" else
+                                   " (the throughput path froze the desktop on sm121)"),
+                                "" if value == "latency" else
+                                f"remove it from models.{model.name}.env"))
+        need = (model.memory_gib + c.daemon.memory_reserve_gib) * GIB
+        if need > f.mem_total:
+            checks.append(Check(f"memory.{model.name}", Level.FAIL,
+                                f"{model.name} needs {need / GIB:.1f} GiB with the reserve; the "
+                                f"machine has {f.mem_total / GIB:.1f} GiB",
+                                f"lower models.{model.name}.memory_gib or quantize the model"))
+        if model.engine != "sim" and not f.path_exists.get(model.name, False):
+            checks.append(Check(f"weights.{model.name}", Level.FAIL,
+                                f"{model.name}: no weights at {model.path}",
+                                f"sparkctl pull {model.name}"))
+        choice = resolve_policy("auto", model.name, model.source, str(model.path))
+        if model.role_policy == "passthrough" and choice.policy != "passthrough":
+            checks.append(Check(f"role_policy.{model.name}", Level.WARN,
+                                f"{model.name} looks like a strict-alternation template "
+                                f"({choice.policy}) but role_policy is passthrough",
+                                f'role_policy = "auto" in models.{model.name}'))
+    checks.append(Check(
+        "drop_caches", Level.OK if f.drop_caches_writable else Level.WARN,
+        "/proc/sys/vm/drop_caches is writable" if f.drop_caches_writable else
+        "/proc/sys/vm/drop_caches is not writable here: prestart falls back to "
+        "posix_fadvise on the model's files (other page cache stays)",
+        "" if f.drop_caches_writable else "run sparkd as root (the shipped unit does)"))
+    if not f.psi_available:
+        checks.append(Check("psi", Level.WARN, "/proc/pressure is missing: no memory pressure "
+                            "readings", "boot with psi=1"))
+    gpu = (f.daemon_status or {}).get("gpu")
+    if gpu is not None:
+        if gpu.get("error"):
+            checks.append(Check("nvml", Level.WARN, str(gpu["error"]),
+                                "install the NVIDIA driver (nvidia-smi must work)"))
+        else:
+            names = ", ".join(g["name"] for g in gpu["gpus"])
+            how = ("unified memory: figures from /proc/meminfo" if gpu["unified_memory"]
+                   else "GPU memory from NVML")
+            checks.append(Check("nvml", Level.OK, f"NVML sees {names} ({how})"))
+    return checks
+
+
+def gather(config: Config) -> Facts:
+    """Read the machine for `diagnose` (no daemon needed; it is asked when it runs)."""
+    from sparkd.cli import installed_systemd_version
+    from sparkd.control.client import call
+    from sparkd.errors import SparkdError
+    from sparkd.monitor.memory import read_meminfo
+    from sparkd.units.render import render_units
+
+    rendered = render_units(config, systemd_version=installed_systemd_version())
+    installed: dict[str, str | None] = {}
+    for name in rendered:
+        try:
+            installed[name] = (config.daemon.unit_dir / name).read_text(encoding="utf-8")
+        except OSError:
+            installed[name] = None
+    status: dict[str, Any] | None
+    try:
+        status, error = call(config.daemon.control_socket, "status", timeout_s=5), None
+    except SparkdError as exc:
+        status, error = None, exc.message
+    return Facts(
+        config=config,
+        rendered=rendered,
+        installed=installed,
+        daemon_status=status,
+        daemon_error=error,
+        drop_caches_writable=os.access("/proc/sys/vm/drop_caches", os.W_OK),
+        mem_total=read_meminfo().total,
+        path_exists={n: m.path.exists() for n, m in config.models.items()},
+        psi_available=Path("/proc/pressure/memory").exists(),
+    )

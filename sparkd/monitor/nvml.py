@@ -1,0 +1,268 @@
+"""Adapter over NVML (module `pynvml` from the nvidia-ml-py distribution).
+
+On GB10 (DGX Spark) `nvmlDeviceGetMemoryInfo` answers NVML_ERROR_NOT_SUPPORTED: memory is
+unified, and the truth is /proc/meminfo (sparkd.monitor.memory). Per-process used memory,
+utilization and the rest still report. So every query here may come back unsupported, and a
+reading says which did (`unsupported`) instead of failing.
+
+`capture(nvml)` records the raw answers of each call (or the error's name); `FixtureNvml`
+replays such a capture with pynvml's own call surface, so tests run the real reading code
+against answers captured on a real GPU (tests/fixtures/nvml/).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+MIB: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    pid: int
+    used_bytes: int | None  # None: NVML does not know (it says so on some drivers)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    index: int
+    name: str
+    uuid: str
+    memory_total: int | None  # None: not supported (unified memory: see /proc/meminfo)
+    memory_used: int | None
+    utilization_pct: int | None
+    temperature_c: int | None
+    power_w: float | None
+    processes: tuple[GpuProcess, ...]
+    unsupported: tuple[str, ...]  # the queries that answered NOT_SUPPORTED
+
+    @property
+    def process_bytes(self) -> int:
+        return sum(p.used_bytes or 0 for p in self.processes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "uuid": self.uuid,
+            "memory_total_bytes": self.memory_total,
+            "memory_used_bytes": self.memory_used,
+            "utilization_pct": self.utilization_pct,
+            "temperature_c": self.temperature_c,
+            "power_w": self.power_w,
+            "processes": [{"pid": p.pid, "used_bytes": p.used_bytes} for p in self.processes],
+            "process_bytes": self.process_bytes,
+            "unsupported": list(self.unsupported),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NvmlSnapshot:
+    driver: str | None
+    gpus: tuple[GpuReading, ...]
+    error: str | None = None  # NVML itself is unusable (no driver, no GPU): why
+
+    @property
+    def unified_memory(self) -> bool:
+        """Memory info is unsupported on every GPU: the GB10 case (use /proc/meminfo)."""
+        return bool(self.gpus) and all(g.memory_total is None for g in self.gpus)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "driver": self.driver,
+            "error": self.error,
+            "unified_memory": self.unified_memory,
+            "gpus": [g.to_json() for g in self.gpus],
+        }
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read(nvml: Any) -> NvmlSnapshot:
+    """One reading of every GPU, NVML opened and closed around it. `nvml` is the pynvml
+    module (or a FixtureNvml)."""
+    monitor = NvmlMonitor(nvml)
+    try:
+        return monitor.read()
+    finally:
+        monitor.close()
+
+
+def _read_gpu(nvml: Any, index: int) -> GpuReading:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    unsupported: list[str] = []
+
+    def ask(what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except nvml.NVMLError_NotSupported:
+            unsupported.append(what)
+            return None
+
+    mem = ask("memory", lambda: nvml.nvmlDeviceGetMemoryInfo(handle))
+    util = ask("utilization", lambda: nvml.nvmlDeviceGetUtilizationRates(handle))
+    temp = ask("temperature", lambda: nvml.nvmlDeviceGetTemperature(handle, 0))
+    power = ask("power", lambda: nvml.nvmlDeviceGetPowerUsage(handle))
+    procs = ask("processes", lambda: nvml.nvmlDeviceGetComputeRunningProcesses(handle)) or []
+    return GpuReading(
+        index=index,
+        name=_text(nvml.nvmlDeviceGetName(handle)),
+        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+        memory_total=None if mem is None else int(mem.total),
+        memory_used=None if mem is None else int(mem.used),
+        utilization_pct=None if util is None else int(util.gpu),
+        temperature_c=None if temp is None else int(temp),
+        power_w=None if power is None else power / 1000.0,
+        processes=tuple(
+            GpuProcess(int(p.pid), None if p.usedGpuMemory is None else int(p.usedGpuMemory))
+            for p in procs
+        ),
+        unsupported=tuple(unsupported),
+    )
+
+
+# -- capture and replay ---------------------------------------------------------------------
+
+_CALLS: Final = (
+    "nvmlDeviceGetName",
+    "nvmlDeviceGetUUID",
+    "nvmlDeviceGetMemoryInfo",
+    "nvmlDeviceGetUtilizationRates",
+    "nvmlDeviceGetTemperature",
+    "nvmlDeviceGetPowerUsage",
+    "nvmlDeviceGetComputeRunningProcesses",
+)
+
+
+def _plain(value: Any) -> Any:
+    """A pynvml answer as JSON: structs become dicts of their fields."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    fields = getattr(value, "_fields_", None)
+    if fields is not None:
+        return {name: _plain(getattr(value, name)) for name, *_ in fields}
+    if hasattr(value, "__dict__"):  # pynvml's nvmlFriendlyObject (process lists)
+        return {k: _plain(v) for k, v in vars(value).items() if not k.startswith("_")}
+    return _text(value) if isinstance(value, bytes) else value
+
+
+def capture(nvml: Any) -> dict[str, Any]:
+    """The raw answer (or error class name) of every call `read` makes, for a fixture."""
+    nvml.nvmlInit()
+    try:
+        devices = []
+        for i in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            answers: dict[str, Any] = {}
+            for call in _CALLS:
+                fn = getattr(nvml, call)
+                args = (handle, 0) if call == "nvmlDeviceGetTemperature" else (handle,)
+                try:
+                    answers[call] = {"value": _plain(fn(*args))}
+                except nvml.NVMLError as exc:
+                    answers[call] = {"error": type(exc).__name__, "message": str(exc)}
+            devices.append(answers)
+        return {"driver": _text(nvml.nvmlSystemGetDriverVersion()), "devices": devices}
+    finally:
+        nvml.nvmlShutdown()
+
+
+class _Struct:
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.__dict__.update(fields)
+
+
+class FixtureNvml:
+    """pynvml's call surface, answering from a `capture()` (tests and offline tools)."""
+
+    class NVMLError(Exception):
+        pass
+
+    class NVMLError_NotSupported(NVMLError):
+        pass
+
+    def __init__(self, captured: dict[str, Any]) -> None:
+        self._captured = captured
+        self._errors = {"NVMLError_NotSupported": self.NVMLError_NotSupported}
+
+    def nvmlInit(self) -> None:
+        if "init_error" in self._captured:
+            raise self.NVMLError(self._captured["init_error"])
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return str(self._captured["driver"])
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self._captured["devices"])
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def __getattr__(self, call: str) -> Callable[..., Any]:
+        if call not in _CALLS:
+            raise AttributeError(call)
+
+        def answer(handle: int, *_args: Any) -> Any:
+            recorded = self._captured["devices"][handle][call]
+            if "error" in recorded:
+                raise self._errors.get(recorded["error"], self.NVMLError)(recorded["message"])
+            return _revive(recorded["value"])
+
+        return answer
+
+
+def _revive(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_revive(v) for v in value]
+    if isinstance(value, dict):
+        return _Struct({k: _revive(v) for k, v in value.items()})
+    return value
+
+
+class NvmlMonitor:
+    """NVML kept initialized between readings (nvmlInit is not free). Blocking: call from a
+    worker thread. Without a driver or GPU (CI, a VM) every reading carries the reason."""
+
+    def __init__(self, nvml: Any | None = None) -> None:
+        self._nvml = nvml
+        self._ready = False
+        self._error: str | None = None
+
+    def _open(self) -> Any:
+        if self._nvml is None:
+            try:
+                import pynvml
+            except ImportError as exc:  # nvidia-ml-py is a dependency; be clear anyway
+                self._error = f"pynvml is not installed: {exc}"
+                return None
+            self._nvml = pynvml
+        if not self._ready and self._error is None:
+            try:
+                self._nvml.nvmlInit()
+                self._ready = True
+            except self._nvml.NVMLError as exc:
+                self._error = f"NVML is not available: {exc}"
+        return self._nvml if self._ready else None
+
+    def read(self) -> NvmlSnapshot:
+        nvml = self._open()
+        if nvml is None:
+            return NvmlSnapshot(driver=None, gpus=(), error=self._error)
+        try:
+            driver = _text(nvml.nvmlSystemGetDriverVersion())
+            gpus = tuple(_read_gpu(nvml, i) for i in range(nvml.nvmlDeviceGetCount()))
+            return NvmlSnapshot(driver=driver, gpus=gpus)
+        except nvml.NVMLError as exc:
+            return NvmlSnapshot(driver=None, gpus=(), error=f"NVML failed: {exc}")
+
+    def close(self) -> None:
+        if self._ready and self._nvml is not None:
+            self._nvml.nvmlShutdown()
+            self._ready = False

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner
+
+from sparkd.cli import cli
+from sparkd.config import parse_config
+from sparkd.doctor import Facts, Level, diagnose
+
+CONFIG = """
+[daemon]
+memory_reserve_gib = 4
+[models.qwen]
+engine = "vllm"
+port = 8201
+memory_gib = 70
+path = "/m/qwen"
+[models.old]
+engine = "vllm"
+port = 8202
+memory_gib = 200
+path = "/m/old"
+env = { VLLM_FLASHINFER_MOE_BACKEND = "throughput" }
+[models.mistral]
+engine = "sglang"
+port = 8203
+source = "mistralai/Mistral-7B-Instruct-v0.1"
+path = "/m/mistral"
+"""
+
+
+def facts(**changes: Any) -> Facts:
+    config = parse_config(CONFIG, source=Path("/etc/sparkd.toml"))
+    base = {
+        "config": config,
+        "rendered": {"a.service": "x"},
+        "installed": {"a.service": "x"},
+        "daemon_status": {"daemon": {"status_line": "qwen: serving, healthy",
+                                     "last_reload": None}, "last_failure": None,
+                          "gpu": {"error": None, "unified_memory": True,
+                                  "gpus": [{"name": "NVIDIA GB10"}]}},
+        "daemon_error": None,
+        "drop_caches_writable": True,
+        "mem_total": 128 << 30,
+        "path_exists": {"qwen": True, "old": True, "mistral": False},
+    }
+    base.update(changes)
+    return Facts(**base)
+
+
+def by_id(checks: list[Any]) -> dict[str, Any]:
+    return {c.id: c for c in checks}
+
+
+def test_the_runbook_checks() -> None:
+    checks = by_id(diagnose(facts()))
+    assert checks["daemon"].level is Level.OK
+    assert checks["units"].level is Level.OK
+    assert checks["moe_backend.qwen"].level is Level.OK
+    old = checks["moe_backend.old"]
+    assert old.level is Level.WARN and "froze the desktop" in old.message
+    assert old.fix == "remove it from models.old.env"
+    mem = checks["memory.old"]
+    assert mem.level is Level.FAIL
+    assert mem.message == "old needs 204.0 GiB with the reserve; the machine has 128.0 GiB"
+    assert "memory.qwen" not in checks
+    assert checks["weights.mistral"].fix == "sparkctl pull mistral"
+    assert checks["role_policy.mistral"].level is Level.WARN
+    assert checks["nvml"].message == "NVML sees NVIDIA GB10 (unified memory: figures from " \
+        "/proc/meminfo)"
+
+
+def test_no_daemon_stale_units_and_no_drop_caches() -> None:
+    checks = by_id(diagnose(facts(daemon_status=None, daemon_error="no socket",
+                                  installed={"a.service": None}, drop_caches_writable=False)))
+    assert checks["daemon"].level is Level.FAIL
+    assert checks["daemon"].message == "sparkd does not answer: no socket"
+    assert checks["units"].level is Level.WARN
+    assert checks["drop_caches"].level is Level.WARN
+    assert "nvml" not in checks
+
+
+def test_sparkctl_doctor_exit_status_and_json(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\ncontrol_socket = "{tmp_path}/none.sock"\n'
+                   f'unit_dir = "{tmp_path}/units"\n'
+                   '[models.s]\nengine = "sim"\nport = 8101\n')
+    res = CliRunner().invoke(cli, ["doctor", "--config", str(cfg)])
+    assert res.exit_code == 1  # the daemon does not answer
+    assert "FAIL  sparkd does not answer" in res.output
+    assert "fix: systemctl start sparkd" in res.output
+    res = CliRunner().invoke(cli, ["doctor", "--json", "--config", str(cfg)])
+    assert '"id": "units"' in res.output
