@@ -107,6 +107,8 @@ def socket_path(config_file: Path | None) -> Path:
         "swap": "sparkd.cli_swap:swap",
         "logs": "sparkd.cli_logs:logs",
         "rewrite": "sparkd.cli_rewrite:rewrite",
+        "pull": "sparkd.store.commands:pull",
+        "verify": "sparkd.store.commands:verify",
         "doctor": "sparkd.cli_doctor:doctor",
     },
 )

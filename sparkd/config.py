@@ -52,6 +52,10 @@ DEFAULT_DISPATCH_ROUTES: Final[tuple[tuple[str, Variant], ...]] = (
 # Model names become systemd instance names and journal field values: keep them plain.
 MODEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A Hub repository: "hf://ORG/REPO", or the bare id "ORG/REPO" (sparkd.store.hub).
+SOURCE_RE: Final = re.compile(
+    r"^(hf://)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,11 @@ class DaemonConfig:
     restart_sec: float = 5.0
     start_limit_burst: int = 5
     start_limit_interval_s: float = 600.0
+    # sparkd.store (issue 4): files fetched at once, seconds without a byte before a transfer
+    # counts as stalled, tries per file before a pull gives up on it.
+    download_concurrency: int = 4
+    download_stall_timeout_s: float = 30.0
+    download_attempts: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +153,10 @@ class ModelConfig:
     revision: str | None = None
     speculative: SpeculativeConfig | None = None
     idle_unload_minutes: float | None = None
+    # sparkd.store (issue 4): glob patterns of the repository's files to fetch (empty: all),
+    # and whether a bad file found before a start is fetched again instead of refusing it.
+    files: tuple[str, ...] = ()
+    repair: bool = False
 
     @property
     def unit_name(self) -> str:
@@ -302,6 +315,15 @@ def _parse_daemon(v: _Validator, t: dict[str, Any]) -> DaemonConfig:
         start_limit_interval_s=v.number(
             t, "daemon.start_limit_interval_s", d.start_limit_interval_s, lo=1
         ),
+        download_concurrency=v.integer(
+            t, "daemon.download_concurrency", d.download_concurrency, lo=1, hi=64
+        ),
+        download_stall_timeout_s=v.number(
+            t, "daemon.download_stall_timeout_s", d.download_stall_timeout_s, lo=0.1
+        ),
+        download_attempts=v.integer(
+            t, "daemon.download_attempts", d.download_attempts, lo=1, hi=100
+        ),
     )
 
 
@@ -426,6 +448,14 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
             v.fail(f"{key}.idle_unload_minutes", "nothing for an external model", t[
                 "idle_unload_minutes"])
         idle = v.number(t, f"{key}.idle_unload_minutes", 0.0, lo=0.1)
+    files = t.get("files", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        v.fail(f"{key}.files", 'a list of glob patterns such as ["*.safetensors", "*.json"]',
+               files)
+    source = v.opt_string(t, f"{key}.source")
+    if source is not None and not SOURCE_RE.match(source):
+        v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
+               source)
     return ModelConfig(
         name=name,
         engine=engine,
@@ -440,10 +470,12 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
         role_policy=cast(
             RolePolicy, v.choice(t, f"{key}.role_policy", ROLE_POLICIES, "passthrough")
         ),
-        source=v.opt_string(t, f"{key}.source"),
+        source=source,
         revision=v.opt_string(t, f"{key}.revision"),
         speculative=speculative,
         idle_unload_minutes=idle,
+        files=tuple(files),
+        repair=v.boolean(t, f"{key}.repair", False),  # noqa: FBT003
     )
 
 

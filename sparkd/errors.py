@@ -63,3 +63,33 @@ class SystemdError(SparkdError):
     """A call to systemd failed."""
 
     code = "systemd"
+
+
+class StoreError(SparkdError):
+    """A model's files could not be listed, fetched or checked (issue 4, sparkd.store)."""
+
+    code = "store"
+
+
+class ManifestError(StoreError):
+    """A model's manifest is missing or unusable."""
+
+    code = "manifest"
+
+
+class HubError(StoreError):
+    """The Hub's metadata could not be read (unknown repository or revision, no network)."""
+
+    code = "hub"
+
+
+class DiskFull(StoreError):
+    """A download ran out of disk space (ENOSPC); the partial files are kept."""
+
+    code = "disk-full"
+
+
+class VerificationFailed(StoreError):
+    """A model's files are not what its manifest says (BAD or MISSING files)."""
+
+    code = "verification-failed"

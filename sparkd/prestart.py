@@ -18,6 +18,10 @@ page cache as used):
 4. the memory gate: refuse (exit 1) when memory_gib + daemon.memory_reserve_gib is more than
    MemAvailable.
 
+Before these steps, a model with a manifest (sparkd.store, issue 4) is verified
+incrementally (`preflight_verify`): a BAD or MISSING file refuses the start, naming it, unless
+the model says `repair = true`.
+
 Exit status: 0 started may go ahead, 1 refused or failed, 2 configuration error or unknown model.
 
 Plan, then apply: `plan_prestart(config, name)` and `memory_gate(plan, meminfo)` are pure;
@@ -387,6 +391,12 @@ def command(config_file: Path, name: str, variant: Variant) -> None:
     model = config.models[name]
     if model.engine == "sim":
         _stderr(f"{plan.prefix}: {prepare_sim_dir(model.path, config.daemon.engine_user)}")
+    # Before the drop: what verification reads lands in the page cache, and the drop then
+    # gives it back before the memory gate measures (issue 4, sparkd.store.preflight).
+    from sparkd.store.preflight import prestart_verify
+
+    if not prestart_verify(config, name, _stderr):
+        sys.exit(ExitStatus.REFUSED)
     try:
         run_prestart(plan, RealSystem(), _stderr)
     except PrestartRefused as exc:

@@ -1,0 +1,396 @@
+"""sparkd's own transfer: ranged, resumable, hashed while it downloads, checked at the end.
+
+Why not `hf_hub_download`: it resumes with a Range header and then checks only the size, not
+the content (huggingface_hub issue 2364), and `snapshot_download` has reported success for
+blobs whose content did not match (issue 3643). sparkd trusts no transport: every byte it
+keeps is hashed, the resumed prefix included (re-read from disk, since a power cut can leave
+anything there), and a file is renamed into place only when its whole digest matches.
+
+Why aiohttp (not urllib): it follows the Hub's redirect to its CDN and drops `Authorization`
+when the redirect leaves the Hub's origin (urllib's redirect handler forwards it), it has a
+per-read timeout (a stalled transfer is noticed without a watchdog thread), it raises on a body
+shorter than its Content-Length, and N files at once are N tasks on one loop. The bytes go
+from aiohttp's buffers into the partial file (`pwrite`, in a worker thread) and into the hash
+(in another; both release the GIL), one 4 MiB batch behind the socket, so reading, writing and
+hashing overlap.
+
+For one file (`FetchJob`):
+
+    partial = DIR/.NAME.part; keep its bytes (resume_from), hash them again from disk
+    loop:
+        GET url with `Range: bytes=<bytes on disk>-` (none when 0); follow redirects
+          206 from the right offset: append     200: start over (the server ignored Range)
+          5xx/429, reset, short body, stall: back off, try again from the bytes on disk
+          other 4xx: give up on this file (the reason is reported)
+        all bytes there: digest matches -> fsync, rename over NAME, fsync the directory
+                         digest differs -> empty the partial, fetch the whole file again
+                                           (this file only; `hash_attempts` times at most)
+
+ENOSPC stops the whole pull with `DiskFull`; the partial files stay, so the next pull (after
+space was freed) resumes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import os
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import aiohttp
+
+from sparkd.atomic import fsync_dir
+from sparkd.errors import DiskFull, SparkdError
+from sparkd.store.manifest import FileEntry, Stamp
+from sparkd.store.plan import FetchJob, FileVerdict, RetryPolicy, Status, judge
+from sparkd.store.progress import NullReporter, Reporter
+from sparkd.store.verify import BUF_SIZE, Hasher, new_hasher, partial_path
+
+BATCH: Final = 4 << 20  # bytes handed to the writer thread at a time
+_CONTENT_RANGE_RE: Final = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSettings:
+    concurrency: int = 4
+    stall_timeout_s: float = 30.0
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchOutcome:
+    verdict: FileVerdict
+    stamp: Stamp | None  # the file's stamp once in place (OK only)
+    transferred: int  # body bytes received in this run
+
+
+class _Retry(Exception):
+    """A transfer failed in a way another try may fix."""
+
+
+class _GiveUp(Exception):
+    """A transfer failed in a way another try will not fix (404, 401, ...)."""
+
+
+class _Sink:
+    """The partial file and the hash of its bytes so far. One thread at a time uses it."""
+
+    def __init__(self, fd: int, entry: FileEntry) -> None:
+        self.fd = fd
+        self.entry = entry
+        self.pos = 0
+        self.hasher: Hasher = new_hasher(entry.algorithm, entry.size)
+
+    def reset(self) -> None:
+        os.ftruncate(self.fd, 0)
+        self.pos = 0
+        self.hasher = new_hasher(self.entry.algorithm, self.entry.size)
+
+    def rehash_prefix(self, length: int) -> None:
+        """Hash the first `length` bytes on disk again: they count only if they are right."""
+        self.hasher = new_hasher(self.entry.algorithm, self.entry.size)
+        buf = memoryview(bytearray(BUF_SIZE))
+        pos = 0
+        while pos < length:
+            n = os.preadv(self.fd, [buf[: min(BUF_SIZE, length - pos)]], pos)
+            if n == 0:
+                break
+            self.hasher.update(buf[:n])
+            pos += n
+        self.pos = pos
+
+    def write(
+        self, chunks: Sequence[bytes], hash_pool: concurrent.futures.ThreadPoolExecutor
+    ) -> int:
+        """Append chunks at pos and hash them: the hash runs in another thread while this one
+        writes (both release the GIL), so a batch costs max(hash, write), not their sum."""
+        hashed = hash_pool.submit(self._hash, chunks)
+        offset = self.pos
+        try:
+            # One pwrite per chunk: pwritev of the same chunks cost 4x the system time here.
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    n = os.pwrite(self.fd, view, offset)
+                    offset += n
+                    view = view[n:]
+        finally:
+            hashed.result()  # never leave the hasher running (a failed write aborts the file)
+        # No posix_fadvise(DONTNEED) per batch to start writeback early: measured here, it
+        # doubled the pull's CPU time (bench/RESULTS.md, issue 4); prestart drops the cache.
+        written = offset - self.pos
+        self.pos = offset
+        return written
+
+    def _hash(self, chunks: Sequence[bytes]) -> None:
+        for chunk in chunks:
+            self.hasher.update(chunk)
+
+
+class Fetcher:
+    """Fetches files of one model into `root` over one aiohttp session."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        root: Path,
+        url_for: Callable[[FileEntry], str],
+        settings: FetchSettings,
+        reporter: Reporter,
+        pool: concurrent.futures.ThreadPoolExecutor,
+        hash_pool: concurrent.futures.ThreadPoolExecutor,
+        sleep: Sleep = asyncio.sleep,
+        model: str = "",
+    ) -> None:
+        self.session = session
+        self.root = root
+        self.url_for = url_for
+        self.settings = settings
+        self.reporter = reporter
+        self.pool = pool
+        self.hash_pool = hash_pool
+        self.sleep = sleep
+        self.model = model
+
+    async def _in_thread(self, fn: Callable[[], object]) -> object:
+        future = self.pool.submit(fn)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            # Never leave a write running on an fd the caller is about to close.
+            concurrent.futures.wait([future])
+
+    async def fetch(self, job: FetchJob) -> FetchOutcome:
+        entry = job.entry
+        dest = self.root / entry.path
+        part = partial_path(dest)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        sink = _Sink(fd, entry)
+        try:
+            return await self._fetch(job, sink, dest, part)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                kept = os.fstat(fd).st_size
+                raise DiskFull(
+                    f"disk full while writing {part} ({kept} of {entry.size} bytes kept); "
+                    f"free space on that file system and run `sparkctl pull {self.model}` "
+                    "again: it resumes from the bytes on disk"
+                ) from None
+            return FetchOutcome(
+                FileVerdict(entry.path, Status.MISSING, f"cannot write {part}: {exc}"), None, 0
+            )
+        finally:
+            os.close(fd)
+
+    async def _fetch(self, job: FetchJob, sink: _Sink, dest: Path, part: Path) -> FetchOutcome:
+        entry, policy = job.entry, self.settings.policy
+        tries = failures_in_a_row = hash_failures = transferred = 0
+        first = True
+        while True:
+            on_disk = os.fstat(sink.fd).st_size
+            if on_disk > entry.size:
+                await self._in_thread(sink.reset)  # longer than the file: not a prefix of it
+            elif first or on_disk != sink.pos:
+                # Bytes on disk count only once hashed again: after a power cut they may be
+                # anything. Between tries in this run the hash already covers them.
+                await self._in_thread(lambda n=on_disk: sink.rehash_prefix(n))  # type: ignore[misc]
+            first = False
+            self.reporter.restart(entry.path, sink.pos)
+            if sink.pos < entry.size:
+                tries += 1
+                before = sink.pos
+                try:
+                    await self._transfer(sink, self.url_for(entry))
+                    reason = ""
+                except _Retry as exc:
+                    reason = str(exc)
+                except _GiveUp as exc:
+                    transferred += max(0, sink.pos - before)
+                    why = f"{exc} (partial kept: {sink.pos} bytes)"
+                    return self._failed(entry, why, transferred)
+                moved = sink.pos - before
+                transferred += max(0, moved)
+                if reason:
+                    failures_in_a_row = 1 if moved > 0 else failures_in_a_row + 1
+                    if not policy.may_retry(tries):
+                        why = f"gave up after {tries} tries: {reason}"
+                        return self._failed(entry, why, transferred)
+                    delay = policy.delay(failures_in_a_row)
+                    self.reporter.retry(entry.path, tries, reason, delay)
+                    await self.sleep(delay)
+                    continue
+            verdict = judge(entry, sink.hasher.hexdigest(), size=sink.pos)
+            if verdict.status is Status.OK:
+                await self._in_thread(lambda: os.fsync(sink.fd))
+                os.replace(part, dest)
+                fsync_dir(dest.parent)
+                stamp = Stamp.of(os.stat(dest))
+                ok = FileVerdict(entry.path, Status.OK, f"fetched, {verdict.reason}", hashed=True)
+                return FetchOutcome(ok, stamp, transferred)
+            hash_failures += 1
+            await self._in_thread(sink.reset)
+            if hash_failures >= policy.hash_attempts:
+                part.unlink()
+                why = f"{verdict.reason} after {hash_failures} whole-file fetches"
+                return self._failed(entry, why, transferred)
+            self.reporter.retry(
+                entry.path, tries, f"{verdict.reason}: fetching the whole file again", 0.0
+            )
+
+    def _failed(self, entry: FileEntry, reason: str, transferred: int) -> FetchOutcome:
+        dest = self.root / entry.path
+        status = Status.BAD if dest.exists() else Status.MISSING
+        return FetchOutcome(FileVerdict(entry.path, status, reason), None, transferred)
+
+    async def _transfer(self, sink: _Sink, url: str) -> None:
+        """One request from sink.pos to the end. Raises _Retry or _GiveUp; on return every
+        byte of the file is in the sink."""
+        size = sink.entry.size
+        headers = {"Range": f"bytes={sink.pos}-"} if sink.pos else {}
+        try:
+            async with self.session.get(url, headers=headers) as resp:
+                self._check_response(resp, sink)
+                if resp.status == 200 and sink.pos:
+                    await self._in_thread(sink.reset)  # the server ignored Range: start over
+                await self._stream(resp, sink)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise _Retry(_describe(exc)) from None
+        except TimeoutError:
+            raise _Retry(
+                f"stalled: no data for {self.settings.stall_timeout_s:g} s"
+            ) from None
+        if sink.pos < size:
+            raise _Retry(f"short body: the response ended at byte {sink.pos} of {size}")
+
+    def _check_response(self, resp: aiohttp.ClientResponse, sink: _Sink) -> None:
+        if resp.status == 429 or resp.status >= 500:
+            raise _Retry(f"HTTP {resp.status} {resp.reason or ''}".strip())
+        if resp.status == 206:
+            match = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
+            if not match or int(match.group(1)) != sink.pos:
+                # Not the bytes asked for: keep nothing of it, and ask again from the start.
+                sink.reset()
+                raise _Retry(f"206 with Content-Range {resp.headers.get('Content-Range')!r}")
+            return
+        if resp.status == 416:
+            sink.reset()  # the partial cannot be a prefix of this file
+            raise _Retry("HTTP 416: the partial file is not a prefix; starting over")
+        if resp.status != 200:
+            raise _GiveUp(f"HTTP {resp.status} {resp.reason or ''} for {resp.url}".strip())
+
+    async def _stream(self, resp: aiohttp.ClientResponse, sink: _Sink) -> None:
+        size, path = sink.entry.size, sink.entry.path
+        received = sink.pos  # bytes handed to the writer (sink.pos trails it by one batch)
+        batch: list[bytes] = []
+        batched = 0
+        pending: asyncio.Future[object] | None = None
+
+        def flush(chunks: list[bytes]) -> None:
+            self.reporter.advance(path, sink.write(chunks, self.hash_pool))
+
+        try:
+            while True:
+                chunk, _ = await resp.content.readchunk()
+                if len(chunk) > size - received:
+                    # More bytes than the manifest's size: not this file. Keep what fits and
+                    # let the digest decide (a wrong one is fetched again).
+                    chunk = chunk[: size - received]
+                if chunk:
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    received += len(chunk)
+                end = not chunk or received >= size
+                if batch and (batched >= BATCH or end):
+                    if pending is not None:
+                        await pending
+                    chunks, batch, batched = batch, [], 0
+                    pending = asyncio.ensure_future(
+                        self._in_thread(lambda c=chunks: flush(c))  # type: ignore[misc]
+                    )
+                if end:
+                    break
+        finally:
+            # Bytes that arrived are kept, also when the transfer broke off: the next try
+            # asks only for what comes after them.
+            if pending is not None:
+                await pending
+            if batch:
+                await self._in_thread(lambda c=batch: flush(c))  # type: ignore[misc]
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return f"body cut short ({text})"
+    return f"connection failed ({text})"
+
+
+async def fetch_files(
+    jobs: Sequence[FetchJob],
+    *,
+    root: Path,
+    url_for: Callable[[FileEntry], str],
+    headers: dict[str, str],
+    settings: FetchSettings,
+    reporter: Reporter | None = None,
+    sleep: Sleep = asyncio.sleep,
+    model: str = "",
+) -> list[FetchOutcome]:
+    """Fetch the jobs, `settings.concurrency` at a time; an outcome per job, in order.
+    Raises DiskFull (the other transfers stop; every partial file stays)."""
+    reporter = reporter or NullReporter()
+    reporter.phase("fetch", [(j.path, j.entry.size, j.resume_from) for j in jobs])
+    if not jobs:
+        return []
+    stall = settings.stall_timeout_s
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=stall, sock_read=stall)
+    connector = aiohttp.TCPConnector(limit=settings.concurrency)
+    gate = asyncio.Semaphore(settings.concurrency)
+    with concurrent.futures.ThreadPoolExecutor(
+        max_workers=settings.concurrency, thread_name_prefix="sparkd-fetch"
+    ) as pool, concurrent.futures.ThreadPoolExecutor(
+        max_workers=settings.concurrency, thread_name_prefix="sparkd-fetch-hash"
+    ) as hash_pool:
+        async with aiohttp.ClientSession(
+            headers=headers,
+            timeout=timeout,
+            connector=connector,
+            auto_decompress=False,
+            read_bufsize=2 * BATCH,  # keep the socket drained while a batch is written
+        ) as session:
+            fetcher = Fetcher(
+                session,
+                root=root,
+                url_for=url_for,
+                settings=settings,
+                reporter=reporter,
+                pool=pool,
+                hash_pool=hash_pool,
+                sleep=sleep,
+                model=model,
+            )
+
+            async def one(job: FetchJob) -> FetchOutcome:
+                async with gate:
+                    outcome = await fetcher.fetch(job)
+                reporter.file_done(outcome.verdict)
+                return outcome
+
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(one(job)) for job in jobs]
+            except BaseExceptionGroup as eg:
+                for exc in eg.exceptions:
+                    if isinstance(exc, SparkdError):
+                        raise exc from None
+                raise
+    return [task.result() for task in tasks]
