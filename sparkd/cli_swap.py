@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from sparkd.cli import WaitTimeout, run, socket_path
-from sparkd.engine.plan import SwapFailed
+from sparkd.engine.plan import SwapFailed, SwapRefused
 from sparkd.options import config_option, json_option
 
 
@@ -104,6 +104,9 @@ def _show(message: dict[str, Any], swap_id: int, *, as_json: bool) -> bool:
     elif name == "swap_failed":
         if as_json:
             _say({"event": "failed", "swap": swap}, "", as_json=True)
+        if swap["step"] == "refused":
+            raise SwapRefused(f"swap to {swap['to']} refused at {swap['failure']}; "
+                              "nothing was changed")
         if swap["step"] != "rolled_back":
             outcome = "the rollback failed too"
         elif swap["rollback_to"]:

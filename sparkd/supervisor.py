@@ -36,6 +36,7 @@ from sparkd.journal import event
 from sparkd.monitor.memory import MemInfo
 from sparkd.monitor.nvml import NvmlSnapshot
 from sparkd.state import State, StateStore
+from sparkd.store.plan import VerifyReport
 from sparkd.systemd.manager import JobDone, SystemdEvent, SystemdManager, UnitStatus
 from sparkd.units.render import render_units
 
@@ -88,6 +89,15 @@ class EngineView:
         return self.model.port_for(self.variant)
 
 
+async def _verify_in_thread(config: Config, model: ModelConfig) -> VerifyReport:
+    from sparkd.store.preflight import preflight_verify
+
+    return await asyncio.to_thread(preflight_verify, config, model)
+
+
+VerifyFiles = Callable[[Config, ModelConfig], Awaitable["VerifyReport"]]
+
+
 @dataclass(slots=True)
 class Deps:
     """Everything the Supervisor touches outside itself, passed in by the composition root."""
@@ -103,6 +113,7 @@ class Deps:
     models_listed: ModelsListed
     path_exists: Callable[[Path], bool] = Path.exists
     read_gpu: Callable[[], Awaitable[NvmlSnapshot]] | None = None
+    verify_files: VerifyFiles = field(default=_verify_in_thread)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
 
@@ -475,6 +486,14 @@ class Supervisor:
     async def journal_since(self, unit: str, since: float) -> list[str]:
         return await self.deps.journal_since(unit, since)
 
+    async def verify_files(self, model: str) -> str:
+        """The store's preflight (incremental SHA-256 against the manifest; repair when the
+        model says so), in a worker thread. Raises VerificationFailed naming the file."""
+        report = await self.deps.verify_files(self.config, self.config.models[model])
+        if report.note:
+            return report.note
+        return f"{len(report.verdicts)} files verified"
+
     def swap_progress(self, run: SwapRun) -> None:
         self.state = self.state.replace(
             swap_to=run.plan.target, swap_from=run.plan.from_model, swap_step=run.step.value
@@ -489,7 +508,7 @@ class Supervisor:
 
     def swap_finished(self, run: SwapRun) -> None:
         changes: dict[str, Any] = {"swap_to": None, "swap_from": None, "swap_step": None}
-        if not run.succeeded:
+        if not run.succeeded:  # refused (nothing changed), rolled back, or worse
             changes.update(last_failure_model=run.plan.target, last_failure_reason=run.failure)
             if run.step is SwapStep.ROLLED_BACK:
                 changes["desired_model"] = run.plan.rollback_to
@@ -499,7 +518,8 @@ class Supervisor:
         self.last_swap = run
         self.publish("swap_done" if run.succeeded else "swap_failed", swap=run.to_json())
         self.update_status()
-        serving = run.plan.target if run.succeeded else run.plan.rollback_to
+        serving = (run.plan.target if run.succeeded else run.plan.from_model
+                   if run.step is SwapStep.REFUSED else run.plan.rollback_to)
         if serving is not None:
             self._spawn(self.start_speculative(serving))
 

@@ -51,6 +51,8 @@ class SwapContext(Protocol):
 
     async def journal_since(self, unit: str, since: float) -> list[str]: ...
 
+    async def verify_files(self, model: str) -> str: ...
+
     def swap_progress(self, run: SwapRun) -> None: ...
 
     def swap_flip(self, run: SwapRun) -> None: ...
@@ -129,11 +131,9 @@ async def execute(run: SwapRun, ctx: SwapContext) -> SwapRun:
               "SPARKD_MODEL": plan.target, "SPARKD_SWAP": run.id}
     event(log, "swap_started", "swap %d: %s -> %s (%s)", run.id, plan.from_model or "nothing",
           plan.target, run.reason, common=fields)
-    run.history.append(StepRecord(SwapStep.PREFLIGHT, ok=True, duration_ms=0.0,
-                                  detail="planned"))
-    run.step = SwapStep.STOP
     ctx.swap_progress(run)
     steps: dict[SwapStep, Callable[[SwapRun, SwapContext], Awaitable[str]]] = {
+        SwapStep.PREFLIGHT: _preflight,
         SwapStep.STOP: _stop,
         SwapStep.START: _start,
         SwapStep.HEALTH_GATE: _health_gate,
@@ -189,10 +189,18 @@ async def execute(run: SwapRun, ctx: SwapContext) -> SwapRun:
 
 
 def _outcome(run: SwapRun) -> str:
+    if run.step is SwapStep.REFUSED:
+        return "nothing was changed"
     if run.step is SwapStep.ROLLED_BACK:
         return f"rolled back to {run.plan.rollback_to}" if run.plan.rollback_to else (
             "stopped it; no last good model to roll back to")
     return "the rollback failed too"
+
+
+async def _preflight(run: SwapRun, ctx: SwapContext) -> str:
+    """The planner checked the config and the machine; here the target's files are verified
+    (incrementally) while the old model still serves, so a bad file costs no downtime."""
+    return await ctx.verify_files(run.plan.target)
 
 
 async def _stop_unit(ctx: SwapContext, unit: str) -> None:

@@ -396,3 +396,30 @@ def test_a_swap_away_stops_both_variants(tmp_path: Path) -> None:
     assert plan.stop == ("sparkd-engine@s.service", "sparkd-engine@s:spec.service")
     # ... and a swap to the serving model leaves its speculative variant alone.
     assert plan_swap(c, State(desired_model="s"), "s", snap(**running)).noop
+
+
+def test_a_bad_file_refuses_the_swap_while_the_old_model_keeps_serving(tmp_path: Path) -> None:
+    from sparkd.errors import VerificationFailed
+
+    sup, fake = make(tmp_path)
+
+    async def bad_files(config: Any, model: Any) -> Any:
+        raise VerificationFailed(f"model {model.name}: 1 file(s) failed verification: "
+                                 "model-00002.safetensors: BAD (sha256 mismatch)")
+
+    async def scenario() -> Any:
+        await started(sup)
+        sup.deps.verify_files = bad_files
+        calls = list(fake.calls)
+        run = await swap_and_wait(sup, "b")
+        await sup.quiesce()
+        assert fake.calls == calls  # nothing stopped, nothing started
+        return run
+
+    run = asyncio.run(scenario())
+    assert run.step is SwapStep.REFUSED
+    assert run.failure == ("preflight: VerificationFailed: model b: 1 file(s) failed "
+                           "verification: model-00002.safetensors: BAD (sha256 mismatch)")
+    assert sup.state.desired_model == "a"
+    assert sup.active_model() == "a"
+    assert sup.state.last_failure_model == "b"
