@@ -333,7 +333,7 @@ general_settings:
   master_key: {BENCH_KEY}
 """)
     py = sys.executable
-    env = {"PYTHONPATH": str(REPO)}
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     results: dict[str, Any] = {"machine": machine(),
                                "load": Path("/proc/loadavg").read_text().split()[0]}
     with processes() as procs:
