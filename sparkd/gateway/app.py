@@ -47,6 +47,7 @@ RECONNECT_MAX_S: Final = 5.0
 IDLE_CHECK_S: Final = 30.0
 
 DaemonCall = Callable[[str, dict[str, Any]], Awaitable[Any]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(slots=True)
@@ -61,9 +62,12 @@ class GatewayState:
     swap_failures: dict[str, tuple[float, str]] = field(default_factory=dict)
     last_used: dict[str, float] = field(default_factory=dict)
     stats: dispatch.DecodeStats = field(default_factory=dispatch.DecodeStats)
+    serving: Mapping[str, routing.Serve] = field(default_factory=dict)
 
-    def update(self, view: routing.DaemonView, *, now: float) -> None:
+    def update(self, view: routing.DaemonView, serving: Mapping[str, routing.Serve], *,
+               now: float) -> None:
         self.view = view
+        self.serving = serving
         for name, endpoints in view.endpoints.items():
             if any(e.healthy for e in endpoints):
                 self.last_used.setdefault(name, now)  # idle time counts from first seen
@@ -113,23 +117,25 @@ def settings_for(config: Config, *, daemon_call: DaemonCall | None = None) -> Se
 
 
 def build_app(settings: Settings, *, subscribe: bool = True) -> web.Application:
-    app = web.Application(
-        middlewares=[openai_errors], client_max_size=settings.config.gateway.max_body_bytes
-    )
+    # Errors are caught per handler (`openai_errors`), not by a middleware: a middleware is
+    # a measurable share of a proxied request's cost.
+    app = web.Application(client_max_size=settings.config.gateway.max_body_bytes)
     app[CONFIG] = settings
-    app[STATE] = GatewayState()
+    app[STATE] = GatewayState(serving=routing.serving_table(settings.config,
+                                                            routing.DaemonView()))
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_client_session)
     if subscribe:
         app.cleanup_ctx.append(_daemon_events)
     if any(m.idle_unload_minutes for m in settings.config.models.values()):
         app.cleanup_ctx.append(_idle_unloader)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_route("*", "/v1/{tail:.*}", passthrough)
+    app.router.add_post("/v1/chat/completions", openai_errors(chat_completions))
+    app.router.add_post("/v1/completions", openai_errors(completions))
+    app.router.add_get("/v1/models", openai_errors(list_models))
+    app.router.add_get("/health", openai_errors(health))
+    app.router.add_get("/metrics", openai_errors(metrics))
+    app.router.add_route("*", "/v1/{tail:.*}", openai_errors(passthrough))
+    app.router.add_route("*", "/{tail:.*}", openai_errors(no_route))
     return app
 
 
@@ -174,7 +180,9 @@ async def follow_daemon(app: web.Application) -> None:
                     event(log, "gateway_daemon_connected", "following sparkd's events on %s",
                           path)
                 m.daemon_connected.set(1)
-                state.update(routing.view_from_status(status), now=settings.clock())
+                view = routing.view_from_status(status)
+                state.update(view, routing.serving_table(settings.config, view),
+                             now=settings.clock())
                 delay = RECONNECT_MIN_S
         except (SparkdError, OSError, ValueError) as exc:
             log.debug("daemon event stream: %s", exc)
@@ -186,7 +194,7 @@ async def follow_daemon(app: web.Application) -> None:
             state.update(routing.DaemonView(seen=view.seen, connected=False,
                                             endpoints=view.endpoints, swap=view.swap,
                                             active_model=view.active_model),
-                         now=settings.clock())
+                         state.serving, now=settings.clock())
         await asyncio.sleep(delay)
         delay = min(RECONNECT_MAX_S, delay * 2)
 
@@ -232,30 +240,48 @@ async def unload_idle(app: web.Application, *, interval_s: float = IDLE_CHECK_S)
 
 # --- errors ----------------------------------------------------------------------------------
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves as an OpenAI-style body, aiohttp's own 404/405/413 included."""
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        request.app[METRICS].refused.labels(exc.code).inc()
-        return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
-            exc.status, "bad_request")
-        message = exc.reason
-        if exc.status == 413:
-            limit = request.app[CONFIG].config.gateway.max_body_bytes
-            message = f"request body too large (limit {limit} bytes: gateway.max_body_bytes)"
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        request.app[METRICS].refused.labels(code).inc()
-        return web.json_response(error_body(exc.status, code, message), status=exc.status,
-                                 headers=headers)
+GET_ROUTES: Final = frozenset({"/health", "/metrics", "/v1/models"})
+
+
+def openai_errors(handler: Handler) -> Handler:
+    """Every error leaves as an OpenAI-style body, aiohttp's own 413 included."""
+
+    @functools.wraps(handler)
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            _child(request.app[METRICS].refused, exc.code).inc()
+            return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = "body_too_large" if exc.status == 413 else "bad_request"
+            message = exc.reason
+            if exc.status == 413:
+                limit = request.app[CONFIG].config.gateway.max_body_bytes
+                message = f"request body too large (limit {limit} bytes: gateway.max_body_bytes)"
+            _child(request.app[METRICS].refused, code).inc()
+            return web.json_response(error_body(exc.status, code, message), status=exc.status)
+
+    return handle
+
+
+async def no_route(request: web.Request) -> web.StreamResponse:
+    if request.path in GET_ROUTES:
+        raise _MethodNotAllowed(request.method, request.path)
+    raise GatewayError(404, "not_found", f"no route {request.path} (the gateway serves /v1/*,"
+                       " /health and /metrics)")
+
+
+class _MethodNotAllowed(GatewayError):
+    def __init__(self, method: str, path: str) -> None:
+        super().__init__(405, "method_not_allowed", f"{method} {path}: only GET")
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": "GET"}
 
 
 # --- the OpenAI routes -----------------------------------------------------------------------
@@ -362,7 +388,12 @@ def _prepare(request: web.Request, raw: bytes, settings: Settings, *, chat: bool
 
 async def _route(app: web.Application, model: ModelConfig) -> routing.Serve:
     """The engine(s) for the model, waiting (bounded) while it loads or a swap runs."""
-    settings, state, m = app[CONFIG], app[STATE], app[METRICS]
+    settings, state = app[CONFIG], app[STATE]
+    ready = state.serving.get(model.name)
+    if ready is not None:  # the common case, decided when the status last changed
+        state.last_used[model.name] = settings.clock()
+        return ready
+    m = app[METRICS]
     gateway = settings.config.gateway
     started = settings.clock()
     deadline = started + gateway.hold_seconds

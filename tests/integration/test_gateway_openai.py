@@ -200,6 +200,9 @@ def test_errors_are_openai_style_and_never_500(gateway: Gateway) -> None:
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     r = get(gateway.url + "/nowhere")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = post(gateway.url + "/health", json_body={})
+    assert r.status_code == 405 and r.headers["Allow"] == "GET"
+    assert r.json()["error"]["code"] == "method_not_allowed"
     # Still serving.
     with client(gateway) as c:
         assert c.chat.completions.create(
