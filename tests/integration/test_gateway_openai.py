@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -220,6 +221,16 @@ def test_workload_header_overrides_and_metrics_count(gateway: Gateway) -> None:
     assert f'sparkd_gateway_rewritten_requests_total{{model="{MODEL}",policy="strict"}}' in text
     assert 'sparkd_gateway_requests_total{model="mistral-strict",route="/v1/chat/completions"' \
            ',status="200",variant="plain",workload="code"}' in text
+
+
+def test_each_rewrite_is_logged_with_the_roles_before_and_after(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="sparkd.gateway.app")
+    post(gateway.url + "/v1/chat/completions", json_body={
+        "model": MODEL, "messages": AGENT_CONVERSATIONS["mid-conversation system message"]})
+    assert ("role policy strict rewrote mistral-strict's messages (2 changes):"
+            " user,assistant,system,user -> user,assistant,user") in caplog.text
 
 
 def test_passthrough_routes_other_v1_paths(gateway: Gateway) -> None:

@@ -13,8 +13,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 from conftest import SimEngine, SimEngines
-from gateway_harness import Gateway, Reply, engine_entry, get, post, running_gateway
+from gateway_harness import (
+    Gateway,
+    Reply,
+    engine_entry,
+    free_port,
+    get,
+    post,
+    running_gateway,
+)
 
 MODEL = "sim-a"
 OTHER = "sim-b"
@@ -332,3 +341,44 @@ url = "{external.openai_url.removesuffix('/v1')}"
         # Not supervised, not in the daemon's status: routed all the same.
         r = post(gw.url + "/v1/chat/completions", json_body={**CHAT, "model": "ext"})
         assert r.status_code == 200 and r.json()["model"] == "ext"
+
+
+def test_a_stream_that_breaks_ends_with_an_openai_error_event() -> None:
+    port = free_port()
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n')
+        assert request.transport is not None
+        request.transport.abort()  # the engine dies mid-answer
+        return response
+
+    text = f"""
+[gateway]
+listen = "{{listen}}"
+[models.ext]
+engine = "external"
+url = "http://127.0.0.1:{port}"
+"""
+    with running_gateway(text, initial={"schema": 1, "engines": []}) as gw:
+        upstream = web.Application()
+        upstream.router.add_post("/v1/chat/completions", broken)
+        runner = web.AppRunner(upstream, access_log=None)
+
+        async def start() -> None:
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+
+        gw.run(start)
+        try:
+            r = post(gw.url + "/v1/chat/completions",
+                     json_body={"model": "ext", "stream": True,
+                                "messages": [{"role": "user", "content": "hi"}]})
+        finally:
+            gw.run(runner.cleanup)
+        assert r.status_code == 200
+        events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[0].startswith('data: {"choices"')
+        error = json.loads(events[-1].removeprefix("data: "))["error"]
+        assert error["code"] == "upstream_error" and "broke" in error["message"]
