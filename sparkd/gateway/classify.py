@@ -173,9 +173,12 @@ def _has_image(message: object) -> bool:
     if not isinstance(message, Mapping):
         return False
     content = message.get("content")
-    return isinstance(content, list) and any(
-        isinstance(p, Mapping) and p.get("type") in IMAGE_PART_TYPES for p in content
-    )
+    return isinstance(content, list) and any(_is_image(p) for p in content)
+
+
+def _is_image(part: object) -> bool:
+    kind = part.get("type") if isinstance(part, Mapping) else None
+    return isinstance(kind, str) and kind in IMAGE_PART_TYPES
 
 
 def _text(content: object) -> str:
@@ -206,7 +209,7 @@ def image_urls(body: object) -> list[str]:
         if not isinstance(content, list):
             continue
         for p in content:
-            if not isinstance(p, Mapping) or p.get("type") not in IMAGE_PART_TYPES:
+            if not _is_image(p):
                 continue
             ref = p.get("image_url")
             url = ref.get("url") if isinstance(ref, Mapping) else ref

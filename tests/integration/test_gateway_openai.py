@@ -197,6 +197,18 @@ def test_errors_are_openai_style_and_never_500(gateway: Gateway) -> None:
                        headers={"Content-Type": "application/json"})
         assert r.status_code == status, (raw, r.text)
         assert r.json()["error"]["code"] == code
+    # Odd shapes inside valid messages reach the engine, whose 400 comes back: never a 500.
+    for messages in ([{"role": "user", "content": [{"type": []}]}],
+                     [{"role": "user", "content": [7, None]}],
+                     [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]):
+        r = post(gateway.url + "/v1/chat/completions",
+                 json_body={"model": MODEL, "messages": messages})
+        assert r.status_code == 400, (messages, r.text)
+        assert r.json()["error"]["message"]
+    # An unknown role is user text to a strict template.
+    r = post(gateway.url + "/v1/chat/completions",
+             json_body={"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})
+    assert r.status_code == 200 and r.headers["X-Sparkd-Rewrites"] == "1"
     r = post(gateway.url + "/v1/chat/completions", content=b"x" * (33 * 1024 * 1024))
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     r = get(gateway.url + "/nowhere")
