@@ -199,12 +199,15 @@ def test_errors_are_openai_style_and_never_500(gateway: Gateway) -> None:
         assert r.json()["error"]["code"] == code
     # Odd shapes inside valid messages reach the engine, whose 400 comes back: never a 500.
     for messages in ([{"role": "user", "content": [{"type": []}]}],
-                     [{"role": "user", "content": [7, None]}],
-                     [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]):
+                     [{"role": "user", "content": [7, None]}]):
         r = post(gateway.url + "/v1/chat/completions",
                  json_body={"model": MODEL, "messages": messages})
         assert r.status_code == 400, (messages, r.text)
         assert r.json()["error"]["message"]
+    # An image part without a URL string is no remote image: the engine decides (it ignores it).
+    r = post(gateway.url + "/v1/chat/completions", json_body={"model": MODEL, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]})
+    assert r.status_code == 200 and r.headers["X-Sparkd-Workload"] == "vision"
     # An unknown role is user text to a strict template.
     r = post(gateway.url + "/v1/chat/completions",
              json_body={"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})
