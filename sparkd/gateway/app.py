@@ -259,19 +259,20 @@ async def _route(app: web.Application, model: ModelConfig) -> routing.Serve:
     try:
         while True:
             now = settings.clock()
-            if swap_requested:
-                failure = state.swap_failures.get(model.name)
-                if failure is not None and failure[0] >= requested_at:
-                    raise GatewayError(503, "swap_failed",
-                                       f"the swap to {model.name} failed: {failure[1]}",
-                                       retry_after_s=gateway.swap_min_interval_s)
+            # Waiting for an on-demand swap to this model: this request's, or a recent one
+            # another request asked for (it is not asked twice).
+            since = requested_at if swap_requested else state.last_swap_request
+            waiting = swap_requested or (
+                state.last_swap_model == model.name and since is not None
+                and now - since < gateway.swap_min_interval_s)
+            failure = state.swap_failures.get(model.name) if waiting else None
+            if failure is not None and since is not None and failure[0] >= since:
+                raise GatewayError(503, "swap_failed",
+                                   f"the swap to {model.name} failed: {failure[1]}",
+                                   retry_after_s=max(1.0, gateway.swap_min_interval_s))
             decision = routing.decide(
                 model, state.view, gateway, now=now,
-                last_swap_request=state.last_swap_request,
-                swap_requested=swap_requested or (
-                    state.last_swap_model == model.name
-                    and state.last_swap_request is not None
-                    and now - state.last_swap_request < gateway.swap_min_interval_s),
+                last_swap_request=state.last_swap_request, swap_requested=waiting,
             )
             if isinstance(decision, routing.Serve):
                 state.last_used[model.name] = now
@@ -280,6 +281,7 @@ async def _route(app: web.Application, model: ModelConfig) -> routing.Serve:
                 raise GatewayError(503, decision.code, decision.message,
                                    retry_after_s=decision.retry_after_s)
             if isinstance(decision, routing.StartSwap):
+                before = state.last_swap_request, state.last_swap_model
                 state.last_swap_request, state.last_swap_model = now, model.name
                 requested_at = now
                 swap_requested = True
@@ -289,10 +291,13 @@ async def _route(app: web.Application, model: ModelConfig) -> routing.Serve:
                 try:
                     await settings.daemon_call("swap", {"model": model.name})
                 except (SparkdError, OSError) as exc:
+                    # No swap started: nothing to wait for, and nothing to throttle.
+                    state.last_swap_request, state.last_swap_model = before
                     raise GatewayError(503, "swap_failed",
                                        f"sparkd did not start a swap to {model.name}: "
                                        f"{getattr(exc, 'message', exc)}",
-                                       retry_after_s=gateway.swap_min_interval_s) from None
+                                       retry_after_s=max(1.0, gateway.swap_min_interval_s)
+                                       ) from None
                 continue
             # Hold.
             if not held:

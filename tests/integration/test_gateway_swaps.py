@@ -171,7 +171,7 @@ def test_swap_on_demand_starts_a_swap_and_throttles_the_next(engine: SimEngine) 
 def test_swap_refused_or_failed_by_the_daemon_is_a_503(engine: SimEngine) -> None:
     status = {"schema": 1, "active_model": OTHER, "swap": None,
               "engines": [engine_entry(OTHER, 1)]}
-    gateway = "swap_on_demand = true\nswap_min_interval_s = 0\nhold_seconds = 10"
+    gateway = "swap_on_demand = true\nswap_min_interval_s = 30\nhold_seconds = 10"
     with running_gateway(config(engine.port, gateway=gateway), initial=status) as gw:
         wait_for(lambda: get(gw.url + "/health").json()["loaded"] == [OTHER])
         gw.daemon.refuse["swap"] = "unknown method 'swap'"
@@ -179,14 +179,20 @@ def test_swap_refused_or_failed_by_the_daemon_is_a_503(engine: SimEngine) -> Non
         assert r.status_code == 503 and r.json()["error"]["code"] == "swap_failed"
         assert "unknown method" in r.json()["error"]["message"]
         del gw.daemon.refuse["swap"]
+        # A refused swap is neither waited for nor throttled: the next request asks again.
         t, out = in_thread(lambda: post(gw.url + "/v1/chat/completions", json_body=CHAT))
         wait_for(lambda: held(gw) == 1)
+        t2, out2 = in_thread(lambda: post(gw.url + "/v1/chat/completions", json_body=CHAT))
+        wait_for(lambda: held(gw) == 2)  # waits for the same swap
         gw.set_status(engines=[engine_entry(OTHER, 1)], active_model=OTHER,
                       event="swap_failed", to=MODEL, message="health gate: engine exited 1")
         t.join(10)
-        assert out[0].status_code == 503
-        assert out[0].json()["error"]["code"] == "swap_failed"
-        assert "health gate" in out[0].json()["error"]["message"]
+        t2.join(10)
+        for reply in (out[0], out2[0]):
+            assert reply.status_code == 503
+            assert reply.json()["error"]["code"] == "swap_failed"
+            assert "health gate" in reply.json()["error"]["message"]
+        assert len([c for c in gw.daemon.calls if c[0] == "swap"]) == 2  # refused, then one
 
 
 def test_follows_a_restarted_daemon_without_polling(engine: SimEngine) -> None:
