@@ -430,14 +430,14 @@ async def _relay_stream(
                 first = first or now
                 last = now
                 events += chunk.count(b"data:")
+    except ConnectionResetError:  # writing to the client (aiohttp's is also a ClientError)
+        log.debug("client went away during a stream from %s", model)
+        return response  # leaving `async with` closes the upstream request
     except (aiohttp.ClientError, TimeoutError) as exc:
         # Headers are gone already: say it in the stream, as the engines do.
         err = error_body(502, "upstream_error", f"the engine's stream broke: {exc}")
         with contextlib.suppress(ConnectionError):
             await response.write(b"data: " + json.dumps(err).encode() + b"\n\n")
-    except ConnectionError:
-        log.debug("client went away during a stream from %s", model)
-        return response  # leaving `async with` closes the upstream request
     if measure and events > 2 and last > first:
         _record(app, model, workload, variant, (events - 2) / (last - first))
     with contextlib.suppress(ConnectionError):
