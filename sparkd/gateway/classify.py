@@ -173,11 +173,14 @@ def _has_image(message: object) -> bool:
     if not isinstance(message, Mapping):
         return False
     content = message.get("content")
-    return isinstance(content, list) and any(_is_image(p) for p in content)
+    return isinstance(content, list) and any(_is_image_part(p) for p in content)
 
 
-def _is_image(part: object) -> bool:
-    kind = part.get("type") if isinstance(part, Mapping) else None
+def _is_image_part(part: object) -> bool:
+    # A client may send any JSON as "type" (a list is unhashable): only a string can match.
+    if not isinstance(part, Mapping):
+        return False
+    kind = part.get("type")
     return isinstance(kind, str) and kind in IMAGE_PART_TYPES
 
 
@@ -209,7 +212,7 @@ def image_urls(body: object) -> list[str]:
         if not isinstance(content, list):
             continue
         for p in content:
-            if not _is_image(p):
+            if not _is_image_part(p):
                 continue
             ref = p.get("image_url")
             url = ref.get("url") if isinstance(ref, Mapping) else ref
