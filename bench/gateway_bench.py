@@ -333,7 +333,7 @@ general_settings:
   master_key: {BENCH_KEY}
 """)
     py = sys.executable
-    env = {"PYTHONPATH": str(REPO)}
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     results: dict[str, Any] = {"machine": machine(),
                                "load": Path("/proc/loadavg").read_text().split()[0]}
     with processes() as procs:
@@ -465,7 +465,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if not args.no_record and not args.quick:
         with (REPO / "bench" / "RESULTS.md").open("a") as f:
-            f.write(f"\n### Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+            f.write(f"\n#### Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
                     " (`bench/gateway_bench.py`)\n\n" + text + "\n")
     return 0 if all(ok for *_, ok in verdicts(results)) else 1
 

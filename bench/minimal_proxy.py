@@ -47,8 +47,15 @@ def main() -> None:
     app[UPSTREAM] = upstream
     app.cleanup_ctx.append(session)
     app.router.add_post("/{tail:.*}", handle)
-    # The same event loop the gateway runs on (uvloop), so that the comparison is of the code.
+    # The same event loop (uvloop) and garbage-collector tuning as the gateway, so that the
+    # comparison is of the code.
+    import gc
+
     import uvloop
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
                 loop=uvloop.new_event_loop())

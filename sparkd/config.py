@@ -431,6 +431,11 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
     args = t.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         v.fail(f"{key}.args", "a list of strings", args)
+    for a in args:
+        if a == "--host" or a.startswith("--host="):
+            # Engines listen on loopback only: the gateway is the one door.
+            v.fail(f"{key}.args", "no --host (engines listen on 127.0.0.1 only; clients use"
+                   " the gateway)", a)
     speculative = None
     if "speculative" in t:
         if engine not in ("vllm", "sglang", "sim"):

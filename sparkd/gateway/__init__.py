@@ -6,5 +6,6 @@
 - `routing`: PURE view of the daemon's status and what to do with a request (serve, hold,
   swap on demand, refuse), idle unloads, the /v1/models listing.
 - `errors`, `metrics`: OpenAI-style error bodies; Prometheus metrics.
-- `app`: the aiohttp adapter; `command`: `sparkd gateway`.
+- `app`: the aiohttp adapter (routes, relay, holding); `daemon_link`: the daemon's event
+  stream and idle unloads; `state`: typed app state and settings; `command`: `sparkd gateway`.
 """

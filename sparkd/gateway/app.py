@@ -3,8 +3,9 @@
 Per request: validate the body, classify the workload, rewrite the messages for the model's
 role policy, find the engine (holding while it loads or a swap runs), pick the variant, and
 relay the answer (SSE chunk by chunk). The decisions are the pure modules' (rewrite, classify,
-dispatch, routing); this module does the I/O: HTTP both ways, the daemon's event stream, the
-daemon calls (swap, unload), the clock and the random draw.
+dispatch, routing); this module does the HTTP both ways and the on-demand swap call;
+`daemon_link` follows the daemon's events and asks for idle unloads; `state` holds the typed
+app state.
 """
 
 from __future__ import annotations
@@ -12,26 +13,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar, cast
+from dataclasses import dataclass
+from typing import Final
 
 import aiohttp
 import yarl
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sparkd.config import Config, ModelConfig, Variant
-from sparkd.control import aio_client
 from sparkd.errors import SparkdError
-from sparkd.gateway import classify, dispatch, rewrite, routing
+from sparkd.gateway import classify, daemon_link, dispatch, rewrite, routing
 from sparkd.gateway.errors import GatewayError, error_body, upstream_error_body
-from sparkd.gateway.metrics import Metrics
+from sparkd.gateway.metrics import Metrics, child
+from sparkd.gateway.state import (
+    CONFIG,
+    METRICS,
+    SESSION,
+    STATE,
+    GatewayState,
+    Settings,
+    settings_for,
+)
 from sparkd.journal import event
+
+__all__ = ["build_app", "serve", "settings_for"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger(__name__)
 
@@ -41,94 +54,29 @@ VARIANT_HEADER: Final = "X-Sparkd-Variant"
 # Request headers passed to the engine; the rest (hop-by-hop, Host, our own) are not.
 FORWARDED: Final = ("Content-Type", "Accept", "Authorization", "User-Agent", "X-Request-Id",
                     "OpenAI-Organization", "OpenAI-Project")
-RECONNECT_MIN_S: Final = 0.1
-RECONNECT_MAX_S: Final = 5.0
-IDLE_CHECK_S: Final = 30.0
-
-DaemonCall = Callable[[str, dict[str, Any]], Awaitable[Any]]
-
-
-@dataclass(slots=True)
-class GatewayState:
-    """What the gateway knows and remembers; mutated only on the event loop."""
-
-    view: routing.DaemonView = field(default_factory=routing.DaemonView)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    held: int = 0
-    last_swap_request: float | None = None
-    last_swap_model: str | None = None
-    swap_failures: dict[str, tuple[float, str]] = field(default_factory=dict)
-    last_used: dict[str, float] = field(default_factory=dict)
-    stats: dispatch.DecodeStats = field(default_factory=dispatch.DecodeStats)
-
-    def update(self, view: routing.DaemonView, *, now: float) -> None:
-        self.view = view
-        for name, endpoints in view.endpoints.items():
-            if any(e.healthy for e in endpoints):
-                self.last_used.setdefault(name, now)  # idle time counts from first seen
-            else:
-                self.last_used.pop(name, None)
-        # Wake every held request: each re-decides on the new view.
-        self.changed.set()
-        self.changed = asyncio.Event()
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    config: Config
-    rules: classify.CompiledRules
-    policies: Mapping[str, rewrite.PolicyChoice]
-    daemon_call: DaemonCall
-    clock: Callable[[], float] = time.monotonic
-    draw: Callable[[], float] = random.random
-
-
-CONFIG: Final = web.AppKey("settings", Settings)
-STATE: Final = web.AppKey("state", GatewayState)
-METRICS: Final = web.AppKey("metrics", Metrics)
-SESSION: Final = web.AppKey("session", aiohttp.ClientSession)
-
-
-def settings_for(config: Config, *, daemon_call: DaemonCall | None = None) -> Settings:
-    gc = config.gateway.classifier
-    socket = config.daemon.control_socket
-
-    async def call(method: str, params: dict[str, Any]) -> Any:
-        return await aio_client.call(socket, method, params)
-
-    return Settings(
-        config=config,
-        rules=classify.rules_from(
-            code_user_agents=gc.code_user_agents,
-            code_system_prompts=gc.code_system_prompts,
-            code_patterns=gc.code_patterns,
-        ),
-        policies={
-            name: rewrite.resolve_policy(m.role_policy, name, m.source, str(m.path))
-            for name, m in config.models.items()
-        },
-        daemon_call=daemon_call or call,
-    )
 
 
 def build_app(settings: Settings, *, subscribe: bool = True) -> web.Application:
-    app = web.Application(
-        middlewares=[openai_errors], client_max_size=settings.config.gateway.max_body_bytes
-    )
+    # Errors are caught per handler (`openai_errors`), not by a middleware: a middleware is
+    # a measurable share of a proxied request's cost.
+    app = web.Application(client_max_size=settings.config.gateway.max_body_bytes)
     app[CONFIG] = settings
-    app[STATE] = GatewayState()
+    app[METRICS] = Metrics()
+    app[STATE] = GatewayState(serving=routing.serving_table(settings.config,
+                                                            routing.DaemonView()))
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_client_session)
     if subscribe:
-        app.cleanup_ctx.append(_daemon_events)
+        app.cleanup_ctx.append(daemon_link.daemon_events)
     if any(m.idle_unload_minutes for m in settings.config.models.values()):
-        app.cleanup_ctx.append(_idle_unloader)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_route("*", "/v1/{tail:.*}", passthrough)
+        app.cleanup_ctx.append(daemon_link.idle_unloader)
+    app.router.add_post("/v1/chat/completions", openai_errors(chat_completions))
+    app.router.add_post("/v1/completions", openai_errors(completions))
+    app.router.add_get("/v1/models", openai_errors(list_models))
+    app.router.add_get("/health", openai_errors(health))
+    app.router.add_get("/metrics", openai_errors(metrics))
+    app.router.add_route("*", "/v1/{tail:.*}", openai_errors(passthrough))
+    app.router.add_route("*", "/{tail:.*}", openai_errors(no_route))
     return app
 
 
@@ -147,114 +95,50 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _daemon_events(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(follow_daemon(app), name="gateway-daemon-events")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
-async def follow_daemon(app: web.Application) -> None:
-    """Keep the view current from the daemon's subscribe stream; reconnect with backoff
-    while the daemon is away (the last view stays: engines outlive a sparkd restart)."""
-    settings, state, m = app[CONFIG], app[STATE], app[METRICS]
-    path = settings.config.daemon.control_socket
-    delay = RECONNECT_MIN_S
-    while True:
-        try:
-            async for message in aio_client.subscribe(path):
-                status = message.get("status")
-                if message.get("event") == "swap_failed":
-                    _note_swap_failure(state, message, now=settings.clock())
-                if status is None:
-                    continue  # keepalive
-                if not state.view.connected:
-                    event(log, "gateway_daemon_connected", "following sparkd's events on %s",
-                          path)
-                m.daemon_connected.set(1)
-                state.update(routing.view_from_status(status), now=settings.clock())
-                delay = RECONNECT_MIN_S
-        except (SparkdError, OSError, ValueError) as exc:
-            log.debug("daemon event stream: %s", exc)
-        if state.view.connected:
-            event(log, "gateway_daemon_lost", "lost sparkd's event stream on %s; reconnecting",
-                  path, level=logging.WARNING)
-            m.daemon_connected.set(0)
-            view = state.view
-            state.update(routing.DaemonView(seen=view.seen, connected=False,
-                                            endpoints=view.endpoints, swap=view.swap,
-                                            active_model=view.active_model),
-                         now=settings.clock())
-        await asyncio.sleep(delay)
-        delay = min(RECONNECT_MAX_S, delay * 2)
-
-
-def _note_swap_failure(state: GatewayState, message: Mapping[str, Any], *, now: float) -> None:
-    target = message.get("to") or message.get("model")
-    swap = (message.get("status") or {}).get("swap") if isinstance(message.get("status"),
-                                                                    dict) else None
-    if not isinstance(target, str) and isinstance(swap, dict):
-        target = swap.get("to")
-    if isinstance(target, str):
-        state.swap_failures[target] = (now, str(message.get("message") or message.get("error")
-                                                or "the swap failed"))
-
-
-async def _idle_unloader(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(unload_idle(app), name="gateway-idle-unload")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
-async def unload_idle(app: web.Application, *, interval_s: float = IDLE_CHECK_S) -> None:
-    settings, state = app[CONFIG], app[STATE]
-    shortest = min(m.idle_unload_minutes or 1e9 for m in settings.config.models.values())
-    interval_s = min(interval_s, shortest * 60 / 4)
-    while True:
-        await asyncio.sleep(interval_s)
-        now = settings.clock()
-        for name in routing.idle_models(settings.config, state.view, state.last_used, now=now):
-            state.last_used[name] = now  # one request per idle period
-            app[METRICS].unload_requests.labels(name).inc()
-            try:
-                await settings.daemon_call("unload", {"model": name})
-                event(log, "gateway_idle_unload", "asked sparkd to unload %s (idle %g min)",
-                      name, settings.config.models[name].idle_unload_minutes,
-                      SPARKD_MODEL=name)
-            except (SparkdError, OSError) as exc:
-                log.warning("could not ask sparkd to unload idle %s: %s", name,
-                            getattr(exc, "message", exc))
-
-
 # --- errors ----------------------------------------------------------------------------------
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves as an OpenAI-style body, aiohttp's own 404/405/413 included."""
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        request.app[METRICS].refused.labels(exc.code).inc()
-        return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
-            exc.status, "bad_request")
-        message = exc.reason
-        if exc.status == 413:
-            limit = request.app[CONFIG].config.gateway.max_body_bytes
-            message = f"request body too large (limit {limit} bytes: gateway.max_body_bytes)"
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        request.app[METRICS].refused.labels(code).inc()
-        return web.json_response(error_body(exc.status, code, message), status=exc.status,
-                                 headers=headers)
+GET_ROUTES: Final = frozenset({"/health", "/metrics", "/v1/models"})
+
+
+def openai_errors(handler: Handler) -> Handler:
+    """Every error leaves as an OpenAI-style body, aiohttp's own 413 included."""
+
+    @functools.wraps(handler)
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            child(request.app[METRICS].refused, exc.code).inc()
+            return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = "body_too_large" if exc.status == 413 else "bad_request"
+            message = exc.reason
+            if exc.status == 413:
+                limit = request.app[CONFIG].config.gateway.max_body_bytes
+                message = f"request body too large (limit {limit} bytes: gateway.max_body_bytes)"
+            child(request.app[METRICS].refused, code).inc()
+            return web.json_response(error_body(exc.status, code, message), status=exc.status)
+
+    return handle
+
+
+async def no_route(request: web.Request) -> web.StreamResponse:
+    if request.path in GET_ROUTES:
+        raise _MethodNotAllowed(request.method, request.path)
+    raise GatewayError(404, "not_found", f"no route {request.path} (the gateway serves /v1/*,"
+                       " /health and /metrics)")
+
+
+class _MethodNotAllowed(GatewayError):
+    def __init__(self, method: str, path: str) -> None:
+        super().__init__(405, "method_not_allowed", f"{method} {path}: only GET")
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": "GET"}
 
 
 # --- the OpenAI routes -----------------------------------------------------------------------
@@ -350,8 +234,8 @@ def _prepare(request: web.Request, raw: bytes, settings: Settings, *, chat: bool
             body["messages"] = result.messages
             raw = json.dumps(body, ensure_ascii=False).encode()
             m = request.app[METRICS]
-            _child(m.rewrites, name, choice.policy).inc(changes)
-            _child(m.rewritten_requests, name, choice.policy).inc()
+            child(m.rewrites, name, choice.policy).inc(changes)
+            child(m.rewritten_requests, name, choice.policy).inc()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("role policy %s rewrote %s's messages (%d changes): %s -> %s",
                           choice.policy, name, changes, ",".join(result.roles_before),
@@ -361,7 +245,12 @@ def _prepare(request: web.Request, raw: bytes, settings: Settings, *, chat: bool
 
 async def _route(app: web.Application, model: ModelConfig) -> routing.Serve:
     """The engine(s) for the model, waiting (bounded) while it loads or a swap runs."""
-    settings, state, m = app[CONFIG], app[STATE], app[METRICS]
+    settings, state = app[CONFIG], app[STATE]
+    ready = state.serving.get(model.name)
+    if ready is not None:  # the common case, decided when the status last changed
+        state.last_used[model.name] = settings.clock()
+        return ready
+    m = app[METRICS]
     gateway = settings.config.gateway
     started = settings.clock()
     deadline = started + gateway.hold_seconds
@@ -370,19 +259,20 @@ async def _route(app: web.Application, model: ModelConfig) -> routing.Serve:
     try:
         while True:
             now = settings.clock()
-            if swap_requested:
-                failure = state.swap_failures.get(model.name)
-                if failure is not None and failure[0] >= requested_at:
-                    raise GatewayError(503, "swap_failed",
-                                       f"the swap to {model.name} failed: {failure[1]}",
-                                       retry_after_s=gateway.swap_min_interval_s)
+            # Waiting for an on-demand swap to this model: this request's, or a recent one
+            # another request asked for (it is not asked twice).
+            since = requested_at if swap_requested else state.last_swap_request
+            waiting = swap_requested or (
+                state.last_swap_model == model.name and since is not None
+                and now - since < gateway.swap_min_interval_s)
+            failure = state.swap_failures.get(model.name) if waiting else None
+            if failure is not None and since is not None and failure[0] >= since:
+                raise GatewayError(503, "swap_failed",
+                                   f"the swap to {model.name} failed: {failure[1]}",
+                                   retry_after_s=max(1.0, gateway.swap_min_interval_s))
             decision = routing.decide(
                 model, state.view, gateway, now=now,
-                last_swap_request=state.last_swap_request,
-                swap_requested=swap_requested or (
-                    state.last_swap_model == model.name
-                    and state.last_swap_request is not None
-                    and now - state.last_swap_request < gateway.swap_min_interval_s),
+                last_swap_request=state.last_swap_request, swap_requested=waiting,
             )
             if isinstance(decision, routing.Serve):
                 state.last_used[model.name] = now
@@ -391,6 +281,7 @@ async def _route(app: web.Application, model: ModelConfig) -> routing.Serve:
                 raise GatewayError(503, decision.code, decision.message,
                                    retry_after_s=decision.retry_after_s)
             if isinstance(decision, routing.StartSwap):
+                before = state.last_swap_request, state.last_swap_model
                 state.last_swap_request, state.last_swap_model = now, model.name
                 requested_at = now
                 swap_requested = True
@@ -400,10 +291,13 @@ async def _route(app: web.Application, model: ModelConfig) -> routing.Serve:
                 try:
                     await settings.daemon_call("swap", {"model": model.name})
                 except (SparkdError, OSError) as exc:
+                    # No swap started: nothing to wait for, and nothing to throttle.
+                    state.last_swap_request, state.last_swap_model = before
                     raise GatewayError(503, "swap_failed",
                                        f"sparkd did not start a swap to {model.name}: "
                                        f"{getattr(exc, 'message', exc)}",
-                                       retry_after_s=gateway.swap_min_interval_s) from None
+                                       retry_after_s=max(1.0, gateway.swap_min_interval_s)
+                                       ) from None
                 continue
             # Hold.
             if not held:
@@ -446,21 +340,6 @@ def _url(base: str, query: str) -> yarl.URL:
     return yarl.URL(base + ("?" + query if query else ""), encoded=False)
 
 
-_Metric = TypeVar("_Metric", Counter, Histogram)
-_children: dict[tuple[int, tuple[str, ...]], Any] = {}
-
-
-def _child(metric: _Metric, *labels: str) -> _Metric:
-    """metric.labels(...), remembered (the lookup takes a lock and builds tuples)."""
-    key = (id(metric), labels)
-    child = _children.get(key)
-    if child is None:
-        child = _children[key] = metric.labels(*labels)
-        if len(_children) > 100_000:  # pragma: no cover - label sets are bounded
-            _children.clear()
-    return cast(_Metric, child)
-
-
 def _measured(model: str, app: web.Application) -> bool:
     spec = app[CONFIG].config.models[model].speculative
     return spec is not None and spec.dispatch == "measured"
@@ -490,7 +369,7 @@ async def _relay(
         try:
             async with session.request(method, target, data=raw or None, headers=headers
                                        ) as up:
-                _child(m.upstream_seconds, model, variant).observe(loop.time() - began)
+                child(m.upstream_seconds, model, variant).observe(loop.time() - began)
                 status = up.status
                 if up.status >= 400:
                     body = upstream_error_body(up.status, await up.read())
@@ -520,7 +399,7 @@ async def _relay(
                                f"the engine of {model} ({url}) failed: {exc}",
                                retry_after_s=1) from None
     finally:
-        _child(m.requests, model, route, workload, variant, str(status)).inc()
+        child(m.requests, model, route, workload, variant, str(status)).inc()
 
 
 async def _relay_stream(
@@ -551,14 +430,14 @@ async def _relay_stream(
                 first = first or now
                 last = now
                 events += chunk.count(b"data:")
+    except ConnectionResetError:  # writing to the client (aiohttp's is also a ClientError)
+        log.debug("client went away during a stream from %s", model)
+        return response  # leaving `async with` closes the upstream request
     except (aiohttp.ClientError, TimeoutError) as exc:
         # Headers are gone already: say it in the stream, as the engines do.
         err = error_body(502, "upstream_error", f"the engine's stream broke: {exc}")
         with contextlib.suppress(ConnectionError):
             await response.write(b"data: " + json.dumps(err).encode() + b"\n\n")
-    except ConnectionError:
-        log.debug("client went away during a stream from %s", model)
-        return response  # leaving `async with` closes the upstream request
     if measure and events > 2 and last > first:
         _record(app, model, workload, variant, (events - 2) / (last - first))
     with contextlib.suppress(ConnectionError):
@@ -648,6 +527,19 @@ async def metrics(request: web.Request) -> web.Response:
 # --- running it ------------------------------------------------------------------------------
 
 
+GC_THRESHOLDS: Final = (20_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """A proxy allocates a few hundred short-lived objects per request: with the default
+    threshold (700) a young-generation collection runs every other request, a sixth of the
+    gateway's CPU time. What start-up allocated (modules, config, the app) lives as long as
+    the process: frozen out of the collector's sight, full collections stay short."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(config: Config, *, ready: Callable[[], None] = lambda: None,
                 stop: asyncio.Event | None = None) -> None:
     """Listen on gateway.listen until `stop` is set."""
@@ -660,6 +552,7 @@ async def serve(config: Config, *, ready: Callable[[], None] = lambda: None,
     await runner.setup()
     try:
         await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+        tune_gc()
         event(log, "gateway_listening", "gateway listening on %s", config.gateway.listen)
         ready()
         await (stop or asyncio.Event()).wait()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar, cast
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
@@ -46,3 +48,18 @@ class Metrics:
         self.unload_requests = Counter(
             "sparkd_gateway_unload_requests", "Idle unloads asked of the daemon", ["model"],
             registry=r)
+
+
+_Metric = TypeVar("_Metric", Counter, Histogram)
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: _Metric, *labels: str) -> _Metric:
+    """metric.labels(...), remembered (the lookup takes a lock and builds tuples)."""
+    key = (id(metric), labels)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*labels)
+        if len(_CHILDREN) > 100_000:  # pragma: no cover - label sets are bounded
+            _CHILDREN.clear()
+    return cast(_Metric, child)

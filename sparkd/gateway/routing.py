@@ -164,6 +164,17 @@ def decide(
     )
 
 
+def serving_table(config: Config, view: DaemonView) -> dict[str, Serve]:
+    """The models that serve right now, and where: `decide`'s Serve for each, computed once
+    per status change instead of once per request."""
+    table = {}
+    for name, m in config.models.items():
+        decision = decide(m, view, config.gateway, now=0.0, last_swap_request=None)
+        if isinstance(decision, Serve):
+            table[name] = decision
+    return table
+
+
 def idle_models(
     config: Config, view: DaemonView, last_used: Mapping[str, float], *, now: float
 ) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -196,10 +197,28 @@ def test_errors_are_openai_style_and_never_500(gateway: Gateway) -> None:
                        headers={"Content-Type": "application/json"})
         assert r.status_code == status, (raw, r.text)
         assert r.json()["error"]["code"] == code
+    # Odd shapes inside valid messages reach the engine, whose 400 comes back: never a 500.
+    for messages in ([{"role": "user", "content": [{"type": []}]}],
+                     [{"role": "user", "content": [7, None]}]):
+        r = post(gateway.url + "/v1/chat/completions",
+                 json_body={"model": MODEL, "messages": messages})
+        assert r.status_code == 400, (messages, r.text)
+        assert r.json()["error"]["message"]
+    # An image part without a URL string is no remote image: the engine decides (it ignores it).
+    r = post(gateway.url + "/v1/chat/completions", json_body={"model": MODEL, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]})
+    assert r.status_code == 200 and r.headers["X-Sparkd-Workload"] == "vision"
+    # An unknown role is user text to a strict template.
+    r = post(gateway.url + "/v1/chat/completions",
+             json_body={"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})
+    assert r.status_code == 200 and r.headers["X-Sparkd-Rewrites"] == "1"
     r = post(gateway.url + "/v1/chat/completions", content=b"x" * (33 * 1024 * 1024))
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     r = get(gateway.url + "/nowhere")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = post(gateway.url + "/health", json_body={})
+    assert r.status_code == 405 and r.headers["Allow"] == "GET"
+    assert r.json()["error"]["code"] == "method_not_allowed"
     # Still serving.
     with client(gateway) as c:
         assert c.chat.completions.create(
@@ -217,6 +236,16 @@ def test_workload_header_overrides_and_metrics_count(gateway: Gateway) -> None:
     assert f'sparkd_gateway_rewritten_requests_total{{model="{MODEL}",policy="strict"}}' in text
     assert 'sparkd_gateway_requests_total{model="mistral-strict",route="/v1/chat/completions"' \
            ',status="200",variant="plain",workload="code"}' in text
+
+
+def test_each_rewrite_is_logged_with_the_roles_before_and_after(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="sparkd.gateway.app")
+    post(gateway.url + "/v1/chat/completions", json_body={
+        "model": MODEL, "messages": AGENT_CONVERSATIONS["mid-conversation system message"]})
+    assert ("role policy strict rewrote mistral-strict's messages (2 changes):"
+            " user,assistant,system,user -> user,assistant,user") in caplog.text
 
 
 def test_passthrough_routes_other_v1_paths(gateway: Gateway) -> None:

@@ -13,8 +13,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 from conftest import SimEngine, SimEngines
-from gateway_harness import Gateway, Reply, engine_entry, get, post, running_gateway
+from gateway_harness import (
+    Gateway,
+    Reply,
+    engine_entry,
+    free_port,
+    get,
+    post,
+    running_gateway,
+)
 
 MODEL = "sim-a"
 OTHER = "sim-b"
@@ -162,7 +171,7 @@ def test_swap_on_demand_starts_a_swap_and_throttles_the_next(engine: SimEngine) 
 def test_swap_refused_or_failed_by_the_daemon_is_a_503(engine: SimEngine) -> None:
     status = {"schema": 1, "active_model": OTHER, "swap": None,
               "engines": [engine_entry(OTHER, 1)]}
-    gateway = "swap_on_demand = true\nswap_min_interval_s = 0\nhold_seconds = 10"
+    gateway = "swap_on_demand = true\nswap_min_interval_s = 30\nhold_seconds = 10"
     with running_gateway(config(engine.port, gateway=gateway), initial=status) as gw:
         wait_for(lambda: get(gw.url + "/health").json()["loaded"] == [OTHER])
         gw.daemon.refuse["swap"] = "unknown method 'swap'"
@@ -170,14 +179,20 @@ def test_swap_refused_or_failed_by_the_daemon_is_a_503(engine: SimEngine) -> Non
         assert r.status_code == 503 and r.json()["error"]["code"] == "swap_failed"
         assert "unknown method" in r.json()["error"]["message"]
         del gw.daemon.refuse["swap"]
+        # A refused swap is neither waited for nor throttled: the next request asks again.
         t, out = in_thread(lambda: post(gw.url + "/v1/chat/completions", json_body=CHAT))
         wait_for(lambda: held(gw) == 1)
+        t2, out2 = in_thread(lambda: post(gw.url + "/v1/chat/completions", json_body=CHAT))
+        wait_for(lambda: held(gw) == 2)  # waits for the same swap
         gw.set_status(engines=[engine_entry(OTHER, 1)], active_model=OTHER,
                       event="swap_failed", to=MODEL, message="health gate: engine exited 1")
         t.join(10)
-        assert out[0].status_code == 503
-        assert out[0].json()["error"]["code"] == "swap_failed"
-        assert "health gate" in out[0].json()["error"]["message"]
+        t2.join(10)
+        for reply in (out[0], out2[0]):
+            assert reply.status_code == 503
+            assert reply.json()["error"]["code"] == "swap_failed"
+            assert "health gate" in reply.json()["error"]["message"]
+        assert len([c for c in gw.daemon.calls if c[0] == "swap"]) == 2  # refused, then one
 
 
 def test_follows_a_restarted_daemon_without_polling(engine: SimEngine) -> None:
@@ -332,3 +347,44 @@ url = "{external.openai_url.removesuffix('/v1')}"
         # Not supervised, not in the daemon's status: routed all the same.
         r = post(gw.url + "/v1/chat/completions", json_body={**CHAT, "model": "ext"})
         assert r.status_code == 200 and r.json()["model"] == "ext"
+
+
+def test_a_stream_that_breaks_ends_with_an_openai_error_event() -> None:
+    port = free_port()
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n')
+        assert request.transport is not None
+        request.transport.abort()  # the engine dies mid-answer
+        return response
+
+    text = f"""
+[gateway]
+listen = "{{listen}}"
+[models.ext]
+engine = "external"
+url = "http://127.0.0.1:{port}"
+"""
+    with running_gateway(text, initial={"schema": 1, "engines": []}) as gw:
+        upstream = web.Application()
+        upstream.router.add_post("/v1/chat/completions", broken)
+        runner = web.AppRunner(upstream, access_log=None)
+
+        async def start() -> None:
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+
+        gw.run(start)
+        try:
+            r = post(gw.url + "/v1/chat/completions",
+                     json_body={"model": "ext", "stream": True,
+                                "messages": [{"role": "user", "content": "hi"}]})
+        finally:
+            gw.run(runner.cleanup)
+        assert r.status_code == 200
+        events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[0].startswith('data: {"choices"')
+        error = json.loads(events[-1].removeprefix("data: "))["error"]
+        assert error["code"] == "upstream_error" and "broke" in error["message"]

@@ -182,3 +182,8 @@ def test_gateway_and_speculative_errors() -> None:
         MINIMAL + '[gateway.classifier]\ncode_patterns = ["("]\n')
     assert "gateway.queue_limit: expected an integer" in err(
         MINIMAL + '[gateway]\nqueue_limit = "many"\n')
+
+
+def test_engines_cannot_be_opened_beyond_loopback() -> None:
+    assert "models.a.args: expected no --host" in err(MINIMAL + 'args = ["--host", "0.0.0.0"]\n')
+    assert "got \"--host=::\"" in err(MINIMAL + 'args = ["--host=::"]\n')

@@ -16,6 +16,7 @@ from sparkd.gateway.routing import (
     decide,
     idle_models,
     models_listing,
+    serving_table,
     view_from_status,
 )
 
@@ -116,3 +117,12 @@ def test_models_listing_says_what_is_loaded() -> None:
     assert data["a"]["state"] == "loaded" and data["a"]["variants"] == ["plain"]
     assert data["b"]["state"] == "loading" and not data["b"]["loaded"]
     assert data["ext"]["state"] == "external"
+
+
+def test_serving_table_is_decide_for_the_models_that_serve() -> None:
+    v = view(engine("a", 9001), engine("b", 9002, "activating", ok=False))
+    table = serving_table(CONFIG, v)
+    assert table == {"a": Serve({"plain": "http://127.0.0.1:9001"}),
+                     "ext": Serve({"plain": "http://10.0.0.5:8000"})}
+    for name in CONFIG.models:
+        assert (name in table) == isinstance(d(name, v), Serve)

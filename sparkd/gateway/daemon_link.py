@@ -1,0 +1,109 @@
+"""The gateway's link to the daemon: following its event stream (reconnecting with backoff
+while it is away) and asking it to unload idle models. Background tasks tied to the app's
+lifetime (cleanup_ctx)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Final
+
+from aiohttp import web
+
+from sparkd.control import aio_client
+from sparkd.errors import SparkdError
+from sparkd.gateway import routing
+from sparkd.gateway.state import CONFIG, METRICS, STATE, GatewayState
+from sparkd.journal import event
+
+log = logging.getLogger(__name__)
+
+RECONNECT_MIN_S: Final = 0.1
+RECONNECT_MAX_S: Final = 5.0
+IDLE_CHECK_S: Final = 30.0
+
+
+async def daemon_events(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(follow_daemon(app), name="gateway-daemon-events")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def follow_daemon(app: web.Application) -> None:
+    """Keep the view current from the daemon's subscribe stream; reconnect with backoff
+    while the daemon is away (the last view stays: engines outlive a sparkd restart)."""
+    settings, state, m = app[CONFIG], app[STATE], app[METRICS]
+    path = settings.config.daemon.control_socket
+    delay = RECONNECT_MIN_S
+    while True:
+        try:
+            async for message in aio_client.subscribe(path):
+                status = message.get("status")
+                if message.get("event") == "swap_failed":
+                    _note_swap_failure(state, message, now=settings.clock())
+                if status is None:
+                    continue  # keepalive
+                if not state.view.connected:
+                    event(log, "gateway_daemon_connected", "following sparkd's events on %s",
+                          path)
+                m.daemon_connected.set(1)
+                view = routing.view_from_status(status)
+                state.update(view, routing.serving_table(settings.config, view),
+                             now=settings.clock())
+                delay = RECONNECT_MIN_S
+        except (SparkdError, OSError, ValueError) as exc:
+            log.debug("daemon event stream: %s", exc)
+        if state.view.connected:
+            event(log, "gateway_daemon_lost", "lost sparkd's event stream on %s; reconnecting",
+                  path, level=logging.WARNING)
+            m.daemon_connected.set(0)
+            view = state.view
+            state.update(routing.DaemonView(seen=view.seen, connected=False,
+                                            endpoints=view.endpoints, swap=view.swap,
+                                            active_model=view.active_model),
+                         state.serving, now=settings.clock())
+        await asyncio.sleep(delay)
+        delay = min(RECONNECT_MAX_S, delay * 2)
+
+
+def _note_swap_failure(state: GatewayState, message: Mapping[str, Any], *, now: float) -> None:
+    target = message.get("to") or message.get("model")
+    swap = (message.get("status") or {}).get("swap") if isinstance(message.get("status"),
+                                                                    dict) else None
+    if not isinstance(target, str) and isinstance(swap, dict):
+        target = swap.get("to")
+    if isinstance(target, str):
+        state.swap_failures[target] = (now, str(message.get("message") or message.get("error")
+                                                or "the swap failed"))
+
+
+async def idle_unloader(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(unload_idle(app), name="gateway-idle-unload")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def unload_idle(app: web.Application, *, interval_s: float = IDLE_CHECK_S) -> None:
+    settings, state = app[CONFIG], app[STATE]
+    shortest = min(m.idle_unload_minutes or 1e9 for m in settings.config.models.values())
+    interval_s = min(interval_s, shortest * 60 / 4)
+    while True:
+        await asyncio.sleep(interval_s)
+        now = settings.clock()
+        for name in routing.idle_models(settings.config, state.view, state.last_used, now=now):
+            state.last_used[name] = now  # one request per idle period
+            app[METRICS].unload_requests.labels(name).inc()
+            try:
+                await settings.daemon_call("unload", {"model": name})
+                event(log, "gateway_idle_unload", "asked sparkd to unload %s (idle %g min)",
+                      name, settings.config.models[name].idle_unload_minutes,
+                      SPARKD_MODEL=name)
+            except (SparkdError, OSError) as exc:
+                log.warning("could not ask sparkd to unload idle %s: %s", name,
+                            getattr(exc, "message", exc))
