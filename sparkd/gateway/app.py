@@ -38,11 +38,12 @@ from sparkd.gateway.state import (
     STATE,
     GatewayState,
     Settings,
+    SettingsHolder,
     settings_for,
 )
 from sparkd.journal import event
 
-__all__ = ["build_app", "serve", "settings_for"]
+__all__ = ["apply_config", "build_app", "serve", "settings_for"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -60,7 +61,7 @@ def build_app(settings: Settings, *, subscribe: bool = True) -> web.Application:
     # Errors are caught per handler (`openai_errors`), not by a middleware: a middleware is
     # a measurable share of a proxied request's cost.
     app = web.Application(client_max_size=settings.config.gateway.max_body_bytes)
-    app[CONFIG] = settings
+    app[CONFIG] = SettingsHolder(settings)
     app[METRICS] = Metrics()
     app[STATE] = GatewayState(serving=routing.serving_table(settings.config,
                                                             routing.DaemonView()))
@@ -85,7 +86,7 @@ def build_app(settings: Settings, *, subscribe: bool = True) -> web.Application:
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=10, sock_read=app[CONFIG].config.gateway.upstream_timeout_s
+        total=None, sock_connect=10, sock_read=app[CONFIG].current.config.gateway.upstream_timeout_s
     )
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
     async with aiohttp.ClientSession(
@@ -118,7 +119,7 @@ def openai_errors(handler: Handler) -> Handler:
             code = "body_too_large" if exc.status == 413 else "bad_request"
             message = exc.reason
             if exc.status == 413:
-                limit = request.app[CONFIG].config.gateway.max_body_bytes
+                limit = request.app[CONFIG].current.config.gateway.max_body_bytes
                 message = f"request body too large (limit {limit} bytes: gateway.max_body_bytes)"
             child(request.app[METRICS].refused, code).inc()
             return web.json_response(error_body(exc.status, code, message), status=exc.status)
@@ -162,7 +163,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _openai(request: web.Request, path: str, *, chat: bool) -> web.StreamResponse:
-    settings = request.app[CONFIG]
+    settings = request.app[CONFIG].current
     prepared = _prepare(request, await request.read(), settings, chat=chat)
     model = prepared.model
     serve = await _route(request.app, model)
@@ -245,7 +246,7 @@ def _prepare(request: web.Request, raw: bytes, settings: Settings, *, chat: bool
 
 async def _route(app: web.Application, model: ModelConfig) -> routing.Serve:
     """The engine(s) for the model, waiting (bounded) while it loads or a swap runs."""
-    settings, state = app[CONFIG], app[STATE]
+    settings, state = app[CONFIG].current, app[STATE]
     ready = state.serving.get(model.name)
     if ready is not None:  # the common case, decided when the status last changed
         state.last_used[model.name] = settings.clock()
@@ -329,7 +330,7 @@ def _variant(app: web.Application, model: ModelConfig, workload: str, serve: rou
              ) -> Variant:
     if len(serve.urls) == 1:
         return next(iter(serve.urls))
-    settings = app[CONFIG]
+    settings = app[CONFIG].current
     return dispatch.choose(model.name, workload, tuple(serve.urls), model.speculative,
                            app[STATE].stats, draw=settings.draw()).variant
 
@@ -341,7 +342,7 @@ def _url(base: str, query: str) -> yarl.URL:
 
 
 def _measured(model: str, app: web.Application) -> bool:
-    spec = app[CONFIG].config.models[model].speculative
+    spec = app[CONFIG].current.config.models[model].speculative
     return spec is not None and spec.dispatch == "measured"
 
 
@@ -390,9 +391,10 @@ async def _relay(
                                     headers={**extra_headers, "Content-Type": content_type})
         except TimeoutError:
             status = 504
+            limit = app[CONFIG].current.config.gateway.upstream_timeout_s
             raise GatewayError(504, "upstream_timeout",
                                f"the engine of {model} did not answer within"
-                               f" {app[CONFIG].config.gateway.upstream_timeout_s:g} s") from None
+                               f" {limit:g} s") from None
         except aiohttp.ClientError as exc:
             status = 502
             raise GatewayError(502, "upstream_unreachable",
@@ -470,7 +472,7 @@ def _record(app: web.Application, model: str, workload: str, variant: Variant,
 async def passthrough(request: web.Request) -> web.StreamResponse:
     """Other /v1/* routes (embeddings, tokenize...): to the model the body names, else to the
     one loaded model."""
-    settings = request.app[CONFIG]
+    settings = request.app[CONFIG].current
     raw = await request.read()
     name: object = None
     if raw:
@@ -499,7 +501,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    settings = request.app[CONFIG]
+    settings = request.app[CONFIG].current
     return web.json_response(routing.models_listing(
         settings.config, request.app[STATE].view, created=int(time.time())))
 
@@ -540,11 +542,29 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def apply_config(app: web.Application, config: Config) -> list[str]:
+    """Put a new config in force without dropping a request (the gateway's SIGHUP). Returns
+    what it cannot change in place (those need a restart of the gateway)."""
+    holder, state = app[CONFIG], app[STATE]
+    old = holder.current
+    holder.current = settings_for(config, daemon_call=old.daemon_call)
+    state.update(state.view, routing.serving_table(config, state.view), now=old.clock())
+    return [key for key, before, after in (
+        ("gateway.listen", old.config.gateway.listen, config.gateway.listen),
+        ("gateway.max_body_bytes", old.config.gateway.max_body_bytes,
+         config.gateway.max_body_bytes),
+        ("daemon.control_socket", old.config.daemon.control_socket,
+         config.daemon.control_socket),
+    ) if before != after]
+
+
 async def serve(config: Config, *, ready: Callable[[], None] = lambda: None,
-                stop: asyncio.Event | None = None) -> None:
+                stop: asyncio.Event | None = None,
+                on_app: Callable[[web.Application], None] = lambda app: None) -> None:
     """Listen on gateway.listen until `stop` is set."""
     host, _, port = config.gateway.listen.rpartition(":")
     app = build_app(settings_for(config))
+    on_app(app)
     # handler_cancellation: a client that disconnects cancels its handler, and with it the
     # upstream request (aiohttp >= 3.9 leaves handlers running by default).
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True,

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import click
+from aiohttp import web
 
 from sparkd.config import load_config
 from sparkd.errors import ConfigError
-from sparkd.journal import setup_logging
+from sparkd.journal import event, setup_logging
 from sparkd.options import config_option
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,23 @@ def _notify(state: str) -> None:
     sdnotify.SystemdNotifier().notify(state.encode("utf-8").decode("latin-1"))
 
 
+def reload_config(app: web.Application, config_file: Path) -> None:
+    """SIGHUP: the new config when it is valid; the one in force (and a loud error) if not."""
+    from sparkd.gateway.app import apply_config
+
+    try:
+        config = load_config(config_file)
+    except ConfigError as exc:
+        event(log, "gateway_config_rejected", "new config rejected, keeping the previous "
+              "one: %s", exc.message, level=logging.ERROR)
+        _notify("STATUS=config reload failed, previous config kept")
+        return
+    fixed = apply_config(app, config)
+    event(log, "gateway_config_reloaded", "config %s reloaded%s", config_file,
+          f" ({', '.join(fixed)} need a restart of the gateway)" if fixed else "")
+    _notify(f"STATUS=serving on {config.gateway.listen}")
+
+
 async def _run(config_file: Path) -> int:
     from sparkd.gateway.app import serve
 
@@ -36,14 +54,18 @@ async def _run(config_file: Path) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+
+    def on_app(app: web.Application) -> None:
+        loop.add_signal_handler(signal.SIGHUP, reload_config, app, config_file)
+
     try:
         await serve(config, ready=lambda: _notify(
-            f"READY=1\nSTATUS=serving on {config.gateway.listen}"), stop=stop)
+            f"READY=1\nSTATUS=serving on {config.gateway.listen}"), stop=stop, on_app=on_app)
     except OSError as exc:
         log.error("gateway cannot listen on %s: %s", config.gateway.listen, exc)
         return EXIT_LISTEN
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     _notify("STOPPING=1")
     return 0

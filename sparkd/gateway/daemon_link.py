@@ -36,12 +36,13 @@ async def daemon_events(app: web.Application) -> AsyncIterator[None]:
 async def follow_daemon(app: web.Application) -> None:
     """Keep the view current from the daemon's subscribe stream; reconnect with backoff
     while the daemon is away (the last view stays: engines outlive a sparkd restart)."""
-    settings, state, m = app[CONFIG], app[STATE], app[METRICS]
-    path = settings.config.daemon.control_socket
+    state, m = app[STATE], app[METRICS]
+    path = app[CONFIG].current.config.daemon.control_socket
     delay = RECONNECT_MIN_S
     while True:
         try:
             async for message in aio_client.subscribe(path):
+                settings = app[CONFIG].current
                 status = message.get("status")
                 if message.get("event") == "swap_failed":
                     _note_swap_failure(state, message, now=settings.clock())
@@ -65,7 +66,7 @@ async def follow_daemon(app: web.Application) -> None:
             state.update(routing.DaemonView(seen=view.seen, connected=False,
                                             endpoints=view.endpoints, swap=view.swap,
                                             active_model=view.active_model),
-                         state.serving, now=settings.clock())
+                         state.serving, now=app[CONFIG].current.clock())
         await asyncio.sleep(delay)
         delay = min(RECONNECT_MAX_S, delay * 2)
 
@@ -90,11 +91,13 @@ async def idle_unloader(app: web.Application) -> AsyncIterator[None]:
 
 
 async def unload_idle(app: web.Application, *, interval_s: float = IDLE_CHECK_S) -> None:
-    settings, state = app[CONFIG], app[STATE]
-    shortest = min(m.idle_unload_minutes or 1e9 for m in settings.config.models.values())
+    state = app[STATE]
+    shortest = min(m.idle_unload_minutes or 1e9
+                   for m in app[CONFIG].current.config.models.values())
     interval_s = min(interval_s, shortest * 60 / 4)
     while True:
         await asyncio.sleep(interval_s)
+        settings = app[CONFIG].current
         now = settings.clock()
         for name in routing.idle_models(settings.config, state.view, state.last_used, now=now):
             state.last_used[name] = now  # one request per idle period

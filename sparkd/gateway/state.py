@@ -58,7 +58,15 @@ class Settings:
     draw: Callable[[], float] = random.random
 
 
-CONFIG: Final = web.AppKey("settings", Settings)
+@dataclass(slots=True)
+class SettingsHolder:
+    """The settings in force. A reload (SIGHUP) replaces `current`; each request and each
+    loop iteration reads it afresh, so nothing keeps a stale config."""
+
+    current: Settings
+
+
+CONFIG: Final = web.AppKey("settings", SettingsHolder)
 STATE: Final = web.AppKey("state", GatewayState)
 METRICS: Final = web.AppKey("metrics", Metrics)
 SESSION: Final = web.AppKey("session", aiohttp.ClientSession)

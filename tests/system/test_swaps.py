@@ -106,7 +106,8 @@ def box(container: Container) -> Iterator[Container]:
     container.exec(["tee", "/etc/sparkd.toml"], input=CONFIG)
     container.exec(["rm", "-f", "/var/lib/sparkd/state.toml"])
     container.exec(["systemctl", "start", "sparkd"])
-    container.exec(["systemctl", "restart", "sparkd-gateway"])
+    # sparkd propagates its reload to the gateway, which takes the new models in place.
+    container.exec(["systemctl", "reload", "sparkd"])
     wait_for("a to serve", lambda: serving(container, "a"))
     wait_for("a to become the last good model",
              lambda: status(container)["last_good_model"] == "a", timeout=30)
