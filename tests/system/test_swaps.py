@@ -140,8 +140,8 @@ def test_swap_a_to_b_and_back(box: Container) -> None:
     done = events(box, "swap_done", since)
     assert [(e["SPARKD_FROM"], e["SPARKD_TO"]) for e in done] == [("a", "b"), ("b", "a")]
     steps = events(box, "swap_step", since)
-    assert {e["SPARKD_STEP"] for e in steps} == {"stop", "start", "health_gate", "flip"}
-    # (preflight is the planning itself: shown by sparkctl, not a journal step)
+    assert {e["SPARKD_STEP"] for e in steps} == {"preflight", "stop", "start", "health_gate",
+                                                 "flip"}
     assert all(float(e["SPARKD_DURATION_MS"]) >= 0 for e in steps)
 
 
