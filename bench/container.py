@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO / "tests" / "system"))
 
 from checks import built_deb, status, wait_for  # noqa: E402
 from harness import Container  # noqa: E402
+from machine import describe  # noqa: E402
 
 
 def deb_path() -> Path:
@@ -42,11 +43,4 @@ def wait_serving(box: Container, timeout: float = 60.0) -> None:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores, {Path('/etc/debian_version').read_text().strip()}"
+    return describe()

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -47,6 +46,9 @@ sys.path.insert(0, str(REPO))
 
 from sparkd.control.protocol import Request  # noqa: E402
 from sparkd.control.server import ControlServer  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from machine import describe  # noqa: E402
 
 MODEL = "sim-bench"
 BODY = json.dumps({"model": MODEL, "max_tokens": 1, "messages": [
@@ -67,16 +69,7 @@ def free_port() -> int:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    distro = ""
-    with contextlib.suppress(OSError):
-        distro = "Debian " + Path("/etc/debian_version").read_text().strip()
-    return (f"{cpu}, {os.cpu_count()} cores, {distro}, Python {platform.python_version()},"
-            f" aiohttp {aiohttp.__version__}")
+    return f"{describe()}, aiohttp {aiohttp.__version__}"
 
 
 def pct(values: list[float], p: float) -> float:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,25 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from machine import describe
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HUBSERVER_DIR = REPO_ROOT / "tests" / "integration"
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem = int(Path("/proc/meminfo").read_text().split()[1]) // (1 << 20)
-    system = "unknown OS"
-    with contextlib.suppress(OSError):
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                system = line.split("=", 1)[1].strip('"')
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {mem} GiB, {system}"
-
-
+    return describe()
 @contextlib.contextmanager
 def scratch(prefix: str) -> Iterator[Path]:
     """A directory on the disk (/var/tmp: not a tmpfs), removed afterwards."""

@@ -5,26 +5,16 @@ over the control socket, and serving through to the default simulated engine."""
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from checks import wait_for
 from harness import Container
 
 pytestmark = pytest.mark.system
 
 DEFAULT = "sim-small"
 GATEWAY = "http://127.0.0.1:8000"
-
-
-def wait_for(what: str, check: Callable[[], bool], *, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def curl_json(box: Container, *args: str) -> Any:
