@@ -162,3 +162,32 @@ def module_sim_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim
     engines = SimEngines(tmp_path_factory.mktemp("sim-engines"))
     yield engines
     engines.stop_all()
+
+
+SparkdRun = Any  # (*args: str, timeout: float = ...) -> subprocess.CompletedProcess[str]
+
+
+@pytest.fixture
+def sparkd_cli() -> Iterator[SparkdRun]:
+    """Run `sparkd ARGS...` (this checkout's) as a child process, without $SPARKD_CONFIG;
+    any child still running at teardown is killed."""
+    children: list[subprocess.Popen[str]] = []
+
+    def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "SPARKD_CONFIG"}
+        child = subprocess.Popen(
+            [sys.executable, "-c", "from sparkd.main import main; main()", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        children.append(child)
+        out, err = child.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+    yield run
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()

@@ -13,8 +13,7 @@ import mmap
 import os
 import re
 import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,28 +50,9 @@ def _config(tmp_path: Path, model_dir: Path, memory_gib: float) -> Path:
 
 
 @pytest.fixture
-def run_prestart_cli() -> Iterator[Run]:
-    """Run `sparkd prestart` as a child process; any child still running at teardown is killed."""
-    children: list[subprocess.Popen[str]] = []
-
-    def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if k != "SPARKD_CONFIG"}
-        child = subprocess.Popen(
-            [sys.executable, "-c", "from sparkd.main import main; main()", "prestart", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        children.append(child)
-        out, err = child.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(child.args, child.returncode, out, err)
-
-    yield run
-    for child in children:
-        if child.poll() is None:
-            child.kill()
-        child.communicate()
+def run_prestart_cli(sparkd_cli: Run) -> Run:
+    """`sparkd prestart ARGS...` as a child process."""
+    return lambda *args, timeout=60: sparkd_cli("prestart", *args, timeout=timeout)
 
 
 DROPPED = re.compile(

@@ -84,27 +84,9 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture
-def wait_healthy_cli() -> Iterator[Run]:
-    """Run `sparkd wait-healthy` as a child process; killed at teardown if still running."""
-    children: list[subprocess.Popen[str]] = []
-
-    def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        child = subprocess.Popen(
-            [sys.executable, "-c", "from sparkd.main import main; main()", "wait-healthy", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=dict(os.environ),
-        )
-        children.append(child)
-        out, err = child.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(child.args, child.returncode, out, err)
-
-    yield run
-    for child in children:
-        if child.poll() is None:
-            child.kill()
-        child.communicate()
+def wait_healthy_cli(sparkd_cli: Run) -> Run:
+    """`sparkd wait-healthy ARGS...` as a child process."""
+    return lambda *args, timeout=30: sparkd_cli("wait-healthy", *args, timeout=timeout)
 
 
 def test_503_then_200_exits_0(
