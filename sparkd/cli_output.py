@@ -101,6 +101,11 @@ def render_status(status: dict[str, Any], console: Console | None = None) -> Non
             f"{_gib(mem.get('total_bytes'))}, page cache {_gib(mem.get('page_cache_bytes'))}"
             + (f" [dim]({mem['accounting']})[/]" if mem.get("accounting") else "")
         )
+    pressure = status.get("pressure") or {}
+    if pressure:
+        parts = [f"{name} {p['some_avg10']:.1f}%" + (f"/{p['full_avg10']:.1f}%"
+                 if "full_avg10" in p else "") for name, p in sorted(pressure.items())]
+        console.print("pressure (some/full avg10): " + ", ".join(parts))
     gpu = status.get("gpu")
     if gpu and gpu.get("error"):
         console.print(f"gpu: [dim]{gpu['error']}[/]")

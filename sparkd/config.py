@@ -81,6 +81,9 @@ class DaemonConfig:
     restart_sec: float = 5.0
     start_limit_burst: int = 5
     start_limit_interval_s: float = 600.0
+    # Memory pressure (PSI `full` avg10, percent of time every task stalled) above which the
+    # desktop is starving: sparkd says so (event `desktop_pressure`, sparkctl status).
+    pressure_warn_pct: float = 10.0
     # sparkd.store (issue 4): files fetched at once, seconds without a byte before a transfer
     # counts as stalled, tries per file before a pull gives up on it.
     download_concurrency: int = 4
@@ -315,6 +318,7 @@ def _parse_daemon(v: _Validator, t: dict[str, Any]) -> DaemonConfig:
         start_limit_interval_s=v.number(
             t, "daemon.start_limit_interval_s", d.start_limit_interval_s, lo=1
         ),
+        pressure_warn_pct=v.number(t, "daemon.pressure_warn_pct", d.pressure_warn_pct, lo=0),
         download_concurrency=v.integer(
             t, "daemon.download_concurrency", d.download_concurrency, lo=1, hi=64
         ),

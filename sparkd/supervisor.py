@@ -35,6 +35,7 @@ from sparkd.errors import BadRequest, ConfigError, SparkdError, StateError
 from sparkd.journal import event
 from sparkd.monitor.memory import MemInfo
 from sparkd.monitor.nvml import NvmlSnapshot
+from sparkd.monitor.psi import Pressure, read_pressure
 from sparkd.state import State, StateStore
 from sparkd.store.plan import VerifyReport
 from sparkd.systemd.manager import JobDone, SystemdEvent, SystemdManager, UnitStatus
@@ -113,6 +114,7 @@ class Deps:
     models_listed: ModelsListed
     path_exists: Callable[[Path], bool] = Path.exists
     read_gpu: Callable[[], Awaitable[NvmlSnapshot]] | None = None
+    read_pressure: Callable[[], Mapping[str, Pressure]] = read_pressure
     verify_files: VerifyFiles = field(default=_verify_in_thread)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
@@ -149,6 +151,8 @@ class Supervisor:
         self._job_results: dict[int, str] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.gpu: NvmlSnapshot | None = None
+        self.pressure: Mapping[str, Pressure] = {}
+        self._pressure_warned = False
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -381,7 +385,27 @@ class Supervisor:
             ):
                 await self._restart_hung(name, view, result)
         await self.read_gpu()
+        self.check_pressure()
         self.update_status()
+
+    def check_pressure(self) -> None:
+        """Say when the desktop starves for memory (PSI memory `full` avg10), once per episode:
+        the seed's frozen-desktop disaster shows here before anyone notices."""
+        self.pressure = self.deps.read_pressure()
+        memory = self.pressure.get("memory")
+        if memory is None or memory.full is None:
+            return
+        limit = self.config.daemon.pressure_warn_pct
+        stalled = memory.full.avg10
+        if stalled > limit and not self._pressure_warned:
+            self._pressure_warned = True
+            active = self.active_model() or "no engine"
+            event(log, "desktop_pressure", "memory pressure: every task stalled %.1f %% of the "
+                  "last 10 s (limit %g %%) while %s serves; the desktop is starving", stalled,
+                  limit, active, level=logging.WARNING, SPARKD_MODEL=active)
+        elif stalled < limit / 2 and self._pressure_warned:
+            self._pressure_warned = False
+            event(log, "desktop_pressure_cleared", "memory pressure back to %.1f %%", stalled)
 
     async def read_gpu(self) -> None:
         if self.deps.read_gpu is not None:
@@ -776,6 +800,7 @@ class Supervisor:
             "engines": [_engine_json(v) for _, v in sorted(self.engines.items())],
             "memory": memory,
             "gpu": None if self.gpu is None else self.gpu.to_json(),
+            "pressure": {name: p.to_json() for name, p in self.pressure.items()},
         }
 
     async def handle(self, request: Request) -> Any:

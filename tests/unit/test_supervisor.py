@@ -244,3 +244,23 @@ def test_status_reports_the_gpu_and_where_memory_figures_come_from(tmp_path: Pat
     w.sup.deps.read_gpu = reader("h200.json")
     run(w.sup.check_health())
     assert w.sup.status()["memory"]["accounting"].startswith("discrete: NVML")
+
+
+def test_memory_pressure_is_reported_once_per_episode(tmp_path: Path, caplog: Any) -> None:
+    from sparkd.monitor.psi import parse_psi
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "psi"
+    calm = {"memory": parse_psi((fixtures / "memory.txt").read_text())}
+    thrash = {"memory": parse_psi((fixtures / "memory-thrashing.txt").read_text())}
+    readings = iter([calm, thrash, thrash, calm])
+    w = world(tmp_path)
+    w.sup.deps.read_pressure = lambda: next(readings)
+    w.systemd.set("a", "active", "running", pid=42)
+    run(started(w.sup))  # the first reading (calm) comes with the first health check
+    with caplog.at_level("WARNING"):
+        for _ in range(4):
+            run(w.sup.check_health())
+    warnings = [r.getMessage() for r in caplog.records if "memory pressure" in r.getMessage()]
+    assert warnings == ["memory pressure: every task stalled 28.5 % of the last 10 s (limit "
+                        "10 %) while a serves; the desktop is starving"]
+    assert w.sup.status()["pressure"]["memory"]["full_avg10"] == 0.0
