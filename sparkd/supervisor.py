@@ -25,13 +25,21 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sparkd import __version__
-from sparkd.config import Config, ModelConfig, Variant, load_config
+from sparkd.config import Config, ModelConfig, load_config
 from sparkd.control.protocol import Request
 from sparkd.engine.fingerprints import Match
 from sparkd.engine.health import ProbeResult
 from sparkd.engine.plan import Snapshot, SwapInProgress, SwapPlan, SwapStep, plan_swap
 from sparkd.engine.swap import SwapRun, execute, start_timeout
+from sparkd.engines import (
+    EngineView,
+    engine_json,
+    engine_key,
+    memory_accounting,
+    model_of_unit,
+)
 from sparkd.errors import BadRequest, ConfigError, SparkdError, StateError
+from sparkd.events import EventStream
 from sparkd.journal import event
 from sparkd.monitor.memory import MemInfo
 from sparkd.monitor.nvml import NvmlSnapshot
@@ -45,12 +53,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SUBSCRIBER_QUEUE = 256
-SUBSCRIBER_KEEPALIVE_S = 30.0
 
 SystemdCall = Callable[[Callable[[SystemdManager], T]], Awaitable[T]]
 Probe = Callable[[str], Awaitable[ProbeResult]]
-StatusSink = Callable[[str], None]
 JournalSince = Callable[[str, float], Awaitable[list[str]]]
 ModelsListed = Callable[[str, str], Awaitable[bool]]
 JOB_RESULTS_KEPT = 256
@@ -66,28 +71,6 @@ class DaemonState(enum.StrEnum):
 
 class Notifier(Protocol):
     def notify(self, state: str) -> None: ...
-
-
-@dataclass(slots=True)
-class EngineView:
-    """What the daemon knows about one engine, refreshed from signals and probes."""
-
-    model: ModelConfig
-    unit: UnitStatus
-    variant: Variant = "plain"
-    health: ProbeResult | None = None
-    health_failures: int = 0
-    healthy_since: float | None = None
-    fingerprints: list[Match] = field(default_factory=list)
-    note: str | None = None  # why a speculative variant is not running, say
-
-    @property
-    def unit_name(self) -> str:
-        return self.model.unit_for(self.variant)
-
-    @property
-    def port(self) -> int:
-        return self.model.port_for(self.variant)
 
 
 async def _verify_in_thread(config: Config, model: ModelConfig) -> VerifyReport:
@@ -143,7 +126,7 @@ class Supervisor:
         self._refresh_task: asyncio.Task[None] | None = None
         self._status_line = ""
         self._published_digest: tuple[Any, ...] = ()
-        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.events = EventStream(self.status)
         self.swap_run: SwapRun | None = None
         self.last_swap: SwapRun | None = None
         self._swap_task: asyncio.Task[SwapRun] | None = None
@@ -258,7 +241,7 @@ class Supervisor:
     # -- events from systemd --------------------------------------------------------------
 
     def on_systemd_event(self, ev: SystemdEvent) -> None:
-        model = _model_of_unit(ev.unit)
+        model = model_of_unit(ev.unit)
         if model is None or model not in self.engines:
             return
         if isinstance(ev, JobDone):
@@ -299,7 +282,7 @@ class Supervisor:
             return [m.unit_status(u) for u in units]
 
         for status in await self.deps.systemd(read):
-            model = _model_of_unit(status.name)
+            model = model_of_unit(status.name)
             if model in self.engines:
                 view = self.engines[model]
                 before = view.unit
@@ -733,32 +716,10 @@ class Supervisor:
     # -- subscriptions --------------------------------------------------------------------
 
     def publish(self, name: str, **fields: Any) -> None:
-        """Send an event, with the full status, to every subscriber. A subscriber that does
-        not keep up is dropped (its stream ends) rather than holding the daemon's memory."""
-        if not self._subscribers:
-            return
-        message = {"event": name, **fields, "status": self.status()}
-        for queue in list(self._subscribers):
-            try:
-                queue.put_nowait(message)
-            except asyncio.QueueFull:
-                self._subscribers.discard(queue)
+        self.events.publish(name, **fields)
 
-    async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
-        """The event stream of one subscriber: a snapshot first, then each event."""
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE)
-        self._subscribers.add(queue)
-        try:
-            yield {"event": "snapshot", "status": self.status()}
-            while queue in self._subscribers or not queue.empty():
-                try:
-                    yield await asyncio.wait_for(queue.get(), SUBSCRIBER_KEEPALIVE_S)
-                except TimeoutError:
-                    if queue not in self._subscribers:
-                        return
-                    yield {"event": "keepalive"}
-        finally:
-            self._subscribers.discard(queue)
+    def subscribe(self) -> AsyncIterator[dict[str, Any]]:
+        return self.events.subscribe()
 
     def status(self) -> dict[str, Any]:
         try:
@@ -797,7 +758,7 @@ class Supervisor:
             if self.state.last_failure_model is None
             else {"model": self.state.last_failure_model,
                   "reason": self.state.last_failure_reason},
-            "engines": [_engine_json(v) for _, v in sorted(self.engines.items())],
+            "engines": [engine_json(v) for _, v in sorted(self.engines.items())],
             "memory": memory,
             "gpu": None if self.gpu is None else self.gpu.to_json(),
             "pressure": {name: p.to_json() for name, p in self.pressure.items()},
@@ -834,28 +795,6 @@ class Supervisor:
             event(log, "state_write_failed", "%s", exc.message, level=logging.ERROR)
 
 
-def memory_accounting(gpu: NvmlSnapshot | None) -> str:
-    """Where the memory figures come from: on unified memory (GB10) NVML has no memory info
-    and /proc/meminfo is the truth; on a discrete GPU NVML reports the GPU's own memory."""
-    if gpu is None or gpu.error is not None or not gpu.gpus:
-        return "meminfo (no GPU reading)"
-    if gpu.unified_memory:
-        return "unified: /proc/meminfo (NVML memory info not supported)"
-    return "discrete: NVML for GPU memory, /proc/meminfo for the host"
-
-
-def engine_key(model: str, variant: Variant) -> str:
-    """The key of an engine in `Supervisor.engines`: the unit's instance name."""
-    return model if variant == "plain" else f"{model}:spec"
-
-
-def _model_of_unit(unit: str) -> str | None:
-    prefix, suffix = "sparkd-engine@", ".service"
-    if unit.startswith(prefix) and unit.endswith(suffix):
-        return unit[len(prefix) : -len(suffix)]
-    return None
-
-
 def _describe(result: Mapping[str, Any]) -> str:
     parts = []
     for key in ("written", "removed"):
@@ -863,34 +802,6 @@ def _describe(result: Mapping[str, Any]) -> str:
         if items:
             parts.append(f"{key} {', '.join(items)}")
     return "; ".join(parts) or "no change"
-
-
-def _engine_json(view: EngineView) -> dict[str, Any]:
-    u, h = view.unit, view.health
-    return {
-        "model": view.model.name,
-        "engine": view.model.engine,
-        "variant": view.variant,
-        "unit": view.unit_name,
-        "port": view.port,
-        "load_state": u.load_state,
-        "active_state": u.active_state,
-        "sub_state": u.sub_state,
-        "main_pid": u.main_pid,
-        "n_restarts": u.n_restarts,
-        "result": u.result,
-        "health": None
-        if h is None
-        else {
-            "ok": h.ok,
-            "status": h.status,
-            "error": h.error,
-            "latency_ms": round(h.latency_ms, 2),
-        },
-        "health_failures": view.health_failures,
-        "fingerprints": [m.to_json() for m in view.fingerprints],
-        "note": view.note,
-    }
 
 
 def read_boot_id(path: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:

@@ -216,7 +216,7 @@ def test_subscribers_get_a_snapshot_then_changes(tmp_path: Path) -> None:
     assert changed["event"] == "changed"
     assert changed["status"]["engines"][0]["active_state"] == "active"
     assert healthy["status"]["engines"][0]["health"]["ok"] is True
-    assert not w.sup._subscribers
+    assert not w.sup.events.subscribers
 
 
 def test_status_reports_the_gpu_and_where_memory_figures_come_from(tmp_path: Path) -> None:
