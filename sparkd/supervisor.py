@@ -164,6 +164,7 @@ class Supervisor:
             self.state = self.state.replace(desired_model=self.config.daemon.default_model)
         self.systemd_version = await self.deps.systemd(lambda m: m.version())
         await self.read_gpu()
+        self.check_pressure()
         await self.apply_config()
         await self.converge()
         self._save_state()

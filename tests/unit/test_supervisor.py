@@ -252,11 +252,11 @@ def test_memory_pressure_is_reported_once_per_episode(tmp_path: Path, caplog: An
     fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "psi"
     calm = {"memory": parse_psi((fixtures / "memory.txt").read_text())}
     thrash = {"memory": parse_psi((fixtures / "memory-thrashing.txt").read_text())}
-    readings = iter([calm, thrash, thrash, calm])
+    readings = iter([calm, calm, thrash, thrash, calm])
     w = world(tmp_path)
     w.sup.deps.read_pressure = lambda: next(readings)
     w.systemd.set("a", "active", "running", pid=42)
-    run(started(w.sup))  # the first reading (calm) comes with the first health check
+    run(started(w.sup))  # the first reading (calm): at start
     with caplog.at_level("WARNING"):
         for _ in range(4):
             run(w.sup.check_health())
