@@ -99,7 +99,7 @@ def render_status(status: dict[str, Any], console: Console | None = None) -> Non
         console.print(
             f"memory: {_gib(mem.get('available_bytes'))} available of "
             f"{_gib(mem.get('total_bytes'))}, page cache {_gib(mem.get('page_cache_bytes'))}"
-            + (f" [dim]({mem['accounting']})[/]" if mem.get("accounting") else "")
+            + (f" [dim]· {mem['accounting']}[/]" if mem.get("accounting") else "")
         )
     pressure = status.get("pressure") or {}
     if pressure:

@@ -39,7 +39,7 @@ def memory_accounting(gpu: NvmlSnapshot | None) -> str:
     """Where the memory figures come from: on unified memory (GB10) NVML has no memory info
     and /proc/meminfo is the truth; on a discrete GPU NVML reports the GPU's own memory."""
     if gpu is None or gpu.error is not None or not gpu.gpus:
-        return "meminfo (no GPU reading)"
+        return "/proc/meminfo; no GPU reading"
     if gpu.unified_memory:
         return "unified: /proc/meminfo (NVML memory info not supported)"
     return "discrete: NVML for GPU memory, /proc/meminfo for the host"
