@@ -30,7 +30,7 @@ from sparkd.control.protocol import Request
 from sparkd.engine.fingerprints import Match
 from sparkd.engine.health import ProbeResult
 from sparkd.engine.plan import Snapshot, SwapInProgress, SwapPlan, SwapStep, plan_swap
-from sparkd.engine.swap import SwapRun, execute, start_timeout
+from sparkd.engine.swap import SwapRun, execute, start_afresh, start_timeout
 from sparkd.engines import (
     EngineView,
     engine_json,
@@ -552,15 +552,9 @@ class Supervisor:
             self.publish("changed")
             return
         unit = view.unit_name
-
-        def start(m: SystemdManager) -> str:
-            if m.unit_status(unit).active_state == "failed":
-                m.reset_failed_unit(unit)
-            return m.start_unit(unit)
-
         event(log, "speculative_starting", "%s: starting the speculative variant", name,
               SPARKD_MODEL=name, SPARKD_VARIANT="speculative")
-        result = await self.wait_job(await self.deps.systemd(start),
+        result = await self.wait_job(await self.deps.systemd(lambda m: start_afresh(m, unit)),
                                      start_timeout(self.config, name))
         view.note = None if result == "done" else f"failed to start (job {result})"
         if view.note:

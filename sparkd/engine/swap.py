@@ -220,6 +220,14 @@ async def _stop(run: SwapRun, ctx: SwapContext) -> str:
     return f"stopped {', '.join(run.plan.stop)}" if run.plan.stop else "nothing to stop"
 
 
+def start_afresh(m: SystemdManager, unit: str) -> str:
+    """Start a unit, clearing a failed state first (a failed unit past its start limit would
+    refuse the start). Blocking: runs in the systemd thread. Returns the job path."""
+    if m.unit_status(unit).active_state == "failed":
+        m.reset_failed_unit(unit)
+    return m.start_unit(unit)
+
+
 def start_timeout(config: Config, model_name: str) -> float:
     """The unit's TimeoutStartSec (prestart allowance + load) and a margin."""
     model = config.models[model_name]
@@ -230,13 +238,7 @@ async def _start_model(ctx: SwapContext, model_name: str) -> str:
     model = ctx.config.models[model_name]
     unit = model.unit_name
     since = time.time()
-
-    def start(m: SystemdManager) -> str:
-        if m.unit_status(unit).active_state == "failed":
-            m.reset_failed_unit(unit)
-        return m.start_unit(unit)
-
-    job = await ctx.systemd(start)
+    job = await ctx.systemd(lambda m: start_afresh(m, unit))
     result = await ctx.wait_job(job, start_timeout(ctx.config, model_name))
     lines = await ctx.journal_since(unit, since)
     matches = match_lines(lines, engine=model.engine)
