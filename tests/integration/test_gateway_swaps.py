@@ -388,3 +388,42 @@ url = "http://127.0.0.1:{port}"
         assert events[0].startswith('data: {"choices"')
         error = json.loads(events[-1].removeprefix("data: "))["error"]
         assert error["code"] == "upstream_error" and "broke" in error["message"]
+
+
+def test_a_cookie_an_engine_sets_is_not_sent_with_other_clients_requests() -> None:
+    """One upstream session serves every client: a cookie jar in it would hand one client's
+    session cookie (set by an engine or a proxy in front of it) to the next client."""
+    port = free_port()
+    seen: list[str | None] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        response = web.json_response({"choices": [{"message": {"content": "ok"}}]})
+        response.set_cookie("session", "client-one-secret")
+        return response
+
+    text = f"""
+[gateway]
+listen = "{{listen}}"
+[models.ext]
+engine = "external"
+url = "http://localhost:{port}"  # a host name: a jar keeps no cookies of IPs
+"""
+    with running_gateway(text, initial={"schema": 1, "engines": []}) as gw:
+        upstream = web.Application()
+        upstream.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(upstream, access_log=None)
+
+        async def start() -> None:
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+
+        gw.run(start)
+        try:
+            body = {"model": "ext", "messages": [{"role": "user", "content": "hi"}]}
+            first = post(gw.url + "/v1/chat/completions", json_body=body)
+            second = post(gw.url + "/v1/chat/completions", json_body=body)
+        finally:
+            gw.run(runner.cleanup)
+    assert first.status_code == 200 and second.status_code == 200
+    assert seen == [None, None]
