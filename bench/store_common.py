@@ -22,6 +22,8 @@ HUBSERVER_DIR = REPO_ROOT / "tests" / "integration"
 
 def machine() -> str:
     return describe()
+
+
 @contextlib.contextmanager
 def scratch(prefix: str) -> Iterator[Path]:
     """A directory on the disk (/var/tmp: not a tmpfs), removed afterwards."""
@@ -42,6 +44,7 @@ for name, (size, seed) in spec["files"].items():
     block = random.Random(seed).randbytes(min(size, 64 << 20))
     files[name] = (block * (size // len(block) + 1))[:size]
 hub = FakeHub()
+hub.rate = spec.get("rate")
 repo = hub.add_repo(spec["repo"], files)
 hub.start()
 print(json.dumps({"hub": hub.hub_port, "cdn": hub.cdn_port, "commit": repo.commit}), flush=True)
@@ -57,8 +60,9 @@ hub.stop()
 
 
 class HubProcess:
-    def __init__(self, repo: str, files: dict[str, tuple[int, int]]) -> None:
-        spec = json.dumps({"repo": repo, "files": files})
+    def __init__(self, repo: str, files: dict[str, tuple[int, int]], *,
+                 rate: float | None = None) -> None:
+        spec = json.dumps({"repo": repo, "files": files, "rate": rate})
         self.proc = subprocess.Popen(
             [sys.executable, "-c", SERVE, str(HUBSERVER_DIR), spec],
             stdin=subprocess.PIPE,

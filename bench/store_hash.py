@@ -153,7 +153,8 @@ def bar_incremental(tmp: Path, n: int, rounds: int) -> tuple[bool, str]:
     again = verify_model(config, model)
     assert again.ok and again.hashed_bytes == 0
     cli = []
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
     for _ in range(5):
         cli.append(timed(lambda: subprocess.run(
             [sys.executable, "-c", "from sparkd.cli import main; main()", "verify", "hundred",

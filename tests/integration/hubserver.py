@@ -125,6 +125,9 @@ class FakeHub:
         self.cdn_port = 0
         self._handlers: set[asyncio.Task[Any]] = set()
         self._arrivals = itertools.count(1)
+        # Bytes per second for bodies without a fault (None: as fast as the loop goes); the
+        # pull benchmark paces the "link" with it, for curl and the pull alike.
+        self.rate: float | None = None
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -404,8 +407,13 @@ class FakeHub:
             await response.write_eof()
             return sent
         view = memoryview(body)
+        began = time.monotonic()
         for i in range(0, len(body), 1 << 20):
             await response.write(view[i : i + (1 << 20)])
+            if self.rate:
+                ahead = began + (i + (1 << 20)) / self.rate - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
         await response.write_eof()
         return len(body)
 
