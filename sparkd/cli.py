@@ -110,6 +110,7 @@ def socket_path(config_file: Path | None) -> Path:
         "pull": "sparkd.store.commands:pull",
         "verify": "sparkd.store.commands:verify",
         "doctor": "sparkd.cli_doctor:doctor",
+        "models": "sparkd.cli_models:models",
     },
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks.")

@@ -258,23 +258,31 @@ class ManifestStore:
     def exists(self, model: str) -> bool:
         return self.path(model).is_file()
 
-    def load(self, model: str) -> tuple[Manifest | None, str | None]:
+    def load(
+        self, model: str, *, set_aside: bool = True
+    ) -> tuple[Manifest | None, str | None]:
         """The manifest (None when there is none) and, when the file was unusable, a message
-        saying where it was kept."""
+        saying where it was kept. `set_aside=False` (a read-only look, `sparkctl models`)
+        leaves an unusable file where it is and only says what is wrong with it."""
         path = self.path(model)
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None, None
         except (OSError, UnicodeDecodeError) as exc:
-            return None, self._set_aside(path, f"unreadable: {exc}")
-        try:
-            manifest = parse_manifest(text)
-        except ManifestError as exc:
-            return None, self._set_aside(path, exc.message)
-        if manifest.model != model:
-            return None, self._set_aside(path, f"it is the manifest of {manifest.model!r}")
-        return manifest, None
+            problem = f"unreadable: {exc}"
+        else:
+            try:
+                manifest = parse_manifest(text)
+            except ManifestError as exc:
+                problem = exc.message
+            else:
+                if manifest.model == model:
+                    return manifest, None
+                problem = f"it is the manifest of {manifest.model!r}"
+        if not set_aside:
+            return None, f"manifest {path} is unusable ({problem})"
+        return None, self._set_aside(path, problem)
 
     def save(self, manifest: Manifest) -> None:
         path = self.path(manifest.model)

@@ -57,10 +57,12 @@ def has_manifest(config: Config, model: ModelConfig) -> bool:
     )
 
 
-def current_manifest(config: Config, model: ModelConfig) -> tuple[Manifest | None, str]:
+def current_manifest(
+    config: Config, model: ModelConfig, *, set_aside: bool = True
+) -> tuple[Manifest | None, str]:
     """(the manifest, a note): None when there is none (the note says why)."""
     store = manifest_store(config)
-    stored, warning = store.load(model.name)
+    stored, warning = store.load(model.name, set_aside=set_aside)
     note = warning or ""
     if hub.snapshot_commit(model.path) is not None:
         fresh = hub.snapshot_manifest(model.name, model.path)

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -174,7 +175,8 @@ def test_each_fault_ends_with_every_file_correct_and_only_the_damaged_one_refetc
         assert first_start is None and 0 < first_sent < size
         # The retry asked for exactly what was missing: from the bytes on disk to the end,
         # and nothing was received twice.
-        assert code == 206 and 0 < start <= first_sent and start + sent == size
+        assert code == 206 and start is not None and 0 < start <= first_sent
+        assert start + sent == size
         assert report.fetched_bytes == TOTAL
     else:
         assert len(shard) == len(faults) + 1
@@ -477,3 +479,41 @@ def test_a_file_that_never_hashes_right_gives_up_after_three_whole_fetches(
     root = config.model("tiny").path
     assert not (root / ".tokenizer.json.part").exists()  # known-wrong bytes are not kept
     assert (root / SHARD1).read_bytes() == FILES[SHARD1]
+
+
+def test_sparkctl_models_shows_each_models_files_without_a_daemon(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    config_path = write_config(
+        tmp_path, extra='\n[models.ext]\nengine = "external"\nurl = "http://127.0.0.1:1"\n')
+    # No daemon listens on this socket: the files' state comes all the same.
+    config_path.write_text(config_path.read_text().replace(
+        "[daemon]\n", f'[daemon]\ncontrol_socket = "{tmp_path / "none.sock"}"\n'))
+    args = ["models", "--json", "--config", str(config_path)]
+
+    def listing() -> dict[str, Any]:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        return {m["name"]: m for m in json.loads(result.output)["models"]} | {
+            "_daemon": json.loads(result.output)["daemon"]}
+
+    before = listing()
+    assert before["tiny"]["files"]["state"] == "unknown"
+    assert "sparkctl pull tiny" in before["tiny"]["files"]["note"]
+    assert before["ext"]["files"]["state"] == "external"
+    assert before["_daemon"]["reachable"] is False and before["_daemon"]["error"]
+    config = load_config(config_path)
+    assert pull_model(config, config.model("tiny"), settings=FAST).ok
+    after = listing()["tiny"]["files"]
+    assert (after["state"], after["ok"], after["files"]) == ("verified", len(FILES), len(FILES))
+    assert after["present_bytes"] == after["expected_bytes"] == TOTAL
+    root = config.model("tiny").path
+    (root / SHARD2).write_bytes((root / SHARD2).read_bytes())  # same bytes, a new stamp
+    (root / "tokenizer.json").unlink()
+    changed = listing()["tiny"]["files"]
+    assert (changed["state"], changed["changed"], changed["missing"]) == ("incomplete", 1, 1)
+    human = CliRunner().invoke(cli, ["models", "--config", str(config_path)],
+                               env={"COLUMNS": "160"})
+    assert human.exit_code == 0, human.output
+    assert "incomplete" in human.output and "sparkctl pull tiny" in human.output
+    assert "did not answer" in human.output

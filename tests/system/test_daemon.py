@@ -205,3 +205,21 @@ def test_doctor_passes_on_the_default_install(container: Container) -> None:
     assert "ok  sparkd runs: sim-small: serving, healthy" in res.stdout
     assert "engine units match the config" in res.stdout
     assert "/proc/sys/vm/drop_caches is writable" in res.stdout
+
+
+def test_models_lists_every_model_with_what_serves(container: Container) -> None:
+    wait_for("sparkd to serve", lambda: serving(container))
+    res = container.exec(["sparkctl", "models", "--json"])
+    listing = json.loads(res.stdout)
+    assert listing["daemon"] == {"reachable": True, "error": None}
+    models = {m["name"]: m for m in listing["models"]}
+    assert sorted(models) == ["sim-large", "sim-small"]
+    small, large = models[DEFAULT], models["sim-large"]
+    assert small["active"] is True and small["desired"] is True
+    assert small["unit"] == {"name": ENGINE, "active_state": "active", "sub_state": "running"}
+    assert large["active"] is False
+    # The simulated models have no source and no manifest: nothing to pull, and it says why.
+    assert small["files"]["state"] == "unknown" and small["next"] is None
+    assert "no manifest for sim-small" in small["files"]["note"]
+    human = container.exec(["sparkctl", "models"], env={"COLUMNS": "160"}).stdout
+    assert "active" in human and "did not answer" not in human

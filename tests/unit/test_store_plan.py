@@ -246,3 +246,36 @@ def test_json_lines_reporter_throttles_but_always_tells_the_end() -> None:
     assert lines[0] == {"event": "phase", "phase": "fetch", "files": 1, "bytes": 30}
     assert lines[2]["done"] == 30 and lines[2]["total_done"] == 30
     assert lines[-1]["ok"] is True and lines[-1]["files"]["OK"] == 1
+
+
+# --- sparkctl models: the files' state without hashing ----------------------------------------
+
+
+def test_files_state_is_decided_like_an_incremental_verify() -> None:
+    from sparkd.store.listing import files_state
+
+    s1, s2 = Stamp(10, 1, 1), Stamp(10, 2, 2)
+    m = manifest(entry("a", stamp=s1), entry("b", stamp=s2))
+    settled = files_state(m, LocalView(stamps={"a": s1, "b": s2}))
+    assert (settled.state, settled.ok, settled.files) == ("verified", 2, 2)
+    assert settled.present_bytes == settled.expected_bytes == 20
+    assert settled.revision == "c" * 40
+    touched = files_state(m, LocalView(stamps={"a": s1, "b": Stamp(10, 3, 2)}))
+    assert (touched.state, touched.ok, touched.changed) == ("changed", 1, 1)
+    never = files_state(manifest(entry("a")), LocalView(stamps={"a": s1}))
+    assert never.state == "changed"  # pulled elsewhere, never verified here
+    partial = files_state(m, LocalView(stamps={"a": s1}, partials={"b": 4}))
+    assert (partial.state, partial.missing, partial.present_bytes) == ("incomplete", 1, 14)
+    # A wrong size outranks a missing file: it is the one to repair first.
+    wrong = files_state(m, LocalView(stamps={"a": Stamp(9, 1, 1)}))
+    assert (wrong.state, wrong.bad, wrong.missing) == ("bad", 1, 1)
+
+
+def test_a_read_only_look_leaves_a_corrupt_manifest_where_it_is(tmp_path: Path) -> None:
+    store = ManifestStore(tmp_path)
+    store.path("m").parent.mkdir(parents=True)
+    store.path("m").write_text("{ torn")
+    loaded, warning = store.load("m", set_aside=False)
+    assert loaded is None and warning is not None and "unusable" in warning
+    assert store.path("m").read_text() == "{ torn"
+    assert [p.name for p in store.path("m").parent.iterdir()] == ["m.json"]
