@@ -31,7 +31,7 @@ endef
 help:
 	@echo "make venv              system packages (as root) and the dev virtualenv $(VENV)"
 	@echo "make lint              ruff check"
-	@echo "make typecheck         mypy --strict on the package"
+	@echo "make typecheck         mypy --strict on the package, tests, bench and scripts"
 	@echo "make test-unit         tests/unit (pure, fast)"
 	@echo "make test-integration  tests/integration (real processes and sockets on loopback)"
 	@echo "make test-system       tests/system (booted systemd container, root; builds the .deb)"
@@ -59,8 +59,17 @@ lint: | $(PYTEST)
 	$(VENV)/bin/ruff check sparkd tests bench scripts
 
 .PHONY: typecheck
+# One mypy run per tree: the test directories have no __init__.py and import their sibling
+# modules (fakes, harness, ...) by plain name, so each run gets its own MYPYPATH, and
+# tests/ as a whole would have one conftest module too many.
 typecheck: | $(PYTEST)
 	$(VENV)/bin/mypy --strict sparkd
+	MYPYPATH=tests/unit:bench $(VENV)/bin/mypy --strict tests/unit
+	MYPYPATH=tests/integration:bench $(VENV)/bin/mypy --strict tests/integration
+	MYPYPATH=tests/system $(VENV)/bin/mypy --strict tests/system
+	MYPYPATH=bench:tests/system $(VENV)/bin/mypy --strict bench
+	MYPYPATH=bench:tests/system $(VENV)/bin/mypy --strict scripts
+	$(VENV)/bin/mypy --strict tests/conftest.py
 
 .PHONY: test-unit test-integration test-system
 test-unit: | $(PYTEST)

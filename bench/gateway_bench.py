@@ -240,13 +240,14 @@ async def under_load(targets: list[Proc], *, slices: int, slice_s: float, conns:
             out["open_loop"][name] = {"p50": pct(lat[name], 50), "p99": pct(lat[name], 99),
                                       "p999": pct(lat[name], 99.9), "errors": errs[name],
                                       "ok": len(lat[name])}
-        totals = {p.name: [0, 0, 0.0] for p in targets}
+        # name -> (answered, errors, elapsed seconds), summed over the slices
+        totals: dict[str, tuple[int, int, float]] = {p.name: (0, 0, 0.0) for p in targets}
         for _ in range(slices):
             for p in targets:
                 done, e, elapsed = await closed_loop_slice(sessions[p.name], p.url, conns,
                                                            slice_s)
                 t = totals[p.name]
-                t[0], t[1], t[2] = t[0] + done, t[1] + e, t[2] + elapsed
+                totals[p.name] = (t[0] + done, t[1] + e, t[2] + elapsed)
                 await asyncio.sleep(0.2)
         for name, (done, e, elapsed) in totals.items():
             out["throughput"][name] = {"rps": done / elapsed, "errors": e}

@@ -209,6 +209,8 @@ def http_request(method: str, url: str, *, content: bytes | None = None, json_bo
          headers: dict[str, str] | None = None, timeout: float = 30) -> Reply:
     """One plain HTTP request (http.client: no extra dependency)."""
     parts = urllib.parse.urlsplit(url)
+    if parts.hostname is None:
+        raise ValueError(f"no host in {url!r}")
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     hdrs = dict(headers or {})
     if json_body is not None:

@@ -201,7 +201,7 @@ def test_sparkctl_status_json_and_table(server: ServerThread, tmp_path: Path) ->
 def test_sparkctl_status_without_daemon_exits_3(tmp_path: Path) -> None:
     cfg = _config(tmp_path, tmp_path / "absent.sock")
     res = CliRunner().invoke(cli, ["status", "--config", str(cfg)])
-    assert res.exit_code == ExitStatus.DAEMON_UNREACHABLE == 3
+    assert res.exit_code == int(ExitStatus.DAEMON_UNREACHABLE) == 3
     assert "sparkd is not running" in res.output
 
 

@@ -8,22 +8,27 @@ import asyncio
 import json
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 import openai
 import pytest
 from conftest import SimEngine, SimEngines
 from gateway_harness import Gateway, engine_entry, get, post, running_gateway
+from openai.types.chat import (
+    ChatCompletionMessageParam,
+    ChatCompletionMessageToolCallParam,
+    ChatCompletionToolParam,
+)
 
 MODEL = "mistral-strict"
 
-CALL = {"id": "call00001", "type": "function",
-        "function": {"name": "read_file", "arguments": '{"path": "README.md"}'}}
-TOOLS: list[Any] = [{"type": "function", "function": {
+CALL: ChatCompletionMessageToolCallParam = {
+    "id": "call00001", "type": "function",
+    "function": {"name": "read_file", "arguments": '{"path": "README.md"}'}}
+TOOLS: list[ChatCompletionToolParam] = [{"type": "function", "function": {
     "name": "read_file", "description": "Read a file",
     "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]
 
-AGENT_CONVERSATIONS: dict[str, list[dict[str, Any]]] = {
+AGENT_CONVERSATIONS: dict[str, list[ChatCompletionMessageParam]] = {
     "second user turn (session title)": [
         {"role": "system", "content": "You are a coding assistant."},
         {"role": "user", "content": "Generate a title for this session."},
@@ -108,7 +113,7 @@ def test_engine_alone_rejects_and_gateway_serves_agent_conversations(
                                       {"model": MODEL, "messages": messages})
     assert status == 400 and "alternate" in body["message"]
     with client(gateway) as c:
-        raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+        raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=messages)
         reply = raw.parse()
     assert reply.choices[0].message.content
     assert int(raw.headers["X-Sparkd-Rewrites"]) > 0
@@ -118,7 +123,7 @@ def test_engine_alone_rejects_and_gateway_serves_agent_conversations(
 def test_sync_streaming_relays_every_chunk(gateway: Gateway) -> None:
     messages = AGENT_CONVERSATIONS["second user turn (session title)"]
     with client(gateway) as c:
-        stream = c.chat.completions.create(model=MODEL, messages=messages, stream=True,  # type: ignore[arg-type]
+        stream = c.chat.completions.create(model=MODEL, messages=messages, stream=True,
                                            max_tokens=20)
         pieces = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
     assert len(pieces) >= 5
@@ -129,11 +134,13 @@ def test_sync_tools_round_trip_is_structured(gateway: Gateway) -> None:
     messages = AGENT_CONVERSATIONS["tool result sent as a user message"]
     with client(gateway) as c:
         raw = c.chat.completions.with_raw_response.create(
-            model=MODEL, messages=messages, tools=TOOLS, tool_choice="required")  # type: ignore[arg-type]
+            model=MODEL, messages=messages, tools=TOOLS, tool_choice="required")
         reply = raw.parse()
-    call = reply.choices[0].message.tool_calls
-    assert call and call[0].function.name == "read_file"  # type: ignore[union-attr]
-    json.loads(call[0].function.arguments)  # type: ignore[union-attr]
+    calls = reply.choices[0].message.tool_calls
+    assert calls
+    call = calls[0]
+    assert call.type == "function" and call.function.name == "read_file"
+    json.loads(call.function.arguments)
     assert raw.headers["X-Sparkd-Workload"] == "structured"
 
 
@@ -142,9 +149,9 @@ def test_async_client_streaming_and_not_with_tools(gateway: Gateway) -> None:
         async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="none",
                                       max_retries=0) as c:
             chain = AGENT_CONVERSATIONS["tool-call chain"]
-            reply = await c.chat.completions.create(model=MODEL, messages=chain, tools=TOOLS)  # type: ignore[arg-type]
+            reply = await c.chat.completions.create(model=MODEL, messages=chain, tools=TOOLS)
             stream = await c.chat.completions.create(
-                model=MODEL, messages=AGENT_CONVERSATIONS["consecutive assistant messages"],  # type: ignore[arg-type]
+                model=MODEL, messages=AGENT_CONVERSATIONS["consecutive assistant messages"],
                 stream=True, stream_options={"include_usage": True})
             text, usage = "", 0
             async for chunk in stream:

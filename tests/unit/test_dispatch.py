@@ -3,13 +3,15 @@ choice of the faster variant and re-checking share."""
 
 from __future__ import annotations
 
-from sparkd.config import SpeculativeConfig
+from sparkd.config import SpeculativeConfig, Variant
 from sparkd.gateway.dispatch import DecodeStats, choose
 
 STATIC = SpeculativeConfig(method="eagle3", draft_model="d")
 MEASURED = SpeculativeConfig(method="eagle3", draft_model="d", dispatch="measured",
                              min_samples=3, recheck_share=0.1)
-BOTH = ("plain", "speculative")
+BOTH: tuple[Variant, ...] = ("plain", "speculative")
+PLAIN: tuple[Variant, ...] = ("plain",)
+SPECULATIVE: tuple[Variant, ...] = ("speculative",)
 
 
 def test_static_map_defaults() -> None:
@@ -28,11 +30,11 @@ def test_configured_map_wins() -> None:
 
 
 def test_only_the_running_variant_serves() -> None:
-    c = choose("m", "chat", ("plain",), STATIC, DecodeStats(), draw=0.5)
+    c = choose("m", "chat", PLAIN, STATIC, DecodeStats(), draw=0.5)
     assert (c.variant, c.reason) == ("plain", "only plain runs")
-    c = choose("m", "structured", ("speculative",), STATIC, DecodeStats(), draw=0.5)
+    c = choose("m", "structured", SPECULATIVE, STATIC, DecodeStats(), draw=0.5)
     assert c.variant == "speculative"
-    assert choose("m", "chat", ("plain",), None, DecodeStats(), draw=0.5).reason == "one variant"
+    assert choose("m", "chat", PLAIN, None, DecodeStats(), draw=0.5).reason == "one variant"
 
 
 def test_measured_samples_both_then_prefers_the_faster_and_rechecks() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +34,20 @@ path = "/m/mistral"
 
 def facts(**changes: Any) -> Facts:
     config = parse_config(CONFIG, source=Path("/etc/sparkd.toml"))
-    base = {
-        "config": config,
-        "rendered": {"a.service": "x"},
-        "installed": {"a.service": "x"},
-        "daemon_status": {"daemon": {"status_line": "qwen: serving, healthy",
-                                     "last_reload": None}, "last_failure": None,
-                          "gpu": {"error": None, "unified_memory": True,
-                                  "gpus": [{"name": "NVIDIA GB10"}]}},
-        "daemon_error": None,
-        "drop_caches_writable": True,
-        "mem_total": 128 << 30,
-        "path_exists": {"qwen": True, "old": True, "mistral": False},
-    }
-    base.update(changes)
-    return Facts(**base)
+    base = Facts(
+        config=config,
+        rendered={"a.service": "x"},
+        installed={"a.service": "x"},
+        daemon_status={"daemon": {"status_line": "qwen: serving, healthy",
+                                  "last_reload": None}, "last_failure": None,
+                       "gpu": {"error": None, "unified_memory": True,
+                               "gpus": [{"name": "NVIDIA GB10"}]}},
+        daemon_error=None,
+        drop_caches_writable=True,
+        mem_total=128 << 30,
+        path_exists={"qwen": True, "old": True, "mistral": False},
+    )
+    return dataclasses.replace(base, **changes)
 
 
 def by_id(checks: list[Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ def test_h200_under_load_reads_memory_processes_and_utilization() -> None:
     assert gpu.power_w == raw["nvmlDeviceGetPowerUsage"]["value"] / 1000
     (proc,) = gpu.processes
     assert proc.pid == fixture("h200.json")["load_pid"]
+    assert proc.used_bytes is not None and gpu.memory_used is not None
     assert 10 << 30 <= proc.used_bytes <= gpu.memory_used  # the 10 GiB the load held
     assert gpu.unsupported == ()
 

@@ -191,7 +191,7 @@ def conversations(draw: st.DrawFn) -> list[dict[str, Any]]:
                 for c in draw(st.permutations(calls)):
                     out.append(tool(c["id"], draw(TEXT) or "ok"))
         elif role == "tool":
-            cid = draw(st.sampled_from(ids)) if ids and draw(st.booleans()) else draw(IDS)
+            cid = draw(st.sampled_from(ids)) if bool(ids) and draw(st.booleans()) else draw(IDS)
             out.append(tool(cid, draw(TEXT)))
         elif role == "assistant":
             out.append(a(draw(st.none() | contents())))
@@ -227,7 +227,7 @@ def test_mistral_v01_template_renders_every_strict_output(messages: list[dict[st
 
 
 def validate_mistral(messages: list[dict[str, Any]]) -> None:
-    request = ChatCompletionRequest.from_openai(messages=messages)  # type: ignore[arg-type]
+    request = ChatCompletionRequest.from_openai(messages=messages)
     MistralRequestValidatorV13(mode=ValidationMode.serving).validate_messages(request.messages)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -319,10 +320,11 @@ body_st = st.fixed_dictionaries(
 @given(body=body_st | json_values, strict=st.booleans())
 def test_any_body_is_a_generation_or_a_4xx(*, body: object, strict: bool) -> None:
     """Bad input is never an exception the server would answer with a 500."""
-    for attempt in (
+    attempts: tuple[Callable[[], object], ...] = (
         lambda: parse(body, strict=strict),
         lambda: parse_completion_request(body, served_model=MODEL),
-    ):
+    )
+    for attempt in attempts:
         try:
             attempt()
         except ApiError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,7 @@ def test_subscribers_get_a_snapshot_then_changes(tmp_path: Path) -> None:
     async def scenario() -> list[dict[str, Any]]:
         await started(w.sup)
         stream = w.sup.subscribe()
+        assert isinstance(stream, AsyncGenerator)  # the event stream is one: it has aclose()
         got = [await anext(stream)]
         w.systemd.set("a", "active", "running", pid=7)
         await w.sup.refresh_units(["a"])
