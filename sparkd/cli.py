@@ -105,6 +105,7 @@ def socket_path(config_file: Path | None) -> Path:
     cls=LazyGroup,
     lazy={
         "swap": "sparkd.cli_swap:swap",
+        "recover": "sparkd.cli_swap:recover",
         "logs": "sparkd.cli_logs:logs",
         "rewrite": "sparkd.cli_rewrite:rewrite",
         "pull": "sparkd.store.commands:pull",

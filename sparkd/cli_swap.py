@@ -1,4 +1,5 @@
-"""`sparkctl swap NAME`: swap the serving model, showing each step as sparkd runs it.
+"""`sparkctl swap NAME`: swap the serving model, showing each step as sparkd runs it; and
+`sparkctl recover`: the same swap, to the model sparkd wants serving (its desired model).
 
 One swap at a time: a second `sparkctl swap` while one runs is refused with the swap in
 progress (exit 8) rather than queued, so two operators never stack surprises on each other.
@@ -15,6 +16,7 @@ import click
 
 from sparkd.cli import WaitTimeout, run, socket_path
 from sparkd.engine.plan import SwapFailed, SwapRefused
+from sparkd.errors import SparkdError
 from sparkd.options import config_option, json_option
 
 
@@ -45,39 +47,81 @@ def swap(
     """
 
     def go() -> None:
-        from sparkd.control.client import call, stream
+        from sparkd.control.client import call
 
         sock = socket_path(config_file)
         if dry_run:
             plan = call(sock, "plan_swap", {"model": name})["plan"]
             click.echo(json.dumps({"plan": plan}) if as_json else "\n".join(plan))
             return
-        # Subscribe before asking, so that no step of this swap can be missed.
-        events = stream(sock, "subscribe", timeout_s=timeout_s)
-        next(events)  # the snapshot: the subscription is in place
-        reply = call(sock, "swap", {"model": name})
-        if reply["noop"]:
-            _say({"event": "noop", "model": name}, f"{name} is already serving", as_json=as_json)
-            return
-        swap_id = reply["swap"]["id"]
-        _say({"event": "accepted", "swap": reply["swap"]},
-             f"swap {swap_id}: {reply['swap']['from'] or 'nothing'} -> {name} accepted",
-             as_json=as_json)
-        if no_wait:
-            return
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        try:
-            for message in events:
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-                if _show(message, swap_id, as_json=as_json):
-                    return
-        except TimeoutError:
-            pass
-        raise WaitTimeout(f"stopped waiting after {timeout_s:g} s; the swap goes on in sparkd "
-                          "(sparkctl status shows it)")
+        swap_and_follow(sock, name, no_wait=no_wait, timeout_s=timeout_s, as_json=as_json)
 
     run(ctx, go)
+
+
+@click.command()
+@config_option
+@click.option("--timeout", "timeout_s", type=float, default=None,
+              help="Stop waiting after this many seconds (the swap goes on in sparkd).")
+@json_option
+@click.pass_context
+def recover(ctx: click.Context, config_file: Path, *, timeout_s: float | None,
+            as_json: bool) -> None:
+    """Bring the desired model back to serving, as sparkd does at boot: nothing when it
+    serves; otherwise a swap to it (a failed unit is reset first), rolled back to the last
+    good model if it does not come up.
+
+    For an engine stopped by hand, or left failed after a crash loop whose rollback failed
+    too. Exit codes as for `sparkctl swap`; 1 when there is no desired model.
+    """
+
+    def go() -> None:
+        from sparkd.control.client import call
+
+        sock = socket_path(config_file)
+        desired = call(sock, "status")["desired_model"]
+        if not isinstance(desired, str):
+            raise NothingToRecover("sparkd has no desired model (daemon.default_model is "
+                                   "unset and nothing was swapped to): sparkctl swap NAME")
+        swap_and_follow(sock, desired, no_wait=False, timeout_s=timeout_s, as_json=as_json)
+
+    run(ctx, go)
+
+
+class NothingToRecover(SparkdError):
+    code = "no_desired_model"
+
+
+def swap_and_follow(sock: Path, name: str, *, no_wait: bool, timeout_s: float | None,
+                    as_json: bool) -> None:
+    """Ask sparkd for a swap to `name` and print its steps until it ends. Raises SwapFailed,
+    SwapRefused, SwapInProgress, WaitTimeout."""
+    from sparkd.control.client import call, stream
+
+    # Subscribe before asking, so that no step of this swap can be missed.
+    events = stream(sock, "subscribe", timeout_s=timeout_s)
+    next(events)  # the snapshot: the subscription is in place
+    reply = call(sock, "swap", {"model": name})
+    if reply["noop"]:
+        _say({"event": "noop", "model": name}, f"{name} is already serving", as_json=as_json)
+        return
+    swap_id = reply["swap"]["id"]
+    _say({"event": "accepted", "swap": reply["swap"]},
+         f"swap {swap_id}: {reply['swap']['from'] or 'nothing'} -> {name} accepted",
+         as_json=as_json)
+    if no_wait:
+        return
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        for message in events:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            if _show(message, swap_id, as_json=as_json):
+                return
+    except TimeoutError:
+        pass
+    raise WaitTimeout(f"stopped waiting after {timeout_s:g} s; the swap goes on in sparkd "
+                      "(sparkctl status shows it)")
 
 
 def _say(obj: dict[str, Any], text: str, *, as_json: bool) -> None:

@@ -9,7 +9,7 @@ import socket
 import stat
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +69,12 @@ async def events(request: Request) -> AsyncIterator[Any]:
 
 
 class ServerThread:
-    def __init__(self, path: Path, group: str) -> None:
+    def __init__(self, path: Path, group: str,
+                 answer: Callable[[Request], Awaitable[Any]] = handler) -> None:
         self.path = path
         self.loop = asyncio.new_event_loop()
         self.server = ControlServer(
-            path, group=group, handler=handler, streams={"subscribe": events}
+            path, group=group, handler=answer, streams={"subscribe": events}
         )
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -229,3 +230,17 @@ def test_subscribe_streams_events_to_the_asyncio_client(server: ServerThread) ->
 
     assert asyncio.run(collect()) == [{"event": "tick", "n": i} for i in range(3)]
     assert asyncio.run(aio_client.call(server.path, "status")) == STATUS
+
+
+def test_sparkctl_recover_without_a_desired_model_says_what_to_do(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    async def no_desired(request: Request) -> Any:
+        asked.append(request.method)
+        return {**STATUS, "desired_model": None, "active_model": None}
+
+    with ServerThread(tmp_path / "control.sock", "sparkd-no-such-group", no_desired) as s:
+        res = CliRunner().invoke(cli, ["recover", "--config", str(_config(tmp_path, s.path))])
+    assert res.exit_code == ExitStatus.FAILURE
+    assert "no desired model" in res.output and "sparkctl swap NAME" in res.output
+    assert asked == ["status"]  # no swap was asked for

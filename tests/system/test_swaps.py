@@ -283,6 +283,20 @@ def test_speculative_variant_runs_beside_the_plain_one_and_the_gateway_routes_by
     assert prop(box, "sparkd-engine@spec:spec.service", "ActiveState") == "inactive"
 
 
+def test_recover_brings_back_an_engine_stopped_by_hand(box: Container) -> None:
+    wait_for("a to serve", lambda: serving(box, "a"), timeout=90)
+    box.exec(["systemctl", "stop", "sparkd-engine@a.service"])
+    wait_for("sparkd to see a stopped", lambda: status(box)["active_model"] is None)
+    assert status(box)["desired_model"] == "a"
+    res = box.exec(["sparkctl", "recover"], check=False, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "nothing -> a accepted" in res.stdout and "a serves (swap took" in res.stdout
+    assert serving(box, "a")
+    again = box.exec(["sparkctl", "recover", "--json"], check=False, timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads(again.stdout) == {"event": "noop", "model": "a"}
+
+
 def test_logs_show_the_timeline(box: Container) -> None:
     res = box.exec(["sparkctl", "logs", "--event", "swap_done", "--json"])
     entries = [json.loads(line) for line in res.stdout.splitlines()]
