@@ -31,10 +31,12 @@ NEXT_STEP = {
 }
 
 
-def next_step(model: ModelConfig, state: str) -> str | None:
+def next_step(model: ModelConfig, state: str, *, stale: bool = False) -> str | None:
     """The command that settles the files' state (None: nothing to do, or nothing sparkctl
-    can do: without a `source` there is nowhere to pull from)."""
-    if state in ("incomplete", "unknown") and model.source is None:
+    can do: without a `source` there is nowhere to pull or repair from)."""
+    if stale:
+        return f"sparkctl pull {model.name}"
+    if state in ("incomplete", "unknown", "bad") and model.source is None:
         return None
     step = NEXT_STEP.get(state)
     return None if step is None else step.format(name=model.name)
@@ -61,10 +63,10 @@ def model_entry(
         "port": model.port,
         "memory_gib": model.memory_gib,
         "source": model.source,
-        "requested_revision": model.revision,
+        "requested_revision": (model.revision or "main") if model.source else model.revision,
         "path": None if model.engine == "external" else str(model.path),
         "files": (files := model_files(config, model)).to_json(),
-        "next": next_step(model, files.state),
+        "next": next_step(model, files.state, stale=files.stale),
         "unit": None,
         "active": None,
         "desired": None,
@@ -86,13 +88,14 @@ def _files_cell(files: dict[str, Any]) -> str:
     state = files["state"]
     style = {"verified": "green", "changed": "yellow", "incomplete": "yellow", "bad": "bold red",
              "unknown": "dim", "external": "dim"}[state]
+    stale = " [yellow](stale manifest)[/]" if files["stale"] else ""
     if state in ("unknown", "external"):
-        return f"[{style}]{state}[/]"
+        return f"[{style}]{state}[/]{stale}"
     detail = f"{files['ok']}/{files['files']} ok"
     for key in ("changed", "missing", "bad"):
         if files[key]:
             detail += f", {files[key]} {key}"
-    return f"[{style}]{state}[/] ({detail})"
+    return f"[{style}]{state}[/] ({detail}){stale}"
 
 
 def _size_cell(files: dict[str, Any]) -> str:
@@ -129,7 +132,7 @@ def render(entries: list[dict[str, Any]], daemon_error: str | None) -> None:
                       revision, serving, escape(hint))
     console.print(table)
     for e in entries:
-        if e["files"]["note"] and e["files"]["state"] == "unknown":
+        if e["files"]["note"] and (e["files"]["state"] == "unknown" or e["files"]["stale"]):
             console.print(f"[dim]{escape(e['name'])}: {escape(e['files']['note'])}[/]")
     if daemon_error is not None:
         console.print(f"[yellow]sparkd did not answer ({escape(daemon_error)}): serving state "

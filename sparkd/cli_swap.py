@@ -16,7 +16,7 @@ import click
 
 from sparkd.cli import WaitTimeout, run, socket_path
 from sparkd.engine.plan import SwapFailed, SwapRefused
-from sparkd.errors import SparkdError
+from sparkd.errors import DaemonUnreachable, SparkdError
 from sparkd.options import config_option, json_option
 
 
@@ -67,22 +67,29 @@ def swap(
 @click.pass_context
 def recover(ctx: click.Context, config_file: Path, *, timeout_s: float | None,
             as_json: bool) -> None:
-    """Bring the desired model back to serving, as sparkd does at boot: nothing when it
-    serves; otherwise a swap to it (a failed unit is reset first), rolled back to the last
-    good model if it does not come up.
+    """Bring the desired model back to serving, as sparkd does at boot: nothing when its
+    unit is active; otherwise a swap to it (a failed unit is reset first), rolled back to the
+    last good model if it does not come up.
 
-    For an engine stopped by hand, or left failed after a crash loop whose rollback failed
-    too. Exit codes as for `sparkctl swap`; 1 when there is no desired model.
+    For an engine stopped by hand, or a failed one after its cause was fixed. To go back to
+    the last good model instead, `sparkctl swap LAST_GOOD`. Exit codes as for `sparkctl swap`
+    (3 also when sparkd goes away mid-swap); 1 when there is no desired model.
     """
 
     def go() -> None:
         from sparkd.control.client import call
 
         sock = socket_path(config_file)
-        desired = call(sock, "status")["desired_model"]
+        status = call(sock, "status")
+        desired = status["desired_model"]
         if not isinstance(desired, str):
             raise NothingToRecover("sparkd has no desired model (daemon.default_model is "
                                    "unset and nothing was swapped to): sparkctl swap NAME")
+        failure = status.get("last_failure") or {}
+        if not as_json:
+            click.echo(f"desired model: {desired}" + (
+                f" (last failure, of {failure['model']}: {failure['reason']})"
+                if failure.get("model") else ""))
         swap_and_follow(sock, desired, no_wait=False, timeout_s=timeout_s, as_json=as_json)
 
     run(ctx, go)
@@ -118,6 +125,12 @@ def swap_and_follow(sock: Path, name: str, *, no_wait: bool, timeout_s: float | 
                 break
             if _show(message, swap_id, as_json=as_json):
                 return
+        else:
+            # The stream ended before the swap did: sparkd stopped or restarted (a restarted
+            # sparkd resumes the swap) or dropped this subscriber for falling behind.
+            raise DaemonUnreachable(
+                f"sparkd closed the event stream before swap {swap_id} ended; a swap in "
+                "flight is resumed when sparkd starts again: sparkctl status shows it")
     except TimeoutError:
         pass
     raise WaitTimeout(f"stopped waiting after {timeout_s:g} s; the swap goes on in sparkd "

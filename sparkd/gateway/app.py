@@ -89,8 +89,9 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         total=None, sock_connect=10, sock_read=app[CONFIG].current.config.gateway.upstream_timeout_s
     )
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-    # No cookie jar: the gateway is no browser, and filtering a jar per request is a
-    # measurable share of a proxied request's cost.
+    # No cookie jar: one session serves every client, so a jar would hand a cookie that one
+    # client's answer set to the next client (tests/integration/test_gateway_swaps.py). It
+    # is also a per-request cost.
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),

@@ -12,13 +12,17 @@ and stats the directory.
     changed      some files changed (or never verified) since     sparkctl verify NAME
     incomplete   some files are missing (a pull not finished)     sparkctl pull NAME
     bad          some files have the wrong size                   sparkctl verify NAME --repair
-    unknown      no usable manifest (the note says why)           sparkctl pull NAME
+    unknown      no usable manifest, or one that lists no files, or sparkctl pull NAME
+                 a directory that cannot be read (the note says why)
     external     an engine sparkd does not run: no files of its own
+
+`stale` is set (whatever the state) when the manifest is of another source or revision than
+the config now asks for: the files may all be right, for the old one (next: sparkctl pull).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from sparkd.config import Config, ModelConfig
@@ -39,6 +43,7 @@ class FilesState:
     expected_bytes: int = 0
     present_bytes: int = 0  # of the manifest's files, partial downloads included
     revision: str | None = None
+    stale: bool = False  # the manifest is of another source or revision than the config's
     note: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -46,6 +51,10 @@ class FilesState:
 
 
 def files_state(manifest: Manifest, local: LocalView) -> FilesState:
+    if not manifest.files:
+        # Nothing to be wrong is not the same as verified (a cache snapshot not downloaded).
+        return FilesState("unknown", revision=manifest.revision,
+                          note="the manifest lists no files")
     plan = plan_verify(manifest, local, full=False)
     counts = {status: 0 for status in Status}
     for verdict in plan.settled:
@@ -76,13 +85,38 @@ def files_state(manifest: Manifest, local: LocalView) -> FilesState:
     )
 
 
+def stale_note(manifest: Manifest, model: ModelConfig) -> str:
+    """Why the manifest is not the one the config asks for ("" when it is)."""
+    if model.source is None:
+        return ""  # a cache snapshot's manifest is made from the snapshot itself
+    wanted = model.revision or "main"
+    if manifest.source == model.source and manifest.requested_revision == wanted:
+        return ""
+    return (f"the manifest is of {manifest.source} at {manifest.requested_revision}; the config"
+            f" asks for {model.source} at {wanted}")
+
+
 def model_files(config: Config, model: ModelConfig) -> FilesState:
+    """Never raises for one model's trouble: a listing of ten models shows the other nine."""
+    from sparkd.errors import SparkdError
     from sparkd.store.model import current_manifest
     from sparkd.store.verify import scan_model_dir
 
     if model.engine == "external":
         return FilesState("external", note="an external engine: sparkd keeps no files of it")
-    manifest, note = current_manifest(config, model, set_aside=False)
-    if manifest is None:
-        return FilesState("unknown", note=note)
-    return files_state(manifest, scan_model_dir(model.path).local)
+    try:
+        manifest, note = current_manifest(config, model, set_aside=False)
+        if manifest is None:
+            return FilesState("unknown", note=note)
+        if not model.path.is_dir():
+            state = files_state(manifest, LocalView(stamps={}))
+            note = (f"{model.path} is not a directory" if model.path.exists()
+                    else f"{model.path} does not exist")
+        else:
+            state = files_state(manifest, scan_model_dir(model.path).local)
+            note = state.note
+    except (OSError, SparkdError) as exc:
+        why = getattr(exc, "message", None) or str(exc)
+        return FilesState("unknown", note=f"cannot read {model.path}: {why}")
+    stale = stale_note(manifest, model)
+    return replace(state, stale=bool(stale), note="; ".join(filter(None, [note, stale])))

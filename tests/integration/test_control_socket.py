@@ -244,3 +244,18 @@ def test_sparkctl_recover_without_a_desired_model_says_what_to_do(tmp_path: Path
     assert res.exit_code == ExitStatus.FAILURE
     assert "no desired model" in res.output and "sparkctl swap NAME" in res.output
     assert asked == ["status"]  # no swap was asked for
+
+
+def test_sparkctl_swap_says_so_when_sparkd_closes_the_stream_mid_swap(tmp_path: Path) -> None:
+    async def accepts(request: Request) -> Any:
+        if request.method == "swap":
+            return {"accepted": True, "noop": False,
+                    "swap": {"id": 7, "from": None, "to": "a", "step": "preflight"}}
+        return STATUS
+
+    # The server's subscribe stream ends after three events, none of them of swap 7.
+    with ServerThread(tmp_path / "control.sock", "sparkd-no-such-group", accepts) as s:
+        res = CliRunner().invoke(cli, ["swap", "a", "--config", str(_config(tmp_path, s.path))])
+    assert res.exit_code == ExitStatus.DAEMON_UNREACHABLE, res.output
+    assert "swap 7: nothing -> a accepted" in res.output
+    assert "sparkd closed the event stream before swap 7 ended" in res.output

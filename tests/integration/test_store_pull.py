@@ -517,3 +517,41 @@ def test_sparkctl_models_shows_each_models_files_without_a_daemon(
     assert human.exit_code == 0, human.output
     assert "incomplete" in human.output and "sparkctl pull tiny" in human.output
     assert "did not answer" in human.output
+    # The config now asks for another revision: the files may be right, for the old one.
+    config_path.write_text(config_path.read_text().replace(
+        'source = "hf://acme/tiny-llm"\n', 'source = "hf://acme/tiny-llm"\nrevision = "v2"\n'))
+    stale = listing()["tiny"]
+    assert stale["files"]["stale"] is True and stale["next"] == "sparkctl pull tiny"
+    assert "the config asks for hf://acme/tiny-llm at v2" in stale["files"]["note"]
+    # A look, not a repair: a corrupt manifest is reported and left where it is.
+    manifest_file = ManifestStore(config.daemon.state_dir).path("tiny")
+    manifest_file.write_text("{ torn")
+    torn = listing()["tiny"]["files"]
+    assert torn["state"] == "unknown" and "unusable" in torn["note"]
+    assert manifest_file.read_text() == "{ torn"
+    assert [p.name for p in manifest_file.parent.iterdir()] == ["tiny.json"]
+
+
+def test_sparkctl_models_lists_the_others_when_one_directory_cannot_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sparkd.store.verify
+
+    config_path = write_config(tmp_path)
+    config = load_config(config_path)
+    from sparkd.store.manifest import FileEntry, make_manifest
+
+    ManifestStore(config.daemon.state_dir).save(make_manifest(
+        model="tiny", source=f"hf://{REPO}", requested_revision="main", revision="c" * 40,
+        files=[FileEntry("a.bin", 1, "sha256", "a" * 64)]))
+    config.model("tiny").path.mkdir(parents=True)
+
+    def unreadable(root: Path) -> Any:
+        raise PermissionError(13, "Permission denied", str(root))
+
+    # As root no mode makes a directory unreadable: the scan's own error stands in for it.
+    monkeypatch.setattr(sparkd.store.verify, "scan_model_dir", unreadable)
+    result = CliRunner().invoke(cli, ["models", "--json", "--config", str(config_path)])
+    assert result.exit_code == 0, result.output
+    files = json.loads(result.output)["models"][0]["files"]
+    assert files["state"] == "unknown" and "Permission denied" in files["note"]

@@ -269,6 +269,9 @@ def test_files_state_is_decided_like_an_incremental_verify() -> None:
     # A wrong size outranks a missing file: it is the one to repair first.
     wrong = files_state(m, LocalView(stamps={"a": Stamp(9, 1, 1)}))
     assert (wrong.state, wrong.bad, wrong.missing) == ("bad", 1, 1)
+    # A manifest of no files (a cache snapshot not downloaded yet) proves nothing.
+    empty = files_state(manifest(), LocalView(stamps={}))
+    assert (empty.state, empty.note) == ("unknown", "the manifest lists no files")
 
 
 def test_a_read_only_look_leaves_a_corrupt_manifest_where_it_is(tmp_path: Path) -> None:
