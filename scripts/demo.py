@@ -2,9 +2,9 @@
 
 Boots a systemd container (the system tier's harness), installs the sparkd .deb in it with the
 shipped /etc/sparkd.toml (two simulated models), and shows: the daemon and its STATUS line,
-`sparkctl status`, a generated engine unit, the prestart log, a chat request to the engine,
-`kill -9` of sparkd (the engine keeps running and is adopted), and `kill -9` of the engine
-(systemd restarts it and sparkd reports it). Everything is cleaned up at the end.
+`sparkctl status`, `sparkctl models`, a generated engine unit, the prestart log, a chat request
+to the engine, `kill -9` of sparkd (the engine keeps running and is adopted), and `kill -9` of
+the engine (systemd restarts it and sparkd reports it). Everything is cleaned up at the end.
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ def main() -> int:
 
         say("sparkctl status: engines, health and unified memory (page cache included)")
         run(box, "sparkctl status")
+
+        say("sparkctl models: every model, its files' state (no hashing) and what serves")
+        run(box, "sparkctl models")
 
         say("The engine unit sparkd generated: prestart, health wait, restart policy, weights")
         run(box, f"systemctl cat {ENGINE} | grep -E '^(Exec|Environment|Timeout|Restart|"
