@@ -418,10 +418,19 @@ def test_a_huggingface_cache_snapshot_is_verified_offline(
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     report = verify_model(config, config.model("snap"))
     assert report.ok and report.count(Status.OK) == len(FILES)
+    listed = CliRunner().invoke(cli, ["models", "--json", "--config", str(tmp_path / "c.toml")])
+    assert listed.exit_code == 0, listed.output
+    snap = json.loads(listed.output)["models"][0]
+    assert (snap["files"]["state"], snap["files"]["ok"]) == ("verified", len(FILES))
+    assert snap["files"]["stale"] is False and snap["next"] is None
     blob = (snapshot / SHARD2).resolve()
     with blob.open("r+b") as f:
         f.seek(10)
         f.write(b"\xff\xfe")
+    listed = CliRunner().invoke(cli, ["models", "--json", "--config", str(tmp_path / "c.toml")])
+    snap = json.loads(listed.output)["models"][0]
+    assert (snap["files"]["state"], snap["files"]["changed"]) == ("changed", 1)
+    assert snap["next"] == "sparkctl verify snap"
     report = verify_model(config, config.model("snap"))
     assert [(v.path, v.status) for v in report.failures] == [(SHARD2, Status.BAD)]
 
