@@ -11,7 +11,7 @@ when the redirect leaves the Hub's origin (urllib's redirect handler forwards it
 per-read timeout (a stalled transfer is noticed without a watchdog thread), it raises on a body
 shorter than its Content-Length, and N files at once are N tasks on one loop. The bytes go
 from aiohttp's buffers into the partial file (`pwrite`, in a thread of the file's own) and into
-the hash (in another; both release the GIL), in 4 MiB batches, up to two of them behind the
+the hash (in another; both release the GIL), in 4 MiB batches, up to four of them behind the
 socket, so reading, writing and hashing overlap.
 
 For one file (`FetchJob`):
@@ -53,7 +53,7 @@ from sparkd.store.progress import NullReporter, Reporter
 from sparkd.store.verify import BUF_SIZE, Hasher, new_hasher, partial_path
 
 BATCH: Final = 4 << 20  # bytes handed to the writer thread at a time
-IN_FLIGHT: Final = 2  # batches written and hashed while the next one is read
+IN_FLIGHT: Final = 4  # batches written and hashed while the next one is read
 _CONTENT_RANGE_RE: Final = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 Sleep = Callable[[float], Awaitable[None]]
