@@ -81,6 +81,10 @@ class _GiveUp(Exception):
     """A transfer failed in a way another try will not fix (404, 401, ...)."""
 
 
+class _Gap(Exception):
+    """A batch refused because the one before it was never written."""
+
+
 class _Sink:
     """The partial file and the hash of its bytes so far.
 
@@ -89,8 +93,13 @@ class _Sink:
     written and hashed in order while the socket goes on being read, and up to `IN_FLIGHT`
     batches are on their way at once (a batch waits for no thread hand-off of the one before;
     measured on the 16-core machine, one batch in flight left the hashing thread idle about a
-    sixth of the time). After a failed write nothing more is written, so the file never has a
-    hole. reset() and rehash_prefix() run only when no batch is in flight."""
+    sixth of the time).
+
+    The bytes on disk are always a contiguous prefix of what was received: a batch is written
+    only at `pos` (the end of the last one written), so after a failed write, or a queued
+    batch taken back by a cancellation, every later batch is refused. Such a sink is `broken`:
+    its hash covers bytes that are not on disk, and only rehash_prefix() or reset() (which
+    run when no batch is in flight) make it usable again."""
 
     def __init__(self, fd: int, entry: FileEntry) -> None:
         self.fd = fd
@@ -102,6 +111,12 @@ class _Sink:
         self._hashing = concurrent.futures.ThreadPoolExecutor(1, "sparkd-fetch-hash")
         self._failed: BaseException | None = None
 
+    @property
+    def broken(self) -> bool:
+        """A batch was refused or failed since the last reset/rehash: the hash is not of the
+        bytes on disk, and `submitted` is ahead of them."""
+        return self._failed is not None or self.submitted != self.pos
+
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         self._hashing.shutdown(wait=True)
@@ -110,6 +125,7 @@ class _Sink:
         os.ftruncate(self.fd, 0)
         self.pos = self.submitted = 0
         self.hasher = new_hasher(self.entry.algorithm, self.entry.size)
+        self._failed = None
 
     def rehash_prefix(self, length: int) -> None:
         """Hash the first `length` bytes on disk again: they count only if they are right."""
@@ -123,6 +139,7 @@ class _Sink:
             self.hasher.update(buf[:n])
             pos += n
         self.pos = self.submitted = pos
+        self._failed = None
 
     def submit(self, chunks: Sequence[bytes]) -> concurrent.futures.Future[int]:
         """Append the chunks after every batch submitted before; the future gives the bytes
@@ -138,6 +155,11 @@ class _Sink:
         start = offset
         try:
             if self._failed is not None:
+                raise self._failed
+            if offset != self.pos:
+                # The batch before was never written (taken back off the queue by a
+                # cancellation): writing this one would leave a hole.
+                self._failed = _Gap(f"batch at byte {offset} after a gap at {self.pos}")
                 raise self._failed
             try:
                 # One pwrite per chunk: pwritev of the same chunks cost 4x the system time.
@@ -229,9 +251,10 @@ class Fetcher:
             on_disk = os.fstat(sink.fd).st_size
             if on_disk > entry.size:
                 await self._in_thread(sink.reset)  # longer than the file: not a prefix of it
-            elif first or on_disk != sink.pos:
+            elif first or on_disk != sink.pos or sink.broken:
                 # Bytes on disk count only once hashed again: after a power cut they may be
-                # anything. Between tries in this run the hash already covers them.
+                # anything. Between tries in this run the hash already covers them, unless a
+                # batch was refused (then the hash covers bytes that are not on disk).
                 await self._in_thread(lambda n=on_disk: sink.rehash_prefix(n))  # type: ignore[misc]
             first = False
             self.reporter.restart(entry.path, sink.pos)
@@ -294,7 +317,9 @@ class Fetcher:
                 await self._stream(resp, sink)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise _Retry(_describe(exc)) from None
-        except TimeoutError:
+        except TimeoutError as exc:
+            if exc.errno is not None:
+                raise  # ETIMEDOUT from the disk (a soft NFS mount), not a stalled transfer
             raise _Retry(
                 f"stalled: no data for {self.settings.stall_timeout_s:g} s"
             ) from None
@@ -325,7 +350,9 @@ class Fetcher:
         in_flight: collections.deque[asyncio.Future[int]] = collections.deque()
 
         async def settle_oldest() -> None:
-            # Popped only once settled: a cancellation while waiting leaves it for `finally`.
+            # Popped only once settled, so that `finally` sees it. (A cancellation while
+            # waiting takes a still-queued batch back off the writer's queue: the sink then
+            # refuses every later batch rather than leave a hole.)
             written = await in_flight[0]
             in_flight.popleft()
             self.reporter.advance(path, written)
@@ -355,13 +382,18 @@ class Fetcher:
             # (the first error raised once the rest are done).
             if batch:
                 in_flight.append(asyncio.wrap_future(sink.submit(batch)))
+            cancelled: asyncio.CancelledError | None = None
             error: BaseException | None = None
             while in_flight:
                 future = in_flight.popleft()
                 try:
                     self.reporter.advance(path, await future)
+                except asyncio.CancelledError as exc:
+                    cancelled = exc
                 except BaseException as exc:  # re-raised below, once every batch settled
                     error = error or exc
+            if cancelled is not None:
+                raise cancelled  # a cancellation outranks a batch's own error
             if error is not None:
                 raise error
 
