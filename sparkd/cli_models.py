@@ -56,6 +56,7 @@ def model_entry(
     config: Config, model: ModelConfig, status: dict[str, Any] | None
 ) -> dict[str, Any]:
     from sparkd.store.listing import model_files
+    from sparkd.store.model import requested_revision
 
     entry: dict[str, Any] = {
         "name": model.name,
@@ -63,7 +64,7 @@ def model_entry(
         "port": model.port,
         "memory_gib": model.memory_gib,
         "source": model.source,
-        "requested_revision": (model.revision or "main") if model.source else model.revision,
+        "requested_revision": requested_revision(model) if model.source else model.revision,
         "path": None if model.engine == "external" else str(model.path),
         "files": (files := model_files(config, model)).to_json(),
         "next": next_step(model, files.state, stale=files.stale),

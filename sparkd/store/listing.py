@@ -87,13 +87,12 @@ def files_state(manifest: Manifest, local: LocalView) -> FilesState:
 
 def stale_note(manifest: Manifest, model: ModelConfig) -> str:
     """Why the manifest is not the one the config asks for ("" when it is)."""
-    if model.source is None:
-        return ""  # a cache snapshot's manifest is made from the snapshot itself
-    wanted = model.revision or "main"
-    if manifest.source == model.source and manifest.requested_revision == wanted:
-        return ""
+    from sparkd.store.model import is_for, requested_revision
+
+    if model.source is None or is_for(manifest, model):
+        return ""  # (a cache snapshot's manifest is made from the snapshot itself)
     return (f"the manifest is of {manifest.source} at {manifest.requested_revision}; the config"
-            f" asks for {model.source} at {wanted}")
+            f" asks for {model.source} at {requested_revision(model)}")
 
 
 def model_files(config: Config, model: ModelConfig) -> FilesState:

@@ -57,6 +57,17 @@ def has_manifest(config: Config, model: ModelConfig) -> bool:
     )
 
 
+def requested_revision(model: ModelConfig) -> str:
+    """What the config asks the source for: its `revision`, or the default branch."""
+    return model.revision or "main"
+
+
+def is_for(manifest: Manifest, model: ModelConfig) -> bool:
+    """Whether the manifest is of the source and revision the config asks for now."""
+    return (manifest.source == model.source
+            and manifest.requested_revision == requested_revision(model))
+
+
 def current_manifest(
     config: Config, model: ModelConfig, *, set_aside: bool = True
 ) -> tuple[Manifest | None, str]:
@@ -122,15 +133,9 @@ def pull_model(
         )
     store = manifest_store(config)
     old, _warning = store.load(model.name)
-    requested = model.revision or "main"
+    requested = requested_revision(model)
     revision = requested
-    if (
-        old is not None
-        and old.source == model.source
-        and old.requested_revision == requested
-        and old.revision
-        and not old.complete
-    ):
+    if old is not None and is_for(old, model) and old.revision and not old.complete:
         # An unfinished pull goes on at the commit it started on, even if the branch moved:
         # its partial files are parts of that commit's files.
         revision = old.revision
