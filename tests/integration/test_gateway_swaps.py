@@ -5,11 +5,12 @@ daemon; variant dispatch over two engines; client disconnects; unreachable engin
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -349,9 +350,36 @@ url = "{external.openai_url.removesuffix('/v1')}"
         assert r.status_code == 200 and r.json()["model"] == "ext"
 
 
-def test_a_stream_that_breaks_ends_with_an_openai_error_event() -> None:
+@contextlib.contextmanager
+def gateway_to(handler: Callable[[web.Request], Awaitable[web.StreamResponse]], *,
+               host: str = "127.0.0.1") -> Iterator[Gateway]:
+    """A gateway whose one model, `ext`, is an external engine: `handler` answering its
+    /v1/chat/completions on loopback, named by `host` in the config."""
     port = free_port()
+    text = f"""
+[gateway]
+listen = "{{listen}}"
+[models.ext]
+engine = "external"
+url = "http://{host}:{port}"
+"""
+    with running_gateway(text, initial={"schema": 1, "engines": []}) as gw:
+        upstream = web.Application()
+        upstream.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(upstream, access_log=None)
 
+        async def start() -> None:
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+
+        gw.run(start)
+        try:
+            yield gw
+        finally:
+            gw.run(runner.cleanup)
+
+
+def test_a_stream_that_breaks_ends_with_an_openai_error_event() -> None:
     async def broken(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -360,40 +388,20 @@ def test_a_stream_that_breaks_ends_with_an_openai_error_event() -> None:
         request.transport.abort()  # the engine dies mid-answer
         return response
 
-    text = f"""
-[gateway]
-listen = "{{listen}}"
-[models.ext]
-engine = "external"
-url = "http://127.0.0.1:{port}"
-"""
-    with running_gateway(text, initial={"schema": 1, "engines": []}) as gw:
-        upstream = web.Application()
-        upstream.router.add_post("/v1/chat/completions", broken)
-        runner = web.AppRunner(upstream, access_log=None)
-
-        async def start() -> None:
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-
-        gw.run(start)
-        try:
-            r = post(gw.url + "/v1/chat/completions",
-                     json_body={"model": "ext", "stream": True,
-                                "messages": [{"role": "user", "content": "hi"}]})
-        finally:
-            gw.run(runner.cleanup)
-        assert r.status_code == 200
-        events = [line for line in r.text.splitlines() if line.startswith("data: ")]
-        assert events[0].startswith('data: {"choices"')
-        error = json.loads(events[-1].removeprefix("data: "))["error"]
-        assert error["code"] == "upstream_error" and "broke" in error["message"]
+    with gateway_to(broken) as gw:
+        r = post(gw.url + "/v1/chat/completions",
+                 json_body={"model": "ext", "stream": True,
+                            "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[0].startswith('data: {"choices"')
+    error = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert error["code"] == "upstream_error" and "broke" in error["message"]
 
 
 def test_a_cookie_an_engine_sets_is_not_sent_with_other_clients_requests() -> None:
     """One upstream session serves every client: a cookie jar in it would hand one client's
     session cookie (set by an engine or a proxy in front of it) to the next client."""
-    port = free_port()
     seen: list[str | None] = []
 
     async def chat(request: web.Request) -> web.Response:
@@ -402,28 +410,10 @@ def test_a_cookie_an_engine_sets_is_not_sent_with_other_clients_requests() -> No
         response.set_cookie("session", "client-one-secret")
         return response
 
-    text = f"""
-[gateway]
-listen = "{{listen}}"
-[models.ext]
-engine = "external"
-url = "http://localhost:{port}"  # a host name: a jar keeps no cookies of IPs
-"""
-    with running_gateway(text, initial={"schema": 1, "engines": []}) as gw:
-        upstream = web.Application()
-        upstream.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(upstream, access_log=None)
-
-        async def start() -> None:
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-
-        gw.run(start)
-        try:
-            body = {"model": "ext", "messages": [{"role": "user", "content": "hi"}]}
-            first = post(gw.url + "/v1/chat/completions", json_body=body)
-            second = post(gw.url + "/v1/chat/completions", json_body=body)
-        finally:
-            gw.run(runner.cleanup)
+    # A host name: a jar keeps no cookies of IP addresses.
+    with gateway_to(chat, host="localhost") as gw:
+        body = {"model": "ext", "messages": [{"role": "user", "content": "hi"}]}
+        first = post(gw.url + "/v1/chat/completions", json_body=body)
+        second = post(gw.url + "/v1/chat/completions", json_body=body)
     assert first.status_code == 200 and second.status_code == 200
     assert seen == [None, None]
