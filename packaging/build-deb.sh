@@ -97,7 +97,7 @@ EOF
   chmod 0755 "$STAGE/usr/bin/$1"
 }
 write_wrapper sparkd sparkd.main
-write_wrapper sparkctl sparkd.cli
+write_wrapper sparkctl sparkd.ctl.main
 
 # 4. Units, configuration, systemd integration, documentation.
 install -d "$STAGE/lib/systemd/system" "$STAGE/etc" "$STAGE/usr/lib/sysusers.d" \

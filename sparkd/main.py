@@ -18,8 +18,8 @@ EXIT_CONFIG_INVALID = 2
 @click.group(
     cls=LazyGroup,
     lazy={
-        "daemon": "sparkd.daemon:command",
-        "prestart": "sparkd.prestart:command",
+        "daemon": "sparkd.daemon.application:command",
+        "prestart": "sparkd.engine.prestart:command",
         "wait-healthy": "sparkd.engine.health:wait_healthy_command",
         "sim-engine": "sparkd.sim.engine:command",
         "gateway": "sparkd.gateway.command:command",
@@ -36,7 +36,7 @@ def check_config(config_file: Path) -> None:
     """Validate the configuration: exit 0 when valid, 2 with the reason when not."""
     try:
         config = load_config(config_file)
-        from sparkd.cli import installed_systemd_version
+        from sparkd.systemd.version import installed_systemd_version
         from sparkd.units.render import render_units
 
         render_units(config, systemd_version=installed_systemd_version())

@@ -31,8 +31,9 @@ from hubserver import (
     status,
 )
 
-from sparkd.cli import ExitStatus, cli
 from sparkd.config import Config, load_config
+from sparkd.ctl.exits import ExitStatus
+from sparkd.ctl.main import cli
 from sparkd.errors import DiskFull, VerificationFailed
 from sparkd.store.manifest import ManifestStore
 from sparkd.store.model import StoreSettings, pull_model, verify_model
@@ -228,7 +229,8 @@ def test_kill_9_in_the_middle_of_a_pull_then_a_rerun_resumes(
     part = config.model("tiny").path / f".{SHARD1}.part"
     env = {**os.environ, "SPARKD_CONFIG": str(config_path)}
     child = subprocess.Popen(
-        [sys.executable, "-c", "from sparkd.cli import main; main()", "pull", "tiny", "--json"],
+        [sys.executable, "-c", "from sparkd.ctl.main import main; main()", "pull", "tiny",
+         "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
