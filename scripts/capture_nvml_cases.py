@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -155,7 +156,7 @@ class _KeepOpen:
 
 def _extra(handle: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    asks = {
+    asks: dict[str, Callable[[], Any]] = {
         "clock_sm_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
         "clock_mem_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
         "clock_graphics_mhz":
@@ -212,7 +213,7 @@ def run_case(case: str, seconds: float, interval: float) -> dict[str, Any]:
     try:
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
         nvml = _KeepOpen(pynvml)
-        samples = []
+        samples: list[dict[str, Any]] = []
         t0 = time.monotonic()
         tick = t0
         while tick - t0 < seconds:
