@@ -16,8 +16,8 @@ the state, the reasons (as `Reason` codes) and the numbers it used (`Evidence`).
     no tokens, no requests running .............................. idle    no_requests
     no tokens, requests running all window long (a stall; reasons start tokens_stalled):
         GPU busy with ~0 memory utilization ..................... hung    gpu_spinning
-        GPU busy, no memory utilization reported, power at or
-          under `spin_power_max_w` .............................. hung    gpu_spinning_by_power
+        GPU busy, memory utilization not reported (or not used:
+          GB10), power at or under `spin_power_max_w` ........... hung    gpu_spinning_by_power
         GPU moving memory (a prefill, a slow step) .............. busy    gpu_working
         GPU idle (workers gone? NVML on another GPU?) ........... unknown gpu_idle
     anything missing, too short, reset or in between ............ unknown (the reason says which)
@@ -105,6 +105,20 @@ class Thresholds:
     # where it is not, utilization high plus power at or under it is the spin. H200: spinning
     # 120-137 W, working 558-705 W, idle 77 W (so power alone cannot tell spin from idle).
     spin_power_max_w: float | None = None
+    # False where NVML's memory utilization is not known to mean DRAM traffic (GB10: nobody has
+    # read it there during real work); then only power can corroborate a spin.
+    use_memory_utilization: bool = True
+
+
+# GB10 (DGX Spark): CONSTRUCTED, not read on one. One deadlocked GB10 engine read ~96 % at
+# 16-27 W (eugr/spark-vllm-docker 260); what GB10's utilization.memory says during real work is
+# unknown, so it is not used, and 30 W is the spin ceiling. docs/watch.md says more.
+GB10: Final = Thresholds(spin_power_max_w=30.0, use_memory_utilization=False)
+
+
+def thresholds_for(gpu_name: str) -> Thresholds:
+    """The defaults for a GPU by its NVML name: GB10's constructed ones, else the H200-read ones."""
+    return GB10 if "GB10" in gpu_name else Thresholds()
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +214,8 @@ def _stalled(ev: Evidence, limits: Thresholds) -> Verdict:
     def verdict(state: State, *reasons: Reason) -> Verdict:
         return Verdict(state, (stall, *reasons), ev)
 
-    util, mem, power = ev.utilization_pct, ev.memory_utilization_pct, ev.power_w
+    util, power = ev.utilization_pct, ev.power_w
+    mem = ev.memory_utilization_pct if limits.use_memory_utilization else None
     if util is None:
         return verdict(State.UNKNOWN, Reason.NO_GPU_READING)
     if util <= limits.idle_utilization_max_pct:

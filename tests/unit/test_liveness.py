@@ -29,6 +29,7 @@ from sparkd.monitor.liveness import (
     assess,
     engine_sample,
     strike,
+    thresholds_for,
 )
 from sparkd.monitor.nvml import FixtureNvml, read
 
@@ -224,6 +225,32 @@ def test_without_memory_utilization_power_decides_only_when_configured() -> None
     assert (hung.state, hung.reasons[1]) == (State.HUNG, Reason.GPU_SPINNING_BY_POWER)
     hot = assess(engine, gb10_shaped(96, 60), Thresholds(spin_power_max_w=30))
     assert hot.state is State.UNKNOWN and Reason.POWER_TOO_HIGH_FOR_SPIN in hot.reasons
+
+
+def test_gb10_ignores_memory_utilization_and_asks_power() -> None:
+    """CONSTRUCTED: tests/fixtures/nvml/gb10-constructed.json reports utilization.memory 0 at
+    87 % (illustrative values). With the default (H200) thresholds a stalled engine over such a
+    GPU is hung whatever its power; with GB10's it is hung only at a deadlock's power."""
+    captured = json.loads((FIXTURES / "gb10-constructed.json").read_text())["captured"]
+    nvml = FixtureNvml(captured)
+    (gpu,) = read(nvml).gpus
+    rates = nvml.nvmlDeviceGetUtilizationRates(0)
+    assert (gpu.name, rates.memory) == ("NVIDIA GB10", 0)
+    limits = thresholds_for(gpu.name)
+    assert not limits.use_memory_utilization and thresholds_for("NVIDIA H200") == Thresholds()
+    engine = [EngineSample(t, 1234, 1) for t in (0, 10, 20)]
+
+    def at(util: float, power: float) -> list[GpuSample]:
+        return [GpuSample(t, util, rates.memory, power) for t in (0, 10, 20)]
+
+    assert gpu.power_w is not None and gpu.power_w > 30  # the fixture's 48 W: working, say
+    assert assess(engine, at(96, gpu.power_w)).state is State.HUNG  # H200 rule: fooled
+    working = assess(engine, at(96, gpu.power_w), limits)
+    assert (working.state, working.reasons) == (State.UNKNOWN, (
+        Reason.TOKENS_STALLED, Reason.NO_MEMORY_UTILIZATION, Reason.POWER_TOO_HIGH_FOR_SPIN))
+    deadlocked = assess(engine, at(96, 22), limits)
+    assert (deadlocked.state, deadlocked.reasons[1]) == (State.HUNG, Reason.GPU_SPINNING_BY_POWER)
+    assert deadlocked.evidence.memory_utilization_pct == 0  # read, reported, not used
 
 
 def test_verdict_to_json_is_plain_data() -> None:
