@@ -165,11 +165,14 @@ def _verdict(state: State) -> Verdict:
 def test_strikes_reset_on_busy_or_idle_and_hold_on_unknown() -> None:
     hung, busy, idle, unknown = (_verdict(s) for s in State.__members__.values())
     assert busy.state is State.BUSY
-    seq = [hung, hung, busy, hung, unknown, hung, idle, hung, hung, unknown, unknown, hung, hung]
+    seq = [busy, unknown, idle, hung, hung, busy, hung, unknown, hung, idle, hung, hung, unknown,
+           unknown, hung, hung]
     got = [(s.count, s.restart) for s in run_strikes(seq)]
-    assert got == [(1, False), (2, False), (0, False), (1, False), (1, False), (2, False),
-                   (0, False), (1, False), (2, False), (2, False), (2, False), (0, True),
-                   (1, False)]
+    assert got == [(0, False), (0, False), (0, False), (1, False), (2, False), (0, False),
+                   (1, False), (1, False), (2, False), (0, False), (1, False), (2, False),
+                   (2, False), (2, False), (0, True), (1, False)]
+    assert [s.count for s in run_strikes([hung] * 7)] == [1, 2, 0, 1, 2, 0, 1]
+    assert run_strikes([hung])[0].limit == 3 and strike(Strikes(limit=1), hung).restart
 
 
 def test_what_the_rule_will_not_call() -> None:
