@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from sparkd.config import load_config
-from sparkd.errors import ConfigError
+from sparkd.errors import ConfigError, SparkdError
 from sparkd.lazy import LazyGroup
 from sparkd.options import config_option
 
@@ -48,4 +48,13 @@ def check_config(config_file: Path) -> None:
 
 
 def main() -> None:
-    cli()
+    """`sparkd`: an error that escapes a command leaves with its status and one line, not a
+    traceback (2 for an invalid config, as check-config, 1 otherwise)."""
+    try:
+        cli.main(standalone_mode=True)
+    except ConfigError as exc:
+        click.echo(f"sparkd: {exc.message}", err=True)
+        sys.exit(EXIT_CONFIG_INVALID)
+    except SparkdError as exc:
+        click.echo(f"sparkd: {exc.message}", err=True)
+        sys.exit(1)

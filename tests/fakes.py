@@ -17,7 +17,7 @@ from sparkd.engine.probe import ProbeResult
 from sparkd.monitor.memory import MemInfo
 from sparkd.state import StateStore
 from sparkd.store.plan import VerifyReport
-from sparkd.store.preflight import preflight_verify
+from sparkd.store.preflight import preflight_verify_async
 from sparkd.systemd.manager import JobDone, SystemdManager, UnitStatus
 
 T = TypeVar("T")
@@ -131,7 +131,7 @@ def build(
     async def verify_files(config: Config, model: ModelConfig) -> VerifyReport:
         # The real preflight, on the test's own paths (a model without a manifest has
         # nothing to verify): a test that wants it to fail replaces it.
-        return preflight_verify(config, model)
+        return await preflight_verify_async(config, model)
 
     notes = Notes()
     deps = Deps(

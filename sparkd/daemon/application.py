@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from sparkd.config import Config, ModelConfig, load_config
+from sparkd.config import Config, load_config
 from sparkd.control.server import ControlServer
 from sparkd.daemon.events import as_json
 from sparkd.daemon.supervisor import Deps, Notifier, Supervisor, read_boot_id
@@ -35,6 +35,7 @@ from sparkd.monitor.nvml import NvmlMonitor, NvmlSnapshot
 from sparkd.monitor.psi import read_pressure
 from sparkd.options import config_option
 from sparkd.state import StateStore
+from sparkd.store.preflight import preflight_verify_async
 from sparkd.systemd.bus import PystemdManager, PystemdSignals
 from sparkd.systemd.manager import SystemdManager
 from sparkd.systemd.notify import SdNotifier
@@ -44,7 +45,6 @@ from sparkd.units.render import render_units
 if TYPE_CHECKING:
     import aiohttp
 
-    from sparkd.store.plan import VerifyReport
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,6 @@ SYSTEMD_CALL_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S = 2.0
 JOURNAL_TIMEOUT_S = 10.0
 NVML_TIMEOUT_S = 5.0
-
-
-async def verify_in_thread(config: Config, model: ModelConfig) -> VerifyReport:
-    """The store's preflight, in a worker thread (hashing must not hold the loop)."""
-    from sparkd.store.preflight import preflight_verify
-
-    return await asyncio.to_thread(preflight_verify, config, model)
 
 
 def watchdog_interval() -> float | None:
@@ -131,7 +124,7 @@ class Daemon:
                                                            timeout_s=PROBE_TIMEOUT_S),
             path_exists=Path.exists,
             read_pressure=read_pressure,
-            verify_files=verify_in_thread,
+            verify_files=preflight_verify_async,
             clock=time.monotonic,
             wall_clock=time.time,
         )

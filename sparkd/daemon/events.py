@@ -5,7 +5,7 @@ defines them all)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Final
 
 from sparkd.control.status import Event, EventName, Status, SwapRecord
@@ -32,7 +32,7 @@ class EventStream:
             else:
                 queue.put_nowait(message)
 
-    async def subscribe(self) -> AsyncIterator[Event]:
+    async def subscribe(self) -> AsyncGenerator[Event, None]:
         """The event stream of one subscriber: a snapshot first, then each event."""
         # One slot more than the events kept: close() always finds room for its end mark.
         queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE + 1)

@@ -18,7 +18,7 @@ import asyncio
 import enum
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -32,18 +32,19 @@ from sparkd.control.status import (
     EventName,
     Status,
     SwapRecord,
-    SwapReply,
 )
 from sparkd.daemon import report
+from sparkd.daemon.control import answer
 from sparkd.daemon.engines import EngineView, engine_key, model_of_unit
 from sparkd.daemon.events import EventStream
 from sparkd.daemon.jobs import JobTracker
+from sparkd.daemon.watch import MachineWatch
 from sparkd.engine.fingerprints import Match
 from sparkd.engine.plan import Snapshot, SwapPlan, SwapStep, plan_swap
 from sparkd.engine.probe import ProbeResult
 from sparkd.engine.swap import SwapRun, execute, start_afresh, start_timeout
 from sparkd.engine.unit import STOP_WAIT_S
-from sparkd.errors import BadRequest, ConfigError, SparkdError, StateError, SwapInProgress
+from sparkd.errors import ConfigError, SparkdError, StateError, SwapInProgress
 from sparkd.journal import event
 from sparkd.monitor.memory import MemInfo, MemInfoError
 from sparkd.monitor.nvml import NvmlSnapshot
@@ -124,9 +125,7 @@ class Supervisor:
         self._swap_task: asyncio.Task[SwapRun] | None = None
         self.jobs = JobTracker()
         self._background: set[asyncio.Task[Any]] = set()
-        self.gpu: NvmlSnapshot | None = None
-        self.pressure: Mapping[str, Pressure] = {}
-        self._pressure_warned = False
+        self.watch = MachineWatch(read_gpu=deps.read_gpu, read_pressure=deps.read_pressure)
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -154,8 +153,7 @@ class Supervisor:
                 )
             self.state = self.state.replace(desired_model=self.config.daemon.default_model)
         self.systemd_version = await self.deps.systemd(lambda m: m.version())
-        await self.read_gpu()
-        self.check_pressure()
+        await self.watch.sample(self.config.daemon, self.active_model)
         await self.apply_config()
         await self.converge()
         self._save_state()
@@ -360,32 +358,8 @@ class Supervisor:
                 and self.swap_run is None
             ):
                 await self._restart_hung(name, view, result)
-        await self.read_gpu()
-        self.check_pressure()
+        await self.watch.sample(self.config.daemon, self.active_model)
         self.update_status()
-
-    def check_pressure(self) -> None:
-        """Say when the desktop starves for memory (PSI memory `full` avg10), once per episode:
-        the seed's frozen-desktop disaster shows here before anyone notices."""
-        self.pressure = self.deps.read_pressure()
-        memory = self.pressure.get("memory")
-        if memory is None or memory.full is None:
-            return
-        limit = self.config.daemon.pressure_warn_pct
-        stalled = memory.full.avg10
-        if stalled > limit and not self._pressure_warned:
-            self._pressure_warned = True
-            active = self.active_model() or "no engine"
-            event(log, "desktop_pressure", "memory pressure: every task stalled %.1f %% of the "
-                  "last 10 s (limit %g %%) while %s serves; the desktop is starving", stalled,
-                  limit, active, level=logging.WARNING, SPARKD_MODEL=active)
-        elif stalled < limit / 2 and self._pressure_warned:
-            self._pressure_warned = False
-            event(log, "desktop_pressure_cleared", "memory pressure back to %.1f %%", stalled)
-
-    async def read_gpu(self) -> None:
-        if self.deps.read_gpu is not None:
-            self.gpu = await self.deps.read_gpu()
 
     def _maybe_last_good(self, name: str, view: EngineView, now: float) -> None:
         if (
@@ -660,14 +634,14 @@ class Supervisor:
     def publish(self, name: EventName, *, swap: SwapRecord | None = None) -> None:
         self.events.publish(name, swap=swap)
 
-    def subscribe(self) -> AsyncIterator[Event]:
+    def subscribe(self) -> AsyncGenerator[Event, None]:
         return self.events.subscribe()
 
     def status(self) -> Status:
         try:
-            memory = report.memory_record(self.deps.meminfo(), self.gpu)
+            memory = report.memory_record(self.deps.meminfo(), self.watch.gpu)
         except (OSError, MemInfoError) as exc:
-            memory = report.memory_record(str(exc), self.gpu)
+            memory = report.memory_record(str(exc), self.watch.gpu)
         daemon = DaemonRecord(
             state=self.daemon_state.value,
             status_line=self.status_line(),
@@ -682,30 +656,11 @@ class Supervisor:
         )
         return report.build_status(
             daemon=daemon, state=self.state, engines=self.engines, swap_run=self.swap_run,
-            last_swap=self.last_swap, memory=memory, pressure=self.pressure, gpu=self.gpu)
+            last_swap=self.last_swap, memory=memory, pressure=self.watch.pressure,
+            gpu=self.watch.gpu)
 
     async def handle(self, request: Request) -> Any:
-        if request.method == "status":
-            return self.status().to_json()
-        if request.method == "ping":
-            return {"pong": True}
-        if request.method == "reload":
-            return await self.reload()
-        if request.method in ("swap", "plan_swap", "unload"):
-            model = request.params.get("model")
-            if not isinstance(model, str):
-                raise BadRequest(f'{request.method} needs "model": a model name')
-            if request.method == "plan_swap":
-                return {"plan": self.plan(model).describe()}
-            if request.method == "unload":
-                return await self.unload(model)
-            run = self.request_swap(model, reason=str(request.params.get("reason", "requested")))
-            return SwapReply(accepted=True, noop=run is None,
-                             swap=None if run is None else report.swap_record(run)).to_json()
-        raise BadRequest(
-            f"unknown method {request.method!r} (known: status, ping, reload, subscribe, "
-            "swap, plan_swap, unload)"
-        )
+        return await answer(self, request)
 
     def _save_state(self) -> None:
         try:

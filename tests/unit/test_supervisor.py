@@ -239,13 +239,13 @@ def test_status_reports_the_gpu_and_where_memory_figures_come_from(tmp_path: Pat
 
         return read_gpu
 
-    w.sup.deps.read_gpu = reader("gb10-constructed.json")
+    w.sup.watch.read_gpu = reader("gb10-constructed.json")
     run(started(w.sup))
     status = w.sup.status()
     assert status.memory.accounting == (
         "unified: /proc/meminfo (NVML memory info not supported)")
     assert status.gpu is not None and status.gpu.gpus[0].name == "NVIDIA GB10"
-    w.sup.deps.read_gpu = reader("h200.json")
+    w.sup.watch.read_gpu = reader("h200.json")
     run(w.sup.check_health())
     assert (w.sup.status().memory.accounting or "").startswith("discrete: NVML")
 
@@ -258,7 +258,7 @@ def test_memory_pressure_is_reported_once_per_episode(tmp_path: Path, caplog: An
     thrash = {"memory": parse_psi((fixtures / "memory-thrashing.txt").read_text())}
     readings = iter([calm, calm, thrash, thrash, calm])
     w = world(tmp_path)
-    w.sup.deps.read_pressure = lambda: next(readings)
+    w.sup.watch.read_pressure = lambda: next(readings)
     w.systemd.set("a", "active", "running", pid=42)
     run(started(w.sup))  # the first reading (calm): at start
     with caplog.at_level("WARNING"):
