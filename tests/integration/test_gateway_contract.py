@@ -19,20 +19,37 @@ from gateway_harness import Gateway, Reply, get, post, running_gateway
 from sparkd.systemd.manager import JobDone
 
 GOOD, CRASH = "sim-good", "sim-crash"
-START_TAKES_S = 1.0
 
 
 class SlowCrash(FakeSystemd):
-    """The crashing model's start job ends, failed, a second after it began (a model that
-    crashes during its load); every other job ends at once."""
+    """The crashing model's start job ends, failed, only when the test says so (a model
+    that crashes during its load); every other job ends at once."""
+
+    def __init__(self) -> None:
+        super().__init__(fail_start={CRASH})
+        self.held: list[JobDone] = []
+        self._holding = False
+
+    def start_unit(self, name: str) -> str:
+        self._holding = CRASH in name
+        try:
+            return super().start_unit(name)
+        finally:
+            self._holding = False
 
     def _job(self, name: str, result: str) -> str:
-        if CRASH not in name or self.loop is None or self.supervisor is None:
+        if not self._holding:
             return super()._job(name, result)
         job_id = next(self._jobs)
-        self.loop.call_later(START_TAKES_S, self.supervisor.on_systemd_event,
-                             JobDone(job_id, name, result))
+        self.held.append(JobDone(job_id, name, result))
         return f"/org/freedesktop/systemd1/job/{job_id}"
+
+    async def crash(self) -> None:
+        """The crashing model's load ends: its start job fails."""
+        assert self.supervisor is not None
+        for done in self.held:
+            self.supervisor.on_systemd_event(done)
+        self.held.clear()
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +70,10 @@ port = {port + 1}
 """
 
 
-def daemon(tmp_path: Path, port: int) -> World:
+def daemon(tmp_path: Path, port: int) -> tuple[World, SlowCrash]:
     text = f'[daemon]\ndefault_model = "{GOOD}"\nstate_dir = "{{state}}"\n' + models(port)
-    return build(tmp_path, text, systemd=SlowCrash(fail_start={CRASH}))
+    systemd = SlowCrash()
+    return build(tmp_path, text, systemd=systemd), systemd
 
 
 def ask(gw: Gateway, model: str) -> tuple[threading.Thread, list[Reply]]:
@@ -95,21 +113,24 @@ def assert_swap_failed(reply: Reply, *, waited_s: float) -> None:
 def test_requests_held_for_a_swap_that_fails_get_its_reason_at_once(
     tmp_path: Path, engine: SimEngine, who_swaps: str
 ) -> None:
-    w = daemon(tmp_path, engine.port)
+    w, systemd = daemon(tmp_path, engine.port)
     gateway = "hold_seconds = 30\n" + (
         "swap_on_demand = true\n" if who_swaps != "sparkctl" else "")
     text = f'[gateway]\nlisten = "{{listen}}"\n{gateway}' + models(engine.port)
     with running_gateway(text, supervisor=w.sup) as gw:
         gw.run(lambda: started(w.sup))
         wait_for(lambda: serving(gw) == [GOOD])
-        begun = time.monotonic()
         if who_swaps == "sparkctl":
             async def swap() -> None:
                 w.sup.request_swap(CRASH)
             gw.run(swap)
         t, out = ask(gw, CRASH)
+        wait_for(lambda: get(gw.url + "/health").json()["held_requests"] == 1)
+        wait_for(lambda: bool(systemd.held))  # the swap is at its start step
+        crashed = time.monotonic()
+        gw.run(systemd.crash)
         t.join(20)
-        assert_swap_failed(out[0], waited_s=time.monotonic() - begun)
+        assert_swap_failed(out[0], waited_s=time.monotonic() - crashed)
         # The daemon rolled back and the gateway saw it: the good model serves again.
         wait_for(lambda: serving(gw) == [GOOD])
         assert w.sup.state.last_failure_model == CRASH
@@ -124,7 +145,7 @@ def test_the_gateways_link_records_a_failed_swap_from_the_daemons_own_events(
     from sparkd.gateway import daemon_link
     from sparkd.gateway.state import GatewayState
 
-    w = daemon(tmp_path, engine.port)
+    w, systemd = daemon(tmp_path, engine.port)
     config = w.sup.config
 
     async def scenario() -> GatewayState:
@@ -133,6 +154,9 @@ def test_the_gateways_link_records_a_failed_swap_from_the_daemons_own_events(
         state = GatewayState()
         daemon_link.apply_event(state, config, await anext(stream), now=1.0)
         w.sup.request_swap(CRASH)
+        while not systemd.held:
+            await asyncio.sleep(0.01)
+        await systemd.crash()
         while CRASH not in state.swap_failures:
             message = await asyncio.wait_for(anext(stream), 10)
             daemon_link.apply_event(state, config, message, now=2.0)
