@@ -22,6 +22,7 @@ from sparkd.engine.unit import unit_name
 from sparkd.errors import ConfigError
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/sparkd.toml")
+ACCEPTED_CONFIG_FILE: Final = "accepted.toml"
 CONFIG_ENV: Final = "SPARKD_CONFIG"
 
 EngineKind = Literal["vllm", "sglang", "llamacpp", "sim", "external"]
@@ -90,6 +91,12 @@ class DaemonConfig:
     download_concurrency: int = 4
     download_stall_timeout_s: float = 30.0
     download_attempts: int = 8
+
+    @property
+    def accepted_config(self) -> Path:
+        """Where sparkd keeps the config it accepted (sparkd.accepted): what engine units'
+        prestart and a boot with a refused /etc/sparkd.toml read."""
+        return self.state_dir / ACCEPTED_CONFIG_FILE
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +209,8 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    # The text this config was parsed from: what sparkd keeps as the accepted config.
+    text: str = field(default="", compare=False, repr=False)
 
     def model(self, name: str) -> ModelConfig:
         from sparkd.errors import UnknownModel
@@ -282,7 +291,7 @@ def parse_config(text: str, *, source: Path) -> Config:
     if daemon.default_model is not None and not models[daemon.default_model].supervised:
         v.fail("daemon.default_model", "a model sparkd runs (not engine = \"external\")",
                daemon.default_model)
-    return Config(source=source, daemon=daemon, gateway=gateway, models=models)
+    return Config(source=source, daemon=daemon, gateway=gateway, models=models, text=text)
 
 
 _DAEMON_KEYS: Final = tuple(DaemonConfig.__dataclass_fields__)

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from sparkd.config import Config, load_config
+from sparkd.accepted import load_or_fall_back, save_accepted
+from sparkd.config import Config
 from sparkd.control.server import ControlServer
 from sparkd.daemon.events import as_json
 from sparkd.daemon.supervisor import Deps, Notifier, Supervisor, read_boot_id
@@ -82,8 +83,11 @@ def apply_units(
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, config_file: Path, config_refused: str | None = None
+                 ) -> None:
         self.config = config
+        self.config_file = config_file
+        self.config_refused = config_refused
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="systemd")
         self._manager = PystemdManager()
         # NVML from one thread of its own: a slow driver call never delays a systemd call.
@@ -127,8 +131,10 @@ class Daemon:
             verify_files=preflight_verify_async,
             clock=time.monotonic,
             wall_clock=time.time,
+            accept_config=save_accepted,
         )
-        sup = Supervisor(self.config, deps)
+        sup = Supervisor(self.config, deps, config_file=self.config_file,
+                         config_refused=self.config_refused)
         signals = PystemdSignals(unit_filter=is_engine_unit)
         signals.attach(sup.on_systemd_event)
         server = ControlServer(
@@ -218,12 +224,15 @@ def command(config_file: Path, *, debug: bool) -> None:
     """Run the supervisor (started by sparkd.service)."""
     setup_logging("sparkd", debug=debug)
     try:
-        config = load_config(config_file)
+        loaded = load_or_fall_back(config_file.absolute())
     except ConfigError as exc:
+        # No accepted config to run on: fail once (sparkd.service does not restart on this
+        # status), with the fix.
         log.error("%s", exc.message)
         sys.exit(EXIT_CONFIG)
     try:
-        sys.exit(asyncio.run(Daemon(config).run()))
+        sys.exit(asyncio.run(Daemon(loaded.config, config_file=config_file.absolute(),
+                                    config_refused=loaded.refused).run()))
     except SparkdError as exc:
         log.error("sparkd failed: %s", exc.message)
         sys.exit(1)

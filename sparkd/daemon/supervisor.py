@@ -35,14 +35,14 @@ from sparkd.control.status import (
 )
 from sparkd.daemon import report
 from sparkd.daemon.control import answer
-from sparkd.daemon.engines import EngineView, engine_key, model_of_unit
+from sparkd.daemon.engines import EngineView, engine_key, model_of_unit, stale_on_reload
 from sparkd.daemon.events import EventStream
 from sparkd.daemon.jobs import JobTracker
 from sparkd.daemon.watch import MachineWatch
 from sparkd.engine.fingerprints import Match
 from sparkd.engine.plan import Snapshot, SwapPlan, SwapStep, plan_swap
 from sparkd.engine.probe import ProbeResult
-from sparkd.engine.swap import SwapRun, execute, start_afresh, start_timeout
+from sparkd.engine.swap import StepFailed, SwapRun, execute, start_afresh, start_timeout
 from sparkd.engine.unit import STOP_WAIT_S
 from sparkd.errors import ConfigError, SparkdError, StateError, SwapInProgress
 from sparkd.journal import event
@@ -95,6 +95,7 @@ class Deps:
     boot_id: str
     journal_since: JournalSince
     models_listed: ModelsListed
+    accept_config: Callable[[Config], object]  # keep as the accepted config (sparkd.accepted)
     path_exists: Callable[[Path], bool]
     read_pressure: Callable[[], Mapping[str, Pressure]]
     verify_files: VerifyFiles
@@ -104,9 +105,17 @@ class Deps:
 
 
 class Supervisor:
-    def __init__(self, config: Config, deps: Deps) -> None:
+    def __init__(self, config: Config, deps: Deps, *, config_file: Path | None = None,
+                 config_refused: str | None = None) -> None:
         self.config = config
         self.deps = deps
+        # The administrator's file, which reloads read; `config` may be the accepted copy
+        # when that file was refused at start (`config_refused` says why).
+        self.config_file = config_file or config.source
+        self.config_refused = config_refused
+        # Durable writes that failed, until one succeeds: shown in status and doctor.
+        self.state_unsaved: str | None = None
+        self.config_unsaved: str | None = None
         self.state = State()
         self.daemon_state = DaemonState.STARTING
         self.engines: dict[str, EngineView] = {}
@@ -134,6 +143,12 @@ class Supervisor:
         self.state_warning = warning
         if warning:
             event(log, "state_set_aside", "%s", warning, level=logging.ERROR)
+        if self.config_refused:
+            event(log, "config_refused", "%s is refused; running on the last accepted config "
+                  "(%s): %s", self.config_file, self.config.source, self.config_refused,
+                  level=logging.ERROR)
+        else:
+            self._accept(self.config)
         previous_boot, clean = state.boot_id, state.clean_shutdown
         if previous_boot and previous_boot != self.deps.boot_id and not clean:
             event(
@@ -144,22 +159,50 @@ class Supervisor:
                 level=logging.WARNING,
             )
         self.state = state.replace(boot_id=self.deps.boot_id, clean_shutdown=False)
-        if self.state.desired_model not in self.config.models:
-            if self.state.desired_model is not None:
-                log.warning(
-                    "desired model %r is no longer configured; using the default %r",
-                    self.state.desired_model,
-                    self.config.daemon.default_model,
-                )
-            self.state = self.state.replace(desired_model=self.config.daemon.default_model)
         self.systemd_version = await self.deps.systemd(lambda m: m.version())
         await self.watch.sample(self.config.daemon, self.active_model)
         await self.apply_config()
+        self._choose_desired()
         await self.converge()
         self._save_state()
         self.daemon_state = DaemonState.RUNNING
         self.update_status()
         self.deps.notifier.notify("READY=1")
+
+    def _choose_desired(self) -> None:
+        """The model to serve when the state names none that is configured: with no usable
+        state (none, empty, corrupt), the engine that already runs, adopted as it is (a
+        healthy engine is never stopped for lost bookkeeping); else the default model."""
+        desired = self.state.desired_model
+        if desired in self.config.models:
+            return
+        if desired is not None:
+            log.warning("desired model %r is no longer configured; using the default %r",
+                        desired, self.config.daemon.default_model)
+        running = sorted(
+            (v.unit.active_state != "active", key) for key, v in self.engines.items()
+            if v.variant == "plain" and v.unit.running)
+        if desired is None and running:
+            adopted = running[0][1]
+            view = self.engines[adopted]
+            event(log, "state_adopted", "no usable state: adopted %s, which runs (pid %d, %s), "
+                  "as the desired model", adopted, view.unit.main_pid, view.unit.active_state,
+                  level=logging.WARNING, SPARKD_MODEL=adopted)
+            self.state = self.state.replace(desired_model=adopted)
+            return
+        self.state = self.state.replace(desired_model=self.config.daemon.default_model)
+
+    def _accept(self, config: Config) -> None:
+        """Keep `config` as the accepted config (what engines' prestart reads); a failure is
+        a condition shown until a later write succeeds."""
+        try:
+            self.deps.accept_config(config)
+        except ConfigError as exc:
+            if self.config_unsaved != exc.message:
+                event(log, "config_copy_failed", "%s", exc.message, level=logging.ERROR)
+            self.config_unsaved = exc.message
+            return
+        self.config_unsaved = None
 
     async def apply_config(self) -> None:
         """Render and reconcile the engine units for the current config."""
@@ -338,6 +381,10 @@ class Supervisor:
     # -- health ---------------------------------------------------------------------------
 
     async def check_health(self) -> None:
+        if self.state_unsaved is not None:
+            self._save_state()  # the disk may have room again
+        if self.config_unsaved is not None and self.config_refused is None:
+            self._accept(self.config)
         for name, view in list(self.engines.items()):
             if not view.unit.running:
                 continue
@@ -380,7 +427,18 @@ class Supervisor:
               "row (last: %s); restarting it", name, view.unit.main_pid, view.health_failures,
               result.describe(), level=logging.ERROR, SPARKD_MODEL=name)
         view.health_failures = 0
-        await self.deps.systemd(lambda m: m.restart_unit(unit))
+        job = await self.deps.systemd(lambda m: m.restart_unit(unit))
+        self._spawn(self._restart_done(name, job))
+
+    async def _restart_done(self, name: str, job: str) -> None:
+        """Say how the restart of a hung engine ended: a failed one is not a success."""
+        result = await self.wait_job(job, start_timeout(self.config, name.split(":")[0]))
+        if result == "done":
+            event(log, "engine_restarted_after_hang", "%s restarted and serves again", name,
+                  SPARKD_MODEL=name)
+        else:
+            event(log, "engine_restart_failed", "%s: the restart after the hang failed (job "
+                  "%s)", name, result, level=logging.ERROR, SPARKD_MODEL=name)
 
     # -- swaps (the SwapContext the executor runs against) -------------------------------
 
@@ -411,7 +469,9 @@ class Supervisor:
                 self.state = self.state.replace(swap_to=None, swap_from=None, swap_step=None)
                 self._save_state()
             return None
-        run = SwapRun(plan=plan, reason=reason)
+        # Numbered after the last swap the state knows: unique across sparkd restarts.
+        run = SwapRun(plan=plan, reason=reason, id=self.state.last_swap_id + 1)
+        self.state = self.state.replace(last_swap_id=run.id)
         self.swap_run = run
         self._swap_task = asyncio.create_task(execute(run, self))
         return run
@@ -457,8 +517,14 @@ class Supervisor:
         self.update_status()
 
     def swap_flip(self, run: SwapRun) -> None:
+        """The target becomes the desired model, on disk first: a flip that cannot be made
+        durable fails (the swap rolls back), so no restart or power cut swaps back."""
+        before = self.state
         self.state = self.state.replace(desired_model=run.plan.target)
-        self._save_state()
+        if not self._save_state():
+            self.state = before
+            raise StepFailed(f"nothing flipped: the state could not be saved: "
+                             f"{self.state_unsaved}")
 
     def swap_finished(self, run: SwapRun) -> None:
         changes: dict[str, Any] = {"swap_to": None, "swap_from": None, "swap_step": None}
@@ -540,11 +606,13 @@ class Supervisor:
     # -- config reload --------------------------------------------------------------------
 
     async def reload(self) -> dict[str, Any]:
-        path = self.config.source
+        path = self.config_file
         try:
             new = load_config(path)
             # Rendering checks what parsing cannot (binaries systemd would refuse, ...).
             render_units(new, systemd_version=self.systemd_version)
+            # Not accepted unless durable: engines' prestart reads the kept copy.
+            self.deps.accept_config(new)
         except ConfigError as exc:
             self.last_reload = report.Reload(ok=False, message=exc.message,
                                              at=self.deps.wall_clock())
@@ -557,6 +625,9 @@ class Supervisor:
             )
             self.update_status()
             raise
+        self.config_refused = self.config_unsaved = None
+        for key, why in stale_on_reload(self.engines, new):
+            await self._stop_for_reload(key, why)
         self.config = new
         await self.apply_config()
         if self.state.desired_model not in new.models:
@@ -568,6 +639,18 @@ class Supervisor:
         event(log, "config_reloaded", "config %s reloaded", path)
         self.update_status()
         return {"config": str(path), "models": sorted(new.models)}
+
+    async def _stop_for_reload(self, key: str, why: str) -> None:
+        """A running engine the new config no longer describes (its model gone, its port
+        moved) is stopped before the reload: never an engine sparkd does not know."""
+        view = self.engines[key]
+        unit = view.unit_name
+        job = await self.deps.systemd(lambda m: m.stop_unit(unit))
+        result = await self.wait_job(job, STOP_WAIT_S)
+        event(log, "engine_stopped_for_reload", "%s: stopped before the reload: %s (stop job "
+              "%s)", key, why, result, level=logging.WARNING if result == "done" else
+              logging.ERROR, SPARKD_MODEL=view.model.name)
+        await self.refresh_units([key])
 
     # -- shutdown -------------------------------------------------------------------------
 
@@ -605,7 +688,19 @@ class Supervisor:
 
     def status_line(self) -> str:
         return report.status_line(self.daemon_state.value, self.state.desired_model,
-                                  self.swap_run, self.engines, self.last_reload)
+                                  self.swap_run, self.engines, self.last_reload,
+                                  self.conditions())
+
+    def conditions(self) -> list[str]:
+        """What is wrong with sparkd itself, said on the STATUS= line."""
+        out = []
+        if self.config_refused:
+            out.append(f"{self.config_file} refused, running on the last accepted config")
+        if self.state_unsaved:
+            out.append("state not saved")
+        if self.config_unsaved:
+            out.append("accepted config not saved")
+        return out
 
     def update_status(self) -> None:
         line = self.status_line()
@@ -653,6 +748,9 @@ class Supervisor:
             systemd_version=self.systemd_version,
             state_warning=self.state_warning,
             last_reload=report.reload_record(self.last_reload),
+            config_refused=self.config_refused,
+            state_unsaved=self.state_unsaved,
+            config_unsaved=self.config_unsaved,
         )
         return report.build_status(
             daemon=daemon, state=self.state, engines=self.engines, swap_run=self.swap_run,
@@ -662,11 +760,22 @@ class Supervisor:
     async def handle(self, request: Request) -> Any:
         return await answer(self, request)
 
-    def _save_state(self) -> None:
+    def _save_state(self) -> bool:
+        """Write the state; False (and a condition status and doctor show until a write
+        succeeds) when it could not be made durable."""
         try:
             self.deps.store.save(self.state)
         except StateError as exc:
-            event(log, "state_write_failed", "%s", exc.message, level=logging.ERROR)
+            if self.state_unsaved != exc.message:
+                event(log, "state_write_failed", "%s", exc.message, level=logging.ERROR)
+            self.state_unsaved = exc.message
+            self.update_status()
+            return False
+        if self.state_unsaved is not None:
+            self.state_unsaved = None
+            event(log, "state_saved", "the state is on disk again (%s)", self.deps.store.path)
+            self.update_status()
+        return True
 
 
 def read_boot_id(path: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:
