@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sparkd import __version__
-from sparkd.config import Config, ModelConfig, load_config
+from sparkd.config import Config, ModelConfig
 from sparkd.control.protocol import Request
 from sparkd.control.status import (
     DaemonRecord,
@@ -33,16 +33,16 @@ from sparkd.control.status import (
     Status,
     SwapRecord,
 )
-from sparkd.daemon import report
+from sparkd.daemon import health, reloading, report, speculative
 from sparkd.daemon.control import answer
-from sparkd.daemon.engines import EngineView, engine_key, model_of_unit, stale_on_reload
+from sparkd.daemon.engines import EngineView, engine_key, model_of_unit
 from sparkd.daemon.events import EventStream
 from sparkd.daemon.jobs import JobTracker
 from sparkd.daemon.watch import MachineWatch
 from sparkd.engine.fingerprints import Match
 from sparkd.engine.plan import Snapshot, SwapPlan, SwapStep, plan_swap
 from sparkd.engine.probe import ProbeResult
-from sparkd.engine.swap import StepFailed, SwapRun, execute, start_afresh, start_timeout
+from sparkd.engine.swap import StepFailed, SwapRun, execute
 from sparkd.engine.unit import STOP_WAIT_S
 from sparkd.errors import ConfigError, SparkdError, StateError, SwapInProgress
 from sparkd.journal import event
@@ -52,7 +52,6 @@ from sparkd.monitor.psi import Pressure
 from sparkd.state import State, StateStore
 from sparkd.store.plan import VerifyReport
 from sparkd.systemd.manager import JobDone, SystemdEvent, SystemdManager, UnitStatus
-from sparkd.units.render import render_units
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +147,7 @@ class Supervisor:
                   "(%s): %s", self.config_file, self.config.source, self.config_refused,
                   level=logging.ERROR)
         else:
-            self._accept(self.config)
+            self.accept_config(self.config)
         previous_boot, clean = state.boot_id, state.clean_shutdown
         if previous_boot and previous_boot != self.deps.boot_id and not clean:
             event(
@@ -164,7 +163,7 @@ class Supervisor:
         await self.apply_config()
         self._choose_desired()
         await self.converge()
-        self._save_state()
+        self.save_state()
         self.daemon_state = DaemonState.RUNNING
         self.update_status()
         self.deps.notifier.notify("READY=1")
@@ -192,7 +191,7 @@ class Supervisor:
             return
         self.state = self.state.replace(desired_model=self.config.daemon.default_model)
 
-    def _accept(self, config: Config) -> None:
+    def accept_config(self, config: Config) -> None:
         """Keep `config` as the accepted config (what engines' prestart reads); a failure is
         a condition shown until a later write succeeds."""
         try:
@@ -259,7 +258,7 @@ class Supervisor:
                 view.unit.sub_state,
                 SPARKD_MODEL=name,
             )
-            self._spawn(self.start_speculative(name))
+            self.spawn(self.start_speculative(name))
             return
         # Started as a swap from nothing: the same health gate, and a rollback to the last
         # good model when the desired one does not come up (after a power cut, say).
@@ -341,26 +340,10 @@ class Supervisor:
             and self.swap_run is None
             and model == self.state.desired_model
         ):
-            self._spawn(self._crash_loop(model, now))
+            self.spawn(self._crash_loop(model, now))
 
     async def _crash_loop(self, model: str, status: UnitStatus) -> None:
-        unit = self.engines[model].unit_name
-        back = self.state.last_good_model
-        why = (f"crash loop: systemd gave up after {status.n_restarts} restarts "
-               f"(result {status.result})")
-        event(log, "engine_crash_loop", "%s: %s%s", model, why,
-              f"; rolling back to {back}" if back and back != model else "; no other last good "
-              "model to roll back to", level=logging.ERROR, SPARKD_MODEL=model)
-        self.state = self.state.replace(last_failure_model=model, last_failure_reason=why)
-        self._save_state()
-        await self.deps.systemd(lambda m: m.reset_failed_unit(unit))
-        if back and back != model and back in self.engines:
-            try:
-                self.request_swap(back, reason=f"rollback: {model} crash-looped")
-            except SparkdError as exc:
-                log.error("rollback to %s after the crash loop of %s failed: %s", back, model,
-                          exc.message)
-        await self.refresh_units([model])
+        await health.crash_loop(self, model, status)
 
     async def quiesce(self) -> None:
         """Wait for the work events have started (refreshes, swaps, crash-loop handling)."""
@@ -373,7 +356,7 @@ class Supervisor:
             await asyncio.wait(pending)
             await asyncio.sleep(0)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -381,64 +364,7 @@ class Supervisor:
     # -- health ---------------------------------------------------------------------------
 
     async def check_health(self) -> None:
-        if self.state_unsaved is not None:
-            self._save_state()  # the disk may have room again
-        if self.config_unsaved is not None and self.config_refused is None:
-            self._accept(self.config)
-        for name, view in list(self.engines.items()):
-            if not view.unit.running:
-                continue
-            result = await self.deps.probe(view.health_url)
-            view.health = result
-            now = self.deps.clock()
-            if result.ok:
-                view.health_failures = 0
-                view.healthy_since = view.healthy_since or now
-                self._maybe_last_good(name, view, now)
-                continue
-            view.health_failures += 1
-            view.healthy_since = None
-            if (
-                view.unit.active_state == "active"
-                and view.unit.sub_state == "running"
-                and view.health_failures >= self.config.daemon.hung_after_failures
-                and self.swap_run is None
-            ):
-                await self._restart_hung(name, view, result)
-        await self.watch.sample(self.config.daemon, self.active_model)
-        self.update_status()
-
-    def _maybe_last_good(self, name: str, view: EngineView, now: float) -> None:
-        if (
-            name == self.state.desired_model
-            and self.state.last_good_model != name
-            and self.swap_run is None
-            and view.healthy_since is not None
-            and now - view.healthy_since >= self.config.daemon.last_good_after_s
-        ):
-            self.state = self.state.replace(last_good_model=name)
-            self._save_state()
-            event(log, "last_good", "%s is now the last good model (healthy for %.0f s)", name,
-                  now - view.healthy_since, SPARKD_MODEL=name)
-
-    async def _restart_hung(self, name: str, view: EngineView, result: ProbeResult) -> None:
-        unit = view.unit_name
-        event(log, "engine_hung", "%s is hung: process %d alive, %d health checks failed in a "
-              "row (last: %s); restarting it", name, view.unit.main_pid, view.health_failures,
-              result.describe(), level=logging.ERROR, SPARKD_MODEL=name)
-        view.health_failures = 0
-        job = await self.deps.systemd(lambda m: m.restart_unit(unit))
-        self._spawn(self._restart_done(name, job))
-
-    async def _restart_done(self, name: str, job: str) -> None:
-        """Say how the restart of a hung engine ended: a failed one is not a success."""
-        result = await self.wait_job(job, start_timeout(self.config, name.split(":")[0]))
-        if result == "done":
-            event(log, "engine_restarted_after_hang", "%s restarted and serves again", name,
-                  SPARKD_MODEL=name)
-        else:
-            event(log, "engine_restart_failed", "%s: the restart after the hang failed (job "
-                  "%s)", name, result, level=logging.ERROR, SPARKD_MODEL=name)
+        await health.check_health(self)
 
     # -- swaps (the SwapContext the executor runs against) -------------------------------
 
@@ -467,7 +393,7 @@ class Supervisor:
         if plan.noop:
             if self.state.swap_to is not None:
                 self.state = self.state.replace(swap_to=None, swap_from=None, swap_step=None)
-                self._save_state()
+                self.save_state()
             return None
         # Numbered after the last swap the state knows: unique across sparkd restarts.
         run = SwapRun(plan=plan, reason=reason, id=self.state.last_swap_id + 1)
@@ -512,7 +438,7 @@ class Supervisor:
         self.state = self.state.replace(
             swap_to=run.plan.target, swap_from=run.plan.from_model, swap_step=run.step.value
         )
-        self._save_state()
+        self.save_state()
         self.publish("swap_step", swap=report.swap_record(run))
         self.update_status()
 
@@ -521,7 +447,7 @@ class Supervisor:
         durable fails (the swap rolls back), so no restart or power cut swaps back."""
         before = self.state
         self.state = self.state.replace(desired_model=run.plan.target)
-        if not self._save_state():
+        if not self.save_state():
             self.state = before
             raise StepFailed(f"nothing flipped: the state could not be saved: "
                              f"{self.state_unsaved}")
@@ -533,7 +459,7 @@ class Supervisor:
             if run.step is SwapStep.ROLLED_BACK:
                 changes["desired_model"] = run.plan.rollback_to
         self.state = self.state.replace(**changes)
-        self._save_state()
+        self.save_state()
         self.swap_run = None
         self.last_swap = run
         self.publish("swap_done" if run.succeeded else "swap_failed",
@@ -542,38 +468,32 @@ class Supervisor:
         serving = (run.plan.target if run.succeeded else run.plan.from_model
                    if run.step is SwapStep.REFUSED else run.plan.rollback_to)
         if serving is not None:
-            self._spawn(self.start_speculative(serving))
+            self.spawn(self.start_speculative(serving))
+        elif self._refused_from_nothing(run):
+            self._fall_back(run)
+
+    def _refused_from_nothing(self, run: SwapRun) -> bool:
+        """A start of the desired model, with nothing serving, refused at its preflight (its
+        files are damaged, say, after a power cut): something else must serve."""
+        back = run.plan.rollback_to
+        return (run.step is SwapStep.REFUSED and run.plan.from_model is None
+                and back is not None and back != run.plan.target and back in self.engines)
+
+    def _fall_back(self, run: SwapRun) -> None:
+        back = run.plan.rollback_to
+        assert back is not None
+        event(log, "fallback", "%s was refused (%s); falling back to the last good model %s",
+              run.plan.target, run.failure, back, level=logging.ERROR,
+              SPARKD_MODEL=run.plan.target)
+        self.state = self.state.replace(desired_model=back)
+        self.save_state()
+        try:
+            self.request_swap(back, reason=f"fallback: {run.plan.target} was refused")
+        except SparkdError as exc:
+            log.error("the fallback to %s failed: %s", back, exc.message)
 
     async def start_speculative(self, name: str) -> None:
-        """Start the model's speculative variant beside the plain one when memory allows;
-        otherwise say why, and the gateway sends everything to the plain engine."""
-        model = self.config.models.get(name)
-        key = engine_key(name, "speculative")
-        if model is None or model.speculative is None or key not in self.engines:
-            return
-        view = self.engines[key]
-        if view.unit.running or self.swap_run is not None:
-            return
-        mem = self.deps.meminfo()
-        need_gib = model.memory_gib_for("speculative") + self.config.daemon.memory_reserve_gib
-        if mem.available < need_gib * GIB:
-            view.note = (f"not started: needs {need_gib:g} GiB with the reserve, "
-                         f"{mem.available / GIB:.1f} GiB available; every call goes to the "
-                         "plain engine")
-            event(log, "speculative_skipped", "%s: speculative variant %s", name, view.note,
-                  level=logging.WARNING, SPARKD_MODEL=name, SPARKD_VARIANT="speculative")
-            self.publish("changed")
-            return
-        unit = view.unit_name
-        event(log, "speculative_starting", "%s: starting the speculative variant", name,
-              SPARKD_MODEL=name, SPARKD_VARIANT="speculative")
-        result = await self.wait_job(await self.deps.systemd(lambda m: start_afresh(m, unit)),
-                                     start_timeout(self.config, name))
-        view.note = None if result == "done" else f"failed to start (job {result})"
-        if view.note:
-            event(log, "speculative_failed", "%s: speculative variant %s", name, view.note,
-                  level=logging.ERROR, SPARKD_MODEL=name, SPARKD_VARIANT="speculative")
-        await self.refresh_units([key])
+        await speculative.start_speculative(self, name)
 
     def fingerprints_found(self, model: str, matches: list[Match]) -> None:
         if model in self.engines:
@@ -597,7 +517,7 @@ class Supervisor:
         result = "done" if all(r == "done" for r in results) else ", ".join(results)
         if self.state.desired_model == name:
             self.state = self.state.replace(desired_model=None)
-            self._save_state()
+            self.save_state()
         event(log, "engine_unloaded", "%s unloaded (stop job %s)", name, result,
               SPARKD_MODEL=name)
         await self.refresh_units([engine_key(name, v) for v in model.variants])
@@ -606,51 +526,7 @@ class Supervisor:
     # -- config reload --------------------------------------------------------------------
 
     async def reload(self) -> dict[str, Any]:
-        path = self.config_file
-        try:
-            new = load_config(path)
-            # Rendering checks what parsing cannot (binaries systemd would refuse, ...).
-            render_units(new, systemd_version=self.systemd_version)
-            # Not accepted unless durable: engines' prestart reads the kept copy.
-            self.deps.accept_config(new)
-        except ConfigError as exc:
-            self.last_reload = report.Reload(ok=False, message=exc.message,
-                                             at=self.deps.wall_clock())
-            event(
-                log,
-                "config_rejected",
-                "new config rejected, keeping the previous one: %s",
-                exc.message,
-                level=logging.ERROR,
-            )
-            self.update_status()
-            raise
-        self.config_refused = self.config_unsaved = None
-        for key, why in stale_on_reload(self.engines, new):
-            await self._stop_for_reload(key, why)
-        self.config = new
-        await self.apply_config()
-        if self.state.desired_model not in new.models:
-            self.state = self.state.replace(desired_model=new.daemon.default_model)
-            self._save_state()
-        await self.converge()
-        self.last_reload = report.Reload(ok=True, message="reloaded",
-                                         at=self.deps.wall_clock())
-        event(log, "config_reloaded", "config %s reloaded", path)
-        self.update_status()
-        return {"config": str(path), "models": sorted(new.models)}
-
-    async def _stop_for_reload(self, key: str, why: str) -> None:
-        """A running engine the new config no longer describes (its model gone, its port
-        moved) is stopped before the reload: never an engine sparkd does not know."""
-        view = self.engines[key]
-        unit = view.unit_name
-        job = await self.deps.systemd(lambda m: m.stop_unit(unit))
-        result = await self.wait_job(job, STOP_WAIT_S)
-        event(log, "engine_stopped_for_reload", "%s: stopped before the reload: %s (stop job "
-              "%s)", key, why, result, level=logging.WARNING if result == "done" else
-              logging.ERROR, SPARKD_MODEL=view.model.name)
-        await self.refresh_units([key])
+        return await reloading.reload(self)
 
     # -- shutdown -------------------------------------------------------------------------
 
@@ -670,7 +546,7 @@ class Supervisor:
             await self.deps.systemd(stop)
             event(log, "engines_stopped", "stopped %s on exit", ", ".join(units) or "nothing")
         self.state = self.state.replace(clean_shutdown=True)
-        self._save_state()
+        self.save_state()
         await self._cancel_work()
         self.events.close()
 
@@ -760,7 +636,7 @@ class Supervisor:
     async def handle(self, request: Request) -> Any:
         return await answer(self, request)
 
-    def _save_state(self) -> bool:
+    def save_state(self) -> bool:
         """Write the state; False (and a condition status and doctor show until a write
         succeeds) when it could not be made durable."""
         try:

@@ -12,8 +12,9 @@ from fakes import World, build, run, started
 
 from sparkd.accepted import load_or_fall_back
 from sparkd.engine.plan import SwapStep
-from sparkd.errors import ConfigError, StateError
+from sparkd.errors import ConfigError, StateError, VerificationFailed
 from sparkd.state import State, StateStore
+from sparkd.store.preflight import preflight_verify_async
 
 CONFIG = """
 [daemon]
@@ -192,3 +193,23 @@ def test_a_hung_engine_whose_restart_fails_is_said_to_have_failed(
 
     asyncio.run(scenario())
     assert "the restart after the hang failed (job failed)" in caplog.text
+
+
+def test_a_desired_model_refused_at_boot_falls_back_to_the_last_good(tmp_path: Path) -> None:
+    """After a power cut the desired model's files are damaged: its preflight refuses it, and
+    the last good model serves instead of nothing."""
+    StateStore(tmp_path / "state").save(State(desired_model="b", last_good_model="a",
+                                              boot_id="boot-1"))
+    w = world(tmp_path)
+
+    async def damaged(config: Any, model: Any) -> Any:
+        if model.name == "b":
+            raise VerificationFailed("model b: 1 file(s) failed verification: x: BAD")
+        return await preflight_verify_async(config, model)
+
+    w.sup.deps.verify_files = damaged
+    run(started(w.sup))
+    assert w.systemd.calls == [("start", unit("a"))]
+    assert w.sup.state.desired_model == "a"
+    assert w.sup.state.last_failure_model == "b"
+    assert w.sup.last_swap is not None and w.sup.last_swap.plan.target == "a"
