@@ -25,6 +25,7 @@ import click
 from sparkd.accepted import load_or_fall_back, save_accepted
 from sparkd.config import Config
 from sparkd.control.server import ControlServer
+from sparkd.daemon.boot import wait_for_gpu
 from sparkd.daemon.events import as_json
 from sparkd.daemon.supervisor import Deps, Notifier, Supervisor, read_boot_id
 from sparkd.engine.health import models_listed, probe
@@ -153,6 +154,9 @@ class Daemon:
             if interval:
                 tasks.append(asyncio.create_task(self._watchdog(interval)))
             await server.start()
+            await wait_for_gpu(unit_state=self.unit_state, read_gpu=self.read_gpu,
+                               device_present=lambda: Path("/dev/nvidiactl").exists(),
+                               sleep=asyncio.sleep, clock=time.monotonic)
             await sup.start()
             event(log, "daemon_ready", "sparkd ready: %s", sup.status_line())
             tasks.append(asyncio.create_task(self._health_loop(sup, signals)))
@@ -172,6 +176,13 @@ class Daemon:
             await loop.run_in_executor(self._nvml_executor, self._nvml.close)
             self._nvml_executor.shutdown(wait=True)
         return 0
+
+    async def unit_state(self, unit: str) -> tuple[str, str]:
+        def read(m: SystemdManager) -> tuple[str, str]:
+            status = m.unit_status(unit)
+            return status.load_state, status.active_state
+
+        return await self.systemd(read)
 
     async def read_gpu(self) -> NvmlSnapshot:
         loop = asyncio.get_running_loop()

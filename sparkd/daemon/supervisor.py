@@ -15,6 +15,7 @@ Daemon life cycle::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import os
@@ -115,6 +116,9 @@ class Supervisor:
         # Durable writes that failed, until one succeeds: shown in status and doctor.
         self.state_unsaved: str | None = None
         self.config_unsaved: str | None = None
+        # This boot followed a power cut or a crash: files are checked, and repaired from
+        # their source where they have one, before the first start (verify_files).
+        self.unclean_boot = False
         self.state = State()
         self.daemon_state = DaemonState.STARTING
         self.engines: dict[str, EngineView] = {}
@@ -150,6 +154,7 @@ class Supervisor:
             self.accept_config(self.config)
         previous_boot, clean = state.boot_id, state.clean_shutdown
         if previous_boot and previous_boot != self.deps.boot_id and not clean:
+            self.unclean_boot = True
             event(
                 log,
                 "unclean_shutdown",
@@ -429,7 +434,20 @@ class Supervisor:
     async def verify_files(self, model: str) -> str:
         """The store's preflight (incremental SHA-256 against the manifest; repair when the
         model says so), in a worker thread. Raises VerificationFailed naming the file."""
-        report = await self.deps.verify_files(self.config, self.config.models[model])
+        m = self.config.models[model]
+        repairing = self.unclean_boot and m.source is not None and not m.repair
+        if repairing:
+            m = dataclasses.replace(m, repair=True)
+        began = self.deps.clock()
+        try:
+            report = await self.deps.verify_files(self.config, m)
+        finally:
+            if self.unclean_boot:
+                took = self.deps.clock() - began
+                event(log, "boot_verify", "after the unclean shutdown: %s's files checked%s "
+                      "in %.1f s", model, " (and repaired from its source where bad)"
+                      if repairing else "", took, SPARKD_MODEL=model,
+                      SPARKD_DURATION_MS=f"{took * 1000:.0f}")
         if report.note:
             return report.note
         return f"{len(report.verdicts)} files verified"

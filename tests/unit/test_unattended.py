@@ -4,6 +4,7 @@ a state write that fails, engines a reload no longer describes, lost state, swap
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,25 @@ def test_a_desired_model_refused_at_boot_falls_back_to_the_last_good(tmp_path: P
     assert w.sup.state.desired_model == "a"
     assert w.sup.state.last_failure_model == "b"
     assert w.sup.last_swap is not None and w.sup.last_swap.plan.target == "a"
+
+
+def test_after_an_unclean_shutdown_files_are_checked_and_repaired_from_their_source(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    StateStore(tmp_path / "state").save(State(desired_model="a", boot_id="boot-1",
+                                              clean_shutdown=False))
+    text = CONFIG.replace('[models.a]\nengine = "sim"',
+                          '[models.a]\nengine = "sim"\nsource = "hf://org/a"')
+    w = world(tmp_path, text)
+    asked: list[tuple[str, bool]] = []
+
+    async def verify(config: Any, model: Any) -> Any:
+        asked.append((model.name, model.repair))
+        return await preflight_verify_async(config, model)
+
+    w.sup.deps.verify_files = verify
+    caplog.set_level(logging.INFO)
+    run(started(w.sup))
+    assert asked == [("a", True)]  # repair = false in the config; the unclean boot repairs
+    assert "after the unclean shutdown: a's files checked (and repaired from its source" in (
+        caplog.text)
