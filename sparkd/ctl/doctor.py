@@ -7,6 +7,7 @@ every rule is unit-tested on plain values.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from sparkd.config import Config, load_config
+from sparkd.config import Config
 from sparkd.control.client import START_HINT
 from sparkd.ctl.exits import ExitStatus, run
 from sparkd.gateway.rewrite import resolve_policy
@@ -61,11 +62,18 @@ class Facts:
     psi_available: bool = True
     # sparkd-gateway.service's ActiveState and Result (None: no systemd to ask)
     gateway_unit: tuple[str, str] | None = None
+    # Why the config file is refused (the checks then ran on the accepted copy)
+    file_refused: str | None = None
 
 
 def diagnose(f: Facts) -> list[Check]:
     c = f.config
     checks: list[Check] = []
+    if f.file_refused:
+        checks.append(Check("config_file", Level.FAIL,
+                            f"the config file is refused (the checks below use the last "
+                            f"accepted one, {c.source}): {f.file_refused}",
+                            "fix it (sparkd check-config), then: systemctl reload sparkd"))
     if f.daemon_status is None:
         checks.append(Check("daemon", Level.FAIL, f"sparkd does not answer: {f.daemon_error}",
                             f"journalctl -u sparkd -n 50; {START_HINT}"))
@@ -78,7 +86,7 @@ def diagnose(f: Facts) -> list[Check]:
                                 f"the last reload was refused: {reload.message}",
                                 "fix /etc/sparkd.toml, then systemctl reload sparkd"))
         d = f.daemon_status.daemon
-        if d.config_refused:
+        if d.config_refused and not f.file_refused:
             checks.append(Check("config_refused", Level.FAIL,
                                 "the config file is refused; sparkd runs on the last accepted "
                                 f"one ({d.config}): {d.config_refused}",
@@ -231,7 +239,11 @@ def doctor(ctx: click.Context, config_file: Path, *, as_json: bool) -> None:
     """
 
     def go() -> None:
-        checks = diagnose(gather(load_config(config_file)))
+        from sparkd.accepted import load_or_fall_back
+
+        loaded = load_or_fall_back(config_file.absolute())
+        checks = diagnose(dataclasses.replace(gather(loaded.config),
+                                              file_refused=loaded.refused))
         if as_json:
             click.echo(json.dumps([c.to_json() for c in checks], indent=2))
         else:
