@@ -25,6 +25,7 @@ settle_timeout_s = 2
 [models.a]
 engine = "sim"
 port = 8101
+path = "/srv/sparkd-models/a"
 memory_gib = 0.1
 load_timeout_s = 30
 args = ["--load-seconds", "0.5", "--weights-mib", "8"]
@@ -32,6 +33,7 @@ args = ["--load-seconds", "0.5", "--weights-mib", "8"]
 [models.b]
 engine = "sim"
 port = 8102
+path = "/srv/sparkd-models/b"
 memory_gib = 0.1
 load_timeout_s = 30
 args = ["--load-seconds", "0.5", "--weights-mib", "8"]
@@ -147,12 +149,14 @@ def test_a_first_boot_with_a_broken_config_fails_once_with_the_fix(
 def test_a_state_write_that_fails_fails_the_swap(container: Container) -> None:
     box = container
     fresh(box)
-    # /var/lib/sparkd on a full 256 KiB file system, its files copied in.
-    box.sh("mkdir -p /run/statecopy && cp -a /var/lib/sparkd/. /run/statecopy/ && "
-           "mount -t tmpfs -o size=256k tmpfs /var/lib/sparkd && "
-           "cp -a /run/statecopy/. /var/lib/sparkd/ && "
-           "(dd if=/dev/zero of=/var/lib/sparkd/filler bs=4k 2>/dev/null || true)")
     try:
+        # /var/lib/sparkd (state and accepted config; the models live in /srv here) on a
+        # full 256 KiB file system, its files copied in.
+        box.sh("rm -rf /run/statecopy && mkdir -p /run/statecopy && "
+               "cp -a /var/lib/sparkd/. /run/statecopy/ && "
+               "mount -t tmpfs -o size=256k tmpfs /var/lib/sparkd && "
+               "cp -a /run/statecopy/. /var/lib/sparkd/ && "
+               "(dd if=/dev/zero of=/var/lib/sparkd/filler bs=4k 2>/dev/null || true)")
         res = box.exec(["sparkctl", "swap", "b"], check=False, timeout=90)
         assert res.returncode != 0, res.stdout + res.stderr
         assert "No space left" in res.stdout + res.stderr
