@@ -25,7 +25,6 @@ settle_timeout_s = 2
 [models.a]
 engine = "sim"
 port = 8101
-path = "/srv/sparkd-models/a"
 memory_gib = 0.1
 load_timeout_s = 30
 args = ["--load-seconds", "0.5", "--weights-mib", "8"]
@@ -33,7 +32,6 @@ args = ["--load-seconds", "0.5", "--weights-mib", "8"]
 [models.b]
 engine = "sim"
 port = 8102
-path = "/srv/sparkd-models/b"
 memory_gib = 0.1
 load_timeout_s = 30
 args = ["--load-seconds", "0.5", "--weights-mib", "8"]
@@ -150,12 +148,13 @@ def test_a_state_write_that_fails_fails_the_swap(container: Container) -> None:
     box = container
     fresh(box)
     try:
-        # /var/lib/sparkd (state and accepted config; the models live in /srv here) on a
-        # full 256 KiB file system, its files copied in.
-        box.sh("rm -rf /run/statecopy && mkdir -p /run/statecopy && "
-               "cp -a /var/lib/sparkd/. /run/statecopy/ && "
+        # /var/lib/sparkd on a full 256 KiB file system: its small files copied in, the
+        # models directory (the engines' weights) bind-mounted back.
+        box.sh("mkdir -p /run/sl && mount --bind /var/lib/sparkd /run/sl && "
                "mount -t tmpfs -o size=256k tmpfs /var/lib/sparkd && "
-               "cp -a /run/statecopy/. /var/lib/sparkd/ && "
+               "cp -a /run/sl/state.toml /run/sl/accepted.toml /var/lib/sparkd/ && "
+               "mkdir /var/lib/sparkd/models && "
+               "mount --bind /run/sl/models /var/lib/sparkd/models && "
                "(dd if=/dev/zero of=/var/lib/sparkd/filler bs=4k 2>/dev/null || true)")
         res = box.exec(["sparkctl", "swap", "b"], check=False, timeout=90)
         assert res.returncode != 0, res.stdout + res.stderr
@@ -172,7 +171,8 @@ def test_a_state_write_that_fails_fails_the_swap(container: Container) -> None:
                  lambda: (status(box) or {}).get("daemon", {}).get("state_unsaved", 1) is None,
                  timeout=30)
     finally:
-        box.sh("umount /var/lib/sparkd || true")
+        box.sh("umount -l /var/lib/sparkd/models; umount -l /var/lib/sparkd; "
+               "umount -l /run/sl; true")
     # A restart after it cleared does not swap back by itself.
     box.exec(["systemctl", "restart", "sparkd"])
     wait_for("a to serve after the restart", lambda: serving(box, "a"), timeout=60)
