@@ -174,25 +174,10 @@ def gateway_checks(unit: tuple[str, str] | None) -> list[Check]:
                   f"systemctl start {name}")]
 
 
-def gateway_unit_state() -> tuple[str, str] | None:
-    """sparkd-gateway.service's ActiveState and Result, from systemctl (None without one)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["systemctl", "show", "--property=ActiveState,Result",
-                              "sparkd-gateway.service"], capture_output=True, text=True,
-                             timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    props = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
-    if out.returncode != 0 or "ActiveState" not in props:
-        return None
-    return props["ActiveState"], props.get("Result", "")
-
-
 def gather(config: Config) -> Facts:
     """Read the machine for `diagnose` (no daemon needed; it is asked when it runs)."""
     from sparkd.control import client
+    from sparkd.ctl.status import gateway_unit_state
     from sparkd.errors import SparkdError
     from sparkd.monitor.memory import read_meminfo
     from sparkd.systemd.version import installed_systemd_version
