@@ -397,7 +397,8 @@ def test_bad_binaries_are_config_errors(binary: str, problem: str) -> None:
 
 @pytest.mark.parametrize("user", ["root", "two words", "%n", "", "sparkd-engine\n"])
 def test_engine_user_must_be_plain_and_not_root(user: str) -> None:
-    toml = GOLDEN_TOML.replace('engine_user = "sparkd-engine"', f"engine_user = {_toml_string(user)}")
+    toml = GOLDEN_TOML.replace('engine_user = "sparkd-engine"',
+                               f"engine_user = {_toml_string(user)}")
     with pytest.raises(ConfigError, match=r"daemon\.engine_user"):
         parse_config(toml, source=Path("/etc/sparkd.toml"))
     # The renderer refuses such a user too when handed a config built in code.
