@@ -35,6 +35,8 @@ class StoreSettings:
     stall_timeout_s: float = 30.0
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     workers: int | None = None  # hashing threads (None: one per CPU)
+    min_rate_bytes_per_s: int = 16384  # over a window of stall_timeout_s (0: no floor)
+    check_free_space: bool = True  # refuse up front when the bytes to fetch do not fit
 
     @classmethod
     def from_config(cls, config: Config) -> StoreSettings:
@@ -43,6 +45,7 @@ class StoreSettings:
             concurrency=d.download_concurrency,
             stall_timeout_s=d.download_stall_timeout_s,
             policy=RetryPolicy(attempts=d.download_attempts),
+            min_rate_bytes_per_s=d.download_min_rate_bytes_per_s,
         )
 
 
@@ -193,6 +196,8 @@ def _repair(
                 concurrency=settings.concurrency,
                 stall_timeout_s=settings.stall_timeout_s,
                 policy=settings.policy,
+                min_rate_bytes_per_s=settings.min_rate_bytes_per_s,
+                check_free_space=settings.check_free_space,
             ),
             reporter=reporter,
             model=model.name,
