@@ -73,7 +73,7 @@ SHARED_DIRS: Final = frozenset({"/", "/run", "/var/run", "/var", "/tmp", "/var/t
 NUMBER_MAX: Final = 1e9
 DAY_S: Final = 86400.0
 WEEK_S: Final = 7 * DAY_S
-MEMORY_MAX_GIB: Final = 65536.0  # 64 TiB: far above any one machine, far below overflow
+MEMORY_MAX_GIB: Final = 1048576.0  # 1 PiB: far above any one machine, far below overflow
 
 
 @dataclass(frozen=True, slots=True)

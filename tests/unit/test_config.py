@@ -103,7 +103,7 @@ def test_relative_path_refused() -> None:
 
 
 def test_bool_is_not_a_number() -> None:
-    assert "expected a number from 0 to 65536, got true" in err(MINIMAL + "memory_gib = true\n")
+    assert "expected a number from 0 to 1048576, got true" in err(MINIMAL + "memory_gib = true\n")
 
 
 def test_unknown_model_lookup() -> None:
