@@ -73,7 +73,7 @@ LOG_INTERVAL_S: Final = 10.0
 ACCEPT_RETRY_S: Final = 0.1
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # A cgroup path (any hierarchy, any depth: nspawn containers nest it) inside an engine unit.
-_ENGINE_CGROUP_RE: Final = re.compile(r"/(sparkd-engine@[^/\n]*\.service)(?:/|$)", re.MULTILINE)
+_ENGINE_CGROUP_RE: Final = re.compile(r"/(sparkd-engine@[^/\n]*\.service)(?:/|\n|\Z)")
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

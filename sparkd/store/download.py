@@ -73,7 +73,7 @@ from sparkd.store.verify import BUF_SIZE, Hasher, new_hasher, partial_path
 
 BATCH: Final = 4 << 20  # bytes handed to the writer thread at a time
 IN_FLIGHT: Final = 4  # batches written and hashed while the next one is read
-_CONTENT_RANGE_RE: Final = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE_RE: Final = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 #: Free space a pull leaves on top of the bytes it fetches (logs, caches, the journal).
 FREE_SPACE_MARGIN: Final = 256 << 20
 
@@ -397,7 +397,7 @@ class Fetcher:
         if resp.status == 429 or resp.status >= 500:
             raise _Retry(f"HTTP {resp.status} {resp.reason or ''}".strip())
         if resp.status == 206:
-            match = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
+            match = _CONTENT_RANGE_RE.fullmatch(resp.headers.get("Content-Range", ""))
             if not match or int(match.group(1)) != sink.pos:
                 # Not the bytes asked for: keep nothing of it, and ask again from the start.
                 sink.reset()
