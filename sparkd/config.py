@@ -63,7 +63,7 @@ ACCOUNT_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}")
 # An external model's URL: http(s), no whitespace or control characters.
 URL_RE: Final = re.compile(r"https?://[^\x00-\x20\x7f]+")
 # Characters systemd reads as prefixes of an Exec*= command (systemd.service(5), "Command
-# lines": @ - : + ! !!, and | since 256), quoted or not: `+python3` would run as root.
+# lines": @ - : + ! !!; newer releases add |), quoted or not: `+python3` runs as root.
 EXEC_PREFIXES: Final = "@-:+!|"
 # Directories engine units cannot hide (InaccessiblePaths=) without breaking themselves: the
 # control socket must live in a directory of its own below them.
