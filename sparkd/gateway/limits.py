@@ -28,7 +28,6 @@ from typing import Any, Final
 
 from sparkd.gateway.errors import GatewayError
 
-DEFAULT_MAX_BODY_BYTES: Final = 32 * 1024 * 1024
 DEFAULT_MAX_MESSAGES: Final = 4096
 DEFAULT_MAX_PARTS: Final = 16384
 DEFAULT_CLASSIFIER_CHARS: Final = 64 * 1024
