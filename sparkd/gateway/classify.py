@@ -47,7 +47,7 @@ DEFAULT_CODE_SYSTEM_PROMPTS: Final = (
     "code assistant", "senior engineer", "you write code", "pair programmer",
     "interactive cli tool that helps users with software engineering",
 )
-# Lines that look like source code, counted per message; two or more make it code. Each is
+# Lines that look like source code; two or more in the messages' text make it code. Each is
 # tried at the start of a line and runs in time linear in the line: no two adjacent
 # repetitions can match the same characters (`\w+.*:` took 4.7 s on a 64 KiB line without a
 # colon, `\}[ \t]*(else...)?[ \t]*$` 4.4 s on "}" and 20,000 tabs; `\w[^\n]*:` and
@@ -154,22 +154,29 @@ def classify(
         if marker and marker in ua:
             return Classification("code", f"User-Agent has {marker!r}")
     budget = max_chars
+    texts: list[str] = []
     for m in _items(messages, body.get("prompt")):
         if budget <= 0:
             break
         if not isinstance(m, Mapping):
             continue
         text = _text(m.get("content"), budget)
+        if not text:
+            continue
         budget -= len(text) + 1
+        texts.append(text)
         if m.get("role") in ("system", "developer"):
             lowered = text.lower()
             for marker in rules.system_prompts:
                 if marker and marker in lowered:
                     return Classification("code", f"system prompt has {marker!r}")
-        if "```" in text:
-            return Classification("code", "a code fence")
-        if _source_lines(text, rules.source) >= CODE_LINES_NEEDED:
-            return Classification("code", "source-like lines")
+    # One scan of all the text read (a regular expression call per message costs more than
+    # a short message's share of the budget).
+    scanned = "\n".join(texts)
+    if "```" in scanned:
+        return Classification("code", "a code fence")
+    if _source_lines(scanned, rules.source) >= CODE_LINES_NEEDED:
+        return Classification("code", "source-like lines")
     return Classification("chat", "no structured, vision or code signal")
 
 
