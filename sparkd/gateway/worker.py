@@ -8,12 +8,12 @@ loop must answer /health within 50 ms whatever a client sends. Small bodies (up 
 `INLINE_MAX_BYTES`, at most a few milliseconds of work whatever their shape) are prepared on
 the loop: a round trip to the worker costs more than they do.
 
-The worker is `python -m sparkd.gateway.worker`, started on first use, one request at a time
-over its stdin and stdout. A frame is two lengths (network order, 4 bytes each), a pickle of
-the small values, then the body's bytes (the body is not pickled: no copy of it on the loop).
-The answer carries the rewritten body only when the rewrite changed it. A worker that dies
-(killed, out of memory) fails the requests it had with 503 `worker_failed`, and the next
-request starts a new one.
+The worker is this python running `sparkd.gateway.worker.main` (`worker_argv`), started on
+first use, one request at a time over its stdin and stdout. A frame is two lengths (network
+order, 4 bytes each), a pickle of the small values, then the body's bytes (not pickled: no
+copy of it on the loop). The answer carries the rewritten body only when the rewrite changed
+it. A worker that dies (killed, out of memory) fails the request it had with 503
+`worker_failed`, and the next request starts a new one.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ import signal
 import struct
 import sys
 import traceback
+from pathlib import Path
 from typing import IO, Any, Final
 
+import sparkd
 from sparkd.gateway.classify import Workload
 from sparkd.gateway.errors import GatewayError
 from sparkd.gateway.prepare import Prepared, Recipe, prepare
@@ -40,12 +42,21 @@ _FRAME: Final = struct.Struct("!II")
 _CLOSE_TIMEOUT_S: Final = 2.0
 
 
+def worker_argv() -> tuple[str, ...]:
+    """The gateway's own python, isolated (`-I`, as /usr/bin/sparkd runs), finding sparkd where
+    the gateway found it: the .deb's code is not on python's default path (the sparkd wrapper
+    adds /usr/lib/sparkd/python), so `python -m sparkd.gateway.worker` would not start."""
+    root = str(Path(sparkd.__file__).resolve().parent.parent)
+    code = f"import sys; sys.path.insert(0, {root!r}); from sparkd.gateway.worker import main;" \
+           " main()"
+    return (sys.executable, "-I", "-c", code)
+
+
 class PrepareWorker:
     """The client side: `prepare` as a coroutine, run in the worker process."""
 
-    def __init__(self, argv: tuple[str, ...] = (sys.executable, "-m", "sparkd.gateway.worker")
-                 ) -> None:
-        self.argv = argv
+    def __init__(self, argv: tuple[str, ...] | None = None) -> None:
+        self.argv = argv or worker_argv()
         self._proc: asyncio.subprocess.Process | None = None
         self._recipe: Recipe | None = None  # the recipe the running worker holds
         self._lock = asyncio.Lock()
@@ -164,6 +175,3 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     serve(sys.stdin.buffer, sys.stdout.buffer)
 
-
-if __name__ == "__main__":
-    main()
