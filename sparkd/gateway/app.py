@@ -475,12 +475,12 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     one loaded model."""
     settings = request.app[CONFIG].current
     raw = await request.read()
-    name: object = None
-    if raw:
-        with contextlib.suppress(ValueError, RecursionError):
-            body = json.loads(raw)
-            name = body.get("model") if isinstance(body, dict) else None
-    if not isinstance(name, str):
+    name: str | None = None
+    if len(raw) > INLINE_MAX_BYTES:  # parsed in the worker: parsing holds the loop
+        name = await request.app[WORKER].model_name(raw, settings.recipe)
+    elif raw:
+        name = prepare.model_name(raw)
+    if name is None:
         name = request.query.get("model")
     if isinstance(name, str):
         model = settings.config.models.get(name)

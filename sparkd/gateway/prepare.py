@@ -80,6 +80,17 @@ def prepare(raw: bytes, recipe: Recipe, *, chat: bool, user_agent: str = "",
                     result.roles_before, result.roles_after)
 
 
+def model_name(raw: bytes) -> str | None:
+    """The `model` a body names, if it is a JSON object naming one (the other /v1 routes: the
+    engine reports anything else)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    name = body.get("model") if isinstance(body, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def encode(body: object) -> bytes:
     try:
         return json.dumps(body, ensure_ascii=False).encode()

@@ -33,7 +33,7 @@ from typing import IO, Any, Final
 import sparkd
 from sparkd.gateway.classify import Workload
 from sparkd.gateway.errors import GatewayError
-from sparkd.gateway.prepare import Prepared, Recipe, prepare
+from sparkd.gateway.prepare import Prepared, Recipe, model_name, prepare
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,26 @@ class PrepareWorker:
 
     async def prepare(self, raw: bytes, recipe: Recipe, *, chat: bool, user_agent: str,
                       workload: Workload | None) -> Prepared:
+        value, out = await self._call(raw, recipe, ("prepare", chat, user_agent[:1024],
+                                                    workload))
+        assert isinstance(value, Prepared)
+        return dataclasses.replace(value, raw=out if value.changes else raw)
+
+    async def model_name(self, raw: bytes, recipe: Recipe) -> str | None:
+        """`prepare.model_name`, in the worker."""
+        value, _ = await self._call(raw, recipe, ("model_name",))
+        assert value is None or isinstance(value, str)
+        return value
+
+    async def _call(self, raw: bytes, recipe: Recipe, job: tuple[Any, ...]
+                    ) -> tuple[object, bytes]:
         # Shielded: a client that goes away must not leave its answer in the pipe for the
         # next request to read. The exchange finishes (or the worker is closed) either way.
-        exchange = asyncio.ensure_future(self._exchange(
-            raw, recipe, (chat, user_agent[:1024], workload)))
+        exchange = asyncio.ensure_future(self._exchange(raw, recipe, job))
         reply, out = await asyncio.shield(exchange)
         kind, value = reply
         if kind == "ok":
-            assert isinstance(value, Prepared)
-            return dataclasses.replace(value, raw=out if value.changes else raw)
+            return value, out
         if kind == "refused":
             assert isinstance(value, GatewayError)
             raise value
@@ -149,7 +160,7 @@ def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
         if len(head) < _FRAME.size:
             return
         meta_len, raw_len = _FRAME.unpack(head)
-        new_recipe, chat, user_agent, workload = pickle.loads(stdin.read(meta_len))
+        new_recipe, job, *args = pickle.loads(stdin.read(meta_len))
         raw = stdin.read(raw_len)
         recipe = new_recipe if new_recipe is not None else recipe
         out = b""
@@ -157,9 +168,14 @@ def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
         try:
             if recipe is None:
                 raise RuntimeError("no recipe sent")
-            result = prepare(raw, recipe, chat=chat, user_agent=user_agent, workload=workload)
-            out = result.raw if result.changes else b""
-            reply = ("ok", dataclasses.replace(result, raw=b""))
+            if job == "model_name":
+                reply = ("ok", model_name(raw))
+            else:
+                chat, user_agent, workload = args
+                result = prepare(raw, recipe, chat=chat, user_agent=user_agent,
+                                 workload=workload)
+                out = result.raw if result.changes else b""
+                reply = ("ok", dataclasses.replace(result, raw=b""))
         except GatewayError as exc:
             reply = ("refused", exc)
         except Exception:  # a bug: reported, and the worker goes on
