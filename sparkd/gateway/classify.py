@@ -15,7 +15,7 @@ shape gets a class (bad input is the validator's to report, not the classifier's
 Its work is linear in the body and bounded: it reads at most `max_chars` characters of message
 text in all (the first ones, in order; `gateway.classifier_chars`), and the code patterns are
 tried at the start of each non-blank line only, so a pattern that is linear in its line keeps
-the whole scan linear. The built-in patterns are (tests/unit/test_gateway_limits.py times them
+the whole scan linear. The built-in patterns are (tests/unit/test_classify.py times them
 on long hostile lines).
 """
 
