@@ -141,6 +141,8 @@ def openai_errors(handler: Handler) -> Handler:
                 message = f"request body too large (limit {limit} bytes: gateway.max_body_bytes)"
             child(request.app[METRICS].refused, code).inc()
             return web.json_response(error_body(exc.status, code, message), status=exc.status)
+        except ConnectionError:
+            raise  # the client went away: nobody to answer, nothing to log
         except Exception:
             # A bug: logged with its traceback, and still an OpenAI-style body for the client
             # (aiohttp's own answer is a plain-text 500).

@@ -6,6 +6,7 @@ engines are asked for uncompressed answers (issue 10, items 1 and 7)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import json
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from conftest import free_port
@@ -27,6 +29,9 @@ from gateway_harness import Reply, get, post
 from test_gateway_swaps import gateway_to
 
 from sparkd.config import GatewayConfig
+from sparkd.gateway.app import openai_errors
+from sparkd.gateway.metrics import Metrics
+from sparkd.gateway.state import METRICS
 
 # `sparkd gateway`, with a watch on its event loop: every 5 ms it wakes, and when the loop
 # spent more than 5 ms of CPU time since the last wake (running callbacks: nothing else could
@@ -346,3 +351,32 @@ def test_an_engine_that_compresses_anyway_is_decoded_or_labelled() -> None:
     assert json.loads(gzip.decompress(ok.content))["choices"][0]["message"]["content"] == "ok"
     assert failed.status_code == 400 and "Content-Encoding" not in failed.headers
     assert openai_error(failed)["message"] == "the engine's reason"
+
+
+def test_a_bug_is_an_openai_500_not_a_plain_text_traceback(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    async def bug(_request: web.Request) -> web.StreamResponse:
+        raise KeyError("the secret detail")
+
+    async def scenario() -> tuple[int, str, str]:
+        app = web.Application()
+        app[METRICS] = Metrics()
+        app.router.add_post("/v1/chat/completions", openai_errors(bug))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            async with aiohttp.ClientSession() as session, session.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions", data=b"{}") as r:
+                return r.status, r.headers["Content-Type"], await r.text()
+        finally:
+            await runner.cleanup()
+
+    status, content_type, text = asyncio.run(scenario())
+    assert status == 500 and content_type.startswith("application/json")
+    error = json.loads(text)["error"]
+    assert (error["type"], error["code"]) == ("server_error", "internal_error")
+    assert "secret" not in text  # the traceback is the log's, not the client's
+    assert "KeyError: 'the secret detail'" in caplog.text
