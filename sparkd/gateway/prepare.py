@@ -71,7 +71,10 @@ def prepare(raw: bytes, recipe: Recipe, *, chat: bool, user_agent: str = "",
     if messages is None:
         return Prepared(name, raw, bool(stream), workload, 0)
     choice = recipe.policies[name]
-    result = rewrite.rewrite(messages, choice)
+    try:
+        result = rewrite.rewrite(messages, choice)  # tool call arguments become JSON text
+    except RecursionError:
+        raise GatewayError(400, "invalid_json", "request body: nested too deeply") from None
     if not result.changes:
         return Prepared(name, raw, bool(stream), workload, 0, choice.policy,
                         result.roles_before, result.roles_after)

@@ -225,7 +225,7 @@ def raw_bodies(draw: st.DrawFn) -> bytes:
 FUZZ_PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow],
           phases=FUZZ_PHASES)
 @given(raw=raw_bodies(), is_chat=st.booleans(), ua=st.text(max_size=10))
 def test_any_body_is_prepared_or_refused_with_a_4xx_within_the_budget(
