@@ -143,3 +143,24 @@ def best_of_three(fn: Any) -> float:
         fn()
         times.append(time.thread_time() - started)
     return min(times)
+
+
+# Backtracking blows up on long repetitive runs: a prefix that starts a pattern (or not), then
+# a short motif of the characters the patterns care about, repeated up to 200,000 characters.
+PREFIXES = st.sampled_from(["", "def a", "class A", "async def f", "import a", "from a import ",
+                            "#include ", "public a ", "function f", "let a =", "if (", "}",
+                            "} else", "package a", "SELECT", "diff --git ", "@@ -1", "\t  "])
+MOTIFS = st.text(alphabet=" \t\n:;(){}<>[].=_aZ1#@-\"'`", min_size=1, max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prefix=PREFIXES, motif=MOTIFS, size=st.integers(1000, 200_000), role=st.sampled_from(
+    ["user", "system"]))
+def test_the_classifier_takes_linear_time_on_repetitive_text(
+    prefix: str, motif: str, size: int, role: str
+) -> None:
+    text = prefix + motif * (size // len(motif))
+    body = chat({"role": role, "content": text})
+    budget = max(0.005, len(text) * 0.050 / 100_000)  # 50 ms per 100 KB
+    assert best_of_three(lambda: classify(body, max_chars=len(text))) < budget, (
+        prefix, motif, size)
