@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, NoReturn, cast
 
+from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
+from sparkd.engine.unit import unit_name
 from sparkd.errors import ConfigError
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/sparkd.toml")
@@ -37,7 +39,6 @@ SpeculativeMethod = Literal["eagle", "eagle3"]
 SPECULATIVE_METHODS: Final[tuple[SpeculativeMethod, ...]] = ("eagle", "eagle3")
 DispatchMode = Literal["static", "measured"]
 DISPATCH_MODES: Final[tuple[DispatchMode, ...]] = ("static", "measured")
-Variant = Literal["plain", "speculative"]
 VARIANTS: Final[tuple[Variant, ...]] = ("plain", "speculative")
 WORKLOADS: Final = ("structured", "vision", "code", "chat")
 # Speculation loses on grammar-constrained output (JSON, tool calls) and on code (the seed's
@@ -171,7 +172,7 @@ class ModelConfig:
 
     @property
     def unit_name(self) -> str:
-        return f"sparkd-engine@{self.name}.service"
+        return unit_name(self.name)
 
     @property
     def variants(self) -> tuple[Variant, ...]:
@@ -180,8 +181,7 @@ class ModelConfig:
         return ("plain", "speculative") if self.speculative is not None else ("plain",)
 
     def unit_for(self, variant: Variant) -> str:
-        # ':' cannot appear in a model name, so "NAME:spec" never collides with a model.
-        return self.unit_name if variant == "plain" else f"sparkd-engine@{self.name}:spec.service"
+        return unit_name(self.name, variant)
 
     def port_for(self, variant: Variant) -> int:
         if variant == "plain" or self.speculative is None:

@@ -39,7 +39,7 @@ import errno
 import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -48,7 +48,7 @@ import aiohttp
 from sparkd.atomic import fsync_dir, start_writeback
 from sparkd.errors import DiskFull, SparkdError
 from sparkd.store.manifest import FileEntry, Stamp
-from sparkd.store.plan import FetchJob, FileVerdict, RetryPolicy, Status, judge
+from sparkd.store.plan import FetchJob, FetchSettings, FileVerdict, Status, judge
 from sparkd.store.progress import NullReporter, Reporter
 from sparkd.store.verify import BUF_SIZE, Hasher, new_hasher, partial_path
 
@@ -57,13 +57,6 @@ IN_FLIGHT: Final = 4  # batches written and hashed while the next one is read
 _CONTENT_RANGE_RE: Final = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 Sleep = Callable[[float], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class FetchSettings:
-    concurrency: int = 4
-    stall_timeout_s: float = 30.0
-    policy: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 @dataclass(frozen=True, slots=True)

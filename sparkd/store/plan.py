@@ -191,6 +191,15 @@ class RetryPolicy:
         return tries < self.attempts
 
 
+@dataclass(frozen=True, slots=True)
+class FetchSettings:
+    """Knobs of a transfer (from [daemon]; tests pass a short backoff)."""
+
+    concurrency: int = 4
+    stall_timeout_s: float = 30.0
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+
 @dataclass(slots=True)
 class ProgressBook:
     """Bytes done per file and in total; speed over a sliding window; ETA.

@@ -19,27 +19,22 @@ See docs/units.md for why each setting is what it is.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable
 from typing import Final
 
 from sparkd.config import Config, EngineKind, ModelConfig, Variant
+from sparkd.engine.unit import ENGINE_HOST, TIMEOUT_STOP_S, health_url, start_timeout_s
 from sparkd.errors import ConfigError
 
 #: A line that marks a unit file as written by sparkd. The reconciler only ever rewrites or
 #: removes files that carry it; a file without it is an administrator's and is left alone.
 GENERATED_MARKER: Final = "# X-Sparkd-Generated: engine-unit (sparkd rewrites or removes this file)"
 
-UNIT_PREFIX: Final = "sparkd-engine@"
-UNIT_SUFFIX: Final = ".service"
-#: fnmatch pattern of the files sparkd manages in its unit directory.
-UNIT_GLOB: Final = f"{UNIT_PREFIX}*{UNIT_SUFFIX}"
 
 #: systemd learned RestartSteps= and RestartMaxDelaySec= in version 254.
 RESTART_STEPS_MIN_VERSION: Final = 254
 
-ENGINE_HOST: Final = "127.0.0.1"  # engines listen on loopback only: the gateway is the one door
 DEFAULT_BINARIES: Final[dict[EngineKind, str]] = {
     "vllm": "vllm",
     "sglang": "python3",
@@ -48,12 +43,8 @@ DEFAULT_BINARIES: Final[dict[EngineKind, str]] = {
 PYTHON_ENGINES: Final[frozenset[EngineKind]] = frozenset({"vllm", "sglang", "sim"})
 VLLM_MOE_BACKEND: Final = ("VLLM_FLASHINFER_MOE_BACKEND", "latency")
 
-#: Seconds of TimeoutStartSec= on top of the model's load_timeout_s, for `sparkd prestart`
-#: (sync, drop caches, wait for memory to settle). Grows with daemon.settle_timeout_s.
-PRESTART_ALLOWANCE_S: Final = 60
 RESTART_STEPS: Final = 5
 RESTART_MAX_DELAY_S: Final = 120
-TIMEOUT_STOP_S: Final = 60
 CPU_WEIGHT: Final = 50
 IO_WEIGHT: Final = 50
 OOM_SCORE_ADJUST: Final = 500
@@ -188,9 +179,7 @@ def render_unit(
     port = model.port_for(variant)
     unit = model.unit_for(variant)
     argv = engine_argv(config, model, variant)
-    start_timeout = math.ceil(model.load_timeout_s) + max(
-        PRESTART_ALLOWANCE_S, math.ceil(config.daemon.settle_timeout_s) + 30
-    )
+    start_timeout = start_timeout_s(model.load_timeout_s, config.daemon.settle_timeout_s)
     user = config.daemon.engine_user
     d = config.daemon
 
@@ -237,7 +226,7 @@ def render_unit(
         f"ExecStart={quote_command(argv)}",
         "# The unit turns active only once the engine serves: start means serving.",
         "ExecStartPost="
-        + quote_command([sparkd, "wait-healthy", "--url", f"http://{ENGINE_HOST}:{port}/health",
+        + quote_command([sparkd, "wait-healthy", "--url", health_url(port),
                          "--timeout", _number(model.load_timeout_s)])
         # systemd expands $MAINPID here: wait-healthy stops when the engine has died.
         + " --pid $MAINPID",

@@ -14,45 +14,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import status_builders as sb
 from click.testing import CliRunner
 
-from sparkd.cli import ExitStatus, cli
 from sparkd.control import aio_client
 from sparkd.control.client import call
 from sparkd.control.protocol import Request
 from sparkd.control.server import ControlServer
+from sparkd.control.status import HealthRecord, MemoryRecord, SwapReply
+from sparkd.ctl.exits import ExitStatus
+from sparkd.ctl.main import cli
 from sparkd.errors import BadRequest, DaemonUnreachable, PermissionDenied, SparkdError
 
-STATUS = {
-    "schema": 1,
-    "daemon": {
-        "state": "running",
-        "status_line": "a: serving, healthy",
-        "pid": 1,
-        "version": "0.1.0",
-        "uptime_s": 75.0,
-        "config": "/etc/sparkd.toml",
-        "state_warning": None,
-        "last_reload": None,
-    },
-    "desired_model": "a",
-    "active_model": "a",
-    "last_good_model": None,
-    "engines": [
-        {
-            "model": "a",
-            "engine": "sim",
-            "unit": "sparkd-engine@a.service",
-            "port": 9001,
-            "active_state": "active",
-            "sub_state": "running",
-            "main_pid": 42,
-            "n_restarts": 0,
-            "health": {"ok": True, "status": 200, "error": None, "latency_ms": 1.5},
-        }
-    ],
-    "memory": {"total_bytes": 8 << 30, "available_bytes": 6 << 30, "page_cache_bytes": 1 << 30},
-}
+STATUS = sb.status(
+    daemon=sb.daemon(status_line="a: serving, healthy", uptime_s=75.0),
+    active_model="a",
+    engines=[sb.engine("a", 9001, main_pid=42, health=HealthRecord(
+        ok=True, status=200, error=None, latency_ms=1.5))],
+    memory=MemoryRecord(total_bytes=8 << 30, available_bytes=6 << 30,
+                        page_cache_bytes=1 << 30),
+).to_json()
+EVENTS = [sb.event("snapshot", sb.status()).to_json(),
+          *(sb.event("changed", sb.status(active_model=m)).to_json() for m in ("a", "b"))]
 
 
 async def handler(request: Request) -> Any:
@@ -64,8 +47,8 @@ async def handler(request: Request) -> Any:
 
 
 async def events(request: Request) -> AsyncIterator[Any]:
-    for i in range(3):
-        yield {"event": "tick", "n": i}
+    for message in EVENTS:
+        yield message
 
 
 class ServerThread:
@@ -228,7 +211,7 @@ def test_subscribe_streams_events_to_the_asyncio_client(server: ServerThread) ->
     async def collect() -> list[dict[str, Any]]:
         return [item async for item in aio_client.subscribe(server.path)]
 
-    assert asyncio.run(collect()) == [{"event": "tick", "n": i} for i in range(3)]
+    assert asyncio.run(collect()) == EVENTS
     assert asyncio.run(aio_client.call(server.path, "status")) == STATUS
 
 
@@ -249,8 +232,8 @@ def test_sparkctl_recover_without_a_desired_model_says_what_to_do(tmp_path: Path
 def test_sparkctl_swap_says_so_when_sparkd_closes_the_stream_mid_swap(tmp_path: Path) -> None:
     async def accepts(request: Request) -> Any:
         if request.method == "swap":
-            return {"accepted": True, "noop": False,
-                    "swap": {"id": 7, "from": None, "to": "a", "step": "preflight"}}
+            return SwapReply(accepted=True, noop=False,
+                             swap=sb.swap("a", id=7, step="preflight")).to_json()
         return STATUS
 
     # The server's subscribe stream ends after three events, none of them of swap 7.

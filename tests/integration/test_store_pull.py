@@ -4,6 +4,7 @@ damaged file is fetched again, and a resumed transfer asks only for the bytes no
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -31,13 +32,14 @@ from hubserver import (
     status,
 )
 
-from sparkd.cli import ExitStatus, cli
 from sparkd.config import Config, load_config
+from sparkd.ctl.exits import ExitStatus
+from sparkd.ctl.main import cli
 from sparkd.errors import DiskFull, VerificationFailed
 from sparkd.store.manifest import ManifestStore
 from sparkd.store.model import StoreSettings, pull_model, verify_model
-from sparkd.store.plan import RetryPolicy, Status
-from sparkd.store.preflight import preflight_verify
+from sparkd.store.plan import FetchSettings, RetryPolicy, Status
+from sparkd.store.preflight import preflight_verify, preflight_verify_async
 
 REPO = "acme/tiny-llm"
 MIB = 1 << 20
@@ -59,11 +61,11 @@ def _files() -> dict[str, bytes]:
 
 FILES = _files()
 TOTAL = sum(len(d) for d in FILES.values())
-FAST = StoreSettings(
+FAST = StoreSettings(fetch=FetchSettings(
     concurrency=2,
     stall_timeout_s=5.0,  # generous: a loaded CI machine must not look like a stall
     policy=RetryPolicy(attempts=6, base_s=0.01, cap_s=0.05),
-)
+))
 STALL_S = 1.0  # the stall test's timeout; its server goes quiet for longer
 
 
@@ -167,7 +169,8 @@ def test_each_fault_ends_with_every_file_correct_and_only_the_damaged_one_refetc
         monkeypatch.setattr(sparkd.store.download, "BATCH", batch)
     hub.inject(SHARD2, *faults)
     stalls = any(f.kind == "stall" for f in faults)
-    settings = dataclasses.replace(FAST, stall_timeout_s=STALL_S) if stalls else FAST
+    settings = dataclasses.replace(
+        FAST, fetch=dataclasses.replace(FAST.fetch, stall_timeout_s=STALL_S)) if stalls else FAST
     report = pull_model(config, config.model("tiny"), settings=settings)
     assert report.ok, report.failures
     assert_all_correct(config)
@@ -228,7 +231,8 @@ def test_kill_9_in_the_middle_of_a_pull_then_a_rerun_resumes(
     part = config.model("tiny").path / f".{SHARD1}.part"
     env = {**os.environ, "SPARKD_CONFIG": str(config_path)}
     child = subprocess.Popen(
-        [sys.executable, "-c", "from sparkd.cli import main; main()", "pull", "tiny", "--json"],
+        [sys.executable, "-c", "from sparkd.ctl.main import main; main()", "pull", "tiny",
+         "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -367,6 +371,13 @@ def test_preflight_refuses_a_bad_file_by_name_or_repairs_it(
     hub.reset_log()
     report = preflight_verify(repairing, repairing.model("tiny"))
     assert report.ok
+    assert list(bodies(hub)) == [f"nested/{SHARD3}"]
+    # The daemon's preflight: the same repair, its downloads awaited on the daemon's loop.
+    (model.path / "nested" / SHARD3).write_bytes(b"truncated again")
+    with pytest.raises(VerificationFailed, match=f"nested/{SHARD3}: BAD"):
+        asyncio.run(preflight_verify_async(config, model))
+    hub.reset_log()
+    assert asyncio.run(preflight_verify_async(repairing, repairing.model("tiny"))).ok
     assert list(bodies(hub)) == [f"nested/{SHARD3}"]
 
 
@@ -596,7 +607,7 @@ def test_a_disk_error_is_not_taken_for_a_stall(
 
     monkeypatch.setattr(os, "pwrite", flaky_pwrite)
     report = pull_model(config, config.model("tiny"), settings=dataclasses.replace(
-        FAST, concurrency=1))
+        FAST, fetch=dataclasses.replace(FAST.fetch, concurrency=1)))
     assert not report.ok
     (failure,) = report.failures
     assert "cannot write" in failure.reason and "timed out" in failure.reason
