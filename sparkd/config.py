@@ -16,11 +16,13 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, NoReturn, cast
+from typing import Any, Final, Literal, NoReturn, TypeVar, cast
 
 from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
 from sparkd.engine.unit import unit_name
 from sparkd.errors import ConfigError
+
+T = TypeVar("T")
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/sparkd.toml")
 CONFIG_ENV: Final = "SPARKD_CONFIG"
@@ -278,42 +280,69 @@ def parse_config(text: str, *, source: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     v = _Validator(source)
-    v.known_keys(raw, "", ("daemon", "gateway", "models"))
-    daemon = _parse_daemon(v, v.table(raw, "daemon"))
-    gateway = _parse_gateway(v, v.table(raw, "gateway"))
-    models_raw = v.table(raw, "models")
+    # Every error, not the first: each section and each model is checked on its own, and
+    # the error lists them all (one line each, each naming file, key and fix).
+    errors: list[str] = []
+
+    def checked(check: Callable[[], T], fallback: T) -> T:
+        try:
+            return check()
+        except ConfigError as exc:
+            errors.append(exc.message)
+            return fallback
+
+    checked(lambda: v.known_keys(raw, "", ("daemon", "gateway", "models")), None)
+    daemon = checked(lambda: _parse_daemon(v, v.table(raw, "daemon")), DaemonConfig())
+    gateway = checked(lambda: _parse_gateway(v, v.table(raw, "gateway")), GatewayConfig())
+    no_models: dict[str, Any] = {}
+    models_raw = checked(lambda: v.table(raw, "models"), no_models)
     models: dict[str, ModelConfig] = {}
+    broken: set[str] = set()
     ports: dict[int, str] = {}
     for name, table in models_raw.items():
-        key = f"models.{name}"
-        if not MODEL_NAME_RE.fullmatch(name):
-            v.fail(
-                key,
-                "a model name of letters, digits, '_', '.' or '-' (at most 64, "
-                "starting with a letter or digit)",
-                name,
-            )
-        if not isinstance(table, dict):
-            v.fail(key, "a table", table)
-        model = _parse_model(v, name, table, daemon)
-        if model.supervised:
-            for variant in model.variants:
-                port = model.port_for(variant)
-                where = f"{key}.port" if variant == "plain" else f"{key}.speculative.port"
-                if port in ports:
-                    v.fail(where, f"a port not used by {ports[port]}", port)
-                ports[port] = f"models.{name}" + ("" if variant == "plain" else " (speculative)")
+        try:
+            model = _parse_named_model(v, name, table, daemon, ports)
+        except ConfigError as exc:
+            errors.append(exc.message)
+            broken.add(name)
+            continue
         models[name] = model
-    if daemon.default_model is not None and daemon.default_model not in models:
-        v.fail(
-            "daemon.default_model",
-            "the name of a configured model" + _suggest(daemon.default_model, list(models)),
-            daemon.default_model,
-        )
-    if daemon.default_model is not None and not models[daemon.default_model].supervised:
-        v.fail("daemon.default_model", "a model sparkd runs (not engine = \"external\")",
-               daemon.default_model)
+    default = daemon.default_model
+    if default is not None and default not in broken:
+        if default not in models:
+            checked(lambda: v.fail("daemon.default_model", "the name of a configured model"
+                                   + _suggest(default, list(models)), default), None)
+        elif not models[default].supervised:
+            checked(lambda: v.fail("daemon.default_model",
+                                   'a model sparkd runs (not engine = "external")', default),
+                    None)
+    if errors:
+        raise ConfigError("\n".join(errors))
     return Config(source=source, daemon=daemon, gateway=gateway, models=models)
+
+
+def _parse_named_model(v: _Validator, name: str, table: Any, daemon: DaemonConfig,
+                       ports: dict[int, str]) -> ModelConfig:
+    """One model's section, its ports checked against (and added to) those taken."""
+    key = f"models.{name}"
+    if not MODEL_NAME_RE.fullmatch(name):
+        v.fail(
+            key,
+            "a model name of letters, digits, '_', '.' or '-' (at most 64, "
+            "starting with a letter or digit)",
+            name,
+        )
+    if not isinstance(table, dict):
+        v.fail(key, "a table", table)
+    model = _parse_model(v, name, table, daemon)
+    if model.supervised:
+        for variant in model.variants:
+            port = model.port_for(variant)
+            where = f"{key}.port" if variant == "plain" else f"{key}.speculative.port"
+            if port in ports:
+                v.fail(where, f"a port not used by {ports[port]}", port)
+            ports[port] = key + ("" if variant == "plain" else " (speculative)")
+    return model
 
 
 _DAEMON_KEYS: Final = tuple(DaemonConfig.__dataclass_fields__)
