@@ -9,17 +9,20 @@ dotted key, what was expected and what was found; an unknown key is an error wit
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, NoReturn, cast
+from typing import Any, Final, Literal, NoReturn, TypeVar, cast
 
 from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
 from sparkd.engine.unit import unit_name
 from sparkd.errors import ConfigError
+
+T = TypeVar("T")
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/sparkd.toml")
 ACCEPTED_CONFIG_FILE: Final = "accepted.toml"
@@ -51,13 +54,30 @@ DEFAULT_DISPATCH_ROUTES: Final[tuple[tuple[str, Variant], ...]] = (
     ("chat", "speculative"),
 )
 
+# Every pattern here is used with fullmatch(): `$` would also accept a trailing newline, which
+# then ends up in a unit file (an extra line) or a journal field.
 # Model names become systemd instance names and journal field values: keep them plain.
-MODEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MODEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A Hub repository: "hf://ORG/REPO", or the bare id "ORG/REPO" (sparkd.store.hub).
-SOURCE_RE: Final = re.compile(
-    r"^(hf://)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
-)
+SOURCE_RE: Final = re.compile(r"(hf://)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A user or group name systemd's User=/Group= and the group database take without complaint
+# (the portable POSIX subset, at most 31 characters).
+ACCOUNT_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}")
+# An external model's URL: http(s), no whitespace or control characters.
+URL_RE: Final = re.compile(r"https?://[^\x00-\x20\x7f]+")
+# Characters systemd reads as prefixes of an Exec*= command (systemd.service(5), "Command
+# lines": @ - : + ! !!; newer releases add |), quoted or not: `+python3` runs as root.
+EXEC_PREFIXES: Final = "@-:+!|"
+# Directories engine units cannot hide (InaccessiblePaths=) without breaking themselves: the
+# control socket must live in a directory of its own below them.
+SHARED_DIRS: Final = frozenset({"/", "/run", "/var/run", "/var", "/tmp", "/var/tmp", "/dev",
+                                "/dev/shm"})
+#: The largest number any key takes unless its own range says less.
+NUMBER_MAX: Final = 1e9
+DAY_S: Final = 86400.0
+WEEK_S: Final = 7 * DAY_S
+MEMORY_MAX_GIB: Final = 1048576.0  # 1 PiB: far above any one machine, far below overflow
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +85,14 @@ class DaemonConfig:
     unit_dir: Path = Path("/run/systemd/system")
     state_dir: Path = Path("/var/lib/sparkd")
     control_socket: Path = Path("/run/sparkd/control.sock")
+    # Members may use the control socket. Never the engine user's group: code an engine runs
+    # (a model's trust_remote_code) must not be able to swap, unload or reload (issue 10).
     control_group: str = "sparkd"
     default_model: str | None = None
     stop_engines_on_exit: bool = False
     memory_reserve_gib: float = 4.0
     sparkd_path: Path = Path("/usr/bin/sparkd")
-    engine_user: str = "sparkd"
+    engine_user: str = "sparkd-engine"
     health_interval_s: float = 5.0
     settle_timeout_s: float = 30.0
     # An engine whose process lives but whose health fails this many checks in a row is hung:
@@ -91,6 +113,9 @@ class DaemonConfig:
     download_concurrency: int = 4
     download_stall_timeout_s: float = 30.0
     download_attempts: int = 8
+    # A transfer slower than this over a stall window (download_stall_timeout_s) is dropped
+    # and tried again: a server trickling a byte a second never stalls (0: no floor).
+    download_min_rate_bytes_per_s: int = 16384
 
     @property
     def accepted_config(self) -> Path:
@@ -115,7 +140,15 @@ class GatewayConfig:
     queue_limit: int = 256
     swap_on_demand: bool = False
     swap_min_interval_s: float = 300.0
-    max_body_bytes: int = 32 * 1024 * 1024
+    # 8 MiB: reading, passing on and relaying a body costs the event loop a few copies of it
+    # (measured: at 32 MiB a 63 ms stretch of the loop, at 8 MiB 36 ms, on a loaded 2-core
+    # machine; /health must answer within 50 ms). 8 MiB of base64 is a 6 MB image.
+    max_body_bytes: int = 8 * 1024 * 1024
+    # Caps on the gateway's work per request (sparkd/gateway/limits.py): messages, content
+    # parts and tool calls (400 past them), characters of text the classifier reads.
+    max_messages: int = 4096
+    max_parts: int = 16384
+    classifier_chars: int = 64 * 1024
     allow_remote_images: bool = False
     upstream_timeout_s: float = 600.0
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -256,42 +289,69 @@ def parse_config(text: str, *, source: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     v = _Validator(source)
-    v.known_keys(raw, "", ("daemon", "gateway", "models"))
-    daemon = _parse_daemon(v, v.table(raw, "daemon"))
-    gateway = _parse_gateway(v, v.table(raw, "gateway"))
-    models_raw = v.table(raw, "models")
+    # Every error, not the first: each section and each model is checked on its own, and
+    # the error lists them all (one line each, each naming file, key and fix).
+    errors: list[str] = []
+
+    def checked(check: Callable[[], T], fallback: T) -> T:
+        try:
+            return check()
+        except ConfigError as exc:
+            errors.append(exc.message)
+            return fallback
+
+    checked(lambda: v.known_keys(raw, "", ("daemon", "gateway", "models")), None)
+    daemon = checked(lambda: _parse_daemon(v, v.table(raw, "daemon")), DaemonConfig())
+    gateway = checked(lambda: _parse_gateway(v, v.table(raw, "gateway")), GatewayConfig())
+    no_models: dict[str, Any] = {}
+    models_raw = checked(lambda: v.table(raw, "models"), no_models)
     models: dict[str, ModelConfig] = {}
+    broken: set[str] = set()
     ports: dict[int, str] = {}
     for name, table in models_raw.items():
-        key = f"models.{name}"
-        if not MODEL_NAME_RE.match(name):
-            v.fail(
-                key,
-                "a model name of letters, digits, '_', '.' or '-' (at most 64, "
-                "starting with a letter or digit)",
-                name,
-            )
-        if not isinstance(table, dict):
-            v.fail(key, "a table", table)
-        model = _parse_model(v, name, table, daemon)
-        if model.supervised:
-            for variant in model.variants:
-                port = model.port_for(variant)
-                where = f"{key}.port" if variant == "plain" else f"{key}.speculative.port"
-                if port in ports:
-                    v.fail(where, f"a port not used by {ports[port]}", port)
-                ports[port] = f"models.{name}" + ("" if variant == "plain" else " (speculative)")
+        try:
+            model = _parse_named_model(v, name, table, daemon, ports)
+        except ConfigError as exc:
+            errors.append(exc.message)
+            broken.add(name)
+            continue
         models[name] = model
-    if daemon.default_model is not None and daemon.default_model not in models:
-        v.fail(
-            "daemon.default_model",
-            "the name of a configured model" + _suggest(daemon.default_model, list(models)),
-            daemon.default_model,
-        )
-    if daemon.default_model is not None and not models[daemon.default_model].supervised:
-        v.fail("daemon.default_model", "a model sparkd runs (not engine = \"external\")",
-               daemon.default_model)
+    default = daemon.default_model
+    if default is not None and default not in broken:
+        if default not in models:
+            checked(lambda: v.fail("daemon.default_model", "the name of a configured model"
+                                   + _suggest(default, list(models)), default), None)
+        elif not models[default].supervised:
+            checked(lambda: v.fail("daemon.default_model",
+                                   'a model sparkd runs (not engine = "external")', default),
+                    None)
+    if errors:
+        raise ConfigError("\n".join(errors))
     return Config(source=source, daemon=daemon, gateway=gateway, models=models, text=text)
+
+
+def _parse_named_model(v: _Validator, name: str, table: Any, daemon: DaemonConfig,
+                       ports: dict[int, str]) -> ModelConfig:
+    """One model's section, its ports checked against (and added to) those taken."""
+    key = f"models.{name}"
+    if not MODEL_NAME_RE.fullmatch(name):
+        v.fail(
+            key,
+            "a model name of letters, digits, '_', '.' or '-' (at most 64, "
+            "starting with a letter or digit)",
+            name,
+        )
+    if not isinstance(table, dict):
+        v.fail(key, "a table", table)
+    model = _parse_model(v, name, table, daemon)
+    if model.supervised:
+        for variant in model.variants:
+            port = model.port_for(variant)
+            where = f"{key}.port" if variant == "plain" else f"{key}.speculative.port"
+            if port in ports:
+                v.fail(where, f"a port not used by {ports[port]}", port)
+            ports[port] = key + ("" if variant == "plain" else " (speculative)")
+    return model
 
 
 _DAEMON_KEYS: Final = tuple(DaemonConfig.__dataclass_fields__)
@@ -304,38 +364,60 @@ _SPECULATIVE_KEYS: Final = tuple(SpeculativeConfig.__dataclass_fields__)
 def _parse_daemon(v: _Validator, t: dict[str, Any]) -> DaemonConfig:
     v.known_keys(t, "daemon", _DAEMON_KEYS)
     d = DaemonConfig()
+    control_socket = v.abspath(t, "daemon.control_socket", d.control_socket)
+    if str(control_socket.parent) in SHARED_DIRS:
+        v.fail("daemon.control_socket", "a socket in a directory of its own, such as "
+               "/run/sparkd/control.sock (engine units hide that directory)", str(control_socket))
+    control_group = v.account(t, "daemon.control_group", d.control_group, "group")
+    engine_user = v.account(t, "daemon.engine_user", d.engine_user, "user")
+    if engine_user == "root":
+        v.fail("daemon.engine_user", "a user other than root (engines never run as root)",
+               engine_user)
+    if engine_user == control_group:
+        # The engine's own group would open the control socket to the engine (issue 10).
+        v.fail("daemon.engine_user", f"a user other than the control group {control_group!r} "
+               "(engines may not use the control socket)", engine_user)
     return DaemonConfig(
         unit_dir=v.abspath(t, "daemon.unit_dir", d.unit_dir),
         state_dir=v.abspath(t, "daemon.state_dir", d.state_dir),
-        control_socket=v.abspath(t, "daemon.control_socket", d.control_socket),
-        control_group=v.string(t, "daemon.control_group", d.control_group),
+        control_socket=control_socket,
+        control_group=control_group,
         default_model=v.opt_string(t, "daemon.default_model"),
         stop_engines_on_exit=v.boolean(t, "daemon.stop_engines_on_exit", d.stop_engines_on_exit),
-        memory_reserve_gib=v.number(t, "daemon.memory_reserve_gib", d.memory_reserve_gib, lo=0),
+        memory_reserve_gib=v.number(t, "daemon.memory_reserve_gib", d.memory_reserve_gib, lo=0,
+                                    hi=MEMORY_MAX_GIB),
         sparkd_path=v.abspath(t, "daemon.sparkd_path", d.sparkd_path),
-        engine_user=v.string(t, "daemon.engine_user", d.engine_user),
-        health_interval_s=v.number(t, "daemon.health_interval_s", d.health_interval_s, lo=0.1),
-        settle_timeout_s=v.number(t, "daemon.settle_timeout_s", d.settle_timeout_s, lo=0),
+        engine_user=engine_user,
+        health_interval_s=v.number(t, "daemon.health_interval_s", d.health_interval_s, lo=0.1,
+                                   hi=3600),
+        settle_timeout_s=v.number(t, "daemon.settle_timeout_s", d.settle_timeout_s, lo=0,
+                                  hi=3600),
         hung_after_failures=v.integer(
             t, "daemon.hung_after_failures", d.hung_after_failures, lo=1, hi=1000
         ),
-        last_good_after_s=v.number(t, "daemon.last_good_after_s", d.last_good_after_s, lo=0),
-        restart_sec=v.number(t, "daemon.restart_sec", d.restart_sec, lo=0.1),
+        last_good_after_s=v.number(t, "daemon.last_good_after_s", d.last_good_after_s, lo=0,
+                                   hi=DAY_S),
+        restart_sec=v.number(t, "daemon.restart_sec", d.restart_sec, lo=0.1, hi=3600),
         start_limit_burst=v.integer(
             t, "daemon.start_limit_burst", d.start_limit_burst, lo=1, hi=1000
         ),
         start_limit_interval_s=v.number(
-            t, "daemon.start_limit_interval_s", d.start_limit_interval_s, lo=1
+            t, "daemon.start_limit_interval_s", d.start_limit_interval_s, lo=1, hi=DAY_S
         ),
-        pressure_warn_pct=v.number(t, "daemon.pressure_warn_pct", d.pressure_warn_pct, lo=0),
+        pressure_warn_pct=v.number(t, "daemon.pressure_warn_pct", d.pressure_warn_pct, lo=0,
+                                   hi=100),
         download_concurrency=v.integer(
             t, "daemon.download_concurrency", d.download_concurrency, lo=1, hi=64
         ),
         download_stall_timeout_s=v.number(
-            t, "daemon.download_stall_timeout_s", d.download_stall_timeout_s, lo=0.1
+            t, "daemon.download_stall_timeout_s", d.download_stall_timeout_s, lo=0.1, hi=3600
         ),
         download_attempts=v.integer(
             t, "daemon.download_attempts", d.download_attempts, lo=1, hi=100
+        ),
+        download_min_rate_bytes_per_s=v.integer(
+            t, "daemon.download_min_rate_bytes_per_s", d.download_min_rate_bytes_per_s, lo=0,
+            hi=1 << 30,
         ),
     )
 
@@ -366,6 +448,11 @@ def _parse_gateway(v: _Validator, t: dict[str, Any]) -> GatewayConfig:
         ),
         max_body_bytes=v.integer(
             t, "gateway.max_body_bytes", d.max_body_bytes, lo=1024, hi=1 << 31
+        ),
+        max_messages=v.integer(t, "gateway.max_messages", d.max_messages, lo=1, hi=1_000_000),
+        max_parts=v.integer(t, "gateway.max_parts", d.max_parts, lo=1, hi=1_000_000),
+        classifier_chars=v.integer(
+            t, "gateway.classifier_chars", d.classifier_chars, lo=0, hi=16 * 1024 * 1024
         ),
         allow_remote_images=v.boolean(t, "gateway.allow_remote_images", d.allow_remote_images),
         upstream_timeout_s=v.number(t, "gateway.upstream_timeout_s", d.upstream_timeout_s, lo=1),
@@ -410,11 +497,11 @@ def _parse_speculative(v: _Validator, key: str, t: dict[str, Any]) -> Speculativ
         num_draft_tokens=opt_int("num_draft_tokens"),
         port=spec_port,
         memory_gib=None if "memory_gib" not in t else v.number(t, f"{key}.memory_gib", 0.0,
-                                                                lo=0),
+                                                                lo=0, hi=MEMORY_MAX_GIB),
         dispatch=cast(DispatchMode, v.choice(t, f"{key}.dispatch", DISPATCH_MODES, "static")),
         routes=tuple((w, routes[w]) for w in WORKLOADS),
         min_samples=v.integer(t, f"{key}.min_samples", d.min_samples, lo=1, hi=100_000),
-        recheck_share=v.number(t, f"{key}.recheck_share", d.recheck_share, lo=0),
+        recheck_share=v.number(t, f"{key}.recheck_share", d.recheck_share, lo=0, hi=0.5),
     )
 
 
@@ -426,7 +513,7 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
     engine = cast(EngineKind, v.choice(t, f"{key}.engine", ENGINE_KINDS, "vllm"))
     url = v.opt_string(t, f"{key}.url")
     if engine == "external":
-        if url is None or not re.match(r"^https?://", url):
+        if url is None or not URL_RE.fullmatch(url):
             v.fail(f"{key}.url", "an http:// or https:// URL (external models need one)", url)
     elif url is not None:
         v.fail(f"{key}.url", 'no url (only engine = "external" models have one)', url)
@@ -436,7 +523,7 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
     env_table = v.table(t, f"{key}.env", path=f"{key}.env")
     env: list[tuple[str, str]] = []
     for env_key, env_val in sorted(env_table.items()):
-        if not ENV_NAME_RE.match(env_key):
+        if not ENV_NAME_RE.fullmatch(env_key):
             v.fail(f"{key}.env", "environment variable names like NAME_1", env_key)
         if not isinstance(env_val, str):
             v.fail(f"{key}.env.{env_key}", "a string", env_val)
@@ -457,21 +544,23 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
         speculative = _parse_speculative(
             v, f"{key}.speculative", v.table(t, f"{key}.speculative")
         )
-        if speculative.recheck_share > 0.5:
-            v.fail(f"{key}.speculative.recheck_share", "a share from 0 to 0.5",
-                   speculative.recheck_share)
     idle = None
     if "idle_unload_minutes" in t:
         if engine == "external":
             v.fail(f"{key}.idle_unload_minutes", "nothing for an external model", t[
                 "idle_unload_minutes"])
-        idle = v.number(t, f"{key}.idle_unload_minutes", 0.0, lo=0.1)
+        idle = v.number(t, f"{key}.idle_unload_minutes", 0.0, lo=0.1, hi=WEEK_S / 60)
     files = t.get("files", [])
     if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
         v.fail(f"{key}.files", 'a list of glob patterns such as ["*.safetensors", "*.json"]',
                files)
     source = v.opt_string(t, f"{key}.source")
-    if source is not None and not SOURCE_RE.match(source):
+    binary = v.opt_string(t, f"{key}.binary")
+    if binary is not None and (not binary or binary[0] in EXEC_PREFIXES):
+        # systemd takes a leading @ - : + ! | of ExecStart= as a prefix, quotes or not.
+        v.fail(f"{key}.binary", "a program name or absolute path that does not start with "
+               f"one of {EXEC_PREFIXES} (systemd reads those as command prefixes)", binary)
+    if source is not None and not SOURCE_RE.fullmatch(source):
         v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
                source)
     return ModelConfig(
@@ -481,9 +570,9 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
         port=port,
         args=tuple(args),
         env=tuple(env),
-        memory_gib=v.number(t, f"{key}.memory_gib", 0.0, lo=0),
-        load_timeout_s=v.number(t, f"{key}.load_timeout_s", 900.0, lo=1),
-        binary=v.opt_string(t, f"{key}.binary"),
+        memory_gib=v.number(t, f"{key}.memory_gib", 0.0, lo=0, hi=MEMORY_MAX_GIB),
+        load_timeout_s=v.number(t, f"{key}.load_timeout_s", 900.0, lo=1, hi=WEEK_S),
+        binary=binary,
         url=url,
         role_policy=cast(
             RolePolicy, v.choice(t, f"{key}.role_policy", ROLE_POLICIES, "passthrough")
@@ -500,6 +589,11 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
 def _suggest(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1)
     return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def _plain(number: float) -> str:
+    """A bound as people write it: 604800, 0.1, 1000000000."""
+    return str(int(number)) if float(number).is_integer() else repr(float(number))
 
 
 def _show(value: object) -> str:
@@ -584,16 +678,30 @@ class _Validator:
             ),
         )
 
-    def number(self, t: Mapping[str, Any], key: str, default: float, *, lo: float) -> float:
-        what = f"a number >= {lo:g}"
+    def number(
+        self, t: Mapping[str, Any], key: str, default: float, *, lo: float,
+        hi: float = NUMBER_MAX,
+    ) -> float:
+        """A finite number within [lo, hi]: `inf` would crash arithmetic, `1e300` would
+        render a 300-digit unit setting."""
+        what = f"a number from {_plain(lo)} to {_plain(hi)}"
         value = self._typed(
             t,
             key,
             default,
-            lambda x: isinstance(x, int | float) and not isinstance(x, bool) and x >= lo,
+            lambda x: (isinstance(x, int | float) and not isinstance(x, bool)
+                       and math.isfinite(x) and lo <= x <= hi),
             what,
         )
         return float(value)
+
+    def account(self, t: Mapping[str, Any], key: str, default: str, kind: str) -> str:
+        """A user or group name (letters, digits, _ and -; at most 31)."""
+        value = self.string(t, key, default)
+        if not ACCOUNT_NAME_RE.fullmatch(value):
+            self.fail(key, f"a plain {kind} name (a letter or _, then letters, digits, _ or -; "
+                      "at most 31)", value)
+        return value
 
     def choice(
         self, t: Mapping[str, Any], key: str, options: tuple[str, ...], default: str

@@ -141,6 +141,7 @@ class Daemon:
         server = ControlServer(
             self.config.daemon.control_socket,
             group=self.config.daemon.control_group,
+            refuse_user=self.config.daemon.engine_user,
             handler=sup.handle,
             streams={"subscribe": lambda _request: as_json(sup.subscribe())},
         )

@@ -5,6 +5,9 @@
 - `dispatch`: PURE choice of engine variant (plain, speculative), static or measured.
 - `routing`: PURE view of the daemon's status and what to do with a request (serve, hold,
   swap on demand, refuse), idle unloads, the /v1/models listing.
+- `limits`: PURE checks of a request body's shape and its caps (messages, parts).
+- `prepare`: PURE one body made ready for an engine (parse, check, classify, rewrite).
+- `worker`: the process that prepares large bodies off the event loop.
 - `errors`, `metrics`: OpenAI-style error bodies; Prometheus metrics.
 - `app`: the aiohttp adapter (routes, relay, holding); `daemon_link`: the daemon's event
   stream and idle unloads; `state`: typed app state and settings; `command`: `sparkd gateway`.

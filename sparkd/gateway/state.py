@@ -15,8 +15,9 @@ from aiohttp import web
 
 from sparkd.config import Config
 from sparkd.control import aio_client
-from sparkd.gateway import classify, dispatch, rewrite, routing
+from sparkd.gateway import classify, dispatch, limits, prepare, rewrite, routing
 from sparkd.gateway.metrics import Metrics
+from sparkd.gateway.worker import PrepareWorker
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Settings:
     rules: classify.CompiledRules
     policies: Mapping[str, rewrite.PolicyChoice]
     daemon_call: DaemonCall
+    recipe: prepare.Recipe  # what preparing a request needs (rules, policies, limits)
     clock: Callable[[], float] = time.monotonic
     draw: Callable[[], float] = random.random
 
@@ -86,6 +88,7 @@ CONFIG: Final = web.AppKey("settings", SettingsHolder)
 STATE: Final = web.AppKey("state", GatewayState)
 METRICS: Final = web.AppKey("metrics", Metrics)
 SESSION: Final = web.AppKey("session", aiohttp.ClientSession)
+WORKER: Final = web.AppKey("worker", PrepareWorker)
 
 
 def settings_for(config: Config, *, daemon_call: DaemonCall | None = None) -> Settings:
@@ -95,16 +98,25 @@ def settings_for(config: Config, *, daemon_call: DaemonCall | None = None) -> Se
     async def call(method: str, params: dict[str, Any]) -> Any:
         return await aio_client.call(socket, method, params)
 
+    rules = classify.rules_from(
+        code_user_agents=gc.code_user_agents,
+        code_system_prompts=gc.code_system_prompts,
+        code_patterns=gc.code_patterns,
+    )
+    policies = {
+        name: rewrite.resolve_policy(m.role_policy, name, m.source, str(m.path))
+        for name, m in config.models.items()
+    }
+    g = config.gateway
     return Settings(
         config=config,
-        rules=classify.rules_from(
-            code_user_agents=gc.code_user_agents,
-            code_system_prompts=gc.code_system_prompts,
-            code_patterns=gc.code_patterns,
-        ),
-        policies={
-            name: rewrite.resolve_policy(m.role_policy, name, m.source, str(m.path))
-            for name, m in config.models.items()
-        },
+        rules=rules,
+        policies=policies,
         daemon_call=daemon_call or call,
+        recipe=prepare.Recipe(
+            models=tuple(sorted(config.models)), policies=policies, rules=rules,
+            limits=limits.Limits(max_messages=g.max_messages, max_parts=g.max_parts,
+                                 classifier_chars=g.classifier_chars),
+            allow_remote_images=g.allow_remote_images,
+        ),
     )

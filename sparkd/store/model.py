@@ -47,6 +47,7 @@ class StoreSettings:
             concurrency=d.download_concurrency,
             stall_timeout_s=d.download_stall_timeout_s,
             policy=RetryPolicy(attempts=d.download_attempts),
+            min_rate_bytes_per_s=d.download_min_rate_bytes_per_s,
         ))
 
 

@@ -19,11 +19,10 @@ See docs/units.md for why each setting is what it is.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from typing import Final
 
-from sparkd.config import Config, EngineKind, ModelConfig, Variant
+from sparkd.config import ACCOUNT_NAME_RE, EXEC_PREFIXES, Config, EngineKind, ModelConfig, Variant
 from sparkd.engine.unit import ENGINE_HOST, TIMEOUT_STOP_S, health_url, start_timeout_s
 from sparkd.errors import ConfigError
 
@@ -49,15 +48,14 @@ CPU_WEIGHT: Final = 50
 IO_WEIGHT: Final = 50
 OOM_SCORE_ADJUST: Final = 500
 
-# A user name systemd's User= takes without complaint (the portable POSIX subset).
-_USER_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,30}$")
-
 # Characters that need no quoting in a systemd word. Everything else is double-quoted.
 _SAFE_CHARS: Final = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./:=,+@-"
 )
-# Characters that may not open an unquoted executable path: systemd reads them as prefixes.
-_EXEC_PREFIXES: Final = frozenset("@-:+!|")
+# Characters that may not open an executable path: systemd reads them as prefixes, quoted or
+# not (v252 src/core/load-fragment.c, config_parse_exec(): the prefix loop runs over the first
+# word after extract_first_word() has removed its quotes).
+_EXEC_PREFIXES: Final = frozenset(EXEC_PREFIXES)
 _C_ESCAPES: Final = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 # systemd refuses an executable path containing these ("contains special characters").
 _BAD_EXEC_CHARS: Final = frozenset("\"'\\")
@@ -146,11 +144,11 @@ def quote_command(argv: Iterable[str]) -> str:
     if not words:
         raise ValueError("an empty command line")
     exe = words[0]
-    # The executable path is specifier-expanded but never `$`-expanded; a leading prefix
-    # character must be quoted so systemd does not take it for `-`, `+`, `@`, ...
+    if not exe or exe[0] in _EXEC_PREFIXES:
+        # Quoting does not help: `"+python3"` still runs as root.
+        raise ValueError(f"an executable {exe!r} that systemd would read as a prefix")
+    # The executable path is specifier-expanded but never `$`-expanded.
     first = quote_word(exe, expand_dollar=False)
-    if first == exe and exe[0] in _EXEC_PREFIXES:
-        first = f'"{exe}"'
     return " ".join([first, *(quote_word(w) for w in words[1:])])
 
 
@@ -276,6 +274,9 @@ def render_unit(
     lines += [
         "PrivateTmp=yes",
         "PrivateMounts=yes",
+        "# The control socket's directory: code an engine runs (a trust_remote_code model) may",
+        "# not reach sparkd's control socket (swap, unload, reload). `-`: no error when absent.",
+        f"InaccessiblePaths={_quote_path('-' + str(config.daemon.control_socket.parent))}",
         "ProtectKernelTunables=yes",
         "ProtectKernelModules=yes",
         "ProtectKernelLogs=yes",
@@ -354,7 +355,7 @@ def _check_model(config: Config, model: ModelConfig) -> None:
         _check_executable(f"{where}.binary", model.binary)
     _check_executable(f"{config.source}: daemon.sparkd_path", str(config.daemon.sparkd_path))
     user = config.daemon.engine_user
-    if not _USER_RE.match(user) or user == "root":
+    if not ACCOUNT_NAME_RE.fullmatch(user) or user == "root":
         raise ConfigError(
             f"{config.source}: daemon.engine_user: expected a plain user name other than root "
             f"(engines never run as root), got {user!r}"
@@ -366,6 +367,8 @@ def _check_executable(key: str, value: str) -> None:
     problem = None
     if not value:
         problem = "a path"
+    elif value[0] in _EXEC_PREFIXES:
+        problem = f"a program that does not start with one of {EXEC_PREFIXES} (a prefix to systemd)"
     elif any(c in _BAD_EXEC_CHARS or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         problem = "no quotes, backslashes or control characters (systemd refuses them)"
     elif "/" in value:

@@ -17,6 +17,9 @@ PURE = (
     "sparkd.engine.fingerprints",
     "sparkd.gateway.rewrite",
     "sparkd.gateway.classify",
+    "sparkd.gateway.limits",
+    "sparkd.gateway.prepare",
+    "sparkd.gateway.worker",  # not pure (a process and pipes), but light: no aiohttp to start
     "sparkd.gateway.routing",
     "sparkd.monitor.memory",
     "sparkd.monitor.psi",
