@@ -26,6 +26,7 @@ PURE = (
     "sparkd.monitor.liveness",
     "sparkd.store.plan",
     "sparkd.config",
+    "sparkd.config_checks",
     "sparkd.control.codec",
     "sparkd.control.status",
     "sparkd.daemon.engines",
