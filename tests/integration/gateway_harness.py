@@ -28,6 +28,7 @@ from sparkd.config import Config, parse_config
 from sparkd.control.protocol import Request
 from sparkd.control.server import ControlServer
 from sparkd.errors import BadRequest
+from sparkd.gateway import door
 from sparkd.gateway.app import build_app, settings_for
 
 T = TypeVar("T")
@@ -166,7 +167,8 @@ def running_gateway(config_text: str, *, initial: dict[str, Any] | None = None,
         if start_daemon:
             await daemon.server.start()
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        # The production site: the connection guard watches every connection.
+        await door.GuardedSite(runner, "127.0.0.1", port, app[door.GUARD]).start()
         started.set()
         await stopping.wait()
         await runner.cleanup()
