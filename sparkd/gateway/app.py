@@ -26,8 +26,8 @@ import yarl
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sparkd.config import Config, GatewayConfig, ModelConfig, Variant, listen_is_loopback
-from sparkd.errors import ConfigError, SparkdError
+from sparkd.config import Config, GatewayConfig, ModelConfig, Variant
+from sparkd.errors import SparkdError
 from sparkd.gateway import (
     auth,
     classify,
@@ -96,9 +96,10 @@ def build_app(settings: Settings, *, subscribe: bool = True, keys: auth.Keys | N
 
 def _install_door(app: web.Application, gateway: GatewayConfig, keys: auth.Keys | None,
                   nofile: int | None) -> None:
-    app[door.DOOR] = door.door_for(
-        gateway, auth.load_keys(gateway.keys_file) if keys is None else keys)
     m = app[METRICS]
+    app[door.DOOR] = door.door_for(
+        gateway, auth.load_keys(gateway.keys_file) if keys is None else keys,
+        on_close=lambda reason: child(m.connections_closed, reason).inc())
     limit = door.connection_limit(gateway.max_connections,
                                   door.nofile_limit() if nofile is None else nofile)
     app[door.GUARD] = door.ConnectionGuard(
@@ -631,8 +632,7 @@ def apply_config(app: web.Application, config: Config, *, keys: auth.Keys | None
     holder, state = app[CONFIG], app[STATE]
     old = holder.current
     if keys is None:
-        keys = auth.load_keys(config.gateway.keys_file)
-    _check_keys(config, keys)
+        keys = auth.check_keys(config)
     app[door.DOOR] = door.door_for(config.gateway, keys, previous=app[door.DOOR])
     g = config.gateway
     app[door.GUARD].configure(header_timeout_s=g.header_timeout_s,
@@ -650,15 +650,6 @@ def apply_config(app: web.Application, config: Config, *, keys: auth.Keys | None
     ) if before != after]
 
 
-def _check_keys(config: Config, keys: auth.Keys) -> None:
-    if not keys and not listen_is_loopback(config.gateway.listen):
-        raise ConfigError(
-            f"{config.gateway.keys_file}: no API keys, and gateway.listen"
-            f" ({config.gateway.listen}) is reachable from other machines: add one with"
-            f" `sparkd gateway-key add NAME --file {config.gateway.keys_file}`, or listen on"
-            ' "127.0.0.1:PORT"')
-
-
 def make_runner(app: web.Application) -> web.AppRunner:
     gateway = app[CONFIG].current.config.gateway
     # handler_cancellation: a client that disconnects cancels its handler, and with it the
@@ -674,8 +665,7 @@ async def serve(config: Config, *, ready: Callable[[], None] = lambda: None,
                 on_app: Callable[[web.Application], None] = lambda app: None) -> None:
     """Listen on gateway.listen until `stop` is set."""
     host, _, port = config.gateway.listen.rpartition(":")
-    keys = auth.load_keys(config.gateway.keys_file)
-    _check_keys(config, keys)
+    keys = auth.check_keys(config)
     app = build_app(settings_for(config), keys=keys)
     on_app(app)
     runner = make_runner(app)

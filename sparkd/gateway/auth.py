@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from sparkd.config import Config, listen_is_loopback
 from sparkd.errors import ConfigError
 
 KEY_PREFIX: Final = "sk-sparkd-"
@@ -203,6 +204,20 @@ def load_keys(keys_file: Path | None, environ: Mapping[str, str] = os.environ) -
     if keys_file is None:
         return Keys()
     return read_keys_file(keys_file)
+
+
+def check_keys(config: Config, environ: Mapping[str, str] = os.environ) -> Keys:
+    """The keys in force, refused (ConfigError) when the file is bad, or when there are none
+    and gateway.listen reaches beyond this machine (`sparkd check-config`, the gateway's
+    start and reload)."""
+    keys = load_keys(config.gateway.keys_file, environ)
+    if not keys and not listen_is_loopback(config.gateway.listen):
+        raise ConfigError(
+            f"{config.gateway.keys_file}: no API keys, and gateway.listen"
+            f" ({config.gateway.listen}) is reachable from other machines: add one with"
+            f" `sparkd gateway-key add NAME --file {config.gateway.keys_file}`, or listen on"
+            ' "127.0.0.1:PORT"')
+    return keys
 
 
 def add_entry(text: str, name: str, digest: str, *, models: tuple[str, ...] = (),

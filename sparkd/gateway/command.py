@@ -32,11 +32,11 @@ def _notify(state: str) -> None:
 def reload_config(app: web.Application, config_file: Path) -> None:
     """SIGHUP: the new config when it is valid; the one in force (and a loud error) if not."""
     from sparkd.gateway.app import apply_config
-    from sparkd.gateway.auth import load_keys
+    from sparkd.gateway.auth import check_keys
 
     try:
         config = load_config(config_file)
-        keys = load_keys(config.gateway.keys_file)
+        keys = check_keys(config)
         fixed = apply_config(app, config, keys=keys)
     except ConfigError as exc:
         event(log, "gateway_config_rejected", "new config rejected, keeping the previous "

@@ -51,6 +51,19 @@ LOG_EVERY_S: Final = 60.0
 # --- per request -------------------------------------------------------------------------------
 
 
+@dataclass(slots=True, eq=False)
+class Pass:
+    """What the door learned about the request being handled: its route, its key, and the
+    body bytes it holds. aiohttp runs each request in a task of its own, so a ContextVar
+    holds it for exactly that request (request storage would warn on aiohttp >= 3.13 for
+    keys that are not RequestKeys, which aiohttp 3.9 lacks)."""
+
+    match: routes.Match | None = None
+    key: auth.KeyEntry | None = None
+    charged: int = 0
+
+
+
 @dataclass(slots=True)
 class Door:
     """What the door decides with; replaced whole on a reload (rate buckets kept)."""
@@ -62,31 +75,42 @@ class Door:
     body_memory_bytes: int
     limits: auth.RateLimits = field(default_factory=auth.RateLimits)
     in_flight: int = 0  # bytes of request bodies held now
+    readers: dict[Pass, asyncio.Transport | None] = field(default_factory=dict)
     clock: Callable[[], float] = time.monotonic
+    on_close: Callable[[str], None] = lambda reason: None
+
+    def make_room(self, held: Pass, size: int) -> bool:
+        """Room for `size` more bytes of `held`'s body: when the budget is full, the body
+        still arriving that holds the most (more than `held`) is dropped, its connection
+        closed: one client holding a large body cannot keep others out."""
+        while self.in_flight + size > self.body_memory_bytes:
+            hog = max(self.readers, key=lambda p: p.charged, default=None)
+            if hog is None or hog is held or hog.charged <= held.charged + size:
+                return False
+            transport = self.readers.pop(hog)
+            self.in_flight -= hog.charged
+            hog.charged = 0
+            if transport is not None:
+                transport.abort()
+            self.on_close("body_memory")
+        return True
 
 
-def door_for(gateway: GatewayConfig, keys: auth.Keys, *,
-             previous: Door | None = None) -> Door:
-    return Door(keys=keys, allowed_hosts=frozenset(gateway.allowed_hosts),
-                max_body_bytes=gateway.max_body_bytes, body_timeout_s=gateway.body_timeout_s,
-                body_memory_bytes=gateway.body_memory_bytes,
-                limits=previous.limits if previous is not None else auth.RateLimits(),
-                in_flight=previous.in_flight if previous is not None else 0)
+def door_for(gateway: GatewayConfig, keys: auth.Keys, *, previous: Door | None = None,
+             on_close: Callable[[str], None] | None = None) -> Door:
+    new = Door(keys=keys, allowed_hosts=frozenset(gateway.allowed_hosts),
+               max_body_bytes=gateway.max_body_bytes, body_timeout_s=gateway.body_timeout_s,
+               body_memory_bytes=gateway.body_memory_bytes)
+    if previous is not None:  # a reload: what is in flight stays counted
+        new.limits, new.in_flight, new.readers = (previous.limits, previous.in_flight,
+                                                  previous.readers)
+        new.on_close = previous.on_close
+    if on_close is not None:
+        new.on_close = on_close
+    return new
 
 
 DOOR: Final = web.AppKey("door", Door)
-
-
-@dataclass(slots=True)
-class Pass:
-    """What the door learned about the request being handled: its route, its key, and the
-    body bytes it holds. aiohttp runs each request in a task of its own, so a ContextVar
-    holds it for exactly that request (request storage would warn on aiohttp >= 3.13 for
-    keys that are not RequestKeys, which aiohttp 3.9 lacks)."""
-
-    match: routes.Match | None = None
-    key: auth.KeyEntry | None = None
-    charged: int = 0
 
 
 CURRENT: Final[contextvars.ContextVar[Pass]] = contextvars.ContextVar("sparkd_gateway_pass")
@@ -180,6 +204,7 @@ async def read_body(request: web.Request) -> bytes:
     chunks: list[bytes] = []
     got = 0
     held = current()
+    door.readers[held] = request.transport
     try:
         async with asyncio.timeout(door.body_timeout_s):
             while True:
@@ -189,7 +214,7 @@ async def read_body(request: web.Request) -> bytes:
                 got += len(chunk)
                 if got > limit:
                     raise _too_large(limit)
-                if door.in_flight + len(chunk) > door.body_memory_bytes:
+                if not door.make_room(held, len(chunk)):
                     raise GatewayError(
                         503, "body_memory_full",
                         f"request bodies in flight hold {door.in_flight} bytes already"
@@ -201,6 +226,8 @@ async def read_body(request: web.Request) -> bytes:
         raise GatewayError(408, "body_timeout",
                            f"the request body did not arrive within {door.body_timeout_s:g} s"
                            " (gateway.body_timeout_s)") from None
+    finally:
+        door.readers.pop(held, None)
     if guard is not None:
         guard.working(request.transport)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
