@@ -33,7 +33,7 @@ import resource
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 from aiohttp import web
 
@@ -419,8 +419,8 @@ class GuardedProtocol(asyncio.Protocol):
         self._conn: Conn | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._conn = self._guard.admit(transport)
+        # uvloop's transports are not asyncio.Transport subclasses; they have its methods.
+        self._conn = self._guard.admit(cast(asyncio.Transport, transport))
         if self._conn is not None:
             self._inner.connection_made(transport)
 
