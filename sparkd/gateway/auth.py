@@ -45,6 +45,9 @@ from sparkd.errors import ConfigError
 KEY_PREFIX: Final = "sk-sparkd-"
 DIGEST_SCHEME: Final = "hmac-sha256"
 CREDENTIAL: Final = "gateway-keys"  # LoadCredential=gateway-keys:... in the unit
+# What the unit's SetCredential= hands over when the keys file is missing (systemd 252 takes
+# no empty value there).
+NO_KEYS_FILE: Final = "# sparkd: no keys file"
 KEY_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _DIGEST_RE: Final = re.compile(rf"{DIGEST_SCHEME}:([0-9a-f]{{32}}):([0-9a-f]{{64}})\Z")
 _ENTRY_KEYS: Final = ("digest", "models", "rate_per_minute", "burst")
@@ -189,14 +192,17 @@ def read_keys_file(path: Path, *, check_mode: bool = True) -> Keys:
 
 
 def load_keys(keys_file: Path | None, environ: Mapping[str, str] = os.environ) -> Keys:
-    """The keys in force: the systemd credential `gateway-keys` when the unit delivers a
-    non-empty one (LoadCredential=, read by systemd as root), else gateway.keys_file, else
-    none."""
+    """The keys in force: the systemd credential `gateway-keys` when the unit delivers the
+    keys file as one (LoadCredential=, read by systemd as root), else gateway.keys_file,
+    else none."""
     creds = environ.get("CREDENTIALS_DIRECTORY")
     if creds and keys_file is not None:
         path = Path(creds) / CREDENTIAL
         try:
-            if path.stat().st_size > 0:
+            with path.open("rb") as f:
+                placeholder = f.read(len(NO_KEYS_FILE) + 2).strip() in (
+                    b"", NO_KEYS_FILE.encode())
+            if not placeholder:
                 # systemd made it readable by this service's user only.
                 return read_keys_file(path, check_mode=False)
         except FileNotFoundError:

@@ -90,8 +90,9 @@ def test_a_systemd_credential_is_preferred_when_not_empty(tmp_path: Path) -> Non
     creds.mkdir()
     env = {"CREDENTIALS_DIRECTORY": str(creds)}
     assert [e.name for e in auth.load_keys(keys_file, env).entries] == ["from-file"]
-    (creds / auth.CREDENTIAL).write_text("")  # SetCredential='s empty fallback
-    assert [e.name for e in auth.load_keys(keys_file, env).entries] == ["from-file"]
+    for placeholder in ("", auth.NO_KEYS_FILE):  # the unit's SetCredential= stand-in
+        (creds / auth.CREDENTIAL).write_text(placeholder)
+        assert [e.name for e in auth.load_keys(keys_file, env).entries] == ["from-file"]
     _, cred_digest = auth.new_key()
     (creds / auth.CREDENTIAL).write_text(auth.add_entry("", "from-cred", cred_digest))
     os.chmod(creds / auth.CREDENTIAL, 0o444)  # systemd's own mode is not ours to judge
