@@ -1,0 +1,354 @@
+"""Bar (issue 10): while 1,000 hostile connections hit the gateway on loopback, a well-behaved
+client's p99 chat completion through it stays under 50 ms and the gateway's RSS under 200 MB.
+
+One run, against the simulated engine (`sparkd sim-engine`, a test double answering at 10^6
+tokens/s) behind `sparkd gateway` (a sparkd-managed model with role_policy = "strict", its
+engine learned from a fake daemon's subscribe stream, as in bench/gateway_bench.py), with the
+descriptor limit of its unit (LimitNOFILE=16384):
+
+1. idle: the well-behaved client alone, sequential chat completions on one keep-alive
+   connection, for `--seconds`;
+2. hostile: the same client while 1,000 hostile connections are held open, each one of:
+   - slow headers (slowloris): a request line, then a header byte every second;
+   - slow bodies: headers announcing 1 MiB, then a body byte every second;
+   - maximal inputs (`--maximal-share` of the connections, 10 %): a chat completion as large
+     as the classifier and the rewrite have to take: a 64 KiB `def NAME` line without its
+     closing colon (the classifier's code-line pattern), and 20,000 same-role messages (the
+     strict policy's merge), sent again each time the last one is answered, after a pause
+     (`--maximal-pause`, 5 s).
+   A hostile connection the gateway closes (its timeouts) is opened again at once, so 1,000
+   stay open for the whole phase.
+
+The well-behaved client runs in a process of its own (the hostile load generator's event
+loop must not delay its clock). The gateway's RSS is sampled every 0.2 s. Every loop is
+bounded by the phase's deadline; everything stays on loopback.
+
+    python bench/gateway_hostile.py [--seconds 15] [--mix slow,body,maximal] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO))
+
+from gateway_bench import (  # noqa: E402
+    BODY,
+    HEADERS,
+    MODEL,
+    SPARKD,
+    fake_daemon,
+    free_port,
+    machine,
+    pct,
+    processes,
+    spawn,
+    wait_ready,
+)
+
+HOSTILE = 1000
+NOFILE = 16384  # units/sparkd-gateway.service LimitNOFILE=
+P99_BAR_MS = 50.0
+RSS_BAR_MB = 200.0
+KINDS = ("slow", "body", "maximal")
+
+
+def maximal_bodies() -> list[bytes]:
+    """The classifier's and the rewrite's worst inputs of issue 10 item 1, as chat bodies."""
+    line = "def " + "a" * 65_536  # 64 KiB of `def NAME` without its colon
+    many = [{"role": "user", "content": f"part {i}"} for i in range(20_000)]
+    return [json.dumps({"model": MODEL, "max_tokens": 1, "messages": m}).encode() for m in (
+        [{"role": "user", "content": line}], many)]
+
+
+async def slow_headers(port: int, deadline: float, stats: dict[str, int]) -> None:
+    while time.monotonic() < deadline:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            stats["connect_errors"] += 1
+            await asyncio.sleep(0.5)
+            continue
+        stats["slow_headers_opened"] += 1
+        try:
+            w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            while time.monotonic() < deadline and not w.is_closing():
+                await asyncio.sleep(1.0)
+                w.write(b"X")
+                await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.transport.abort()
+
+
+async def slow_body(port: int, deadline: float, stats: dict[str, int]) -> None:
+    while time.monotonic() < deadline:
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
+        except OSError:
+            stats["connect_errors"] += 1
+            await asyncio.sleep(0.5)
+            continue
+        stats["slow_bodies_opened"] += 1
+        try:
+            w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 1048576\r\n\r\n{")
+            while time.monotonic() < deadline and not w.is_closing():
+                try:  # the pause between bytes, listening: an answer (408) ends it
+                    await asyncio.wait_for(r.read(65536), 1.0)
+                    break
+                except TimeoutError:
+                    pass
+                w.write(b" ")
+                await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            w.transport.abort()
+
+
+async def maximal(session: aiohttp.ClientSession, url: str, body: bytes, deadline: float,
+                  pause: float, stats: dict[str, int]) -> None:
+    while time.monotonic() < deadline:
+        try:
+            async with session.post(url + "/v1/chat/completions", data=body,
+                                    headers=HEADERS) as r:
+                answer = await r.read()
+                code = ""
+                if r.status != 200:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        code = "_" + str(json.loads(answer)["error"]["code"])
+                stats[f"maximal_{r.status}{code}"] += 1
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            stats[f"maximal_{type(exc).__name__}"] += 1
+        await asyncio.sleep(pause)
+
+
+async def hostile(url: str, port: int, seconds: float, mix: tuple[str, ...], pause: float,
+                  share: float, started: asyncio.Event) -> dict[str, int]:
+    from collections import defaultdict
+
+    stats: dict[str, int] = defaultdict(int)
+    deadline = time.monotonic() + seconds
+    bodies = maximal_bodies()
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=True),
+        timeout=aiohttp.ClientTimeout(total=seconds + 30))
+    tasks = []
+    try:
+        maximal_every = max(1, round(1 / share)) if "maximal" in mix else 0
+        others = [k for k in mix if k != "maximal"] or ["maximal"]
+        for i in range(HOSTILE):
+            kind = "maximal" if maximal_every and i % maximal_every == 0 else (
+                others[i % len(others)])
+            if kind == "slow":
+                tasks.append(asyncio.create_task(slow_headers(port, deadline, stats)))
+            elif kind == "body":
+                tasks.append(asyncio.create_task(slow_body(port, deadline, stats)))
+            else:
+                tasks.append(asyncio.create_task(maximal(
+                    session, url, bodies[i % len(bodies)], deadline, pause, stats)))
+            if i % 100 == 99:
+                await asyncio.sleep(0.05)  # ramp up over half a second
+        stats["connections"] = len(tasks)
+        started.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await session.close()
+    return dict(stats)
+
+
+def client_process(url: str, seconds: float) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, __file__, "--client", url, "--seconds",
+                             str(seconds)], stdout=subprocess.PIPE, cwd=REPO)
+
+
+async def run_client(url: str, seconds: float) -> None:
+    """The well-behaved client (its own process): latencies in ms, as JSON on stdout."""
+    out: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        for _ in range(50):  # warm-up
+            async with session.post(url + "/v1/chat/completions", data=BODY,
+                                    headers=HEADERS) as r:
+                await r.read()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t = time.perf_counter()
+            try:
+                async with session.post(url + "/v1/chat/completions", data=BODY,
+                                        headers=HEADERS,
+                                        timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    await r.read()
+                    ok = r.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                ok = False
+            if ok:
+                out.append((time.perf_counter() - t) * 1000)
+            else:
+                errors += 1
+            await asyncio.sleep(0.005)  # about 150 requests a second
+    print(json.dumps({"latencies": out, "errors": errors}))
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def measure(url: str, pid: int, seconds: float) -> dict[str, Any]:
+    peak = 0.0
+    client = client_process(url, seconds)
+    try:
+        while client.poll() is None:
+            peak = max(peak, rss_mb(pid))
+            await asyncio.sleep(0.2)
+        stdout = client.stdout.read() if client.stdout else b""
+    finally:
+        if client.poll() is None:
+            client.kill()
+        client.wait()
+    data = json.loads(stdout)
+    lat = data["latencies"]
+    return {"p50": pct(lat, 50), "p99": pct(lat, 99), "max": max(lat, default=float("nan")),
+            "n": len(lat), "errors": data["errors"], "rss_peak_mb": peak}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="gwhostile"))
+    sock = work / "control.sock"
+    engine_port, gw_port = free_port(), free_port()
+    (work / "sparkd.toml").write_text(f"""
+[daemon]
+control_socket = "{sock}"
+[gateway]
+listen = "127.0.0.1:{gw_port}"
+[models.{MODEL}]
+engine = "sim"
+port = {engine_port}
+role_policy = "strict"
+""")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    limited = [sys.executable, "-c", "import resource; resource.setrlimit("
+               f"resource.RLIMIT_NOFILE, ({NOFILE}, {NOFILE})); from sparkd.main import main;"
+               " main()"]
+    mix = tuple(args.mix.split(","))
+    results: dict[str, Any] = {"machine": machine(),
+                               "load": Path("/proc/loadavg").read_text().split()[0],
+                               "mix": mix, "seconds": args.seconds,
+                               "maximal": (args.maximal_share, args.maximal_pause)}
+    with processes() as procs:
+        spawn(procs, "engine", [*SPARKD, "sim-engine", "--model", MODEL, "--path",
+                                str(work / "model"), "--port", str(engine_port),
+                                "--load-seconds", "0", "--tokens-per-second", "1000000"],
+              f"http://127.0.0.1:{engine_port}", work / "engine.log", env)
+        async with fake_daemon(sock, engine_port):
+            gateway = spawn(procs, "gateway", [*limited, "gateway", "--config",
+                                               str(work / "sparkd.toml")],
+                            f"http://127.0.0.1:{gw_port}", work / "gateway.log", env)
+            async with aiohttp.ClientSession() as s:
+                for p in procs:
+                    await wait_ready(s, p, 30)
+            pid = gateway.popen.pid
+            results["rss_start_mb"] = rss_mb(pid)
+            print(f"idle: the client alone for {args.seconds:g} s ...", flush=True)
+            results["idle"] = await measure(gateway.url, pid, args.seconds)
+            print(f"hostile: {HOSTILE} connections ({', '.join(mix)}) and the client for"
+                  f" {args.seconds:g} s ...", flush=True)
+            started = asyncio.Event()
+            attack = asyncio.create_task(hostile(gateway.url, gw_port, args.seconds + 8, mix,
+                                                 args.maximal_pause, args.maximal_share,
+                                                 started))
+            await started.wait()
+            await asyncio.sleep(2)  # every hostile connection open
+            results["hostile"] = await measure(gateway.url, pid, args.seconds)
+            results["hostile"]["open_fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+            results["attack"] = await attack
+            results["alive"] = gateway.popen.poll() is None
+            results["log_bytes"] = (work / "gateway.log").stat().st_size
+    return results
+
+
+def verdicts(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    h, i = r["hostile"], r["idle"]
+    return [
+        ("well-behaved client's p99 under 1,000 hostile connections < 50 ms",
+         f"{h['p99']:.2f} ms (idle {i['p99']:.2f} ms: {h['p99'] / i['p99']:.1f}x;"
+         f" {h['errors']} errors)", h["p99"] < P99_BAR_MS and h["errors"] == 0),
+        ("gateway RSS under 1,000 hostile connections < 200 MB",
+         f"{h['rss_peak_mb']:.0f} MB peak (idle {i['rss_peak_mb']:.0f} MB)",
+         h["rss_peak_mb"] < RSS_BAR_MB),
+    ]
+
+
+def report(r: dict[str, Any]) -> str:
+    h, i = r["hostile"], r["idle"]
+    share, pause = r["maximal"]
+    maximal = (f" ({share:.0%} of the connections maximal inputs, each every {pause:g} s)"
+               if "maximal" in r["mix"] else "")
+    lines = [f"Machine: {r['machine']}. Load average {r['load']} before the run. Hostile mix:"
+             f" {', '.join(r['mix'])}{maximal}; {r['seconds']:g} s per phase.", "",
+             "| bar | measured | result |", "| --- | --- | --- |"]
+    lines += [f"| {bar} | {m} | {'met' if ok else 'NOT MET'} |" for bar, m, ok in verdicts(r)]
+    lines += ["", "| phase | p50 | p99 | max | requests (errors) | gateway RSS peak |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name, x in (("idle", i), ("hostile", h)):
+        lines.append(f"| {name} | {x['p50']:.2f} ms | {x['p99']:.2f} ms | {x['max']:.1f} ms |"
+                     f" {x['n']} ({x['errors']}) | {x['rss_peak_mb']:.0f} MB |")
+    a = r["attack"]
+    lines += ["", f"p99 ratio hostile/idle {h['p99'] / i['p99']:.1f}x. Hostile side: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(a.items()))
+              + f". Gateway descriptors open at the end: {h['open_fds']}; its log:"
+              f" {r['log_bytes']} bytes; still serving: {r['alive']}."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--mix", default=",".join(KINDS),
+                        help="hostile kinds, comma-separated: slow, body, maximal")
+    parser.add_argument("--maximal-pause", type=float, default=5.0,
+                        help="seconds a maximal-input connection waits between requests")
+    parser.add_argument("--maximal-share", type=float, default=0.1,
+                        help="share of the hostile connections sending maximal inputs")
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+    if args.client:
+        asyncio.run(run_client(args.client, args.seconds))
+        return 0
+    if any(k not in KINDS for k in args.mix.split(",")):
+        parser.error(f"--mix: kinds are {', '.join(KINDS)}")
+    results = asyncio.run(run(args))
+    text = report(results)
+    print(text)
+    if not args.no_record:
+        with (REPO / "bench" / "RESULTS.md").open("a") as f:
+            f.write(f"\n#### Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+                    " (`bench/gateway_hostile.py`)\n\n" + text + "\n")
+    return 0 if all(ok for *_, ok in verdicts(results)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
