@@ -108,12 +108,9 @@ async def slow_body(port: int, deadline: float, stats: dict[str, int]) -> None:
         try:
             w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                     b"Content-Type: application/json\r\nContent-Length: 1048576\r\n\r\n{")
-            while time.monotonic() < deadline and not w.is_closing():
-                try:  # the pause between bytes, listening: an answer (408) ends it
-                    await asyncio.wait_for(r.read(65536), 1.0)
-                    break
-                except TimeoutError:
-                    pass
+            while time.monotonic() < deadline and not w.is_closing() and not r.at_eof():
+                # Once the gateway answers (408) and closes, a write fails: open again.
+                await asyncio.sleep(1.0)
                 w.write(b" ")
                 await w.drain()
         except (ConnectionError, OSError):
@@ -185,12 +182,18 @@ async def run_client(url: str, seconds: float) -> None:
     """The well-behaved client (its own process): latencies in ms, as JSON on stdout."""
     out: list[float] = []
     errors = 0
+    end = time.monotonic() + seconds
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
-        for _ in range(50):  # warm-up
-            async with session.post(url + "/v1/chat/completions", data=BODY,
-                                    headers=HEADERS) as r:
-                await r.read()
-        end = time.monotonic() + seconds
+        for _ in range(50):  # warm-up (counted as errors when it fails)
+            try:
+                async with session.post(url + "/v1/chat/completions", data=BODY,
+                                        headers=HEADERS,
+                                        timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    await r.read()
+            except (aiohttp.ClientError, TimeoutError):
+                errors += 1
+            if time.monotonic() > end:
+                break
         while time.monotonic() < end:
             t = time.perf_counter()
             try:
@@ -216,8 +219,14 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def measure(url: str, pid: int, seconds: float) -> dict[str, Any]:
     peak = 0.0
+    cpu0, t0 = cpu_s(pid), time.monotonic()
     client = client_process(url, seconds)
     try:
         while client.poll() is None:
@@ -228,10 +237,12 @@ async def measure(url: str, pid: int, seconds: float) -> dict[str, Any]:
         if client.poll() is None:
             client.kill()
         client.wait()
+    cpu = (cpu_s(pid) - cpu0) / (time.monotonic() - t0)
     data = json.loads(stdout)
     lat = data["latencies"]
     return {"p50": pct(lat, 50), "p99": pct(lat, 99), "max": max(lat, default=float("nan")),
-            "n": len(lat), "errors": data["errors"], "rss_peak_mb": peak}
+            "n": len(lat), "errors": data["errors"], "rss_peak_mb": peak,
+            "gateway_cpu": cpu}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -310,11 +321,12 @@ def report(r: dict[str, Any]) -> str:
              f" {', '.join(r['mix'])}{maximal}; {r['seconds']:g} s per phase.", "",
              "| bar | measured | result |", "| --- | --- | --- |"]
     lines += [f"| {bar} | {m} | {'met' if ok else 'NOT MET'} |" for bar, m, ok in verdicts(r)]
-    lines += ["", "| phase | p50 | p99 | max | requests (errors) | gateway RSS peak |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| phase | p50 | p99 | max | requests (errors) | gateway RSS peak |"
+              " gateway CPU |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, x in (("idle", i), ("hostile", h)):
         lines.append(f"| {name} | {x['p50']:.2f} ms | {x['p99']:.2f} ms | {x['max']:.1f} ms |"
-                     f" {x['n']} ({x['errors']}) | {x['rss_peak_mb']:.0f} MB |")
+                     f" {x['n']} ({x['errors']}) | {x['rss_peak_mb']:.0f} MB |"
+                     f" {x['gateway_cpu']:.0%} of a core |")
     a = r["attack"]
     lines += ["", f"p99 ratio hostile/idle {h['p99'] / i['p99']:.1f}x. Hostile side: "
               + ", ".join(f"{k} {v}" for k, v in sorted(a.items()))
@@ -335,12 +347,16 @@ def main() -> int:
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
+    import uvloop  # a sparkd dependency: the load generator's own cost stays low
+
     if args.client:
-        asyncio.run(run_client(args.client, args.seconds))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run_client(args.client, args.seconds))
         return 0
     if any(k not in KINDS for k in args.mix.split(",")):
         parser.error(f"--mix: kinds are {', '.join(KINDS)}")
-    results = asyncio.run(run(args))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        results = runner.run(run(args))
     text = report(results)
     print(text)
     if not args.no_record:
