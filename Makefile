@@ -64,8 +64,8 @@ lint: | $(PYTEST)
 # tests/ as a whole would have one conftest module too many.
 typecheck: | $(PYTEST)
 	$(VENV)/bin/mypy --strict sparkd
-	MYPYPATH=tests/unit:bench $(VENV)/bin/mypy --strict tests/unit
-	MYPYPATH=tests/integration:bench $(VENV)/bin/mypy --strict tests/integration
+	MYPYPATH=tests/unit:tests:bench $(VENV)/bin/mypy --strict tests/unit
+	MYPYPATH=tests/integration:tests:bench $(VENV)/bin/mypy --strict tests/integration
 	MYPYPATH=tests/system $(VENV)/bin/mypy --strict tests/system
 	MYPYPATH=bench:tests/system $(VENV)/bin/mypy --strict bench
 	MYPYPATH=bench:tests/system $(VENV)/bin/mypy --strict scripts

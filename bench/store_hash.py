@@ -157,7 +157,7 @@ def bar_incremental(tmp: Path, n: int, rounds: int) -> tuple[bool, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
     for _ in range(5):
         cli.append(timed(lambda: subprocess.run(
-            [sys.executable, "-c", "from sparkd.cli import main; main()", "verify", "hundred",
+            [sys.executable, "-c", "from sparkd.ctl.main import main; main()", "verify", "hundred",
              "--json", "--config", str(tmp / "c.toml")], check=True, capture_output=True,
             env=env)) * 1000)
     med = statistics.median(samples)

@@ -3,7 +3,7 @@
 #
 # The project and its runtime dependencies are installed with Debian's own python
 # (/usr/bin/python3, never a virtualenv's) into /usr/lib/sparkd/python, so that compiled
-# extensions (pystemd, psutil, aiohttp...) are built for the python3 the package depends on.
+# extensions (pystemd, aiohttp...) are built for the python3 the package depends on.
 # Dependency wheels are kept in .whl/ (keyed on the dependency list and the python), so a
 # rebuild after a source change is offline and takes seconds.
 #
@@ -97,7 +97,7 @@ EOF
   chmod 0755 "$STAGE/usr/bin/$1"
 }
 write_wrapper sparkd sparkd.main
-write_wrapper sparkctl sparkd.cli
+write_wrapper sparkctl sparkd.ctl.main
 
 # 4. Units, configuration, systemd integration, documentation.
 install -d "$STAGE/lib/systemd/system" "$STAGE/etc" "$STAGE/usr/lib/sysusers.d" \

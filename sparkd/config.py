@@ -9,6 +9,7 @@ dotted key, what was expected and what was found; an unknown key is an error wit
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tomllib
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, NoReturn, cast
 
+from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
+from sparkd.engine.unit import unit_name
 from sparkd.errors import ConfigError
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/sparkd.toml")
@@ -37,7 +40,6 @@ SpeculativeMethod = Literal["eagle", "eagle3"]
 SPECULATIVE_METHODS: Final[tuple[SpeculativeMethod, ...]] = ("eagle", "eagle3")
 DispatchMode = Literal["static", "measured"]
 DISPATCH_MODES: Final[tuple[DispatchMode, ...]] = ("static", "measured")
-Variant = Literal["plain", "speculative"]
 VARIANTS: Final[tuple[Variant, ...]] = ("plain", "speculative")
 WORKLOADS: Final = ("structured", "vision", "code", "chat")
 # Speculation loses on grammar-constrained output (JSON, tool calls) and on code (the seed's
@@ -49,13 +51,30 @@ DEFAULT_DISPATCH_ROUTES: Final[tuple[tuple[str, Variant], ...]] = (
     ("chat", "speculative"),
 )
 
+# Every pattern here is used with fullmatch(): `$` would also accept a trailing newline, which
+# then ends up in a unit file (an extra line) or a journal field.
 # Model names become systemd instance names and journal field values: keep them plain.
-MODEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MODEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A Hub repository: "hf://ORG/REPO", or the bare id "ORG/REPO" (sparkd.store.hub).
-SOURCE_RE: Final = re.compile(
-    r"^(hf://)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
-)
+SOURCE_RE: Final = re.compile(r"(hf://)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A user or group name systemd's User=/Group= and the group database take without complaint
+# (the portable POSIX subset, at most 31 characters).
+ACCOUNT_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}")
+# An external model's URL: http(s), no whitespace or control characters.
+URL_RE: Final = re.compile(r"https?://[^\x00-\x20\x7f]+")
+# Characters systemd reads as prefixes of an Exec*= command (systemd.service(5), "Command
+# lines": @ - : + ! !!; newer releases add |), quoted or not: `+python3` runs as root.
+EXEC_PREFIXES: Final = "@-:+!|"
+# Directories engine units cannot hide (InaccessiblePaths=) without breaking themselves: the
+# control socket must live in a directory of its own below them.
+SHARED_DIRS: Final = frozenset({"/", "/run", "/var/run", "/var", "/tmp", "/var/tmp", "/dev",
+                                "/dev/shm"})
+#: The largest number any key takes unless its own range says less.
+NUMBER_MAX: Final = 1e9
+DAY_S: Final = 86400.0
+WEEK_S: Final = 7 * DAY_S
+MEMORY_MAX_GIB: Final = 1048576.0  # 1 PiB: far above any one machine, far below overflow
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +82,14 @@ class DaemonConfig:
     unit_dir: Path = Path("/run/systemd/system")
     state_dir: Path = Path("/var/lib/sparkd")
     control_socket: Path = Path("/run/sparkd/control.sock")
+    # Members may use the control socket. Never the engine user's group: code an engine runs
+    # (a model's trust_remote_code) must not be able to swap, unload or reload (issue 10).
     control_group: str = "sparkd"
     default_model: str | None = None
     stop_engines_on_exit: bool = False
     memory_reserve_gib: float = 4.0
     sparkd_path: Path = Path("/usr/bin/sparkd")
-    engine_user: str = "sparkd"
+    engine_user: str = "sparkd-engine"
     health_interval_s: float = 5.0
     settle_timeout_s: float = 30.0
     # An engine whose process lives but whose health fails this many checks in a row is hung:
@@ -89,6 +110,9 @@ class DaemonConfig:
     download_concurrency: int = 4
     download_stall_timeout_s: float = 30.0
     download_attempts: int = 8
+    # A transfer slower than this over a stall window (download_stall_timeout_s) is dropped
+    # and tried again: a server trickling a byte a second never stalls (0: no floor).
+    download_min_rate_bytes_per_s: int = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +196,7 @@ class ModelConfig:
 
     @property
     def unit_name(self) -> str:
-        return f"sparkd-engine@{self.name}.service"
+        return unit_name(self.name)
 
     @property
     def variants(self) -> tuple[Variant, ...]:
@@ -181,8 +205,7 @@ class ModelConfig:
         return ("plain", "speculative") if self.speculative is not None else ("plain",)
 
     def unit_for(self, variant: Variant) -> str:
-        # ':' cannot appear in a model name, so "NAME:spec" never collides with a model.
-        return self.unit_name if variant == "plain" else f"sparkd-engine@{self.name}:spec.service"
+        return unit_name(self.name, variant)
 
     def port_for(self, variant: Variant) -> int:
         if variant == "plain" or self.speculative is None:
@@ -264,7 +287,7 @@ def parse_config(text: str, *, source: Path) -> Config:
     ports: dict[int, str] = {}
     for name, table in models_raw.items():
         key = f"models.{name}"
-        if not MODEL_NAME_RE.match(name):
+        if not MODEL_NAME_RE.fullmatch(name):
             v.fail(
                 key,
                 "a model name of letters, digits, '_', '.' or '-' (at most 64, "
@@ -304,38 +327,60 @@ _SPECULATIVE_KEYS: Final = tuple(SpeculativeConfig.__dataclass_fields__)
 def _parse_daemon(v: _Validator, t: dict[str, Any]) -> DaemonConfig:
     v.known_keys(t, "daemon", _DAEMON_KEYS)
     d = DaemonConfig()
+    control_socket = v.abspath(t, "daemon.control_socket", d.control_socket)
+    if str(control_socket.parent) in SHARED_DIRS:
+        v.fail("daemon.control_socket", "a socket in a directory of its own, such as "
+               "/run/sparkd/control.sock (engine units hide that directory)", str(control_socket))
+    control_group = v.account(t, "daemon.control_group", d.control_group, "group")
+    engine_user = v.account(t, "daemon.engine_user", d.engine_user, "user")
+    if engine_user == "root":
+        v.fail("daemon.engine_user", "a user other than root (engines never run as root)",
+               engine_user)
+    if engine_user == control_group:
+        # The engine's own group would open the control socket to the engine (issue 10).
+        v.fail("daemon.engine_user", f"a user other than the control group {control_group!r} "
+               "(engines may not use the control socket)", engine_user)
     return DaemonConfig(
         unit_dir=v.abspath(t, "daemon.unit_dir", d.unit_dir),
         state_dir=v.abspath(t, "daemon.state_dir", d.state_dir),
-        control_socket=v.abspath(t, "daemon.control_socket", d.control_socket),
-        control_group=v.string(t, "daemon.control_group", d.control_group),
+        control_socket=control_socket,
+        control_group=control_group,
         default_model=v.opt_string(t, "daemon.default_model"),
         stop_engines_on_exit=v.boolean(t, "daemon.stop_engines_on_exit", d.stop_engines_on_exit),
-        memory_reserve_gib=v.number(t, "daemon.memory_reserve_gib", d.memory_reserve_gib, lo=0),
+        memory_reserve_gib=v.number(t, "daemon.memory_reserve_gib", d.memory_reserve_gib, lo=0,
+                                    hi=MEMORY_MAX_GIB),
         sparkd_path=v.abspath(t, "daemon.sparkd_path", d.sparkd_path),
-        engine_user=v.string(t, "daemon.engine_user", d.engine_user),
-        health_interval_s=v.number(t, "daemon.health_interval_s", d.health_interval_s, lo=0.1),
-        settle_timeout_s=v.number(t, "daemon.settle_timeout_s", d.settle_timeout_s, lo=0),
+        engine_user=engine_user,
+        health_interval_s=v.number(t, "daemon.health_interval_s", d.health_interval_s, lo=0.1,
+                                   hi=3600),
+        settle_timeout_s=v.number(t, "daemon.settle_timeout_s", d.settle_timeout_s, lo=0,
+                                  hi=3600),
         hung_after_failures=v.integer(
             t, "daemon.hung_after_failures", d.hung_after_failures, lo=1, hi=1000
         ),
-        last_good_after_s=v.number(t, "daemon.last_good_after_s", d.last_good_after_s, lo=0),
-        restart_sec=v.number(t, "daemon.restart_sec", d.restart_sec, lo=0.1),
+        last_good_after_s=v.number(t, "daemon.last_good_after_s", d.last_good_after_s, lo=0,
+                                   hi=DAY_S),
+        restart_sec=v.number(t, "daemon.restart_sec", d.restart_sec, lo=0.1, hi=3600),
         start_limit_burst=v.integer(
             t, "daemon.start_limit_burst", d.start_limit_burst, lo=1, hi=1000
         ),
         start_limit_interval_s=v.number(
-            t, "daemon.start_limit_interval_s", d.start_limit_interval_s, lo=1
+            t, "daemon.start_limit_interval_s", d.start_limit_interval_s, lo=1, hi=DAY_S
         ),
-        pressure_warn_pct=v.number(t, "daemon.pressure_warn_pct", d.pressure_warn_pct, lo=0),
+        pressure_warn_pct=v.number(t, "daemon.pressure_warn_pct", d.pressure_warn_pct, lo=0,
+                                   hi=100),
         download_concurrency=v.integer(
             t, "daemon.download_concurrency", d.download_concurrency, lo=1, hi=64
         ),
         download_stall_timeout_s=v.number(
-            t, "daemon.download_stall_timeout_s", d.download_stall_timeout_s, lo=0.1
+            t, "daemon.download_stall_timeout_s", d.download_stall_timeout_s, lo=0.1, hi=3600
         ),
         download_attempts=v.integer(
             t, "daemon.download_attempts", d.download_attempts, lo=1, hi=100
+        ),
+        download_min_rate_bytes_per_s=v.integer(
+            t, "daemon.download_min_rate_bytes_per_s", d.download_min_rate_bytes_per_s, lo=0,
+            hi=1 << 30,
         ),
     )
 
@@ -475,11 +520,11 @@ def _parse_speculative(v: _Validator, key: str, t: dict[str, Any]) -> Speculativ
         num_draft_tokens=opt_int("num_draft_tokens"),
         port=spec_port,
         memory_gib=None if "memory_gib" not in t else v.number(t, f"{key}.memory_gib", 0.0,
-                                                                lo=0),
+                                                                lo=0, hi=MEMORY_MAX_GIB),
         dispatch=cast(DispatchMode, v.choice(t, f"{key}.dispatch", DISPATCH_MODES, "static")),
         routes=tuple((w, routes[w]) for w in WORKLOADS),
         min_samples=v.integer(t, f"{key}.min_samples", d.min_samples, lo=1, hi=100_000),
-        recheck_share=v.number(t, f"{key}.recheck_share", d.recheck_share, lo=0),
+        recheck_share=v.number(t, f"{key}.recheck_share", d.recheck_share, lo=0, hi=0.5),
     )
 
 
@@ -491,7 +536,7 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
     engine = cast(EngineKind, v.choice(t, f"{key}.engine", ENGINE_KINDS, "vllm"))
     url = v.opt_string(t, f"{key}.url")
     if engine == "external":
-        if url is None or not re.match(r"^https?://", url):
+        if url is None or not URL_RE.fullmatch(url):
             v.fail(f"{key}.url", "an http:// or https:// URL (external models need one)",
                    _without_userinfo(url))
     elif url is not None:
@@ -503,7 +548,7 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
     env_table = v.table(t, f"{key}.env", path=f"{key}.env")
     env: list[tuple[str, str]] = []
     for env_key, env_val in sorted(env_table.items()):
-        if not ENV_NAME_RE.match(env_key):
+        if not ENV_NAME_RE.fullmatch(env_key):
             v.fail(f"{key}.env", "environment variable names like NAME_1", env_key)
         if not isinstance(env_val, str):
             v.fail(f"{key}.env.{env_key}", "a string", env_val)
@@ -524,21 +569,23 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
         speculative = _parse_speculative(
             v, f"{key}.speculative", v.table(t, f"{key}.speculative")
         )
-        if speculative.recheck_share > 0.5:
-            v.fail(f"{key}.speculative.recheck_share", "a share from 0 to 0.5",
-                   speculative.recheck_share)
     idle = None
     if "idle_unload_minutes" in t:
         if engine == "external":
             v.fail(f"{key}.idle_unload_minutes", "nothing for an external model", t[
                 "idle_unload_minutes"])
-        idle = v.number(t, f"{key}.idle_unload_minutes", 0.0, lo=0.1)
+        idle = v.number(t, f"{key}.idle_unload_minutes", 0.0, lo=0.1, hi=WEEK_S / 60)
     files = t.get("files", [])
     if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
         v.fail(f"{key}.files", 'a list of glob patterns such as ["*.safetensors", "*.json"]',
                files)
     source = v.opt_string(t, f"{key}.source")
-    if source is not None and not SOURCE_RE.match(source):
+    binary = v.opt_string(t, f"{key}.binary")
+    if binary is not None and (not binary or binary[0] in EXEC_PREFIXES):
+        # systemd takes a leading @ - : + ! | of ExecStart= as a prefix, quotes or not.
+        v.fail(f"{key}.binary", "a program name or absolute path that does not start with "
+               f"one of {EXEC_PREFIXES} (systemd reads those as command prefixes)", binary)
+    if source is not None and not SOURCE_RE.fullmatch(source):
         v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
                source)
     return ModelConfig(
@@ -548,9 +595,9 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
         port=port,
         args=tuple(args),
         env=tuple(env),
-        memory_gib=v.number(t, f"{key}.memory_gib", 0.0, lo=0),
-        load_timeout_s=v.number(t, f"{key}.load_timeout_s", 900.0, lo=1),
-        binary=v.opt_string(t, f"{key}.binary"),
+        memory_gib=v.number(t, f"{key}.memory_gib", 0.0, lo=0, hi=MEMORY_MAX_GIB),
+        load_timeout_s=v.number(t, f"{key}.load_timeout_s", 900.0, lo=1, hi=WEEK_S),
+        binary=binary,
         url=url,
         role_policy=cast(
             RolePolicy, v.choice(t, f"{key}.role_policy", ROLE_POLICIES, "passthrough")
@@ -567,6 +614,11 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
 def _suggest(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1)
     return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def _plain(number: float) -> str:
+    """A bound as people write it: 604800, 0.1, 1000000000."""
+    return str(int(number)) if float(number).is_integer() else repr(float(number))
 
 
 def _show(value: object) -> str:
@@ -651,16 +703,30 @@ class _Validator:
             ),
         )
 
-    def number(self, t: Mapping[str, Any], key: str, default: float, *, lo: float) -> float:
-        what = f"a number >= {lo:g}"
+    def number(
+        self, t: Mapping[str, Any], key: str, default: float, *, lo: float,
+        hi: float = NUMBER_MAX,
+    ) -> float:
+        """A finite number within [lo, hi]: `inf` would crash arithmetic, `1e300` would
+        render a 300-digit unit setting."""
+        what = f"a number from {_plain(lo)} to {_plain(hi)}"
         value = self._typed(
             t,
             key,
             default,
-            lambda x: isinstance(x, int | float) and not isinstance(x, bool) and x >= lo,
+            lambda x: (isinstance(x, int | float) and not isinstance(x, bool)
+                       and math.isfinite(x) and lo <= x <= hi),
             what,
         )
         return float(value)
+
+    def account(self, t: Mapping[str, Any], key: str, default: str, kind: str) -> str:
+        """A user or group name (letters, digits, _ and -; at most 31)."""
+        value = self.string(t, key, default)
+        if not ACCOUNT_NAME_RE.fullmatch(value):
+            self.fail(key, f"a plain {kind} name (a letter or _, then letters, digits, _ or -; "
+                      "at most 31)", value)
+        return value
 
     def choice(
         self, t: Mapping[str, Any], key: str, options: tuple[str, ...], default: str

@@ -1,6 +1,6 @@
 """One error base class carrying a stable, machine-readable code.
 
-`sparkctl` maps codes to exit statuses in one place (`sparkd.cli.ExitStatus`); the control
+`sparkctl` maps codes to exit statuses in one place (`sparkd.ctl.exits`); the control
 socket sends the code in error replies so the client can raise the same class.
 """
 
@@ -53,6 +53,13 @@ class BadRequest(SparkdError):
     code = "bad-request"
 
 
+class SchemaError(SparkdError):
+    """A message on the control socket that does not fit its schema (sparkd.control.status);
+    the message names the path of the first value that does not fit."""
+
+    code = "bad-message"
+
+
 class UnknownModel(SparkdError):
     """A model name that the configuration does not define."""
 
@@ -93,3 +100,27 @@ class VerificationFailed(StoreError):
     """A model's files are not what its manifest says (BAD or MISSING files)."""
 
     code = "verification-failed"
+
+
+class SwapRefused(SparkdError):
+    """The swap cannot start; nothing was changed."""
+
+    code = "swap-refused"
+
+
+class SwapInProgress(SparkdError):
+    """Another swap is running; one at a time."""
+
+    code = "swap-in-progress"
+
+
+class SwapFailed(SparkdError):
+    """The swap failed and was rolled back (or the rollback failed too)."""
+
+    code = "swap-failed"
+
+
+class WaitTimeout(SparkdError):
+    """sparkctl stopped waiting for work that goes on in the daemon."""
+
+    code = "timeout"

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from sparkd.config import load_config
-from sparkd.errors import ConfigError
+from sparkd.errors import ConfigError, SparkdError
 from sparkd.lazy import LazyGroup
 from sparkd.options import config_option
 
@@ -18,8 +18,8 @@ EXIT_CONFIG_INVALID = 2
 @click.group(
     cls=LazyGroup,
     lazy={
-        "daemon": "sparkd.daemon:command",
-        "prestart": "sparkd.prestart:command",
+        "daemon": "sparkd.daemon.application:command",
+        "prestart": "sparkd.engine.prestart:command",
         "wait-healthy": "sparkd.engine.health:wait_healthy_command",
         "sim-engine": "sparkd.sim.engine:command",
         "gateway": "sparkd.gateway.command:command",
@@ -37,7 +37,7 @@ def check_config(config_file: Path) -> None:
     """Validate the configuration: exit 0 when valid, 2 with the reason when not."""
     try:
         config = load_config(config_file)
-        from sparkd.cli import installed_systemd_version
+        from sparkd.systemd.version import installed_systemd_version
         from sparkd.units.render import render_units
 
         render_units(config, systemd_version=installed_systemd_version())
@@ -52,4 +52,13 @@ def check_config(config_file: Path) -> None:
 
 
 def main() -> None:
-    cli()
+    """`sparkd`: an error that escapes a command leaves with its status and one line, not a
+    traceback (2 for an invalid config, as check-config, 1 otherwise)."""
+    try:
+        cli.main(standalone_mode=True)
+    except ConfigError as exc:
+        click.echo(f"sparkd: {exc.message}", err=True)
+        sys.exit(EXIT_CONFIG_INVALID)
+    except SparkdError as exc:
+        click.echo(f"sparkd: {exc.message}", err=True)
+        sys.exit(1)

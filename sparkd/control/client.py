@@ -5,12 +5,42 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparkd.control.protocol import MAX_LINE, encode, error_from_reply
-from sparkd.errors import DaemonUnreachable, PermissionDenied, SparkdError
+from sparkd.errors import ConfigError, DaemonUnreachable, PermissionDenied, SparkdError
+
+if TYPE_CHECKING:
+    from sparkd.control.status import Status
+
+
+def socket_path(config_file: Path | None) -> Path:
+    """The control socket named by the config (default /run/sparkd/control.sock).
+
+    A broken config must not cut the operator off from the daemon, which still runs on its
+    last good one: warn on stderr, and use the default socket.
+    """
+    from sparkd.config import DEFAULT_CONFIG_PATH, DaemonConfig, config_path, load_config
+
+    path = config_path(config_file)
+    default = DaemonConfig().control_socket
+    if not path.exists() and path == DEFAULT_CONFIG_PATH:
+        return default
+    try:
+        return load_config(path).daemon.control_socket
+    except ConfigError as exc:
+        print(f"sparkctl: warning: {exc.message} (trying {default})", file=sys.stderr)
+        return default
+
+
+def status(path: Path, *, timeout_s: float = 10.0) -> Status:
+    """The daemon's status, checked against the schema (SchemaError when it does not fit)."""
+    from sparkd.control.status import Status
+
+    return Status.from_json(call(path, "status", timeout_s=timeout_s))
 
 
 def call(path: Path, method: str, params: dict[str, Any] | None = None, *,

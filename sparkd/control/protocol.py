@@ -13,7 +13,22 @@ from typing import Any, Final
 
 from sparkd.errors import BadRequest, SparkdError
 
-MAX_LINE: Final = 1 << 20
+MAX_LINE: Final = 1 << 20  # a reply line (status of many engines, an event) the clients read
+# A request line the daemon reads: requests are a method and a few parameters. With the
+# connection limit this bounds what idle clients can make the daemon hold (256 x 64 KiB).
+MAX_REQUEST_LINE: Final = 64 << 10
+
+
+class Busy(SparkdError):
+    """The daemon holds as many connections as it takes: try again."""
+
+    code = "busy"
+
+
+class RequestTimeout(SparkdError):
+    """A client sent no complete request within the idle timeout."""
+
+    code = "timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +46,10 @@ def decode_request(line: bytes) -> Request:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request is not JSON: {exc}") from None
+    except RecursionError:
+        # `[[[[...` 60,000 deep: the decoder gives up at the recursion limit. Without this
+        # the connection died with no reply (issue 10).
+        raise BadRequest("request is nested too deeply to be a sparkd request") from None
     if not isinstance(obj, dict):
         raise BadRequest("request must be a JSON object")
     method = obj.get("method")

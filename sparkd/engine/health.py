@@ -22,37 +22,14 @@ from typing import Final
 import aiohttp
 import click
 
+from sparkd.engine.probe import ProbeResult
+
 PROBE_TIMEOUT_S: Final = 5.0  # one probe; a loaded engine answers /health in milliseconds
 MIN_PROBE_TIMEOUT_S: Final = 0.1  # the last probe before the deadline still gets this long
 # A probe is one loopback HTTP request; polling often makes `active` follow readiness closely.
 DEFAULT_INTERVAL_S: Final = 0.2
 
 EXIT_UNHEALTHY: Final = 1
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeResult:
-    """One probe: the HTTP status, or why there was none; and how long it took."""
-
-    url: str
-    status: int | None
-    error: str | None
-    latency_s: float
-
-    @property
-    def ok(self) -> bool:
-        """Healthy: exactly HTTP 200."""
-        return self.status == 200
-
-    @property
-    def latency_ms(self) -> float:
-        return self.latency_s * 1000
-
-    def describe(self) -> str:
-        """'HTTP 503' or the error, for log lines and status output."""
-        if self.status is not None:
-            return f"HTTP {self.status}"
-        return self.error or "no answer"
 
 
 async def probe(
@@ -82,6 +59,24 @@ async def probe(
     except aiohttp.ClientError as exc:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return ProbeResult(url=url, status=status, error=error, latency_s=time.monotonic() - start)
+
+
+async def models_listed(session: aiohttp.ClientSession, url: str, model: str, *,
+                        timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the engine's /v1/models (at `url`) lists `model`: the health gate's second
+    half, since an engine can answer /health before it serves the model."""
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s),
+                               allow_redirects=False) as r:
+            if r.status != 200:
+                return False
+            body = await r.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return False
+    data = body.get("data") if isinstance(body, dict) else None
+    return isinstance(data, list) and any(
+        isinstance(d, dict) and d.get("id") == model for d in data
+    )
 
 
 def _os_error_text(err: OSError) -> str:

@@ -11,29 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sparkd.config import Config, ModelConfig
-from sparkd.errors import SparkdError
+from sparkd.engine.unit import engine_url
+from sparkd.errors import SwapRefused
 from sparkd.state import State
 from sparkd.systemd.manager import UnitStatus
 
 GIB = 1 << 30
-
-
-class SwapRefused(SparkdError):
-    """The swap cannot start; nothing was changed."""
-
-    code = "swap-refused"
-
-
-class SwapInProgress(SparkdError):
-    """Another swap is running; one at a time."""
-
-    code = "swap-in-progress"
-
-
-class SwapFailed(SparkdError):
-    """The swap failed and was rolled back (or the rollback failed too)."""
-
-    code = "swap-failed"
 
 
 class SwapStep(enum.StrEnum):
@@ -167,7 +150,7 @@ def plan_swap(config: Config, state: State, target: str, snap: Snapshot) -> Swap
         rollback_to = from_model if from_model != target else None
     if rollback_to is not None and rollback_to not in config.models:
         rollback_to = None
-    base = f"http://127.0.0.1:{model.port}"
+    base = engine_url(model.port)
     return SwapPlan(
         target=target,
         from_model=from_model,

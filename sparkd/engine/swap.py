@@ -14,12 +14,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from sparkd.config import Config
 from sparkd.engine.fingerprints import Match, match_lines
-from sparkd.engine.health import ProbeResult
 from sparkd.engine.plan import SwapPlan, SwapStep, next_step
+from sparkd.engine.probe import ProbeResult
+from sparkd.engine.unit import STOP_WAIT_S, engine_url, start_wait_s
 from sparkd.errors import SparkdError
 from sparkd.journal import event
 from sparkd.systemd.manager import SystemdManager, UnitStatus
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 GATE_POLL_S = 0.1
-STOP_MARGIN_S = 90.0  # TimeoutStopSec (60) of the engine units, and some
 JOURNAL_TAIL_LINES = 12
 
 _ids = itertools.count(1)
@@ -69,14 +69,6 @@ class StepRecord:
     duration_ms: float
     detail: str
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step.value,
-            "ok": self.ok,
-            "duration_ms": round(self.duration_ms, 1),
-            "detail": self.detail,
-        }
-
 
 @dataclass(slots=True)
 class SwapRun:
@@ -102,20 +94,6 @@ class SwapRun:
     def duration_ms(self) -> float:
         end = self.finished_mono if self.finished_mono is not None else time.monotonic()
         return (end - self.started_mono) * 1000
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "from": self.plan.from_model,
-            "to": self.plan.target,
-            "reason": self.reason,
-            "step": self.step.value,
-            "started_at": self.started_at,
-            "duration_ms": round(self.duration_ms, 1),
-            "rollback_to": self.plan.rollback_to,
-            "failure": self.failure,
-            "steps": [r.to_json() for r in self.history],
-        }
 
 
 class StepFailed(Exception):
@@ -205,7 +183,7 @@ async def _preflight(run: SwapRun, ctx: SwapContext) -> str:
 
 async def _stop_unit(ctx: SwapContext, unit: str) -> None:
     job = await ctx.systemd(lambda m: m.stop_unit(unit))
-    result = await ctx.wait_job(job, STOP_MARGIN_S)
+    result = await ctx.wait_job(job, STOP_WAIT_S)
     status = await ctx.systemd(lambda m: m.unit_status(unit))
     if result != "done" or status.running or status.main_pid:
         raise StepFailed(
@@ -229,9 +207,9 @@ def start_afresh(m: SystemdManager, unit: str) -> str:
 
 
 def start_timeout(config: Config, model_name: str) -> float:
-    """The unit's TimeoutStartSec (prestart allowance + load) and a margin."""
-    model = config.models[model_name]
-    return model.load_timeout_s + max(60.0, config.daemon.settle_timeout_s + 30) + 30
+    """How long to wait for the model's start job: its unit's TimeoutStartSec and a margin."""
+    return start_wait_s(config.models[model_name].load_timeout_s,
+                        config.daemon.settle_timeout_s)
 
 
 async def _start_model(ctx: SwapContext, model_name: str) -> str:
@@ -266,7 +244,7 @@ async def _start(run: SwapRun, ctx: SwapContext) -> str:
 
 async def _gate(ctx: SwapContext, model_name: str, timeout_s: float) -> str:
     model = ctx.config.models[model_name]
-    base = f"http://127.0.0.1:{model.port}"
+    base = engine_url(model.port)
     deadline = time.monotonic() + timeout_s
     last = "no probe yet"
     while True:

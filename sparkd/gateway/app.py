@@ -325,8 +325,11 @@ async def _route(app: web.Application, model: ModelConfig) -> routing.Serve:
             waiting = swap_requested or (
                 state.last_swap_model == model.name and since is not None
                 and now - since < gateway.swap_min_interval_s)
-            failure = state.swap_failures.get(model.name) if waiting else None
-            if failure is not None and since is not None and failure[0] >= since:
+            # A swap to this model that failed while this request waited (for it, or for a
+            # swap this request asked for) ends the wait with the daemon's reason.
+            failure = state.swap_failures.get(model.name)
+            if failure is not None and (failure[0] >= started or (
+                    waiting and since is not None and failure[0] >= since)):
                 raise GatewayError(503, "swap_failed",
                                    f"the swap to {model.name} failed: {failure[1]}",
                                    retry_after_s=max(1.0, gateway.swap_min_interval_s))

@@ -23,10 +23,9 @@ EXIT_LISTEN = 1
 
 
 def _notify(state: str) -> None:
-    import sdnotify
+    from sparkd.systemd.notify import SdNotifier
 
-    # sdnotify encodes as Latin-1; systemd wants UTF-8 (see sparkd.daemon.SdNotifier).
-    sdnotify.SystemdNotifier().notify(state.encode("utf-8").decode("latin-1"))
+    SdNotifier().notify(state)
 
 
 def reload_config(app: web.Application, config_file: Path) -> None:

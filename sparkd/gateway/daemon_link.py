@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, Final
+from collections.abc import AsyncIterator
+from typing import Final
 
 from aiohttp import web
 
+from sparkd.config import Config
 from sparkd.control import aio_client
-from sparkd.errors import SparkdError
+from sparkd.control.status import Event, SwapRecord
+from sparkd.errors import SchemaError, SparkdError
 from sparkd.gateway import routing
 from sparkd.gateway.state import CONFIG, METRICS, STATE, GatewayState
 from sparkd.journal import event
@@ -41,21 +43,20 @@ async def follow_daemon(app: web.Application) -> None:
     delay = RECONNECT_MIN_S
     while True:
         try:
-            async for message in aio_client.subscribe(path):
+            async for raw in aio_client.subscribe(path):
+                try:
+                    message = Event.from_json(raw)
+                except SchemaError as exc:
+                    state.bad_message(exc.message)
+                    continue
                 settings = app[CONFIG].current
-                status = message.get("status")
-                if message.get("event") == "swap_failed":
-                    _note_swap_failure(state, message, now=settings.clock())
-                if status is None:
-                    continue  # keepalive
-                if not state.view.connected:
+                if message.status is not None and not state.view.connected:
                     event(log, "gateway_daemon_connected", "following sparkd's events on %s",
                           path)
-                m.daemon_connected.set(1)
-                view = routing.view_from_status(status)
-                state.update(view, routing.serving_table(settings.config, view),
-                             now=settings.clock())
-                delay = RECONNECT_MIN_S
+                apply_event(state, settings.config, message, now=settings.clock())
+                if message.status is not None:
+                    m.daemon_connected.set(1)
+                    delay = RECONNECT_MIN_S
         except (SparkdError, OSError, ValueError) as exc:
             log.debug("daemon event stream: %s", exc)
         if state.view.connected:
@@ -71,15 +72,29 @@ async def follow_daemon(app: web.Application) -> None:
         delay = min(RECONNECT_MAX_S, delay * 2)
 
 
-def _note_swap_failure(state: GatewayState, message: Mapping[str, Any], *, now: float) -> None:
-    target = message.get("to") or message.get("model")
-    swap = (message.get("status") or {}).get("swap") if isinstance(message.get("status"),
-                                                                    dict) else None
-    if not isinstance(target, str) and isinstance(swap, dict):
-        target = swap.get("to")
-    if isinstance(target, str):
-        state.swap_failures[target] = (now, str(message.get("message") or message.get("error")
-                                                or "the swap failed"))
+def apply_event(state: GatewayState, config: Config, message: Event, *, now: float) -> None:
+    """Take one message of the daemon's stream into the gateway's state: a failed swap is
+    remembered for its target (requests held for it get 503 swap_failed with the reason), and
+    each status becomes the routing view. Keepalives change nothing."""
+    if message.event == "swap_failed" and message.swap is not None:
+        state.swap_failures[message.swap.to] = (now, swap_failure_text(message.swap))
+    if message.status is None:
+        return
+    view = routing.view_from_status(message.status)
+    state.update(view, routing.serving_table(config, view), now=now)
+
+
+def swap_failure_text(swap: SwapRecord) -> str:
+    """Why a swap failed, and what serves instead, as the daemon recorded it."""
+    if swap.step == "refused":
+        outcome = "nothing was changed"
+    elif swap.step != "rolled_back":
+        outcome = "the rollback failed too"
+    elif swap.rollback_to:
+        outcome = f"rolled back to {swap.rollback_to}"
+    else:
+        outcome = "stopped it, nothing to roll back to"
+    return f"{swap.failure or 'it failed'}; {outcome}"
 
 
 async def idle_unloader(app: web.Application) -> AsyncIterator[None]:

@@ -1,8 +1,8 @@
 """PURE: what the gateway knows of the daemon, and what to do with a request for a model.
 
-The daemon's subscribe stream sends the full status on every change (docs/status.md);
-`view_from_status` reads the part that routing needs, tolerating fields that are absent
-(`swap`, an engine's `variant`) or malformed. `decide` maps (model, view, now) to one of:
+The daemon's subscribe stream sends the full status on every change (sparkd.control.status,
+docs/status.md); `view_from_status` reads the part that routing needs from the checked
+`Status`. `decide` maps (model, view, now) to one of:
 
     Serve       healthy engine(s): their URLs by variant
     Hold        the model is loading, a swap runs, or sparkd has not been heard yet: wait
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from sparkd.config import Config, GatewayConfig, ModelConfig, Variant
+from sparkd.control.status import Status
+from sparkd.engine.unit import engine_url
 
 LOADING_STATES: Final = frozenset({"activating", "reloading"})
 
@@ -50,42 +52,21 @@ class DaemonView:
     active_model: str | None = None
 
 
-def view_from_status(status: object, *, connected: bool = True) -> DaemonView:
-    if not isinstance(status, Mapping):
-        return DaemonView(seen=True, connected=connected)
+def view_from_status(status: Status, *, connected: bool = True) -> DaemonView:
+    """What routing needs of the daemon's status (already checked against the schema)."""
     endpoints: dict[str, list[Endpoint]] = {}
-    for e in status.get("engines") or ():
-        if not isinstance(e, Mapping):
-            continue
-        model, port = e.get("model"), e.get("port")
-        if not isinstance(model, str) or not isinstance(port, int) or isinstance(port, bool):
-            continue
-        variant: Variant = "speculative" if e.get("variant") == "speculative" else "plain"
-        health = e.get("health")
-        healthy = isinstance(health, Mapping) and health.get("ok") is True
-        active_state = str(e.get("active_state") or "unknown")
-        endpoints.setdefault(model, []).append(
-            Endpoint(model, variant, f"http://127.0.0.1:{port}", active_state,
-                     healthy and active_state == "active")
-        )
-    swap = None
-    raw_swap = status.get("swap")
-    if isinstance(raw_swap, Mapping) and isinstance(raw_swap.get("to"), str):
-        from_model = raw_swap.get("from")
-        started = raw_swap.get("started_at")
-        swap = SwapView(
-            from_model=from_model if isinstance(from_model, str) else None,
-            to_model=raw_swap["to"],
-            step=str(raw_swap.get("step") or ""),
-            started_at=float(started) if isinstance(started, int | float) else 0.0,
-        )
-    active = status.get("active_model")
+    for e in status.engines:
+        endpoints.setdefault(e.model, []).append(
+            Endpoint(e.model, e.variant, engine_url(e.port), e.active_state, e.healthy))
+    swap = None if status.swap is None else SwapView(
+        from_model=status.swap.from_model, to_model=status.swap.to, step=status.swap.step,
+        started_at=status.swap.started_at)
     return DaemonView(
         seen=True,
         connected=connected,
         endpoints={k: tuple(v) for k, v in endpoints.items()},
         swap=swap,
-        active_model=active if isinstance(active, str) else None,
+        active_model=status.active_model,
     )
 
 
@@ -156,7 +137,7 @@ def decide(
     failed = [e for e in endpoints if e.active_state == "failed"]
     if failed:
         return Refuse("engine_failed", f"the engine of model {model.name!r} has failed; "
-                      f"see: journalctl -u sparkd-engine@{model.name}.service")
+                      f"see: journalctl -u {model.unit_name}")
     return Refuse(
         "model_not_loaded",
         f"model {model.name!r} is not loaded (active: {active}); start it with"

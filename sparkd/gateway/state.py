@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -16,6 +17,10 @@ from sparkd.config import Config
 from sparkd.control import aio_client
 from sparkd.gateway import classify, dispatch, rewrite, routing
 from sparkd.gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+BAD_MESSAGES_KEPT: Final = 64
 
 DaemonCall = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -33,6 +38,17 @@ class GatewayState:
     last_used: dict[str, float] = field(default_factory=dict)
     stats: dispatch.DecodeStats = field(default_factory=dispatch.DecodeStats)
     serving: Mapping[str, routing.Serve] = field(default_factory=dict)
+    bad_messages: set[str] = field(default_factory=set)
+
+    def bad_message(self, why: str) -> None:
+        """A message from sparkd that does not fit the schema: an error in the journal, once
+        for each distinct reason (a stream of them must not flood it), and skipped."""
+        if why in self.bad_messages:
+            return
+        if len(self.bad_messages) < BAD_MESSAGES_KEPT:
+            self.bad_messages.add(why)
+        log.error("ignoring a message from sparkd that does not fit its schema (is sparkd "
+                  "the same version as the gateway?): %s", why)
 
     def update(self, view: routing.DaemonView, serving: Mapping[str, routing.Serve], *,
                now: float) -> None:

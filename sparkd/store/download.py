@@ -26,8 +26,17 @@ For one file (`FetchJob`):
                          digest differs -> empty the partial, fetch the whole file again
                                            (this file only; `hash_attempts` times at most)
 
-ENOSPC stops the whole pull with `DiskFull`; the partial files stay, so the next pull (after
-space was freed) resumes them.
+Before the first byte, the file system must have room for every byte still to fetch plus
+FREE_SPACE_MARGIN (`DiskFull` up front, naming both figures). ENOSPC during the pull (someone
+else filled the disk) stops the whole pull with `DiskFull`; the partial files stay, so the next
+pull (after space was freed) resumes them.
+
+A transfer that stays below `min_rate_bytes_per_s` over a window of `stall_timeout_s` is
+dropped and tried again like a stall (a server trickling a byte every 1.5 s never stalls).
+
+Every file below the model directory is created, renamed and removed through directory
+descriptors without following links (sparkd.store.modeldir): a root pull never writes
+through a link planted in the directory.
 """
 
 from __future__ import annotations
@@ -38,32 +47,37 @@ import concurrent.futures
 import errno
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Final
 
 import aiohttp
 
-from sparkd.atomic import fsync_dir, start_writeback
+from sparkd.atomic import start_writeback
 from sparkd.errors import DiskFull, SparkdError
 from sparkd.store.manifest import FileEntry, Stamp
-from sparkd.store.plan import FetchJob, FileVerdict, RetryPolicy, Status, judge
+from sparkd.store.modeldir import UnsafePath, open_partial, open_root, open_subdir, refuse_link
+from sparkd.store.plan import (
+    FetchJob,
+    FetchSettings,
+    FileVerdict,
+    RateFloor,
+    Status,
+    bytes_to_fetch,
+    judge,
+)
 from sparkd.store.progress import NullReporter, Reporter
 from sparkd.store.verify import BUF_SIZE, Hasher, new_hasher, partial_path
 
 BATCH: Final = 4 << 20  # bytes handed to the writer thread at a time
 IN_FLIGHT: Final = 4  # batches written and hashed while the next one is read
-_CONTENT_RANGE_RE: Final = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE_RE: Final = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+#: Free space a pull leaves on top of the bytes it fetches (logs, caches, the journal).
+FREE_SPACE_MARGIN: Final = 256 << 20
 
 Sleep = Callable[[float], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class FetchSettings:
-    concurrency: int = 4
-    stall_timeout_s: float = 30.0
-    policy: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +97,28 @@ class _GiveUp(Exception):
 
 class _Gap(Exception):
     """A batch refused because the one before it was never written."""
+
+
+class _TooSlow(Exception):
+    """A transfer below the minimum rate over a whole window."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """Where one file goes: its directory (a descriptor, reached without links), the file and
+    its partial (names in that directory; the paths are for messages)."""
+
+    dir_fd: int
+    dest: Path
+    part: Path
+
+    def install(self) -> None:
+        """Rename the partial over the file (renameat: a link at either name is replaced, never
+        followed), durably."""
+        refuse_link(self.dir_fd, self.dest.name, self.dest)
+        os.replace(self.part.name, self.dest.name, src_dir_fd=self.dir_fd,
+                   dst_dir_fd=self.dir_fd)
+        os.fsync(self.dir_fd)
 
 
 class _Sink:
@@ -195,15 +231,19 @@ class Fetcher:
         session: aiohttp.ClientSession,
         *,
         root: Path,
+        root_fd: int,
         url_for: Callable[[FileEntry], str],
         settings: FetchSettings,
         reporter: Reporter,
         pool: concurrent.futures.ThreadPoolExecutor,
         sleep: Sleep = asyncio.sleep,
         model: str = "",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock
         self.session = session
         self.root = root
+        self.root_fd = root_fd
         self.url_for = url_for
         self.settings = settings
         self.reporter = reporter
@@ -223,11 +263,21 @@ class Fetcher:
         entry = job.entry
         dest = self.root / entry.path
         part = partial_path(dest)
-        part.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            dir_fd = open_subdir(self.root_fd, self.root, PurePosixPath(entry.path).parent.parts)
+        except (UnsafePath, OSError) as exc:
+            return self._cannot_write(entry, part, exc)
+        try:
+            refuse_link(dir_fd, dest.name, dest)
+            fd = open_partial(dir_fd, part.name, part)
+        except (UnsafePath, OSError) as exc:
+            os.close(dir_fd)
+            return self._cannot_write(entry, part, exc)
         sink = _Sink(fd, entry)
         try:
-            return await self._fetch(job, sink, dest, part)
+            return await self._fetch(job, sink, _Place(dir_fd, dest, part))
+        except UnsafePath as exc:
+            return self._cannot_write(entry, part, exc)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 kept = os.fstat(fd).st_size
@@ -236,14 +286,17 @@ class Fetcher:
                     f"free space on that file system and run `sparkctl pull {self.model}` "
                     "again: it resumes from the bytes on disk"
                 ) from None
-            return FetchOutcome(
-                FileVerdict(entry.path, Status.MISSING, f"cannot write {part}: {exc}"), None, 0
-            )
+            return self._cannot_write(entry, part, exc)
         finally:
             sink.close()  # its threads are idle: _stream awaited every batch
             os.close(fd)
+            os.close(dir_fd)
 
-    async def _fetch(self, job: FetchJob, sink: _Sink, dest: Path, part: Path) -> FetchOutcome:
+    def _cannot_write(self, entry: FileEntry, part: Path, exc: BaseException) -> FetchOutcome:
+        reason = exc.message if isinstance(exc, SparkdError) else f"cannot write {part}: {exc}"
+        return FetchOutcome(FileVerdict(entry.path, Status.MISSING, reason), None, 0)
+
+    async def _fetch(self, job: FetchJob, sink: _Sink, place: _Place) -> FetchOutcome:
         entry, policy = job.entry, self.settings.policy
         tries = failures_in_a_row = hash_failures = transferred = 0
         first = True
@@ -284,15 +337,15 @@ class Fetcher:
             verdict = judge(entry, sink.hasher.hexdigest(), size=sink.pos)
             if verdict.status is Status.OK:
                 await self._in_thread(lambda: os.fsync(sink.fd))
-                os.replace(part, dest)
-                fsync_dir(dest.parent)
-                stamp = Stamp.of(os.stat(dest))
+                place.install()
+                stamp = Stamp.of(os.stat(place.dest.name, dir_fd=place.dir_fd,
+                                         follow_symlinks=False))
                 ok = FileVerdict(entry.path, Status.OK, f"fetched, {verdict.reason}", hashed=True)
                 return FetchOutcome(ok, stamp, transferred)
             hash_failures += 1
             await self._in_thread(sink.reset)
             if hash_failures >= policy.hash_attempts:
-                part.unlink()
+                os.unlink(place.part.name, dir_fd=place.dir_fd)
                 why = f"{verdict.reason} after {hash_failures} whole-file fetches"
                 return self._failed(entry, why, transferred)
             self.reporter.retry(
@@ -323,6 +376,8 @@ class Fetcher:
             raise _Retry(
                 f"stalled: no data for {self.settings.stall_timeout_s:g} s"
             ) from None
+        except _TooSlow as exc:
+            raise _Retry(str(exc)) from None
         if sink.pos < size:
             raise _Retry(f"short body: the response ended at byte {sink.pos} of {size}")
 
@@ -330,7 +385,7 @@ class Fetcher:
         if resp.status == 429 or resp.status >= 500:
             raise _Retry(f"HTTP {resp.status} {resp.reason or ''}".strip())
         if resp.status == 206:
-            match = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
+            match = _CONTENT_RANGE_RE.fullmatch(resp.headers.get("Content-Range", ""))
             if not match or int(match.group(1)) != sink.pos:
                 # Not the bytes asked for: keep nothing of it, and ask again from the start.
                 sink.reset()
@@ -345,6 +400,8 @@ class Fetcher:
     async def _stream(self, resp: aiohttp.ClientResponse, sink: _Sink) -> None:
         size, path = sink.entry.size, sink.entry.path
         received = sink.pos  # bytes handed to the sink (sink.pos trails it)
+        floor = RateFloor(self.settings.min_rate_bytes_per_s, self.settings.stall_timeout_s,
+                          start=self.clock(), received=received)
         batch: list[bytes] = []
         batched = 0
         in_flight: collections.deque[asyncio.Future[int]] = collections.deque()
@@ -360,6 +417,9 @@ class Fetcher:
         try:
             while True:
                 chunk, _ = await resp.content.readchunk()
+                too_slow = floor.check(self.clock(), received + len(chunk))
+                if too_slow:
+                    raise _TooSlow(too_slow)
                 if len(chunk) > size - received:
                     # More bytes than the manifest's size: not this file. Keep what fits and
                     # let the digest decide (a wrong one is fetched again).
@@ -417,11 +477,57 @@ async def fetch_files(
     model: str = "",
 ) -> list[FetchOutcome]:
     """Fetch the jobs, `settings.concurrency` at a time; an outcome per job, in order.
-    Raises DiskFull (the other transfers stop; every partial file stays)."""
+    Raises DiskFull (up front when the bytes to fetch do not fit; during the pull, the other
+    transfers stop and every partial file stays) and UnsafePath (the model directory is a
+    link)."""
     reporter = reporter or NullReporter()
     reporter.phase("fetch", [(j.path, j.entry.size, j.resume_from) for j in jobs])
     if not jobs:
         return []
+    root_fd = open_root(root)
+    try:
+        if settings.check_free_space:
+            check_free_space(root, os.fstatvfs(root_fd), bytes_to_fetch(jobs), model=model)
+        return await _fetch_all(jobs, root=root, root_fd=root_fd, url_for=url_for,
+                                headers=headers, settings=settings, reporter=reporter,
+                                sleep=sleep, model=model)
+    finally:
+        os.close(root_fd)
+
+
+def check_free_space(root: Path, fs: os.statvfs_result, needed: int, *, model: str) -> None:
+    """DiskFull unless the file system of `root` has `needed` bytes plus FREE_SPACE_MARGIN
+    available to this user (f_bavail: root's reserved blocks do not count)."""
+    free = fs.f_bavail * fs.f_frsize
+    if free >= needed + FREE_SPACE_MARGIN:
+        return
+    raise DiskFull(
+        f"not enough free space for {model or 'the model'} in {root}: {_size(needed)} to "
+        f"fetch plus a margin of {_size(FREE_SPACE_MARGIN)}, {_size(free)} free; free "
+        f"{_size(needed + FREE_SPACE_MARGIN - free)} (or point the model's path at a larger "
+        "file system) and pull again"
+    )
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
+async def _fetch_all(
+    jobs: Sequence[FetchJob],
+    *,
+    root: Path,
+    root_fd: int,
+    url_for: Callable[[FileEntry], str],
+    headers: dict[str, str],
+    settings: FetchSettings,
+    reporter: Reporter,
+    sleep: Sleep,
+    model: str,
+) -> list[FetchOutcome]:
     stall = settings.stall_timeout_s
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=stall, sock_read=stall)
     connector = aiohttp.TCPConnector(limit=settings.concurrency)
@@ -439,6 +545,7 @@ async def fetch_files(
             fetcher = Fetcher(
                 session,
                 root=root,
+                root_fd=root_fd,
                 url_for=url_for,
                 settings=settings,
                 reporter=reporter,

@@ -29,8 +29,8 @@ from sparkd.store.manifest import Algorithm, FileEntry, Manifest, check_relpath,
 
 HF_SCHEME: Final = "hf://"
 CACHE_SOURCE_PREFIX: Final = "hf-cache:"
-_SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
-_SHA1_RE: Final = re.compile(r"^[0-9a-f]{40}$")
+_SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
+_SHA1_RE: Final = re.compile(r"[0-9a-f]{40}")
 
 
 def repo_id(source: str) -> str:
@@ -126,10 +126,10 @@ def _remote_file(
     if lfs is not None:
         sha256 = getattr(lfs, "sha256", None)
         lfs_size = getattr(lfs, "size", None)
-        if not isinstance(sha256, str) or not _SHA256_RE.match(sha256) or lfs_size is None:
+        if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256) or lfs_size is None:
             raise HubError(f"{source}: {path}: the Hub gave no usable LFS SHA-256")
         return RemoteFile(path, int(lfs_size), "sha256", sha256)
-    if blob_id is None or not _SHA1_RE.match(blob_id) or size is None:
+    if blob_id is None or not _SHA1_RE.fullmatch(blob_id) or size is None:
         raise HubError(f"{source}: {path}: the Hub gave no size and blob id (files_metadata)")
     return RemoteFile(path, int(size), "git-sha1", blob_id)
 
@@ -176,9 +176,9 @@ def snapshot_manifest(model: str, path: Path) -> Manifest:
                 continue
             blob = Path(os.readlink(link)).name
             algorithm: Algorithm
-            if _SHA256_RE.match(blob):
+            if _SHA256_RE.fullmatch(blob):
                 algorithm = "sha256"
-            elif _SHA1_RE.match(blob):
+            elif _SHA1_RE.fullmatch(blob):
                 algorithm = "git-sha1"
             else:
                 continue

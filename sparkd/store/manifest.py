@@ -34,7 +34,7 @@ MANIFEST_DIR: Final = "manifests"
 
 Algorithm = Literal["sha256", "git-sha1"]
 _HEX_LEN: Final[dict[str, int]] = {"sha256": 64, "git-sha1": 40}
-_HEX_RE: Final = re.compile(r"^[0-9a-f]+$")
+_HEX_RE: Final = re.compile(r"[0-9a-f]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +147,7 @@ def check_relpath(path: str) -> str:
 def check_digest(algorithm: str, digest: str) -> str:
     if algorithm not in _HEX_LEN:
         raise ValueError(f"unknown algorithm {algorithm!r}")
-    if len(digest) != _HEX_LEN[algorithm] or not _HEX_RE.match(digest):
+    if len(digest) != _HEX_LEN[algorithm] or not _HEX_RE.fullmatch(digest):
         raise ValueError(f"not a {algorithm} hex digest: {digest!r}")
     return digest
 

@@ -22,28 +22,33 @@ from sparkd.config import Config, ModelConfig
 from sparkd.errors import ManifestError
 from sparkd.store import hub
 from sparkd.store.manifest import Manifest, ManifestStore, Stamp, carry_stamps
-from sparkd.store.plan import RetryPolicy, VerifyReport, merge_verdicts, plan_fetch
+from sparkd.store.plan import (
+    FetchSettings,
+    RetryPolicy,
+    VerifyReport,
+    merge_verdicts,
+    plan_fetch,
+)
 from sparkd.store.progress import NullReporter, Reporter
 from sparkd.store.verify import scan_model_dir, verify_dir
 
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
-    """Knobs of a pull, from [daemon] (tests pass a short backoff)."""
+    """Knobs of a pull or a repair, from [daemon] (tests pass a short backoff)."""
 
-    concurrency: int = 4
-    stall_timeout_s: float = 30.0
-    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    fetch: FetchSettings = field(default_factory=FetchSettings)
     workers: int | None = None  # hashing threads (None: one per CPU)
 
     @classmethod
     def from_config(cls, config: Config) -> StoreSettings:
         d = config.daemon
-        return cls(
+        return cls(fetch=FetchSettings(
             concurrency=d.download_concurrency,
             stall_timeout_s=d.download_stall_timeout_s,
             policy=RetryPolicy(attempts=d.download_attempts),
-        )
+            min_rate_bytes_per_s=d.download_min_rate_bytes_per_s,
+        ))
 
 
 def manifest_store(config: Config) -> ManifestStore:
@@ -110,7 +115,8 @@ def verify_model(
         # Unchanged stamps: no write (an incremental check of a settled model is only stats).
         manifest_store(config).save(report.manifest)
     if repair and report.blocking:
-        report = _repair(config, model, report, reporter=reporter, settings=settings)
+        report = asyncio.run(repair_model(config, model, report, reporter=reporter,
+                                          settings=settings))
     reporter.result(report)
     return report
 
@@ -155,12 +161,13 @@ def pull_model(
     assert report.manifest is not None
     store.save(report.manifest)
     if report.blocking:
-        report = _repair(config, model, report, reporter=reporter, settings=settings)
+        report = asyncio.run(repair_model(config, model, report, reporter=reporter,
+                                          settings=settings))
     reporter.result(report)
     return report
 
 
-def _repair(
+async def repair_model(
     config: Config,
     model: ModelConfig,
     report: VerifyReport,
@@ -168,8 +175,9 @@ def _repair(
     reporter: Reporter,
     settings: StoreSettings,
 ) -> VerifyReport:
-    """Fetch the BAD and MISSING files of a verified report; the merged report."""
-    from sparkd.store.download import FetchSettings, fetch_files
+    """Fetch the BAD and MISSING files of a verified report; the merged report. A
+    coroutine: the daemon awaits it on its own loop, so a stopping daemon cancels it."""
+    from sparkd.store.download import fetch_files
 
     manifest = report.manifest
     assert manifest is not None
@@ -183,20 +191,14 @@ def _repair(
         return _with_note(report, "cannot repair a Hugging Face cache snapshot in place")
     source, commit = manifest.source, manifest.revision
     jobs = plan_fetch(manifest, report.verdicts, scan_model_dir(model.path).local)
-    outcomes = asyncio.run(
-        fetch_files(
-            jobs,
-            root=model.path,
-            url_for=lambda entry: hub.file_url(source, commit, entry.path),
-            headers=hub.request_headers(),
-            settings=FetchSettings(
-                concurrency=settings.concurrency,
-                stall_timeout_s=settings.stall_timeout_s,
-                policy=settings.policy,
-            ),
-            reporter=reporter,
-            model=model.name,
-        )
+    outcomes = await fetch_files(
+        jobs,
+        root=model.path,
+        url_for=lambda entry: hub.file_url(source, commit, entry.path),
+        headers=hub.request_headers(),
+        settings=settings.fetch,
+        reporter=reporter,
+        model=model.name,
     )
     stamps: dict[str, Stamp | None] = {o.verdict.path: o.stamp for o in outcomes}
     updated = manifest.with_stamps(stamps)

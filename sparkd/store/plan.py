@@ -169,6 +169,39 @@ def plan_fetch(
     return tuple(jobs)
 
 
+def bytes_to_fetch(jobs: Iterable[FetchJob]) -> int:
+    """The bytes a fetch of these jobs adds to the disk at most: each file's bytes after its
+    partial (the old file, when one is replaced, stays until the new one is renamed over it)."""
+    return sum(max(0, job.to_transfer) for job in jobs)
+
+
+@dataclass(slots=True)
+class RateFloor:
+    """A minimum transfer rate over tumbling windows of `window_s`: a server that trickles a
+    byte every 1.5 s never trips a read timeout, but it trips this.
+
+    `check(now, received)` is called as bytes arrive; it returns "" while the rate holds and the
+    reason once a whole window passed with fewer than `min_bytes_per_s * window_s` bytes."""
+
+    min_bytes_per_s: int
+    window_s: float
+    start: float
+    received: int
+
+    def check(self, now: float, received: int) -> str:
+        if self.min_bytes_per_s <= 0:
+            return ""
+        elapsed = now - self.start
+        if elapsed < self.window_s:
+            return ""
+        moved = received - self.received
+        if moved < self.min_bytes_per_s * elapsed:
+            return (f"too slow: {moved} bytes in {elapsed:.1f} s, below the minimum of "
+                    f"{self.min_bytes_per_s} bytes/s")
+        self.start, self.received = now, received
+        return ""
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Capped exponential backoff: base, base*factor, ... up to cap; `attempts` tries in all.
@@ -189,6 +222,20 @@ class RetryPolicy:
 
     def may_retry(self, tries: int) -> bool:
         return tries < self.attempts
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSettings:
+    """Knobs of a transfer (from [daemon]; tests pass a short backoff)."""
+
+    concurrency: int = 4
+    stall_timeout_s: float = 30.0
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    # Below this over a window of stall_timeout_s, a transfer is dropped and tried again
+    # (0: no floor).
+    min_rate_bytes_per_s: int = 16384
+    # Refuse up front when the bytes to fetch (plus FREE_SPACE_MARGIN) do not fit.
+    check_free_space: bool = True
 
 
 @dataclass(slots=True)

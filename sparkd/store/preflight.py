@@ -19,24 +19,50 @@ Blocking (hashing, and the network when repairing): the daemon runs it in an exe
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
 from sparkd.config import Config, ModelConfig
 from sparkd.errors import SparkdError, VerificationFailed
 from sparkd.monitor.memory import format_size
-from sparkd.store.model import current_manifest, has_manifest, verify_model
+from sparkd.store.model import (
+    StoreSettings,
+    current_manifest,
+    has_manifest,
+    repair_model,
+    verify_model,
+)
 from sparkd.store.plan import Status, VerifyReport
-from sparkd.store.progress import Reporter
+from sparkd.store.progress import NullReporter, Reporter
 
 
 def preflight_verify(
     config: Config, model: ModelConfig, *, reporter: Reporter | None = None
 ) -> VerifyReport:
+    """Blocking: for `sparkd prestart` (a process of its own)."""
     manifest, note = current_manifest(config, model)
     if manifest is None:
         return VerifyReport(model=model.name, verdicts=(), manifest=None, note=note)
-    report = verify_model(config, model, repair=model.repair, reporter=reporter)
+    return _refuse_blocking(model, verify_model(config, model, repair=model.repair,
+                                                reporter=reporter))
+
+
+async def preflight_verify_async(config: Config, model: ModelConfig) -> VerifyReport:
+    """The daemon's preflight: stats and hashing in a worker thread, a repair's downloads on
+    the daemon's own loop, so that a stopping sparkd cancels them instead of waiting for a
+    thread it cannot stop."""
+    manifest, note = await asyncio.to_thread(current_manifest, config, model)
+    if manifest is None:
+        return VerifyReport(model=model.name, verdicts=(), manifest=None, note=note)
+    report = await asyncio.to_thread(verify_model, config, model)
+    if report.blocking and model.repair:
+        report = await repair_model(config, model, report, reporter=NullReporter(),
+                                    settings=StoreSettings.from_config(config))
+    return _refuse_blocking(model, report)
+
+
+def _refuse_blocking(model: ModelConfig, report: VerifyReport) -> VerifyReport:
     if report.blocking:
         listed = "; ".join(f"{v.path}: {v.status.value} ({v.reason})" for v in report.blocking)
         hint = (

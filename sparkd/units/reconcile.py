@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from sparkd.units.render import UNIT_GLOB, is_generated
+from sparkd.engine.unit import UNIT_GLOB
+from sparkd.units.render import is_generated
 
 UNIT_FILE_MODE: Final = 0o644
 _TMP_SUFFIX: Final = ".sparkd-tmp"

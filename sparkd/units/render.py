@@ -19,27 +19,21 @@ See docs/units.md for why each setting is what it is.
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Iterable
 from typing import Final
 
-from sparkd.config import Config, EngineKind, ModelConfig, Variant
+from sparkd.config import ACCOUNT_NAME_RE, EXEC_PREFIXES, Config, EngineKind, ModelConfig, Variant
+from sparkd.engine.unit import ENGINE_HOST, TIMEOUT_STOP_S, health_url, start_timeout_s
 from sparkd.errors import ConfigError
 
 #: A line that marks a unit file as written by sparkd. The reconciler only ever rewrites or
 #: removes files that carry it; a file without it is an administrator's and is left alone.
 GENERATED_MARKER: Final = "# X-Sparkd-Generated: engine-unit (sparkd rewrites or removes this file)"
 
-UNIT_PREFIX: Final = "sparkd-engine@"
-UNIT_SUFFIX: Final = ".service"
-#: fnmatch pattern of the files sparkd manages in its unit directory.
-UNIT_GLOB: Final = f"{UNIT_PREFIX}*{UNIT_SUFFIX}"
 
 #: systemd learned RestartSteps= and RestartMaxDelaySec= in version 254.
 RESTART_STEPS_MIN_VERSION: Final = 254
 
-ENGINE_HOST: Final = "127.0.0.1"  # engines listen on loopback only: the gateway is the one door
 DEFAULT_BINARIES: Final[dict[EngineKind, str]] = {
     "vllm": "vllm",
     "sglang": "python3",
@@ -48,25 +42,20 @@ DEFAULT_BINARIES: Final[dict[EngineKind, str]] = {
 PYTHON_ENGINES: Final[frozenset[EngineKind]] = frozenset({"vllm", "sglang", "sim"})
 VLLM_MOE_BACKEND: Final = ("VLLM_FLASHINFER_MOE_BACKEND", "latency")
 
-#: Seconds of TimeoutStartSec= on top of the model's load_timeout_s, for `sparkd prestart`
-#: (sync, drop caches, wait for memory to settle). Grows with daemon.settle_timeout_s.
-PRESTART_ALLOWANCE_S: Final = 60
 RESTART_STEPS: Final = 5
 RESTART_MAX_DELAY_S: Final = 120
-TIMEOUT_STOP_S: Final = 60
 CPU_WEIGHT: Final = 50
 IO_WEIGHT: Final = 50
 OOM_SCORE_ADJUST: Final = 500
-
-# A user name systemd's User= takes without complaint (the portable POSIX subset).
-_USER_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,30}$")
 
 # Characters that need no quoting in a systemd word. Everything else is double-quoted.
 _SAFE_CHARS: Final = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./:=,+@-"
 )
-# Characters that may not open an unquoted executable path: systemd reads them as prefixes.
-_EXEC_PREFIXES: Final = frozenset("@-:+!|")
+# Characters that may not open an executable path: systemd reads them as prefixes, quoted or
+# not (v252 src/core/load-fragment.c, config_parse_exec(): the prefix loop runs over the first
+# word after extract_first_word() has removed its quotes).
+_EXEC_PREFIXES: Final = frozenset(EXEC_PREFIXES)
 _C_ESCAPES: Final = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 # systemd refuses an executable path containing these ("contains special characters").
 _BAD_EXEC_CHARS: Final = frozenset("\"'\\")
@@ -155,11 +144,11 @@ def quote_command(argv: Iterable[str]) -> str:
     if not words:
         raise ValueError("an empty command line")
     exe = words[0]
-    # The executable path is specifier-expanded but never `$`-expanded; a leading prefix
-    # character must be quoted so systemd does not take it for `-`, `+`, `@`, ...
+    if not exe or exe[0] in _EXEC_PREFIXES:
+        # Quoting does not help: `"+python3"` still runs as root.
+        raise ValueError(f"an executable {exe!r} that systemd would read as a prefix")
+    # The executable path is specifier-expanded but never `$`-expanded.
     first = quote_word(exe, expand_dollar=False)
-    if first == exe and exe[0] in _EXEC_PREFIXES:
-        first = f'"{exe}"'
     return " ".join([first, *(quote_word(w) for w in words[1:])])
 
 
@@ -188,9 +177,7 @@ def render_unit(
     port = model.port_for(variant)
     unit = model.unit_for(variant)
     argv = engine_argv(config, model, variant)
-    start_timeout = math.ceil(model.load_timeout_s) + max(
-        PRESTART_ALLOWANCE_S, math.ceil(config.daemon.settle_timeout_s) + 30
-    )
+    start_timeout = start_timeout_s(model.load_timeout_s, config.daemon.settle_timeout_s)
     user = config.daemon.engine_user
     d = config.daemon
 
@@ -237,7 +224,7 @@ def render_unit(
         f"ExecStart={quote_command(argv)}",
         "# The unit turns active only once the engine serves: start means serving.",
         "ExecStartPost="
-        + quote_command([sparkd, "wait-healthy", "--url", f"http://{ENGINE_HOST}:{port}/health",
+        + quote_command([sparkd, "wait-healthy", "--url", health_url(port),
                          "--timeout", _number(model.load_timeout_s)])
         # systemd expands $MAINPID here: wait-healthy stops when the engine has died.
         + " --pid $MAINPID",
@@ -285,6 +272,9 @@ def render_unit(
     lines += [
         "PrivateTmp=yes",
         "PrivateMounts=yes",
+        "# The control socket's directory: code an engine runs (a trust_remote_code model) may",
+        "# not reach sparkd's control socket (swap, unload, reload). `-`: no error when absent.",
+        f"InaccessiblePaths={_quote_path('-' + str(config.daemon.control_socket.parent))}",
         "ProtectKernelTunables=yes",
         "ProtectKernelModules=yes",
         "ProtectKernelLogs=yes",
@@ -363,7 +353,7 @@ def _check_model(config: Config, model: ModelConfig) -> None:
         _check_executable(f"{where}.binary", model.binary)
     _check_executable(f"{config.source}: daemon.sparkd_path", str(config.daemon.sparkd_path))
     user = config.daemon.engine_user
-    if not _USER_RE.match(user) or user == "root":
+    if not ACCOUNT_NAME_RE.fullmatch(user) or user == "root":
         raise ConfigError(
             f"{config.source}: daemon.engine_user: expected a plain user name other than root "
             f"(engines never run as root), got {user!r}"
@@ -375,6 +365,8 @@ def _check_executable(key: str, value: str) -> None:
     problem = None
     if not value:
         problem = "a path"
+    elif value[0] in _EXEC_PREFIXES:
+        problem = f"a program that does not start with one of {EXEC_PREFIXES} (a prefix to systemd)"
     elif any(c in _BAD_EXEC_CHARS or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         problem = "no quotes, backslashes or control characters (systemd refuses them)"
     elif "/" in value:

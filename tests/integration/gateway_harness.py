@@ -1,6 +1,9 @@
 """The gateway in a thread of its own, in front of real simulated engines (test doubles), with a
 fake daemon on a real control socket whose status the test drives (swap in progress, loading,
-healthy), as the daemon's subscribe stream would.
+healthy), as the daemon's subscribe stream would. What the fake daemon says is built with the
+schema's constructors (sparkd.control.status, tests/status_builders.py): the shapes the real
+daemon sends. A test of what the real daemon says drives the real Supervisor instead
+(test_gateway_contract.py).
 
 Everything runs on one event loop in one thread, started and stopped by the fixture, so the
 synchronous `openai` client can be used from the test, and nothing outlives the test.
@@ -22,11 +25,24 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import status_builders as sb
 from aiohttp import web
 
 from sparkd.config import Config, parse_config
 from sparkd.control.protocol import Request
 from sparkd.control.server import ControlServer
+from sparkd.control.status import (
+    SWAP_EVENTS,
+    EngineRecord,
+    Event,
+    EventName,
+    Status,
+    SwapRecord,
+    SwapReply,
+    VariantName,
+)
+from sparkd.daemon.events import as_json
+from sparkd.daemon.supervisor import Supervisor
 from sparkd.errors import BadRequest
 from sparkd.gateway import door
 from sparkd.gateway.app import build_app, settings_for
@@ -42,18 +58,8 @@ def free_port() -> int:
 
 
 def engine_entry(model: str, port: int, *, active_state: str = "active", healthy: bool = True,
-                 variant: str | None = None) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "model": model, "engine": "sim", "unit": f"sparkd-engine@{model}.service", "port": port,
-        "load_state": "loaded", "active_state": active_state, "sub_state": "running",
-        "main_pid": 1, "n_restarts": 0, "result": "success",
-        "health": {"ok": healthy, "status": 200 if healthy else 503, "error": None,
-                   "latency_ms": 1.0},
-        "health_failures": 0,
-    }
-    if variant is not None:
-        entry["variant"] = variant
-    return entry
+                 variant: VariantName = "plain") -> EngineRecord:
+    return sb.engine(model, port, active_state=active_state, healthy=healthy, variant=variant)
 
 
 class FakeDaemon:
@@ -62,11 +68,10 @@ class FakeDaemon:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.status: dict[str, Any] = {"schema": 1, "engines": [], "active_model": None,
-                                       "swap": None}
+        self.status: Status = sb.status()
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.refuse: dict[str, str] = {}  # method -> error message
-        self._queues: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._queues: set[asyncio.Queue[Event | None]] = set()
         self.server = ControlServer(path, group="sparkd-test-none", handler=self._handle,
                                     streams={"subscribe": self._subscribe})
 
@@ -75,35 +80,60 @@ class FakeDaemon:
         if request.method in self.refuse:
             raise BadRequest(self.refuse[request.method])
         if request.method == "status":
-            return self.status
-        if request.method in ("swap", "unload"):
-            return {"accepted": True}
+            return self.status.to_json()
+        if request.method == "swap":  # what the daemon answers when it starts a swap
+            model = request.params["model"]
+            return SwapReply(accepted=True, noop=False, swap=sb.swap(
+                model, from_model=self.status.active_model, step="preflight")).to_json()
+        if request.method == "unload":
+            return {"model": request.params["model"], "stopped": True}
         raise BadRequest(f"unknown method {request.method!r}")
 
     async def _subscribe(self, _request: Request) -> AsyncIterator[Any]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._queues.add(queue)
         try:
-            yield {"event": "snapshot", "status": self.status}
+            yield Event(event="snapshot", status=self.status).to_json()
             while True:
                 message = await queue.get()
-                if message.get("event") == "_close":
+                if message is None:
                     return
-                yield message
+                yield message.to_json()
         finally:
             self._queues.discard(queue)
 
-    def publish(self, name: str = "changed", **fields: Any) -> None:
+    def publish(self, name: EventName = "changed", *, swap: SwapRecord | None = None) -> None:
+        message = Event(event=name, status=self.status, swap=swap)
         for queue in list(self._queues):
-            queue.put_nowait({"event": name, **fields, "status": self.status})
+            queue.put_nowait(message)
 
     def drop_subscribers(self) -> None:
         for queue in list(self._queues):
-            queue.put_nowait({"event": "_close"})
+            queue.put_nowait(None)
 
     @property
     def subscribers(self) -> int:
         return len(self._queues)
+
+
+class SupervisorDaemon(FakeDaemon):
+    """The real Supervisor (over the fake systemd of tests/fakes.py) behind the control
+    socket: its replies and its event stream are the daemon's own."""
+
+    def __init__(self, path: Path, supervisor: Supervisor) -> None:
+        super().__init__(path)
+        self.supervisor = supervisor
+
+    async def _handle(self, request: Request) -> Any:
+        self.calls.append((request.method, dict(request.params)))
+        return await self.supervisor.handle(request)
+
+    async def _subscribe(self, _request: Request) -> AsyncIterator[Any]:
+        async for message in as_json(self.supervisor.subscribe()):
+            yield message
+
+    def drop_subscribers(self) -> None:
+        self.supervisor.events.close()
 
 
 class Gateway:
@@ -123,19 +153,22 @@ class Gateway:
         """Run a coroutine on the gateway's loop (to drive the fake daemon)."""
         return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout)
 
-    def set_status(self, *, engines: list[dict[str, Any]], active_model: str | None = None,
-                   swap: dict[str, Any] | None = None, event: str = "changed",
-                   **fields: Any) -> None:
+    def set_status(self, *, engines: list[EngineRecord], active_model: str | None = None,
+                   swap: SwapRecord | None = None, event: EventName = "changed",
+                   ended: SwapRecord | None = None) -> None:
+        """A new status, published as `event`. As the daemon's, a swap_step carries the swap
+        in progress (`swap`), and swap_done or swap_failed the swap that `ended`."""
         async def go() -> None:
-            self.daemon.status = {"schema": 1, "engines": engines, "active_model": active_model,
-                                  "swap": swap}
-            self.daemon.publish(event, **fields)
+            self.daemon.status = sb.status(engines=engines, active_model=active_model,
+                                           swap=swap)
+            self.daemon.publish(event, swap=ended or (swap if event in SWAP_EVENTS else None))
 
         self.run(go)
 
 
 @contextlib.contextmanager
-def running_gateway(config_text: str, *, initial: dict[str, Any] | None = None,
+def running_gateway(config_text: str, *, initial: Status | None = None,
+                    supervisor: Supervisor | None = None,
                     start_daemon: bool = True, clock: Callable[[], float] | None = None,
                     draw: Callable[[], float] | None = None) -> Iterator[Gateway]:
     """The gateway on a free port, its config being `config_text` with the fake daemon's
@@ -147,7 +180,7 @@ def running_gateway(config_text: str, *, initial: dict[str, Any] | None = None,
         "{listen}", f"127.0.0.1:{port}")
     config = parse_config(text, source=workdir / "sparkd.toml")
     loop = asyncio.new_event_loop()
-    daemon = FakeDaemon(sock)
+    daemon = FakeDaemon(sock) if supervisor is None else SupervisorDaemon(sock, supervisor)
     if initial is not None:
         daemon.status = initial
     settings = settings_for(config)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+import status_builders as sb
 from conftest import SimEngine, SimEngines
 from gateway_harness import Gateway, engine_entry, get, post, running_gateway
 from openai.types.chat import (
@@ -84,8 +85,8 @@ engine = "sim"
 port = {strict_engine.port}
 role_policy = "strict"
 """
-    initial = {"schema": 1, "active_model": MODEL, "swap": None,
-               "engines": [engine_entry(MODEL, strict_engine.port)]}
+    initial = sb.status(active_model=MODEL,
+               engines=[engine_entry(MODEL, strict_engine.port)])
     with running_gateway(config, initial=initial) as gw:
         wait_loaded(gw)
         yield gw

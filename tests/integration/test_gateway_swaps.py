@@ -6,6 +6,7 @@ daemon; variant dispatch over two engines; client disconnects; unreachable engin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import json
 import threading
@@ -14,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+import status_builders as sb
 from aiohttp import web
 from conftest import SimEngine, SimEngines
 from gateway_harness import (
@@ -25,6 +27,8 @@ from gateway_harness import (
     post,
     running_gateway,
 )
+
+from sparkd.control.status import EngineRecord, SwapRecord
 
 MODEL = "sim-a"
 OTHER = "sim-b"
@@ -78,9 +82,9 @@ def held(gw: Gateway) -> int:
 
 
 def test_request_waits_while_loading_and_is_served_when_healthy(engine: SimEngine) -> None:
-    loading = {"schema": 1, "active_model": MODEL, "swap": None,
-               "engines": [engine_entry(MODEL, engine.port, active_state="activating",
-                                        healthy=False)]}
+    loading = sb.status(active_model=MODEL,
+               engines=[engine_entry(MODEL, engine.port, active_state="activating",
+                                        healthy=False)])
     with running_gateway(config(engine.port, gateway="hold_seconds = 10"),
                          initial=loading) as gw:
         t, out = in_thread(lambda: post(gw.url + "/v1/chat/completions", json_body=CHAT))
@@ -94,29 +98,29 @@ def test_request_waits_while_loading_and_is_served_when_healthy(engine: SimEngin
 
 
 def test_request_waits_through_a_swap(engine: SimEngine) -> None:
-    swapping = {"schema": 1, "active_model": None,
-                "swap": {"from": OTHER, "to": MODEL, "step": "stopping", "started_at": 1.0},
-                "engines": [engine_entry(OTHER, 1, active_state="deactivating", healthy=False)]}
+    swapping = sb.status(active_model=None,
+                swap=sb.swap(MODEL, from_model=OTHER, step="stop"),
+                engines=[engine_entry(OTHER, 1, active_state="deactivating", healthy=False)])
     with running_gateway(config(engine.port, gateway="hold_seconds = 10"),
                          initial=swapping) as gw:
         t, out = in_thread(lambda: post(gw.url + "/v1/chat/completions", json_body=CHAT))
         wait_for(lambda: held(gw) == 1)
         assert get(gw.url + "/health").json()["daemon"]["swap"]["to"] == MODEL
         # A step changes: still held.
-        gw.set_status(engines=[], swap={"from": OTHER, "to": MODEL, "step": "starting",
-                                        "started_at": 1.0}, event="swap_step")
+        gw.set_status(engines=[], swap=sb.swap(MODEL, from_model=OTHER, step="start"),
+                      event="swap_step")
         time.sleep(0.1)
         assert held(gw) == 1 and t.is_alive()
         gw.set_status(engines=[engine_entry(MODEL, engine.port)], active_model=MODEL,
-                      event="swap_done")
+                      event="swap_done", ended=sb.swap(MODEL, from_model=OTHER, step="done"))
         t.join(10)
         assert out[0].status_code == 200
 
 
 def test_hold_time_and_queue_limit_give_503_with_retry_after(engine: SimEngine) -> None:
-    loading = {"schema": 1, "active_model": MODEL, "swap": None,
-               "engines": [engine_entry(MODEL, engine.port, active_state="activating",
-                                        healthy=False)]}
+    loading = sb.status(active_model=MODEL,
+               engines=[engine_entry(MODEL, engine.port, active_state="activating",
+                                        healthy=False)])
     with running_gateway(config(engine.port, gateway="hold_seconds = 1.5\nqueue_limit = 1"),
                          initial=loading) as gw:
         t, out = in_thread(lambda: post(gw.url + "/v1/chat/completions", json_body=CHAT))
@@ -133,8 +137,8 @@ def test_hold_time_and_queue_limit_give_503_with_retry_after(engine: SimEngine) 
 
 
 def test_inactive_model_is_refused_without_swap_on_demand(engine: SimEngine) -> None:
-    status = {"schema": 1, "active_model": OTHER, "swap": None,
-              "engines": [engine_entry(OTHER, 1)]}
+    status = sb.status(active_model=OTHER,
+              engines=[engine_entry(OTHER, 1)])
     with running_gateway(config(engine.port), initial=status) as gw:
         wait_for(lambda: get(gw.url + "/health").json()["loaded"] == [OTHER])
         r = post(gw.url + "/v1/chat/completions", json_body=CHAT)
@@ -144,8 +148,8 @@ def test_inactive_model_is_refused_without_swap_on_demand(engine: SimEngine) -> 
 
 
 def test_swap_on_demand_starts_a_swap_and_throttles_the_next(engine: SimEngine) -> None:
-    status = {"schema": 1, "active_model": OTHER, "swap": None,
-              "engines": [engine_entry(OTHER, 1)]}
+    status = sb.status(active_model=OTHER,
+              engines=[engine_entry(OTHER, 1)])
     gateway = "swap_on_demand = true\nswap_min_interval_s = 60\nhold_seconds = 10"
     with running_gateway(config(engine.port, gateway=gateway), initial=status) as gw:
         wait_for(lambda: get(gw.url + "/health").json()["loaded"] == [OTHER])
@@ -154,10 +158,10 @@ def test_swap_on_demand_starts_a_swap_and_throttles_the_next(engine: SimEngine) 
         # A second request for the same model waits for the same swap (no second swap).
         t2, out2 = in_thread(lambda: post(gw.url + "/v1/chat/completions", json_body=CHAT))
         wait_for(lambda: held(gw) == 2)
-        gw.set_status(engines=[], swap={"from": OTHER, "to": MODEL, "step": "stopping",
-                                        "started_at": 1.0}, event="swap_started")
+        gw.set_status(engines=[], swap=sb.swap(MODEL, from_model=OTHER, step="stop"),
+                      event="swap_step")
         gw.set_status(engines=[engine_entry(MODEL, engine.port)], active_model=MODEL,
-                      event="swap_done")
+                      event="swap_done", ended=sb.swap(MODEL, from_model=OTHER, step="done"))
         t.join(10)
         t2.join(10)
         assert out[0].status_code == 200 and out2[0].status_code == 200
@@ -170,8 +174,8 @@ def test_swap_on_demand_starts_a_swap_and_throttles_the_next(engine: SimEngine) 
 
 
 def test_swap_refused_or_failed_by_the_daemon_is_a_503(engine: SimEngine) -> None:
-    status = {"schema": 1, "active_model": OTHER, "swap": None,
-              "engines": [engine_entry(OTHER, 1)]}
+    status = sb.status(active_model=OTHER,
+              engines=[engine_entry(OTHER, 1)])
     gateway = "swap_on_demand = true\nswap_min_interval_s = 30\nhold_seconds = 10"
     with running_gateway(config(engine.port, gateway=gateway), initial=status) as gw:
         wait_for(lambda: get(gw.url + "/health").json()["loaded"] == [OTHER])
@@ -185,20 +189,28 @@ def test_swap_refused_or_failed_by_the_daemon_is_a_503(engine: SimEngine) -> Non
         wait_for(lambda: held(gw) == 1)
         t2, out2 = in_thread(lambda: post(gw.url + "/v1/chat/completions", json_body=CHAT))
         wait_for(lambda: held(gw) == 2)  # waits for the same swap
-        gw.set_status(engines=[engine_entry(OTHER, 1)], active_model=OTHER,
-                      event="swap_failed", to=MODEL, message="health gate: engine exited 1")
+        failed = sb.swap(MODEL, from_model=OTHER, step="rolled_back",
+                         failure="health_gate: engine exited 1")
+        gw.run(lambda: _publish_failure(gw, failed, engine_entry(OTHER, 1)))
         t.join(10)
         t2.join(10)
         for reply in (out[0], out2[0]):
             assert reply.status_code == 503
             assert reply.json()["error"]["code"] == "swap_failed"
-            assert "health gate" in reply.json()["error"]["message"]
+            assert "health_gate: engine exited 1; rolled back to sim-b" in (
+                reply.json()["error"]["message"])
         assert len([c for c in gw.daemon.calls if c[0] == "swap"]) == 2  # refused, then one
 
 
+async def _publish_failure(gw: Gateway, swap: SwapRecord, serving: EngineRecord) -> None:
+    """The daemon's swap_failed: the swap record, and the status with no swap running."""
+    gw.daemon.status = sb.status(engines=[serving], active_model=serving.model)
+    gw.daemon.publish("swap_failed", swap=swap)
+
+
 def test_follows_a_restarted_daemon_without_polling(engine: SimEngine) -> None:
-    status = {"schema": 1, "active_model": MODEL, "swap": None,
-              "engines": [engine_entry(MODEL, engine.port)]}
+    status = sb.status(active_model=MODEL,
+              engines=[engine_entry(MODEL, engine.port)])
     with running_gateway(config(engine.port), initial=status) as gw:
         wait_for(lambda: gw.daemon.subscribers == 1)
         wait_for(lambda: get(gw.url + "/health").json()["daemon"]["connected"])
@@ -211,8 +223,8 @@ def test_follows_a_restarted_daemon_without_polling(engine: SimEngine) -> None:
         wait_for(lambda: not get(gw.url + "/health").json()["daemon"]["connected"])
         # Engines outlive sparkd: the last known route still serves.
         assert post(gw.url + "/v1/chat/completions", json_body=CHAT).status_code == 200
-        gw.daemon.status = {**status, "engines": [engine_entry(MODEL, engine.port),
-                                                  engine_entry(OTHER, 1)]}
+        gw.daemon.status = dataclasses.replace(status, engines=(
+            engine_entry(MODEL, engine.port), engine_entry(OTHER, 1)))
         gw.run(gw.daemon.server.start)
         wait_for(lambda: get(gw.url + "/health").json()["loaded"] == [MODEL, OTHER], 10)
         assert get(gw.url + "/health").json()["daemon"]["connected"]
@@ -222,8 +234,8 @@ def test_follows_a_restarted_daemon_without_polling(engine: SimEngine) -> None:
 
 def test_idle_model_is_unloaded_after_its_minutes(engine: SimEngine) -> None:
     now = [1000.0]
-    status = {"schema": 1, "active_model": MODEL, "swap": None,
-              "engines": [engine_entry(MODEL, engine.port)]}
+    status = sb.status(active_model=MODEL,
+              engines=[engine_entry(MODEL, engine.port)])
     with running_gateway(config(engine.port, model_extra="idle_unload_minutes = 0.1"),
                          initial=status, clock=lambda: now[0]) as gw:
         wait_for(lambda: get(gw.url + "/health").json()["loaded"] == [MODEL])
@@ -267,7 +279,7 @@ def spec_gateway(plain: SimEngine, spec: SimEngine, extra: str, *, both: bool = 
     engines = [engine_entry("sim-spec", plain.port, variant="plain")]
     if both:
         engines.append(engine_entry("sim-spec", spec.port, variant="speculative"))
-    status = {"schema": 1, "active_model": "sim-spec", "swap": None, "engines": engines}
+    status = sb.status(active_model="sim-spec",  engines=engines)
     text = '[gateway]\nlisten = "{listen}"\n' + SPEC_MODEL.format(port=plain.port, extra=extra)
     return running_gateway(text, initial=status, draw=lambda: 0.5)
 
@@ -313,8 +325,8 @@ def test_measured_dispatch_learns_the_faster_variant_per_class(
 def test_client_disconnect_cancels_the_upstream_stream(sim_engines: SimEngines) -> None:
     slow = sim_engines.start("--load-seconds", "0", "--tokens-per-second", "20", model=MODEL)
     slow.wait_health(200)
-    status = {"schema": 1, "active_model": MODEL, "swap": None,
-              "engines": [engine_entry(MODEL, slow.port)]}
+    status = sb.status(active_model=MODEL,
+              engines=[engine_entry(MODEL, slow.port)])
     with running_gateway(config(slow.port), initial=status) as gw:
         wait_for(lambda: get(gw.url + "/health").json()["loaded"] == [MODEL])
         conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=10)
@@ -334,8 +346,8 @@ def test_unreachable_engine_is_a_502_and_external_models_are_routed(
     external = sim_engines.start("--load-seconds", "0", model="ext")
     external.wait_health(200)
     dead = 1  # nothing listens on port 1
-    status = {"schema": 1, "active_model": MODEL, "swap": None,
-              "engines": [engine_entry(MODEL, dead)]}
+    status = sb.status(active_model=MODEL,
+              engines=[engine_entry(MODEL, dead)])
     text = config(engine.port) + f"""
 [models.ext]
 engine = "external"
@@ -363,7 +375,7 @@ listen = "{{listen}}"
 engine = "external"
 url = "http://{host}:{port}"
 """
-    with running_gateway(text, initial={"schema": 1, "engines": []}) as gw:
+    with running_gateway(text, initial=sb.status(engines=[])) as gw:
         upstream = web.Application()
         upstream.router.add_post("/v1/chat/completions", handler)
         runner = web.AppRunner(upstream, access_log=None)

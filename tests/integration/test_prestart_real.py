@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from sparkd.engine.prestart import PrestartPlan, RealSystem, run_prestart
 from sparkd.monitor.memory import SettleRule
-from sparkd.prestart import PrestartPlan, RealSystem, run_prestart
 
 FILE_SIZES = {"config.json": 2048, "model-00001.safetensors": 8 << 20, "model-00002.bin": 3 << 20}
 

@@ -4,6 +4,7 @@ damaged file is fetched again, and a resumed transfer asks only for the bytes no
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -31,13 +32,15 @@ from hubserver import (
     status,
 )
 
-from sparkd.cli import ExitStatus, cli
 from sparkd.config import Config, load_config
+from sparkd.ctl.exits import ExitStatus
+from sparkd.ctl.main import cli
 from sparkd.errors import DiskFull, VerificationFailed
 from sparkd.store.manifest import ManifestStore
 from sparkd.store.model import StoreSettings, pull_model, verify_model
-from sparkd.store.plan import RetryPolicy, Status
-from sparkd.store.preflight import preflight_verify
+from sparkd.store.modeldir import UnsafePath
+from sparkd.store.plan import FetchSettings, RetryPolicy, Status
+from sparkd.store.preflight import preflight_verify, preflight_verify_async
 
 REPO = "acme/tiny-llm"
 MIB = 1 << 20
@@ -59,11 +62,11 @@ def _files() -> dict[str, bytes]:
 
 FILES = _files()
 TOTAL = sum(len(d) for d in FILES.values())
-FAST = StoreSettings(
+FAST = StoreSettings(fetch=FetchSettings(
     concurrency=2,
     stall_timeout_s=5.0,  # generous: a loaded CI machine must not look like a stall
     policy=RetryPolicy(attempts=6, base_s=0.01, cap_s=0.05),
-)
+))
 STALL_S = 1.0  # the stall test's timeout; its server goes quiet for longer
 
 
@@ -167,7 +170,8 @@ def test_each_fault_ends_with_every_file_correct_and_only_the_damaged_one_refetc
         monkeypatch.setattr(sparkd.store.download, "BATCH", batch)
     hub.inject(SHARD2, *faults)
     stalls = any(f.kind == "stall" for f in faults)
-    settings = dataclasses.replace(FAST, stall_timeout_s=STALL_S) if stalls else FAST
+    settings = dataclasses.replace(
+        FAST, fetch=dataclasses.replace(FAST.fetch, stall_timeout_s=STALL_S)) if stalls else FAST
     report = pull_model(config, config.model("tiny"), settings=settings)
     assert report.ok, report.failures
     assert_all_correct(config)
@@ -228,7 +232,8 @@ def test_kill_9_in_the_middle_of_a_pull_then_a_rerun_resumes(
     part = config.model("tiny").path / f".{SHARD1}.part"
     env = {**os.environ, "SPARKD_CONFIG": str(config_path)}
     child = subprocess.Popen(
-        [sys.executable, "-c", "from sparkd.cli import main; main()", "pull", "tiny", "--json"],
+        [sys.executable, "-c", "from sparkd.ctl.main import main; main()", "pull", "tiny",
+         "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -270,22 +275,24 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def test_full_disk_is_a_clear_error_and_keeps_the_partial_files(
     hub: FakeHub, tmp_path: Path, small_disk: Path
 ) -> None:
-    config_path = write_config(tmp_path, model_dir=small_disk / "tiny")
-    result = CliRunner().invoke(cli, ["pull", "tiny", "--config", str(config_path)])
-    assert result.exit_code == ExitStatus.FAILURE, result.output
-    assert "sparkctl: disk full while writing" in result.output
-    assert "it resumes from the bytes on disk" in result.output
+    # The disk fills while the pull runs (the up-front free-space check, which would refuse
+    # this pull, is off: another writer can always fill the disk after it).
+    unchecked = dataclasses.replace(FAST, fetch=dataclasses.replace(FAST.fetch,
+                                                                    check_free_space=False))
+    config = load_config(write_config(tmp_path, model_dir=small_disk / "tiny"))
+    with pytest.raises(DiskFull, match="disk full while writing") as info:
+        pull_model(config, config.model("tiny"), settings=unchecked)
+    assert "it resumes from the bytes on disk" in info.value.message
     parts = {p: p.stat().st_size for p in (small_disk / "tiny").rglob("*.part")}
     assert parts and sum(parts.values()) > 0, "the partial files are gone"
-    config = load_config(config_path)
     with pytest.raises(DiskFull):
-        pull_model(config, config.model("tiny"), settings=FAST)
+        pull_model(config, config.model("tiny"), settings=unchecked)
     assert list((small_disk / "tiny").rglob("*.part")), "partial files were removed"
     # Space freed: the next pull resumes every partial from its bytes on disk.
     kept = {p.name[1:-5]: p.stat().st_size for p in (small_disk / "tiny").rglob("*.part")}
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     hub.reset_log()
-    assert pull_model(config, config.model("tiny"), settings=FAST).ok
+    assert pull_model(config, config.model("tiny"), settings=unchecked).ok
     got = bodies(hub)
     for name, size in kept.items():
         (path,) = [p for p in FILES if p.endswith(name)]
@@ -367,6 +374,13 @@ def test_preflight_refuses_a_bad_file_by_name_or_repairs_it(
     hub.reset_log()
     report = preflight_verify(repairing, repairing.model("tiny"))
     assert report.ok
+    assert list(bodies(hub)) == [f"nested/{SHARD3}"]
+    # The daemon's preflight: the same repair, its downloads awaited on the daemon's loop.
+    (model.path / "nested" / SHARD3).write_bytes(b"truncated again")
+    with pytest.raises(VerificationFailed, match=f"nested/{SHARD3}: BAD"):
+        asyncio.run(preflight_verify_async(config, model))
+    hub.reset_log()
+    assert asyncio.run(preflight_verify_async(repairing, repairing.model("tiny"))).ok
     assert list(bodies(hub)) == [f"nested/{SHARD3}"]
 
 
@@ -596,7 +610,7 @@ def test_a_disk_error_is_not_taken_for_a_stall(
 
     monkeypatch.setattr(os, "pwrite", flaky_pwrite)
     report = pull_model(config, config.model("tiny"), settings=dataclasses.replace(
-        FAST, concurrency=1))
+        FAST, fetch=dataclasses.replace(FAST.fetch, concurrency=1)))
     assert not report.ok
     (failure,) = report.failures
     assert "cannot write" in failure.reason and "timed out" in failure.reason
@@ -604,3 +618,113 @@ def test_a_disk_error_is_not_taken_for_a_stall(
     monkeypatch.setattr(os, "pwrite", real_pwrite)
     assert pull_model(config, config.model("tiny"), settings=FAST).ok
     assert_all_correct(config)
+
+
+# Issue 10: a root pull never writes through a link, checks free space first, and drops a
+# transfer that trickles.
+
+
+def test_a_planted_partial_symlink_is_refused_and_its_target_untouched(
+    hub: FakeHub, config: Config, tmp_path: Path
+) -> None:
+    root = config.model("tiny").path
+    root.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's precious file\n")
+    (root / ".config.json.part").symlink_to(victim)
+    report = pull_model(config, config.model("tiny"), settings=FAST)
+    assert victim.read_bytes() == b"root's precious file\n"
+    assert not report.ok
+    (failure,) = report.failures
+    assert failure.path == "config.json" and failure.status is Status.MISSING
+    assert failure.reason.startswith(f"{root / '.config.json.part'}: expected a partial "
+                                     "download, found a symbolic link")
+    assert (root / ".config.json.part").is_symlink()
+    for name in FILES:  # every other file was fetched
+        if name != "config.json":
+            assert (root / name).read_bytes() == FILES[name]
+
+
+def test_a_planted_directory_symlink_is_refused_and_nothing_lands_outside(
+    hub: FakeHub, config: Config, tmp_path: Path
+) -> None:
+    root = config.model("tiny").path
+    root.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "nested").symlink_to(elsewhere)
+    report = pull_model(config, config.model("tiny"), settings=FAST)
+    assert list(elsewhere.iterdir()) == []
+    (failure,) = report.failures
+    assert failure.path == f"nested/{SHARD3}"
+    assert failure.reason.startswith(f"{root / 'nested'}: expected a directory, found a "
+                                     "symbolic link")
+
+
+def test_a_file_that_is_a_symlink_is_refused_with_its_path(
+    hub: FakeHub, config: Config, tmp_path: Path
+) -> None:
+    root = config.model("tiny").path
+    root.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"x")
+    (root / "tokenizer.json").symlink_to(victim)
+    report = pull_model(config, config.model("tiny"), settings=FAST)
+    assert victim.read_bytes() == b"x"
+    (failure,) = report.failures
+    assert failure.reason.startswith(f"{root / 'tokenizer.json'}: expected a file, found a "
+                                     "symbolic link")
+
+
+def test_a_model_directory_that_is_a_symlink_is_refused(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "models" / "tiny"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    config = load_config(write_config(tmp_path, model_dir=link))
+    with pytest.raises(UnsafePath, match="expected the model directory, found a symbolic link"):
+        pull_model(config, config.model("tiny"), settings=FAST)
+    assert list(real.iterdir()) == []
+
+
+def test_a_hard_linked_partial_is_refused(hub: FakeHub, config: Config, tmp_path: Path) -> None:
+    root = config.model("tiny").path
+    root.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"x")
+    os.link(victim, root / ".config.json.part")
+    report = pull_model(config, config.model("tiny"), settings=FAST)
+    assert victim.read_bytes() == b"x"
+    (failure,) = report.failures
+    assert "the partial download has 2 hard links" in failure.reason
+
+
+def test_not_enough_free_space_is_refused_before_the_first_byte(
+    hub: FakeHub, tmp_path: Path, small_disk: Path
+) -> None:
+    config_path = write_config(tmp_path, model_dir=small_disk / "tiny")
+    result = CliRunner().invoke(cli, ["pull", "tiny", "--config", str(config_path)])
+    assert result.exit_code == ExitStatus.FAILURE, result.output
+    expected = f"not enough free space for tiny in {small_disk / 'tiny'}: 14.0 MiB to fetch"
+    assert "".join(expected.split()) in "".join(result.output.split())  # lines wrapped
+    assert not hub.body_requests(), "bytes were fetched although they could not fit"
+    assert not list((small_disk / "tiny").rglob("*.part"))
+
+
+def test_a_trickling_server_is_dropped_below_the_minimum_rate(
+    hub: FakeHub, config: Config
+) -> None:
+    hub.inject("tokenizer.json", slow(400), slow(400))
+    settings = dataclasses.replace(FAST, fetch=dataclasses.replace(
+        FAST.fetch, stall_timeout_s=1.0, min_rate_bytes_per_s=4096,
+        policy=RetryPolicy(attempts=2, base_s=0.01, cap_s=0.05)))
+    started = time.monotonic()
+    report = pull_model(config, config.model("tiny"), settings=settings)
+    assert time.monotonic() - started < 15  # 50 KiB at 400 bytes/s would take 128 s
+    (failure,) = report.failures
+    assert failure.path == "tokenizer.json"
+    assert "gave up after 2 tries: too slow:" in failure.reason
+    assert "below the minimum of 4096 bytes/s" in failure.reason

@@ -93,7 +93,7 @@ def analyze_config(root: Path) -> Config:
     toml = f"""
 [daemon]
 sparkd_path = {_toml(str(odd_sparkd))}
-engine_user = "sparkd"
+engine_user = "sparkd-engine"
 
 [models."q3.5-30b_fp8"]
 engine = "vllm"

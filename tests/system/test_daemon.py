@@ -40,7 +40,7 @@ def serving(box: Container) -> bool:
 def test_sparkd_runs_and_the_default_model_serves(container: Container) -> None:
     wait_for("sparkd to report the default model healthy", lambda: serving(container))
     engine = show(container, ENGINE, "ActiveState", "SubState", "User")
-    assert engine == {"ActiveState": "active", "SubState": "running", "User": "sparkd"}
+    assert engine == {"ActiveState": "active", "SubState": "running", "User": "sparkd-engine"}
     models = container.exec(["curl", "-sf", "http://127.0.0.1:8101/v1/models"]).stdout
     assert json.loads(models)["data"][0]["id"] == DEFAULT
     text = container.exec(["systemctl", "status", "sparkd", "--no-pager"], check=False).stdout

@@ -199,9 +199,16 @@ def test_deb_installs_and_its_commands_run(
     # postinst byte-compiled it (the package ships no __pycache__; prerm removes them).
     box.exec(["test", "-d", "/usr/lib/sparkd/python/sparkd/__pycache__"])
 
-    assert box.exec(["getent", "passwd", "sparkd"]).returncode == 0
+    # Engines run as sparkd-engine, which is not in the control group sparkd (issue 10).
+    assert box.exec(["getent", "passwd", "sparkd-engine"]).returncode == 0
+    assert box.exec(["getent", "group", "sparkd"]).stdout.strip().split(":")[3] == (
+        "sparkd-gateway")
+    groups = box.exec(["id", "-nG", "sparkd-engine"]).stdout.split()
+    assert groups == ["sparkd-engine"]
     owner = box.exec(["stat", "-c", "%U:%G %a", "/var/lib/sparkd/models"]).stdout.strip()
-    assert owner == "sparkd:sparkd 755"
+    assert owner == "root:root 755"
+    home = box.exec(["stat", "-c", "%U:%G %a", "/var/lib/sparkd/home"]).stdout.strip()
+    assert home == "sparkd-engine:sparkd-engine 750"
     assert box.exec(["systemctl", "is-enabled", "sparkd.service"]).stdout.strip() == "enabled"
     assert (
         box.exec(["dpkg-query", "-W", "-f", "${Conffiles}", "sparkd"])

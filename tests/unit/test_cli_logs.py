@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from sparkd.cli_logs import entry, journal_argv, timeline_line
+from sparkd.ctl.logs import entry, journal_argv, timeline_line
 
 
 def test_argv_for_an_event_and_a_model_are_field_matches() -> None:

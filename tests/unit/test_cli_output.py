@@ -1,30 +1,34 @@
 from __future__ import annotations
 
 import io
-from typing import Any
 
+import status_builders as sb
 from rich.console import Console
 
-from sparkd.cli_output import format_age, render_status
+from sparkd.control.status import (
+    FailureRecord,
+    FingerprintRecord,
+    MemoryRecord,
+    ReloadRecord,
+    Status,
+)
+from sparkd.ctl.status import format_age, render_status
 
 
-def status() -> dict[str, Any]:
-    return {
-        "daemon": {"version": "0.1.0", "state": "running", "pid": 7, "uptime_s": 3700,
-                   "status_line": "swapping a -> b: start", "state_warning": None,
-                   "last_reload": {"ok": False, "message": "bad key", "at": 0}},
-        "desired_model": "a", "active_model": None, "last_good_model": "a",
-        "swap": {"id": 3, "from": "a", "to": "b", "step": "start", "duration_ms": 1500.0},
-        "last_failure": {"model": "crash", "reason": "start: job failed"},
-        "engines": [{"model": "b", "engine": "vllm", "active_state": "activating",
-                     "sub_state": "start", "main_pid": 0, "n_restarts": 0, "port": 8102,
-                     "health": None,
-                     "fingerprints": [{"id": "moe_backend", "severity": "info",
-                                       "meaning": "the MoE kernels", "value": "CUTLASS",
-                                       "line": "..."}]}],
-        "memory": {"total_bytes": 128 << 30, "available_bytes": 100 << 30,
-                   "page_cache_bytes": 20 << 30},
-    }
+def status() -> Status:
+    return sb.status(
+        daemon=sb.daemon(uptime_s=3700, pid=7, status_line="swapping a -> b: start",
+                         last_reload=ReloadRecord(ok=False, message="bad key", at=0)),
+        desired_model="a", last_good_model="a",
+        swap=sb.swap("b", from_model="a", id=3, duration_ms=1500.0),
+        last_failure=FailureRecord(model="crash", reason="start: job failed"),
+        engines=[sb.engine("b", 8102, active_state="activating", healthy=False, engine="vllm",
+                           main_pid=0, health=None, fingerprints=(FingerprintRecord(
+                               id="moe_backend", severity="info", meaning="the MoE kernels",
+                               value="CUTLASS", line="..."),))],
+        memory=MemoryRecord(total_bytes=128 << 30, available_bytes=100 << 30,
+                            page_cache_bytes=20 << 30),
+    )
 
 
 def test_render_status_says_what_is_going_on() -> None:

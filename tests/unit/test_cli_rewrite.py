@@ -7,7 +7,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from sparkd.cli import ExitStatus, cli
+from sparkd.ctl.exits import ExitStatus
+from sparkd.ctl.main import cli
 
 CONFIG = """
 [models.mistral]

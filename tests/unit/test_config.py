@@ -103,7 +103,7 @@ def test_relative_path_refused() -> None:
 
 
 def test_bool_is_not_a_number() -> None:
-    assert "expected a number >= 0, got true" in err(MINIMAL + "memory_gib = true\n")
+    assert "expected a number from 0 to 1048576, got true" in err(MINIMAL + "memory_gib = true\n")
 
 
 def test_unknown_model_lookup() -> None:
@@ -187,3 +187,89 @@ def test_gateway_and_speculative_errors() -> None:
 def test_engines_cannot_be_opened_beyond_loopback() -> None:
     assert "models.a.args: expected no --host" in err(MINIMAL + 'args = ["--host", "0.0.0.0"]\n')
     assert "got \"--host=::\"" in err(MINIMAL + 'args = ["--host=::"]\n')
+
+
+# Issue 10: the smaller holes of the configuration.
+
+
+@pytest.mark.parametrize("prefix", list("@-:+!|"))
+def test_a_binary_starting_with_a_systemd_prefix_is_refused(prefix: str) -> None:
+    # Rendered as ExecStart="+python3", systemd reads the `+` as a prefix even quoted: the
+    # engine would run as root.
+    msg = err(MINIMAL + f'binary = "{prefix}python3"\n')
+    assert msg.startswith("/etc/test.toml: models.a.binary: expected a program")
+    assert f'got "{prefix}python3"' in msg
+
+
+@pytest.mark.parametrize(("toml", "key"), [
+    ('[models."a\\n"]\nengine = "vllm"\nport = 8001\n', 'models.a\n'),
+    (MINIMAL + 'env = { "X\\n" = "1" }\n', "models.a.env"),
+    (MINIMAL + 'source = "org/repo\\n"\n', "models.a.source"),
+    ('[daemon]\nengine_user = "eng\\n"\n' + MINIMAL, "daemon.engine_user"),
+    ('[daemon]\ncontrol_group = "ctl\\n"\n' + MINIMAL, "daemon.control_group"),
+])
+def test_a_trailing_newline_is_refused(toml: str, key: str) -> None:
+    assert f"/etc/test.toml: {key}: expected" in err(toml)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e300"])
+def test_numbers_are_finite_and_bounded(value: str) -> None:
+    msg = err(MINIMAL + f"load_timeout_s = {value}\n")
+    assert msg.startswith(
+        "/etc/test.toml: models.a.load_timeout_s: expected a number from 1 to 604800, got"
+    )
+
+
+@pytest.mark.parametrize("key", [
+    "memory_reserve_gib", "health_interval_s", "settle_timeout_s", "last_good_after_s",
+    "restart_sec", "start_limit_interval_s", "pressure_warn_pct", "download_stall_timeout_s",
+])
+def test_every_daemon_number_has_an_upper_bound(key: str) -> None:
+    assert f"daemon.{key}: expected a number from " in err(f"[daemon]\n{key} = 1e300\n" + MINIMAL)
+    assert f"daemon.{key}: expected a number from " in err(f"[daemon]\n{key} = inf\n" + MINIMAL)
+
+
+def test_every_model_number_has_an_upper_bound() -> None:
+    for key in ("memory_gib", "idle_unload_minutes"):
+        assert f"models.a.{key}: expected a number from " in err(MINIMAL + f"{key} = inf\n")
+    spec = '[models.a.speculative]\nmethod = "eagle"\ndraft_model = "d"\n'
+    for key in ("memory_gib", "recheck_share"):
+        assert f"models.a.speculative.{key}: expected a number from " in err(
+            MINIMAL + spec + f"{key} = 1e300\n")
+
+
+def test_check_config_reports_an_infinite_timeout_without_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "inf.toml"
+    path.write_text(MINIMAL + "load_timeout_s = inf\n")
+    res = CliRunner().invoke(cli, ["check-config", "--config", str(path)])
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert f"{path}: models.a.load_timeout_s: expected a number from 1 to 604800, got inf" in (
+        res.output)
+
+
+def test_engines_and_the_control_socket_have_different_groups() -> None:
+    msg = err('[daemon]\nengine_user = "ops"\ncontrol_group = "ops"\n' + MINIMAL)
+    assert msg.startswith("/etc/test.toml: daemon.engine_user: expected a user other than")
+    c = parse_config(MINIMAL, source=SRC)
+    assert (c.daemon.engine_user, c.daemon.control_group) == ("sparkd-engine", "sparkd")
+
+
+@pytest.mark.parametrize("path", ["/control.sock", "/run/control.sock", "/var/run/x.sock"])
+def test_the_control_socket_lives_in_a_directory_of_its_own(path: str) -> None:
+    # Engine units hide the socket's directory (InaccessiblePaths=): never /run itself.
+    assert "daemon.control_socket: expected a socket in a directory of its own" in err(
+        f'[daemon]\ncontrol_socket = "{path}"\n' + MINIMAL)
+
+
+def test_minimum_download_rate_default_and_off() -> None:
+    assert "daemon.download_min_rate_bytes_per_s: expected an integer from 0 to 1073741824" in (
+        err("[daemon]\ndownload_min_rate_bytes_per_s = 1e300\n" + MINIMAL))
+    assert parse_config(MINIMAL, source=SRC).daemon.download_min_rate_bytes_per_s == 16384
+    c = parse_config("[daemon]\ndownload_min_rate_bytes_per_s = 0\n" + MINIMAL, source=SRC)
+    assert c.daemon.download_min_rate_bytes_per_s == 0
+
+
+def test_an_external_url_has_no_spaces_or_control_characters() -> None:
+    assert "models.x.url: expected an http:// or https:// URL" in err(
+        '[models.x]\nengine = "external"\nurl = "http://h:1/v1\\n"\n')

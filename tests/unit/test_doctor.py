@@ -1,14 +1,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
+import status_builders as sb
 from click.testing import CliRunner
 
-from sparkd.cli import cli
 from sparkd.config import parse_config
-from sparkd.doctor import Facts, Level, diagnose
+from sparkd.ctl.doctor import Facts, Level, diagnose
+from sparkd.ctl.main import cli
+from sparkd.daemon.report import gpus_record
+from sparkd.monitor.nvml import FixtureNvml, read
 
 CONFIG = """
 [daemon]
@@ -32,16 +36,18 @@ path = "/m/mistral"
 """
 
 
+gb10 = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "nvml" /
+                   "gb10-constructed.json").read_text())
+
+
 def facts(**changes: Any) -> Facts:
     config = parse_config(CONFIG, source=Path("/etc/sparkd.toml"))
     base = Facts(
         config=config,
         rendered={"a.service": "x"},
         installed={"a.service": "x"},
-        daemon_status={"daemon": {"status_line": "qwen: serving, healthy",
-                                  "last_reload": None}, "last_failure": None,
-                       "gpu": {"error": None, "unified_memory": True,
-                               "gpus": [{"name": "NVIDIA GB10"}]}},
+        daemon_status=sb.status(daemon=sb.daemon(status_line="qwen: serving, healthy"),
+                                gpu=gpus_record(read(FixtureNvml(gb10["captured"])))),
         daemon_error=None,
         drop_caches_writable=True,
         mem_total=128 << 30,

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from sparkd.engine.health import MIN_PROBE_TIMEOUT_S, ProbeResult, WaitResult, wait_healthy
+from sparkd.engine.health import MIN_PROBE_TIMEOUT_S, WaitResult, wait_healthy
+from sparkd.engine.probe import ProbeResult
 
 URL = "http://127.0.0.1:8101/health"
 

@@ -1,4 +1,4 @@
-"""sparkd.prestart against a fake system: the steps, their log lines, and the memory gate."""
+"""sparkd.engine.prestart against a fake system: the steps, their log lines, and the memory gate."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import pytest
 from click.testing import CliRunner
 
 from sparkd.config import parse_config
-from sparkd.errors import PrestartRefused, UnknownModel
-from sparkd.monitor.memory import GIB, MIB, MemInfo, SettleRule, SettleState
-from sparkd.prestart import (
+from sparkd.engine.prestart import (
     PrestartPlan,
     command,
     memory_gate,
     plan_prestart,
     run_prestart,
 )
+from sparkd.errors import PrestartRefused, UnknownModel
+from sparkd.monitor.memory import GIB, MIB, MemInfo, SettleRule, SettleState
 
 MODEL_PATH = Path("/models/qwen")
 FILES = {

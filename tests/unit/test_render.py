@@ -42,7 +42,7 @@ VERSIONS = (252, 255)
 GOLDEN_TOML = r"""
 [daemon]
 default_model = "qwen3-30b"
-engine_user = "sparkd"
+engine_user = "sparkd-engine"
 settle_timeout_s = 30
 
 [models.qwen3-30b]
@@ -351,7 +351,7 @@ def test_unit_basics() -> None:
     assert "[Install]" not in lines
     settings_ = [line for line in lines if line and not line.startswith("#")]
     assert not [s for s in settings_ if s.startswith(("PrivateDevices", "MemoryDenyWrite"))]
-    for line in ("Type=exec", "User=sparkd", "Group=sparkd", "KillMode=mixed",
+    for line in ("Type=exec", "User=sparkd-engine", "Group=sparkd-engine", "KillMode=mixed",
                  "DevicePolicy=closed", "DeviceAllow=char-nvidia* rw", "CapabilityBoundingSet=",
                  "LogExtraFields=SPARKD_MODEL=qwen3-30b",
                  "SyslogIdentifier=sparkd-engine-qwen3-30b", "CacheDirectory=sparkd/qwen3-30b"):
@@ -395,12 +395,35 @@ def test_bad_binaries_are_config_errors(binary: str, problem: str) -> None:
     assert "models.mistral-7b.binary" in info.value.message
 
 
-@pytest.mark.parametrize("user", ["root", "two words", "%n", ""])
+@pytest.mark.parametrize("user", ["root", "two words", "%n", "", "sparkd-engine\n"])
 def test_engine_user_must_be_plain_and_not_root(user: str) -> None:
-    c = parse_config(GOLDEN_TOML.replace('engine_user = "sparkd"', f"engine_user = {user!r}"),
-                     source=Path("/etc/sparkd.toml"))
+    toml = GOLDEN_TOML.replace('engine_user = "sparkd-engine"',
+                               f"engine_user = {_toml_string(user)}")
     with pytest.raises(ConfigError, match=r"daemon\.engine_user"):
-        render_units(c, systemd_version=255)
+        parse_config(toml, source=Path("/etc/sparkd.toml"))
+    # The renderer refuses such a user too when handed a config built in code.
+    c = golden_config()
+    bad = replace(c, daemon=replace(c.daemon, engine_user=user))
+    with pytest.raises(ConfigError, match=r"daemon\.engine_user"):
+        render_units(bad, systemd_version=255)
+
+
+def test_engine_units_hide_the_control_socket_directory() -> None:
+    # Issue 10: code inside an engine could swap, unload and reload through the socket.
+    c = golden_config()
+    for text in render_units(c, systemd_version=255).values():
+        assert "InaccessiblePaths=-/run/sparkd" in text.splitlines()
+    moved = replace(c, daemon=replace(c.daemon, control_socket=Path("/run/my ctl/s.sock")))
+    unit = render_unit(moved, moved.models["qwen3-30b"], systemd_version=255)
+    assert 'InaccessiblePaths="-/run/my ctl"' in unit.splitlines()
+
+
+@pytest.mark.parametrize("prefix", list("@-:+!|"))
+def test_a_binary_with_a_prefix_character_is_refused_by_the_renderer(prefix: str) -> None:
+    c = golden_config()
+    bad = ModelConfig(name="x", engine="vllm", path=Path("/m"), port=1, binary=f"{prefix}vllm")
+    with pytest.raises(ConfigError, match=r"models\.x\.binary: expected a program"):
+        render_unit(c, bad, systemd_version=255)
 
 
 def test_nul_in_args_is_a_config_error() -> None:
@@ -430,10 +453,12 @@ def test_quote_word_examples() -> None:
     assert quote_word("\x01") == '"\\x01"'
 
 
-def test_quote_command_protects_prefix_characters() -> None:
-    assert quote_command(["-weird", "x"]) == '"-weird" x'
+def test_quote_command_refuses_prefix_characters() -> None:
+    # systemd reads `"+x"` as the `+` prefix too (issue 10): quoting cannot protect it.
+    for exe in ("-weird", "+python3", "@x", ":x", "!x", "|x", ""):
+        with pytest.raises(ValueError, match="prefix"):
+            quote_command([exe, "x"])
     assert quote_command(["/bin/a$b", "$b"]) == '"/bin/a$b" "$$b"'
-    assert parse_exec(quote_command(["@x", "y"])) == ["@x", "y"]
 
 
 # Pieces that mean something to systemd's parser, drawn often; then anything but NUL.

@@ -1,12 +1,19 @@
 """Routing decisions over the daemon's status: serve, hold, swap on demand, refuse; tolerant
-reading of the status (absent swap and variant fields, junk); idle unloads; /v1/models."""
+reading of the checked status (a status that does not fit is refused); idle unloads;
+/v1/models."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+import status_builders as sb
+
 from sparkd.config import parse_config
+from sparkd.control.status import EngineRecord, Status, SwapRecord, VariantName
+from sparkd.errors import SchemaError
 from sparkd.gateway.routing import (
     DaemonView,
     Hold,
@@ -43,16 +50,13 @@ port = 9001
 
 
 def engine(model: str, port: int, state: str = "active", *, ok: bool = True,
-           variant: str | None = None) -> dict[str, Any]:
-    e: dict[str, Any] = {"model": model, "port": port, "active_state": state,
-                         "health": {"ok": ok}}
-    if variant:
-        e["variant"] = variant
-    return e
+           variant: VariantName = "plain") -> EngineRecord:
+    return sb.engine(model, port, active_state=state, healthy=ok, variant=variant)
 
 
-def view(*engines: dict[str, Any], swap: Any = None, active: str | None = None) -> DaemonView:
-    return view_from_status({"engines": list(engines), "swap": swap, "active_model": active})
+def view(*engines: EngineRecord, swap: SwapRecord | None = None,
+         active: str | None = None) -> DaemonView:
+    return view_from_status(sb.status(engines=engines, swap=swap, active_model=active))
 
 
 def d(model: str, v: DaemonView, config: Any = CONFIG, **kw: Any) -> Any:
@@ -60,17 +64,23 @@ def d(model: str, v: DaemonView, config: Any = CONFIG, **kw: Any) -> Any:
     return decide(config.models[model], v, config.gateway, now=1000.0, **kw)
 
 
-def test_reads_status_tolerantly() -> None:
-    assert view_from_status("junk") == DaemonView(seen=True, connected=True)
-    v = view_from_status({"engines": [engine("a", 9001), {"model": 3}, "x",
-                                      engine("a", 9011, variant="speculative"),
-                                      {"model": "b", "port": True}],
-                          "swap": {"to": 5}})
+def test_reads_variants_and_the_swap_from_the_status() -> None:
+    v = view(engine("a", 9001), engine("a", 9011, variant="speculative"))
     assert [e.variant for e in v.endpoints["a"]] == ["plain", "speculative"]
-    assert "b" not in v.endpoints and v.swap is None
-    v = view_from_status({"swap": {"from": None, "to": "a", "step": "prestart",
-                                   "started_at": 5}})
+    assert v.swap is None
+    v = view(swap=sb.swap("a", step="prestart", started_at=5))
     assert v.swap is not None and v.swap.to_model == "a" and v.swap.started_at == 5.0
+
+
+def test_a_status_that_does_not_fit_the_schema_is_refused_with_its_path() -> None:
+    good = sb.status(engines=[engine("a", 9001)]).to_json()
+    for junk, where in (("junk", "status: expected an object"),
+                        ({**good, "engines": [{"model": 3}]}, "status.engines[0].model"),
+                        ({**good, "swap": {"to": 5}}, "status.swap"),
+                        ({**good, "engines": [{**good["engines"][0], "port": True}]},
+                         "status.engines[0].port: expected an integer, got true")):
+        with pytest.raises(SchemaError, match=re.escape(where)):
+            Status.from_json(junk)
 
 
 def test_serve_healthy_variants_and_external() -> None:
@@ -83,7 +93,7 @@ def test_hold_cases() -> None:
     assert isinstance(d("a", DaemonView()), Hold)  # no snapshot yet
     assert "loading" in d("a", view(engine("a", 9001, "activating", ok=False))).reason
     assert "loading" in d("a", view(engine("a", 9001, ok=False))).reason  # active, not healthy
-    swap = {"from": "b", "to": "a", "step": "stopping", "started_at": 1}
+    swap = sb.swap("a", from_model="b", step="stopping")
     assert "swap to a" in d("a", view(engine("b", 9002), swap=swap)).reason
     assert isinstance(d("b", view(swap=swap)), Hold)  # any swap: wait for it to end
 

@@ -25,12 +25,15 @@ from sparkd.store.manifest import (
     render_manifest,
 )
 from sparkd.store.plan import (
+    FetchJob,
     FileVerdict,
     LocalView,
     ProgressBook,
+    RateFloor,
     RetryPolicy,
     Status,
     VerifyReport,
+    bytes_to_fetch,
     judge,
     merge_verdicts,
     plan_fetch,
@@ -282,3 +285,30 @@ def test_a_read_only_look_leaves_a_corrupt_manifest_where_it_is(tmp_path: Path) 
     assert loaded is None and warning is not None and "unusable" in warning
     assert store.path("m").read_text() == "{ torn"
     assert [p.name for p in store.path("m").parent.iterdir()] == ["m.json"]
+
+
+# Issue 10: a minimum transfer rate and the bytes a fetch needs on disk.
+
+
+def test_rate_floor_trips_only_after_a_whole_slow_window() -> None:
+    floor = RateFloor(min_bytes_per_s=1000, window_s=10.0, start=0.0, received=0)
+    # A byte every 1.5 s: never a stall, but 7 bytes in 10.5 s.
+    for i in range(1, 7):
+        assert floor.check(1.5 * i, i) == ""
+    reason = floor.check(10.5, 7)
+    assert reason == "too slow: 7 bytes in 10.5 s, below the minimum of 1000 bytes/s"
+
+
+def test_rate_floor_starts_a_new_window_when_the_rate_held() -> None:
+    floor = RateFloor(min_bytes_per_s=100, window_s=1.0, start=0.0, received=500)
+    assert floor.check(1.0, 700) == ""  # 200 bytes in the first second
+    assert floor.check(1.9, 701) == ""  # the second window is not over yet
+    assert floor.check(2.0, 750).startswith("too slow: 50 bytes in 1.0 s")
+    assert RateFloor(0, 1.0, start=0.0, received=0).check(100.0, 0) == ""  # 0: no floor
+
+
+def test_bytes_to_fetch_counts_what_is_not_on_disk_yet() -> None:
+    a = FileEntry("a", 100, "sha256", "0" * 64)
+    b = FileEntry("b", 50, "sha256", "1" * 64)
+    assert bytes_to_fetch([FetchJob(a, 30), FetchJob(b, 0)]) == 120
+    assert bytes_to_fetch([]) == 0

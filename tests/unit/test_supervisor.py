@@ -11,9 +11,10 @@ import pytest
 from fakes import World, build, run, started
 
 from sparkd.control.protocol import Request
+from sparkd.control.status import Event
+from sparkd.daemon.supervisor import DaemonState
 from sparkd.errors import BadRequest, ConfigError
 from sparkd.state import State, StateStore
-from sparkd.supervisor import DaemonState
 from sparkd.systemd.manager import JobDone, UnitChanged
 
 CONFIG = """
@@ -53,8 +54,8 @@ def test_running_engine_is_adopted_not_restarted(tmp_path: Path) -> None:
     w.systemd.set("a", "active", "running", pid=42, restarts=3)
     run(started(w.sup))
     assert w.systemd.calls == []
-    engine = next(e for e in w.sup.status()["engines"] if e["model"] == "a")
-    assert (engine["main_pid"], engine["n_restarts"]) == (42, 3)
+    engine = next(e for e in w.sup.status().engines if e.model == "a")
+    assert (engine.main_pid, engine.n_restarts) == (42, 3)
     assert w.sup.active_model() == "a"
 
 
@@ -91,7 +92,7 @@ def test_corrupt_state_is_reported_and_default_used(tmp_path: Path) -> None:
     w = world(tmp_path)
     run(started(w.sup))
     assert w.sup.state_warning is not None and "kept it as" in w.sup.state_warning
-    assert w.sup.status()["daemon"]["state_warning"] == w.sup.state_warning
+    assert w.sup.status().daemon.state_warning == w.sup.state_warning
     assert w.systemd.calls == [("start", A)]
 
 
@@ -102,9 +103,9 @@ def test_health_and_status_line(tmp_path: Path) -> None:
     run(w.sup.check_health())
     assert w.notes.sent[-1] == "STATUS=a: serving, healthy"
     status = w.sup.status()
-    a = status["engines"][0]
-    assert a["health"]["ok"] is True and a["health"]["status"] == 200
-    assert status["memory"]["available_bytes"] == 12 << 30
+    a = status.engines[0]
+    assert a.health is not None and a.health.ok is True and a.health.status == 200
+    assert status.memory.available_bytes == 12 << 30
 
 
 def test_failing_health_counts_failures(tmp_path: Path) -> None:
@@ -126,7 +127,8 @@ def test_invalid_reload_keeps_the_old_config(tmp_path: Path) -> None:
     assert w.sup.config is old
     assert len(w.applied) == 1
     assert w.notes.sent[-1].endswith("config reload failed, previous config kept")
-    assert w.sup.status()["daemon"]["last_reload"]["ok"] is False
+    reload = w.sup.status().daemon.last_reload
+    assert reload is not None and reload.ok is False
 
 
 def test_valid_reload_reconciles_again(tmp_path: Path) -> None:
@@ -198,7 +200,7 @@ def test_subscribers_get_a_snapshot_then_changes(tmp_path: Path) -> None:
     w = world(tmp_path)
     w.systemd.set("a", "activating", "start", pid=7)
 
-    async def scenario() -> list[dict[str, Any]]:
+    async def scenario() -> list[Event]:
         await started(w.sup)
         stream = w.sup.subscribe()
         assert isinstance(stream, AsyncGenerator)  # the event stream is one: it has aclose()
@@ -213,11 +215,11 @@ def test_subscribers_get_a_snapshot_then_changes(tmp_path: Path) -> None:
         return got
 
     snapshot, changed, healthy = asyncio.run(scenario())
-    assert snapshot["event"] == "snapshot"
-    assert snapshot["status"]["engines"][0]["active_state"] == "activating"
-    assert changed["event"] == "changed"
-    assert changed["status"]["engines"][0]["active_state"] == "active"
-    assert healthy["status"]["engines"][0]["health"]["ok"] is True
+    assert snapshot.event == "snapshot" and snapshot.status is not None
+    assert snapshot.status.engines[0].active_state == "activating"
+    assert changed.event == "changed" and changed.status is not None
+    assert changed.status.engines[0].active_state == "active"
+    assert healthy.status is not None and healthy.status.engines[0].healthy
     assert not w.sup.events.subscribers
 
 
@@ -237,15 +239,15 @@ def test_status_reports_the_gpu_and_where_memory_figures_come_from(tmp_path: Pat
 
         return read_gpu
 
-    w.sup.deps.read_gpu = reader("gb10-constructed.json")
+    w.sup.watch.read_gpu = reader("gb10-constructed.json")
     run(started(w.sup))
     status = w.sup.status()
-    assert status["memory"]["accounting"] == (
+    assert status.memory.accounting == (
         "unified: /proc/meminfo (NVML memory info not supported)")
-    assert status["gpu"]["gpus"][0]["name"] == "NVIDIA GB10"
-    w.sup.deps.read_gpu = reader("h200.json")
+    assert status.gpu is not None and status.gpu.gpus[0].name == "NVIDIA GB10"
+    w.sup.watch.read_gpu = reader("h200.json")
     run(w.sup.check_health())
-    assert w.sup.status()["memory"]["accounting"].startswith("discrete: NVML")
+    assert (w.sup.status().memory.accounting or "").startswith("discrete: NVML")
 
 
 def test_memory_pressure_is_reported_once_per_episode(tmp_path: Path, caplog: Any) -> None:
@@ -256,7 +258,7 @@ def test_memory_pressure_is_reported_once_per_episode(tmp_path: Path, caplog: An
     thrash = {"memory": parse_psi((fixtures / "memory-thrashing.txt").read_text())}
     readings = iter([calm, calm, thrash, thrash, calm])
     w = world(tmp_path)
-    w.sup.deps.read_pressure = lambda: next(readings)
+    w.sup.watch.read_pressure = lambda: next(readings)
     w.systemd.set("a", "active", "running", pid=42)
     run(started(w.sup))  # the first reading (calm): at start
     with caplog.at_level("WARNING"):
@@ -265,4 +267,4 @@ def test_memory_pressure_is_reported_once_per_episode(tmp_path: Path, caplog: An
     warnings = [r.getMessage() for r in caplog.records if "memory pressure" in r.getMessage()]
     assert warnings == ["memory pressure: every task stalled 28.5 % of the last 10 s (limit "
                         "10 %) while a serves; the desktop is starving"]
-    assert w.sup.status()["pressure"]["memory"]["full_avg10"] == 0.0
+    assert w.sup.status().pressure["memory"].full_avg10 == 0.0

@@ -11,19 +11,12 @@ import pytest
 from fakes import FakeSystemd, build, started
 
 from sparkd.config import Config, parse_config
+from sparkd.daemon.supervisor import Supervisor
 from sparkd.engine.fingerprints import match_lines
-from sparkd.engine.health import ProbeResult
-from sparkd.engine.plan import (
-    Snapshot,
-    SwapInProgress,
-    SwapRefused,
-    SwapStep,
-    next_step,
-    plan_swap,
-)
-from sparkd.errors import UnknownModel
+from sparkd.engine.plan import Snapshot, SwapStep, next_step, plan_swap
+from sparkd.engine.probe import ProbeResult
+from sparkd.errors import SwapInProgress, SwapRefused, UnknownModel
 from sparkd.state import State, StateStore
-from sparkd.supervisor import Supervisor
 from sparkd.systemd.manager import UnitStatus
 
 T = TypeVar("T")
@@ -233,8 +226,8 @@ def test_failed_start_rolls_back_and_records_why(tmp_path: Path) -> None:
     assert sup.state.desired_model == "a"
     assert sup.state.last_failure_model == "crash"
     status = sup.status()
-    assert status["last_failure"]["reason"] == run.failure
-    assert status["last_swap"]["step"] == "rolled_back"
+    assert status.last_failure is not None and status.last_failure.reason == run.failure
+    assert status.last_swap is not None and status.last_swap.step == "rolled_back"
 
 
 def test_one_swap_at_a_time(tmp_path: Path) -> None:
@@ -362,10 +355,10 @@ def test_speculative_variant_starts_beside_the_plain_one_when_memory_allows(
     asyncio.run(scenario())
     assert w.systemd.calls[-2:] == [("start", "sparkd-engine@s.service"),
                                     ("start", "sparkd-engine@s:spec.service")]
-    engines = {(e["model"], e["variant"]): e for e in w.sup.status()["engines"]}
-    assert engines[("s", "speculative")]["port"] == 9011
-    assert engines[("s", "speculative")]["active_state"] == "active"
-    assert engines[("s", "speculative")]["note"] is None
+    engines = {(e.model, e.variant): e for e in w.sup.status().engines}
+    assert engines[("s", "speculative")].port == 9011
+    assert engines[("s", "speculative")].active_state == "active"
+    assert engines[("s", "speculative")].note is None
     assert w.sup.active_model() == "s"
 
 
@@ -381,8 +374,8 @@ def test_speculative_variant_skipped_when_memory_does_not_allow_and_status_says_
 
     asyncio.run(scenario())
     assert ("start", "sparkd-engine@s:spec.service") not in w.systemd.calls
-    spec = next(e for e in w.sup.status()["engines"] if e["variant"] == "speculative")
-    assert spec["note"] == ("not started: needs 51 GiB with the reserve, 12.0 GiB available; "
+    spec = next(e for e in w.sup.status().engines if e.variant == "speculative")
+    assert spec.note == ("not started: needs 51 GiB with the reserve, 12.0 GiB available; "
                             "every call goes to the plain engine")
 
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sparkd.config import Config, parse_config
-from sparkd.engine.health import ProbeResult
+from sparkd.config import Config, ModelConfig, parse_config
+from sparkd.daemon.supervisor import Deps, Supervisor
+from sparkd.engine.probe import ProbeResult
 from sparkd.monitor.memory import MemInfo
 from sparkd.state import StateStore
-from sparkd.supervisor import Deps, Supervisor
+from sparkd.store.plan import VerifyReport
+from sparkd.store.preflight import preflight_verify_async
 from sparkd.systemd.manager import JobDone, SystemdManager, UnitStatus
 
 T = TypeVar("T")
@@ -125,6 +128,11 @@ def build(
     async def models_listed(url: str, model: str) -> bool:
         return True
 
+    async def verify_files(config: Config, model: ModelConfig) -> VerifyReport:
+        # The real preflight, on the test's own paths (a model without a manifest has
+        # nothing to verify): a test that wants it to fail replaces it.
+        return await preflight_verify_async(config, model)
+
     notes = Notes()
     deps = Deps(
         systemd=call,
@@ -136,6 +144,11 @@ def build(
         boot_id="boot-2",
         journal_since=journal_since,
         models_listed=models_listed,
+        path_exists=Path.exists,
+        read_pressure=dict,  # no PSI readings unless a test sets them
+        verify_files=verify_files,
+        clock=time.monotonic,
+        wall_clock=time.time,
     )
     sup = Supervisor(config, deps)
     fake.supervisor = sup

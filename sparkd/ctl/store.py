@@ -1,5 +1,5 @@
 """`sparkctl pull NAME` and `sparkctl verify NAME`: the store's commands (registered in
-sparkd.cli). They work on the files directly, without the daemon.
+sparkd.ctl.main). They work on the files directly, without the daemon.
 
 Exit status: 0 only when every file verified (for `verify`, also no EXTRA file: an engine may
 load a stray shard; `pull` only warns about them); 1 (`ExitStatus.FAILURE`) with the list of the
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import click
 
 from sparkd.config import load_config
+from sparkd.ctl.exits import ExitStatus, run
 from sparkd.errors import SparkdError
 from sparkd.options import config_option, json_option
 
@@ -180,7 +181,6 @@ def _run_store(
 ) -> None:
     """Run `work` with the reporter `--json` asks for; exit 1 unless every file verified
     (EXTRA files count against `verify`, and are only warned about by `pull`)."""
-    from sparkd.cli import ExitStatus, exit_status_for
     from sparkd.store.plan import Status
 
     def failed(report: VerifyReport) -> bool:
@@ -216,13 +216,7 @@ def _run_store(
             console.print(f"  {v.status.value} {v.path}: {v.reason}", markup=False)
         sys.exit(ExitStatus.FAILURE)
 
-    try:
-        go()
-    except SparkdError as exc:  # mapped to an exit status where sparkctl maps them all
-        if ctx.obj and ctx.obj.get("debug"):
-            raise
-        click.echo(f"sparkctl: {exc.message}", err=True)
-        sys.exit(exit_status_for(exc))
+    run(ctx, go)
 
 
 @click.command("pull")

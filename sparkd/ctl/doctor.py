@@ -1,4 +1,5 @@
-"""`sparkctl doctor`: the runbook's checks, each with what was found and the one-line fix.
+"""`sparkctl doctor`: the runbook's checks, each with what was found and the one-line fix;
+exit 1 when any fails.
 
 `gather()` reads the machine (adapters); `diagnose(facts)` is pure and returns the checks, so
 every rule is unit-tested on plain values.
@@ -7,13 +8,21 @@ every rule is unit-tested on plain values.
 from __future__ import annotations
 
 import enum
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from sparkd.config import Config
+import click
+
+from sparkd.config import Config, load_config
+from sparkd.ctl.exits import ExitStatus, run
 from sparkd.gateway.rewrite import resolve_policy
+from sparkd.options import config_option, json_option
+
+if TYPE_CHECKING:
+    from sparkd.control.status import Status
 
 GIB = 1 << 30
 
@@ -43,7 +52,7 @@ class Facts:
     config: Config
     rendered: dict[str, str]  # unit file name -> what sparkd would write
     installed: dict[str, str | None]  # unit file name -> what is in the unit dir (None: none)
-    daemon_status: dict[str, Any] | None
+    daemon_status: Status | None
     daemon_error: str | None
     drop_caches_writable: bool
     mem_total: int
@@ -58,18 +67,18 @@ def diagnose(f: Facts) -> list[Check]:
         checks.append(Check("daemon", Level.FAIL, f"sparkd does not answer: {f.daemon_error}",
                             "systemctl start sparkd; journalctl -u sparkd -n 50"))
     else:
-        line = f.daemon_status["daemon"]["status_line"]
+        line = f.daemon_status.daemon.status_line
         checks.append(Check("daemon", Level.OK, f"sparkd runs: {line}"))
-        reload = f.daemon_status["daemon"].get("last_reload")
-        if reload and not reload["ok"]:
+        reload = f.daemon_status.daemon.last_reload
+        if reload and not reload.ok:
             checks.append(Check("config_reload", Level.FAIL,
-                                f"the last reload was refused: {reload['message']}",
+                                f"the last reload was refused: {reload.message}",
                                 "fix /etc/sparkd.toml, then systemctl reload sparkd"))
-        failure = f.daemon_status.get("last_failure")
+        failure = f.daemon_status.last_failure
         if failure:
             checks.append(Check("last_failure", Level.WARN,
-                                f"{failure['model']}: {failure['reason']}",
-                                f"sparkctl logs --model {failure['model']}"))
+                                f"{failure.model}: {failure.reason}",
+                                f"sparkctl logs --model {failure.model}"))
     stale = sorted(n for n, text in f.rendered.items() if f.installed.get(n) != text)
     if stale:
         checks.append(Check("units", Level.WARN,
@@ -112,14 +121,14 @@ def diagnose(f: Facts) -> list[Check]:
     if not f.psi_available:
         checks.append(Check("psi", Level.WARN, "/proc/pressure is missing: no memory pressure "
                             "readings", "boot with psi=1"))
-    gpu = (f.daemon_status or {}).get("gpu")
+    gpu = None if f.daemon_status is None else f.daemon_status.gpu
     if gpu is not None:
-        if gpu.get("error"):
-            checks.append(Check("nvml", Level.WARN, str(gpu["error"]),
+        if gpu.error:
+            checks.append(Check("nvml", Level.WARN, gpu.error,
                                 "install the NVIDIA driver (nvidia-smi must work)"))
         else:
-            names = ", ".join(g["name"] for g in gpu["gpus"])
-            how = ("unified memory: figures from /proc/meminfo" if gpu["unified_memory"]
+            names = ", ".join(g.name for g in gpu.gpus)
+            how = ("unified memory: figures from /proc/meminfo" if gpu.unified_memory
                    else "GPU memory from NVML")
             checks.append(Check("nvml", Level.OK, f"NVML sees {names} ({how})"))
     return checks
@@ -127,10 +136,10 @@ def diagnose(f: Facts) -> list[Check]:
 
 def gather(config: Config) -> Facts:
     """Read the machine for `diagnose` (no daemon needed; it is asked when it runs)."""
-    from sparkd.cli import installed_systemd_version
-    from sparkd.control.client import call
+    from sparkd.control import client
     from sparkd.errors import SparkdError
     from sparkd.monitor.memory import read_meminfo
+    from sparkd.systemd.version import installed_systemd_version
     from sparkd.units.render import render_units
 
     rendered = render_units(config, systemd_version=installed_systemd_version())
@@ -140,9 +149,9 @@ def gather(config: Config) -> Facts:
             installed[name] = (config.daemon.unit_dir / name).read_text(encoding="utf-8")
         except OSError:
             installed[name] = None
-    status: dict[str, Any] | None
+    status: Status | None
     try:
-        status, error = call(config.daemon.control_socket, "status", timeout_s=5), None
+        status, error = client.status(config.daemon.control_socket, timeout_s=5), None
     except SparkdError as exc:
         status, error = None, exc.message
     return Facts(
@@ -156,3 +165,33 @@ def gather(config: Config) -> Facts:
         path_exists={n: m.path.exists() for n, m in config.models.items()},
         psi_available=Path("/proc/pressure/memory").exists(),
     )
+
+
+_MARK = {"ok": ("ok", "green"), "warn": ("warn", "yellow"), "fail": ("FAIL", "red")}
+
+
+@click.command()
+@config_option
+@json_option
+@click.pass_context
+def doctor(ctx: click.Context, config_file: Path, *, as_json: bool) -> None:
+    """Check this machine against the runbook: the daemon, the units, the pinned vLLM MoE
+    backend, each model's memory and weights, role policies, drop_caches, NVML.
+
+    Exit 0 when nothing fails (warnings allowed), 1 when a check fails.
+    """
+
+    def go() -> None:
+        checks = diagnose(gather(load_config(config_file)))
+        if as_json:
+            click.echo(json.dumps([c.to_json() for c in checks], indent=2))
+        else:
+            for c in checks:
+                word, colour = _MARK[c.level.value]
+                click.echo(f"{click.style(f'{word:>4}', fg=colour)}  {c.message}")
+                if c.fix:
+                    click.echo(f"      fix: {c.fix}")
+        if any(c.level is Level.FAIL for c in checks):
+            ctx.exit(ExitStatus.FAILURE)
+
+    run(ctx, go)

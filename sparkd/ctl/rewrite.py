@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from sparkd.cli import run
 from sparkd.config import load_config
+from sparkd.ctl.exits import run
 from sparkd.errors import SparkdError
 from sparkd.options import config_option
 

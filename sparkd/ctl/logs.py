@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import click
 
-from sparkd.cli import run
+from sparkd.ctl.exits import run
 from sparkd.errors import SparkdError
 
 UNITS: Final = ("sparkd.service", "sparkd-gateway.service", "sparkd-engine@*.service")

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,21 +24,27 @@ import click
 
 from sparkd.config import Config, load_config
 from sparkd.control.server import ControlServer
-from sparkd.engine.health import probe
+from sparkd.daemon.events import as_json
+from sparkd.daemon.supervisor import Deps, Notifier, Supervisor, read_boot_id
+from sparkd.engine.health import models_listed, probe
+from sparkd.engine.unit import is_engine_unit
 from sparkd.errors import ConfigError, SparkdError, SystemdError
 from sparkd.journal import event, setup_logging
 from sparkd.monitor.memory import read_meminfo
 from sparkd.monitor.nvml import NvmlMonitor, NvmlSnapshot
+from sparkd.monitor.psi import read_pressure
 from sparkd.options import config_option
 from sparkd.state import StateStore
-from sparkd.supervisor import Deps, Notifier, Supervisor, read_boot_id
+from sparkd.store.preflight import preflight_verify_async
 from sparkd.systemd.bus import PystemdManager, PystemdSignals
 from sparkd.systemd.manager import SystemdManager
+from sparkd.systemd.notify import SdNotifier
 from sparkd.units.reconcile import reconcile
 from sparkd.units.render import render_units
 
 if TYPE_CHECKING:
     import aiohttp
+
 
 log = logging.getLogger(__name__)
 
@@ -48,37 +55,6 @@ SYSTEMD_CALL_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S = 2.0
 JOURNAL_TIMEOUT_S = 10.0
 NVML_TIMEOUT_S = 5.0
-
-
-async def models_listed(session: aiohttp.ClientSession, url: str, model: str) -> bool:
-    """Whether the engine's /v1/models lists `model`."""
-    import aiohttp
-
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as r:
-            if r.status != 200:
-                return False
-            body = await r.json(content_type=None)
-    except (aiohttp.ClientError, TimeoutError, ValueError):
-        return False
-    data = body.get("data") if isinstance(body, dict) else None
-    return isinstance(data, list) and any(
-        isinstance(d, dict) and d.get("id") == model for d in data
-    )
-
-
-class SdNotifier:
-    """sd_notify through sdnotify; a no-op outside systemd (no NOTIFY_SOCKET)."""
-
-    def __init__(self) -> None:
-        import sdnotify
-
-        self._n = sdnotify.SystemdNotifier()
-
-    def notify(self, state: str) -> None:
-        # sdnotify encodes as Latin-1 (non-Latin-1 text raises inside it and is dropped
-        # silently); systemd wants UTF-8. Hand it text whose Latin-1 bytes are our UTF-8.
-        self._n.notify(state.encode("utf-8").decode("latin-1"))
 
 
 def watchdog_interval() -> float | None:
@@ -144,16 +120,23 @@ class Daemon:
             boot_id=read_boot_id(),
             journal_since=self.journal_since,
             read_gpu=self.read_gpu,
-            models_listed=lambda url, model: models_listed(session, url, model),
+            models_listed=lambda url, model: models_listed(session, url, model,
+                                                           timeout_s=PROBE_TIMEOUT_S),
+            path_exists=Path.exists,
+            read_pressure=read_pressure,
+            verify_files=preflight_verify_async,
+            clock=time.monotonic,
+            wall_clock=time.time,
         )
         sup = Supervisor(self.config, deps)
-        signals = PystemdSignals(unit_filter=lambda u: u.startswith("sparkd-engine@"))
+        signals = PystemdSignals(unit_filter=is_engine_unit)
         signals.attach(sup.on_systemd_event)
         server = ControlServer(
             self.config.daemon.control_socket,
             group=self.config.daemon.control_group,
+            refuse_user=self.config.daemon.engine_user,
             handler=sup.handle,
-            streams={"subscribe": lambda _request: sup.subscribe()},
+            streams={"subscribe": lambda _request: as_json(sup.subscribe())},
         )
         tasks: list[asyncio.Task[None]] = []
         try:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from sparkd.cli import WaitTimeout, run, socket_path
-from sparkd.engine.plan import SwapFailed, SwapRefused
-from sparkd.errors import DaemonUnreachable, SparkdError
+from sparkd.ctl.exits import run
+from sparkd.errors import DaemonUnreachable, SparkdError, SwapFailed, SwapRefused, WaitTimeout
 from sparkd.options import config_option, json_option
+
+if TYPE_CHECKING:
+    from sparkd.control.status import Event
 
 
 @click.command()
@@ -47,7 +49,7 @@ def swap(
     """
 
     def go() -> None:
-        from sparkd.control.client import call
+        from sparkd.control.client import call, socket_path
 
         sock = socket_path(config_file)
         if dry_run:
@@ -77,19 +79,19 @@ def recover(ctx: click.Context, config_file: Path, *, timeout_s: float | None,
     """
 
     def go() -> None:
-        from sparkd.control.client import call
+        from sparkd.control import client
 
-        sock = socket_path(config_file)
-        status = call(sock, "status")
-        desired = status["desired_model"]
-        if not isinstance(desired, str):
+        sock = client.socket_path(config_file)
+        status = client.status(sock)
+        desired = status.desired_model
+        if desired is None:
             raise NothingToRecover("sparkd has no desired model (daemon.default_model is "
                                    "unset and nothing was swapped to): sparkctl swap NAME")
-        failure = status.get("last_failure") or {}
+        failure = status.last_failure
         if not as_json:
             click.echo(f"desired model: {desired}" + (
-                f" (last failure, of {failure['model']}: {failure['reason']})"
-                if failure.get("model") else ""))
+                f" (last failure, of {failure.model}: {failure.reason})"
+                if failure is not None else ""))
         swap_and_follow(sock, desired, no_wait=False, timeout_s=timeout_s, as_json=as_json)
 
     run(ctx, go)
@@ -104,17 +106,18 @@ def swap_and_follow(sock: Path, name: str, *, no_wait: bool, timeout_s: float | 
     """Ask sparkd for a swap to `name` and print its steps until it ends. Raises SwapFailed,
     SwapRefused, SwapInProgress, WaitTimeout."""
     from sparkd.control.client import call, stream
+    from sparkd.control.status import Event, SwapReply
 
     # Subscribe before asking, so that no step of this swap can be missed.
-    events = stream(sock, "subscribe", timeout_s=timeout_s)
+    events = (Event.from_json(m) for m in stream(sock, "subscribe", timeout_s=timeout_s))
     next(events)  # the snapshot: the subscription is in place
-    reply = call(sock, "swap", {"model": name})
-    if reply["noop"]:
+    reply = SwapReply.from_json(call(sock, "swap", {"model": name}))
+    if reply.swap is None:
         _say({"event": "noop", "model": name}, f"{name} is already serving", as_json=as_json)
         return
-    swap_id = reply["swap"]["id"]
-    _say({"event": "accepted", "swap": reply["swap"]},
-         f"swap {swap_id}: {reply['swap']['from'] or 'nothing'} -> {name} accepted",
+    swap_id = reply.swap.id
+    _say({"event": "accepted", "swap": reply.swap.to_json()},
+         f"swap {swap_id}: {reply.swap.from_model or 'nothing'} -> {name} accepted",
          as_json=as_json)
     if no_wait:
         return
@@ -141,34 +144,33 @@ def _say(obj: dict[str, Any], text: str, *, as_json: bool) -> None:
     click.echo(json.dumps(obj, sort_keys=True) if as_json else text)
 
 
-def _show(message: dict[str, Any], swap_id: int, *, as_json: bool) -> bool:
+def _show(message: Event, swap_id: int, *, as_json: bool) -> bool:
     """Print one event of this swap; True when the swap has ended (raises when it failed)."""
-    swap = message.get("swap")
-    name = message.get("event")
-    if not isinstance(swap, dict) or swap.get("id") != swap_id:
+    swap = message.swap
+    if swap is None or swap.id != swap_id:
         return False
-    if name == "swap_step" and swap["steps"]:
-        step = swap["steps"][-1]
-        mark = click.style("ok", fg="green") if step["ok"] else click.style("FAILED", fg="red")
-        _say({"event": "step", **step},
-             f"  {step['step']:<12} {mark:<6} {step['duration_ms']:8.0f} ms  {step['detail']}",
+    if message.event == "swap_step" and swap.steps:
+        step = swap.steps[-1]
+        mark = click.style("ok", fg="green") if step.ok else click.style("FAILED", fg="red")
+        _say({"event": "step", **step.to_json()},
+             f"  {step.step:<12} {mark:<6} {step.duration_ms:8.0f} ms  {step.detail}",
              as_json=as_json)
-    elif name == "swap_done":
-        _say({"event": "done", "swap": swap},
-             click.style(f"{swap['to']} serves", bold=True)
-             + f" (swap took {swap['duration_ms']:.0f} ms)", as_json=as_json)
+    elif message.event == "swap_done":
+        _say({"event": "done", "swap": swap.to_json()},
+             click.style(f"{swap.to} serves", bold=True)
+             + f" (swap took {swap.duration_ms:.0f} ms)", as_json=as_json)
         return True
-    elif name == "swap_failed":
+    elif message.event == "swap_failed":
         if as_json:
-            _say({"event": "failed", "swap": swap}, "", as_json=True)
-        if swap["step"] == "refused":
-            raise SwapRefused(f"swap to {swap['to']} refused at {swap['failure']}; "
+            _say({"event": "failed", "swap": swap.to_json()}, "", as_json=True)
+        if swap.step == "refused":
+            raise SwapRefused(f"swap to {swap.to} refused at {swap.failure}; "
                               "nothing was changed")
-        if swap["step"] != "rolled_back":
+        if swap.step != "rolled_back":
             outcome = "the rollback failed too"
-        elif swap["rollback_to"]:
-            outcome = f"rolled back to {swap['rollback_to']}"
+        elif swap.rollback_to:
+            outcome = f"rolled back to {swap.rollback_to}"
         else:
             outcome = "stopped it, nothing to roll back to"
-        raise SwapFailed(f"swap to {swap['to']} failed at {swap['failure']}; {outcome}")
+        raise SwapFailed(f"swap to {swap.to} failed at {swap.failure}; {outcome}")
     return False

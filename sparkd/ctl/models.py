@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from sparkd.cli import run, socket_path
 from sparkd.config import Config, ModelConfig, load_config
+from sparkd.ctl.exits import run
 from sparkd.errors import SparkdError
 from sparkd.options import config_option, json_option
+
+if TYPE_CHECKING:
+    from sparkd.control.status import Status
 
 GIB = 1 << 30
 
@@ -42,18 +45,18 @@ def next_step(model: ModelConfig, state: str, *, stale: bool = False) -> str | N
     return None if step is None else step.format(name=model.name)
 
 
-def daemon_view(config_file: Path | None) -> tuple[dict[str, Any] | None, str | None]:
+def daemon_view(config_file: Path | None) -> tuple[Status | None, str | None]:
     """(the daemon's status, None) or (None, why there is none)."""
-    from sparkd.control.client import call
+    from sparkd.control import client
 
     try:
-        return call(socket_path(config_file), "status", timeout_s=5.0), None
+        return client.status(client.socket_path(config_file), timeout_s=5.0), None
     except SparkdError as exc:
         return None, exc.message
 
 
 def model_entry(
-    config: Config, model: ModelConfig, status: dict[str, Any] | None
+    config: Config, model: ModelConfig, status: Status | None
 ) -> dict[str, Any]:
     from sparkd.store.listing import model_files
     from sparkd.store.model import requested_revision
@@ -73,15 +76,14 @@ def model_entry(
         "desired": None,
     }
     if status is not None:
-        units = {e.get("unit"): e for e in status.get("engines", [])}
-        unit = units.get(model.unit_name)
+        unit = status.engine(model.unit_name)
         entry["unit"] = None if unit is None else {
             "name": model.unit_name,
-            "active_state": unit.get("active_state"),
-            "sub_state": unit.get("sub_state"),
+            "active_state": unit.active_state,
+            "sub_state": unit.sub_state,
         }
-        entry["active"] = status.get("active_model") == model.name
-        entry["desired"] = status.get("desired_model") == model.name
+        entry["active"] = status.active_model == model.name
+        entry["desired"] = status.desired_model == model.name
     return entry
 
 

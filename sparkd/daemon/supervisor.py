@@ -18,32 +18,37 @@ import asyncio
 import enum
 import logging
 import os
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sparkd import __version__
 from sparkd.config import Config, ModelConfig, load_config
 from sparkd.control.protocol import Request
-from sparkd.engine.fingerprints import Match
-from sparkd.engine.health import ProbeResult
-from sparkd.engine.plan import Snapshot, SwapInProgress, SwapPlan, SwapStep, plan_swap
-from sparkd.engine.swap import SwapRun, execute, start_afresh, start_timeout
-from sparkd.engines import (
-    EngineView,
-    engine_json,
-    engine_key,
-    memory_accounting,
-    model_of_unit,
+from sparkd.control.status import (
+    DaemonRecord,
+    Event,
+    EventName,
+    Status,
+    SwapRecord,
 )
-from sparkd.errors import BadRequest, ConfigError, SparkdError, StateError
-from sparkd.events import EventStream
+from sparkd.daemon import report
+from sparkd.daemon.control import answer
+from sparkd.daemon.engines import EngineView, engine_key, model_of_unit
+from sparkd.daemon.events import EventStream
+from sparkd.daemon.jobs import JobTracker
+from sparkd.daemon.watch import MachineWatch
+from sparkd.engine.fingerprints import Match
+from sparkd.engine.plan import Snapshot, SwapPlan, SwapStep, plan_swap
+from sparkd.engine.probe import ProbeResult
+from sparkd.engine.swap import SwapRun, execute, start_afresh, start_timeout
+from sparkd.engine.unit import STOP_WAIT_S
+from sparkd.errors import ConfigError, SparkdError, StateError, SwapInProgress
 from sparkd.journal import event
-from sparkd.monitor.memory import MemInfo
+from sparkd.monitor.memory import MemInfo, MemInfoError
 from sparkd.monitor.nvml import NvmlSnapshot
-from sparkd.monitor.psi import Pressure, read_pressure
+from sparkd.monitor.psi import Pressure
 from sparkd.state import State, StateStore
 from sparkd.store.plan import VerifyReport
 from sparkd.systemd.manager import JobDone, SystemdEvent, SystemdManager, UnitStatus
@@ -58,7 +63,6 @@ SystemdCall = Callable[[Callable[[SystemdManager], T]], Awaitable[T]]
 Probe = Callable[[str], Awaitable[ProbeResult]]
 JournalSince = Callable[[str, float], Awaitable[list[str]]]
 ModelsListed = Callable[[str, str], Awaitable[bool]]
-JOB_RESULTS_KEPT = 256
 GIB = 1 << 30
 ApplyUnits = Callable[[Config, int, Callable[[], None]], Mapping[str, Any]]
 
@@ -73,18 +77,14 @@ class Notifier(Protocol):
     def notify(self, state: str) -> None: ...
 
 
-async def _verify_in_thread(config: Config, model: ModelConfig) -> VerifyReport:
-    from sparkd.store.preflight import preflight_verify
-
-    return await asyncio.to_thread(preflight_verify, config, model)
+VerifyFiles = Callable[[Config, ModelConfig], Awaitable[VerifyReport]]
 
 
-VerifyFiles = Callable[[Config, ModelConfig], Awaitable["VerifyReport"]]
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Deps:
-    """Everything the Supervisor touches outside itself, passed in by the composition root."""
+    """Everything the Supervisor touches outside itself, passed in by the composition root
+    (sparkd.daemon.application). No default reaches the machine: a test wires every adapter
+    it uses, so none reads the host's /proc or disk behind its back."""
 
     systemd: SystemdCall[Any]
     apply_units: ApplyUnits
@@ -95,19 +95,12 @@ class Deps:
     boot_id: str
     journal_since: JournalSince
     models_listed: ModelsListed
-    path_exists: Callable[[Path], bool] = Path.exists
-    read_gpu: Callable[[], Awaitable[NvmlSnapshot]] | None = None
-    read_pressure: Callable[[], Mapping[str, Pressure]] = read_pressure
-    verify_files: VerifyFiles = field(default=_verify_in_thread)
-    clock: Callable[[], float] = time.monotonic
-    wall_clock: Callable[[], float] = time.time
-
-
-@dataclass(slots=True)
-class _Reload:
-    ok: bool
-    message: str
-    at: float = field(default=0.0)
+    path_exists: Callable[[Path], bool]
+    read_pressure: Callable[[], Mapping[str, Pressure]]
+    verify_files: VerifyFiles
+    clock: Callable[[], float]
+    wall_clock: Callable[[], float]
+    read_gpu: Callable[[], Awaitable[NvmlSnapshot]] | None = None  # None: no GPU readings
 
 
 class Supervisor:
@@ -121,7 +114,7 @@ class Supervisor:
         self.started_at = deps.clock()
         self.started_wall = deps.wall_clock()
         self.state_warning: str | None = None
-        self.last_reload: _Reload | None = None
+        self.last_reload: report.Reload | None = None
         self._refresh_pending: set[str] = set()
         self._refresh_task: asyncio.Task[None] | None = None
         self._status_line = ""
@@ -130,12 +123,9 @@ class Supervisor:
         self.swap_run: SwapRun | None = None
         self.last_swap: SwapRun | None = None
         self._swap_task: asyncio.Task[SwapRun] | None = None
-        self._job_waiters: dict[int, asyncio.Future[str]] = {}
-        self._job_results: dict[int, str] = {}
+        self.jobs = JobTracker()
         self._background: set[asyncio.Task[Any]] = set()
-        self.gpu: NvmlSnapshot | None = None
-        self.pressure: Mapping[str, Pressure] = {}
-        self._pressure_warned = False
+        self.watch = MachineWatch(read_gpu=deps.read_gpu, read_pressure=deps.read_pressure)
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -163,8 +153,7 @@ class Supervisor:
                 )
             self.state = self.state.replace(desired_model=self.config.daemon.default_model)
         self.systemd_version = await self.deps.systemd(lambda m: m.version())
-        await self.read_gpu()
-        self.check_pressure()
+        await self.watch.sample(self.config.daemon, self.active_model)
         await self.apply_config()
         await self.converge()
         self._save_state()
@@ -181,7 +170,8 @@ class Supervisor:
 
         result = await self.deps.systemd(apply)
         if result.get("changed"):
-            event(log, "units_reconciled", "engine units reconciled: %s", _describe(result))
+            event(log, "units_reconciled", "engine units reconciled: %s",
+                  report.describe_units(result))
         self.engines = {
             engine_key(m.name, v): self.engines.get(engine_key(m.name, v))
             or EngineView(model=m, unit=UnitStatus(m.unit_for(v)), variant=v)
@@ -246,7 +236,7 @@ class Supervisor:
         if model is None or model not in self.engines:
             return
         if isinstance(ev, JobDone):
-            self._job_finished(ev.job_id, ev.result)
+            self.jobs.finished(ev.job_id, ev.result)
             level = logging.INFO if ev.result == "done" else logging.WARNING
             event(
                 log,
@@ -351,7 +341,7 @@ class Supervisor:
         for name, view in list(self.engines.items()):
             if not view.unit.running:
                 continue
-            result = await self.deps.probe(f"http://127.0.0.1:{view.port}/health")
+            result = await self.deps.probe(view.health_url)
             view.health = result
             now = self.deps.clock()
             if result.ok:
@@ -368,32 +358,8 @@ class Supervisor:
                 and self.swap_run is None
             ):
                 await self._restart_hung(name, view, result)
-        await self.read_gpu()
-        self.check_pressure()
+        await self.watch.sample(self.config.daemon, self.active_model)
         self.update_status()
-
-    def check_pressure(self) -> None:
-        """Say when the desktop starves for memory (PSI memory `full` avg10), once per episode:
-        the seed's frozen-desktop disaster shows here before anyone notices."""
-        self.pressure = self.deps.read_pressure()
-        memory = self.pressure.get("memory")
-        if memory is None or memory.full is None:
-            return
-        limit = self.config.daemon.pressure_warn_pct
-        stalled = memory.full.avg10
-        if stalled > limit and not self._pressure_warned:
-            self._pressure_warned = True
-            active = self.active_model() or "no engine"
-            event(log, "desktop_pressure", "memory pressure: every task stalled %.1f %% of the "
-                  "last 10 s (limit %g %%) while %s serves; the desktop is starving", stalled,
-                  limit, active, level=logging.WARNING, SPARKD_MODEL=active)
-        elif stalled < limit / 2 and self._pressure_warned:
-            self._pressure_warned = False
-            event(log, "desktop_pressure_cleared", "memory pressure back to %.1f %%", stalled)
-
-    async def read_gpu(self) -> None:
-        if self.deps.read_gpu is not None:
-            self.gpu = await self.deps.read_gpu()
 
     def _maybe_last_good(self, name: str, view: EngineView, now: float) -> None:
         if (
@@ -455,33 +421,13 @@ class Supervisor:
         return result
 
     async def wait_job(self, job: str, timeout_s: float) -> str:
-        job_id = int(job.rstrip("/").rsplit("/", 1)[-1])
-        if job_id in self._job_results:
-            return self._job_results.pop(job_id)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._job_waiters[job_id] = future
-        try:
-            return await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            return "no answer from systemd in time"
-        finally:
-            self._job_waiters.pop(job_id, None)
-
-    def _job_finished(self, job_id: int, result: str) -> None:
-        waiter = self._job_waiters.pop(job_id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(result)
-            return
-        # The signal can arrive before the StartUnit call has returned its job path.
-        self._job_results[job_id] = result
-        while len(self._job_results) > JOB_RESULTS_KEPT:
-            del self._job_results[next(iter(self._job_results))]
+        return await self.jobs.wait(job, timeout_s)
 
     async def probe(self, url: str) -> ProbeResult:
         """A probe for the swap executor; a health answer also counts as the engine's check."""
         result = await self.deps.probe(url)
         for view in self.engines.values():
-            if url == f"http://127.0.0.1:{view.port}/health":
+            if url == view.health_url:
                 view.health = result
                 if result.ok:
                     view.health_failures = 0
@@ -507,7 +453,7 @@ class Supervisor:
             swap_to=run.plan.target, swap_from=run.plan.from_model, swap_step=run.step.value
         )
         self._save_state()
-        self.publish("swap_step", swap=run.to_json())
+        self.publish("swap_step", swap=report.swap_record(run))
         self.update_status()
 
     def swap_flip(self, run: SwapRun) -> None:
@@ -524,7 +470,8 @@ class Supervisor:
         self._save_state()
         self.swap_run = None
         self.last_swap = run
-        self.publish("swap_done" if run.succeeded else "swap_failed", swap=run.to_json())
+        self.publish("swap_done" if run.succeeded else "swap_failed",
+                     swap=report.swap_record(run))
         self.update_status()
         serving = (run.plan.target if run.succeeded else run.plan.from_model
                    if run.step is SwapStep.REFUSED else run.plan.rollback_to)
@@ -580,7 +527,7 @@ class Supervisor:
             raise SwapInProgress(f"swap {self.swap_run.id} is in progress; unload after it")
         units = [model.unit_for(v) for v in model.variants]
         jobs = await self.deps.systemd(lambda m: [m.stop_unit(u) for u in units])
-        results = [await self.wait_job(job, 90.0) for job in jobs]
+        results = [await self.wait_job(job, STOP_WAIT_S) for job in jobs]
         result = "done" if all(r == "done" for r in results) else ", ".join(results)
         if self.state.desired_model == name:
             self.state = self.state.replace(desired_model=None)
@@ -599,7 +546,8 @@ class Supervisor:
             # Rendering checks what parsing cannot (binaries systemd would refuse, ...).
             render_units(new, systemd_version=self.systemd_version)
         except ConfigError as exc:
-            self.last_reload = _Reload(ok=False, message=exc.message, at=self.deps.wall_clock())
+            self.last_reload = report.Reload(ok=False, message=exc.message,
+                                             at=self.deps.wall_clock())
             event(
                 log,
                 "config_rejected",
@@ -615,7 +563,8 @@ class Supervisor:
             self.state = self.state.replace(desired_model=new.daemon.default_model)
             self._save_state()
         await self.converge()
-        self.last_reload = _Reload(ok=True, message="reloaded", at=self.deps.wall_clock())
+        self.last_reload = report.Reload(ok=True, message="reloaded",
+                                         at=self.deps.wall_clock())
         event(log, "config_reloaded", "config %s reloaded", path)
         self.update_status()
         return {"config": str(path), "models": sorted(new.models)}
@@ -640,6 +589,7 @@ class Supervisor:
         self.state = self.state.replace(clean_shutdown=True)
         self._save_state()
         await self._cancel_work()
+        self.events.close()
 
     async def _cancel_work(self) -> None:
         tasks = [t for t in (self._swap_task, self._refresh_task, *self._background)
@@ -651,40 +601,11 @@ class Supervisor:
     # -- status ---------------------------------------------------------------------------
 
     def active_model(self) -> str | None:
-        desired = self.state.desired_model
-        if desired in self.engines and self.engines[desired].unit.active_state == "active":
-            return desired
-        for name, view in sorted(self.engines.items()):
-            if view.variant == "plain" and view.unit.active_state == "active":
-                return name
-        return None
+        return report.active_model(self.state.desired_model, self.engines)
 
     def status_line(self) -> str:
-        if self.daemon_state is not DaemonState.RUNNING:
-            return self.daemon_state.value
-        desired = self.state.desired_model
-        run = self.swap_run
-        if run is not None and run.plan.from_model is None:
-            line = f"starting {run.plan.target}: {run.step}"
-        elif run is not None:
-            line = f"swapping {run.plan.from_model} -> {run.plan.target}: {run.step}"
-        elif desired is None:
-            line = "no model configured to run"
-        elif desired not in self.engines:
-            line = f"{desired}: not a supervised model"
-        else:
-            view = self.engines[desired]
-            u = view.unit
-            if u.active_state == "active":
-                health = "healthy" if view.health and view.health.ok else "health unknown"
-                if view.health and not view.health.ok:
-                    health = f"unhealthy ({view.health_failures} failed checks)"
-                line = f"{desired}: serving, {health}"
-            else:
-                line = f"{desired}: {u.active_state} ({u.sub_state})"
-        if self.last_reload and not self.last_reload.ok:
-            line += " · config reload failed, previous config kept"
-        return line
+        return report.status_line(self.daemon_state.value, self.state.desired_model,
+                                  self.swap_run, self.engines, self.last_reload)
 
     def update_status(self) -> None:
         line = self.status_line()
@@ -710,93 +631,42 @@ class Supervisor:
 
     # -- subscriptions --------------------------------------------------------------------
 
-    def publish(self, name: str, **fields: Any) -> None:
-        self.events.publish(name, **fields)
+    def publish(self, name: EventName, *, swap: SwapRecord | None = None) -> None:
+        self.events.publish(name, swap=swap)
 
-    def subscribe(self) -> AsyncIterator[dict[str, Any]]:
+    def subscribe(self) -> AsyncGenerator[Event, None]:
         return self.events.subscribe()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         try:
-            mem = self.deps.meminfo()
-            memory: dict[str, Any] = {
-                "total_bytes": mem.total,
-                "available_bytes": mem.available,
-                "page_cache_bytes": mem.page_cache,
-                "accounting": memory_accounting(self.gpu),
-            }
-        except (OSError, ValueError) as exc:  # ValueError: MemInfoError
-            memory = {"error": str(exc)}
-        return {
-            "schema": 1,
-            "daemon": {
-                "state": self.daemon_state.value,
-                "status_line": self.status_line(),
-                "pid": os.getpid(),
-                "version": __version__,
-                "uptime_s": round(self.deps.clock() - self.started_at, 3),
-                "started_at": self.started_wall,
-                "config": str(self.config.source),
-                "systemd_version": self.systemd_version,
-                "state_warning": self.state_warning,
-                "last_reload": None
-                if self.last_reload is None
-                else {"ok": self.last_reload.ok, "message": self.last_reload.message,
-                      "at": self.last_reload.at},
-            },
-            "desired_model": self.state.desired_model,
-            "active_model": self.active_model(),
-            "last_good_model": self.state.last_good_model,
-            "swap": None if self.swap_run is None else self.swap_run.to_json(),
-            "last_swap": None if self.last_swap is None else self.last_swap.to_json(),
-            "last_failure": None
-            if self.state.last_failure_model is None
-            else {"model": self.state.last_failure_model,
-                  "reason": self.state.last_failure_reason},
-            "engines": [engine_json(v) for _, v in sorted(self.engines.items())],
-            "memory": memory,
-            "gpu": None if self.gpu is None else self.gpu.to_json(),
-            "pressure": {name: p.to_json() for name, p in self.pressure.items()},
-        }
+            memory = report.memory_record(self.deps.meminfo(), self.watch.gpu)
+        except (OSError, MemInfoError) as exc:
+            memory = report.memory_record(str(exc), self.watch.gpu)
+        daemon = DaemonRecord(
+            state=self.daemon_state.value,
+            status_line=self.status_line(),
+            pid=os.getpid(),
+            version=__version__,
+            uptime_s=round(self.deps.clock() - self.started_at, 3),
+            started_at=self.started_wall,
+            config=str(self.config.source),
+            systemd_version=self.systemd_version,
+            state_warning=self.state_warning,
+            last_reload=report.reload_record(self.last_reload),
+        )
+        return report.build_status(
+            daemon=daemon, state=self.state, engines=self.engines, swap_run=self.swap_run,
+            last_swap=self.last_swap, memory=memory, pressure=self.watch.pressure,
+            gpu=self.watch.gpu)
 
     async def handle(self, request: Request) -> Any:
-        if request.method == "status":
-            return self.status()
-        if request.method == "ping":
-            return {"pong": True}
-        if request.method == "reload":
-            return await self.reload()
-        if request.method in ("swap", "plan_swap", "unload"):
-            model = request.params.get("model")
-            if not isinstance(model, str):
-                raise BadRequest(f'{request.method} needs "model": a model name')
-            if request.method == "plan_swap":
-                return {"plan": self.plan(model).describe()}
-            if request.method == "unload":
-                return await self.unload(model)
-            run = self.request_swap(model, reason=str(request.params.get("reason", "requested")))
-            if run is None:
-                return {"accepted": True, "noop": True, "swap": None}
-            return {"accepted": True, "noop": False, "swap": run.to_json()}
-        raise BadRequest(
-            f"unknown method {request.method!r} (known: status, ping, reload, subscribe, "
-            "swap, plan_swap, unload)"
-        )
+        return await answer(self, request)
 
     def _save_state(self) -> None:
         try:
             self.deps.store.save(self.state)
         except StateError as exc:
             event(log, "state_write_failed", "%s", exc.message, level=logging.ERROR)
-
-
-def _describe(result: Mapping[str, Any]) -> str:
-    parts = []
-    for key in ("written", "removed"):
-        items = result.get(key) or []
-        if items:
-            parts.append(f"{key} {', '.join(items)}")
-    return "; ".join(parts) or "no change"
 
 
 def read_boot_id(path: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:

@@ -1,0 +1,1 @@
+"""sparkctl's wing: the operator's command line, one module per command family."""

@@ -1,0 +1,152 @@
+"""`sparkctl status`: the daemon, the engines, their health and the machine, for a person
+(rich tables and colour) or as the daemon's status document with `--json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from sparkd.ctl.exits import run
+from sparkd.options import config_option, json_option
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from sparkd.control.status import HealthRecord, Status
+
+GIB = 1 << 30
+
+_STATE_STYLE = {
+    "active": "green",
+    "activating": "yellow",
+    "deactivating": "yellow",
+    "reloading": "yellow",
+    "failed": "bold red",
+    "inactive": "dim",
+}
+
+
+@click.command()
+@config_option
+@json_option
+@click.pass_context
+def status(ctx: click.Context, config_file: Path, *, as_json: bool) -> None:
+    """Show the daemon, the engines, their health and the machine's memory.
+
+    Exit 0 when the daemon answered, 3 when it is not running, 4 when you may not ask it.
+    """
+
+    def go() -> None:
+        from sparkd.control import client
+
+        result = client.status(client.socket_path(config_file))
+        if as_json:
+            click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        else:
+            render_status(result)
+
+    run(ctx, go)
+
+
+def _gib(n: float | None) -> str:
+    return "?" if n is None else f"{n / GIB:.1f} GiB"
+
+
+def format_age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, s = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{s:02d}s"
+    hours, m = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{m:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def _health(h: HealthRecord | None) -> str:
+    if h is None:
+        return "[dim]-[/]"
+    if h.ok:
+        return f"[green]ok[/] {h.latency_ms:.0f} ms"
+    return f"[red]{h.status or h.error or 'failing'}[/]"
+
+
+def render_status(status: Status, console: Console | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    d = status.daemon
+    console.print(
+        f"[bold]sparkd[/] {d.version} · {d.state} · pid {d.pid} · "
+        f"up {format_age(d.uptime_s)} · {d.status_line}"
+    )
+    console.print(
+        f"desired [bold]{status.desired_model or '-'}[/] · active "
+        f"[bold]{status.active_model or '-'}[/] · last good {status.last_good_model or '-'}"
+    )
+    swap = status.swap
+    if swap:
+        console.print(f"[yellow]swap {swap.id} in progress:[/] {swap.from_model or '-'} -> "
+                      f"{swap.to}, at {swap.step} ({swap.duration_ms / 1000:.1f} s)")
+    failure = status.last_failure
+    if failure:
+        console.print(f"[red]last failure[/] of {failure.model}: {failure.reason}")
+    if d.state_warning:
+        console.print(f"[yellow]warning:[/] {d.state_warning}")
+    reload = d.last_reload
+    if reload and not reload.ok:
+        console.print(f"[red]last config reload failed (previous config kept):[/] "
+                      f"{reload.message}")
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("model", "engine", "unit state", "pid", "restarts", "port", "health"):
+        table.add_column(col)
+    for e in status.engines:
+        style = _STATE_STYLE.get(e.active_state, "")
+        state = f"[{style}]{e.active_state}/{e.sub_state}[/]" if style else (
+            f"{e.active_state}/{e.sub_state}")
+        table.add_row(
+            e.model + (" (speculative)" if e.variant == "speculative" else ""),
+            e.engine,
+            state,
+            str(e.main_pid or "-"),
+            str(e.n_restarts),
+            str(e.port),
+            _health(e.health),
+        )
+    console.print(table)
+    for e in status.engines:
+        if e.note:
+            console.print(f"[yellow]{e.model} ({e.variant}):[/] {e.note}")
+        for fp in e.fingerprints:
+            style = {"error": "red", "warning": "yellow"}.get(fp.severity, "dim")
+            value = f" = {fp.value}" if fp.value else ""
+            console.print(f"[{style}]{e.model}: {fp.id}{value}[/] ({fp.meaning})")
+    mem = status.memory
+    if mem.error is not None:
+        console.print(f"memory: [red]{mem.error}[/]")
+    else:
+        console.print(
+            f"memory: {_gib(mem.available_bytes)} available of "
+            f"{_gib(mem.total_bytes)}, page cache {_gib(mem.page_cache_bytes)}"
+            + (f" [dim]· {mem.accounting}[/]" if mem.accounting else "")
+        )
+    if status.pressure:
+        parts = [f"{name} {p.some_avg10:.1f}%" + (
+                 "" if p.full_avg10 is None else f"/{p.full_avg10:.1f}%")
+                 for name, p in sorted(status.pressure.items())]
+        console.print("pressure (some/full avg10): " + ", ".join(parts))
+    gpu = status.gpu
+    if gpu is not None and gpu.error:
+        console.print(f"gpu: [dim]{gpu.error}[/]")
+    for g in () if gpu is None else gpu.gpus:
+        used = (f"{_gib(g.memory_used_bytes)} of {_gib(g.memory_total_bytes)}"
+                if g.memory_total_bytes is not None else "memory: unified")
+        util = "?" if g.utilization_pct is None else f"{g.utilization_pct}%"
+        console.print(f"gpu {g.index}: {g.name}, {used}, busy {util}, "
+                      f"{len(g.processes)} process(es) using {_gib(g.process_bytes)}")

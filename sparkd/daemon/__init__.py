@@ -1,0 +1,1 @@
+"""sparkd's wing: the daemon (composition root, Supervisor, engine views, event stream)."""

@@ -1,0 +1,51 @@
+"""The modules the docs call pure import no adapter library: each is imported in a fresh
+interpreter, which then reports what got imported with it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PURE = (
+    "sparkd.units.render",
+    "sparkd.engine.plan",
+    "sparkd.engine.unit",
+    "sparkd.engine.probe",
+    "sparkd.engine.fingerprints",
+    "sparkd.gateway.rewrite",
+    "sparkd.gateway.classify",
+    "sparkd.gateway.routing",
+    "sparkd.monitor.memory",
+    "sparkd.monitor.psi",
+    "sparkd.monitor.liveness",
+    "sparkd.store.plan",
+    "sparkd.config",
+    "sparkd.control.codec",
+    "sparkd.control.status",
+    "sparkd.daemon.engines",
+    "sparkd.daemon.report",
+)
+ADAPTERS = ("aiohttp", "pystemd", "pynvml", "pyudev", "click", "rich", "sdnotify",
+            "huggingface_hub", "psutil")
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_a_pure_module_imports_no_adapter(module: str) -> None:
+    code = (f"import importlib, json, sys; importlib.import_module({module!r}); "
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            f"{ADAPTERS!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert json.loads(out) == [], f"{module} pulls in adapters"
+
+
+def test_the_check_sees_an_adapter() -> None:
+    """The check itself can fail: an adapter module is seen."""
+    code = ("import importlib, json, sys; importlib.import_module('sparkd.engine.health'); "
+            "print(json.dumps('aiohttp' in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert json.loads(out) is True
