@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import status_builders as sb
 from aiohttp import web
 from conftest import free_port
 from gateway_harness import Gateway, engine_entry, http_request, running_gateway
 
+from sparkd.control.status import Status
 from sparkd.gateway import auth
 
 URL_IMAGE = "http://169.254.169.254/latest/meta-data"
@@ -50,7 +52,7 @@ class Engine:
 
 @contextlib.contextmanager
 def door(gateway_keys: str = "", *, url_userinfo: str = "", path_prefix: str = "",
-         models: str = "", initial: dict[str, Any] | None = None
+         models: str = "", initial: Status | None = None
          ) -> Iterator[tuple[Gateway, Engine]]:
     engine = Engine()
     port = free_port()
@@ -63,7 +65,7 @@ engine = "external"
 url = "http://{url_userinfo}127.0.0.1:{port}{path_prefix}"
 {models}
 """
-    with running_gateway(text, initial=initial or {"schema": 1, "engines": []}) as gw:
+    with running_gateway(text, initial=initial or sb.status()) as gw:
         upstream = web.Application()
         upstream.router.add_route("*", "/{tail:.*}", engine.handle)
         runner = web.AppRunner(upstream, access_log=None)
@@ -171,7 +173,7 @@ listen = "{{listen}}"
 engine = "external"
 url = "http://alice:s3cr3t-pw@127.0.0.1:{port}"
 """
-    with running_gateway(text, initial={"schema": 1, "engines": []}) as gw:
+    with running_gateway(text, initial=sb.status()) as gw:
         r = raw(gw, "POST", "/v1/chat/completions", CHAT)
         assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"
         assert "s3cr3t" not in r.text and "alice" not in r.text
@@ -203,8 +205,7 @@ def test_foreign_host_origin_and_non_json_bodies_are_refused() -> None:
 
 
 def test_a_refused_request_never_swaps() -> None:
-    status = {"schema": 1, "active_model": "other", "swap": None,
-              "engines": [engine_entry("other", 1)]}
+    status = sb.status(active_model="other", engines=[engine_entry("other", 1)])
     text = """
 [gateway]
 listen = "{listen}"
