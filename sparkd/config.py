@@ -143,7 +143,7 @@ class GatewayConfig:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     idle_timeout_s: float = 60.0
-    body_memory_bytes: int = 128 * 1024 * 1024
+    body_memory_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -194,20 +194,6 @@ def _match() -> routes.Match:
     return found
 
 
-def _refuse_remote_media(body: object, settings: Settings) -> None:
-    """Media an engine would fetch (any part kind, any route): refused unless allowed."""
-    if settings.config.gateway.allow_remote_images:
-        return
-    where = media.remote_media(body)
-    if where is not None:
-        raise GatewayError(
-            400, "remote_media_refused",
-            f"{where}: media must be inline data: URLs; remote URLs and paths are refused (an"
-            " engine that fetches them for a client is a request-forgery path, vLLM"
-            " CVE-2025-6242; gateway.allow_remote_images turns them on)",
-            param=where.split(".", 1)[0].split("[", 1)[0])
-
-
 # --- the OpenAI routes -----------------------------------------------------------------------
 
 
@@ -278,7 +264,8 @@ def _prepare(request: web.Request, raw: bytes, settings: Settings, *, chat: bool
                 raise GatewayError(400, "invalid_type",
                                    f"messages[{i}].content: expected a string or a list of parts",
                                    param="messages")
-    _refuse_remote_media(body, settings)
+    if not settings.config.gateway.allow_remote_images:  # every media kind, any route
+        media.refuse_remote(body)
     workload = classify.parse_override(request.headers.get(WORKLOAD_HEADER))
     if workload is None:
         workload = classify.classify(
@@ -551,7 +538,8 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         except (ValueError, RecursionError) as exc:
             raise GatewayError(400, "invalid_json", f"request body is not valid JSON: {exc}"
                                ) from None
-        _refuse_remote_media(body, settings)
+        if not settings.config.gateway.allow_remote_images:
+            media.refuse_remote(body)
         name = body.get("model") if isinstance(body, dict) else None
     if not isinstance(name, str):
         name = request.query.get("model")

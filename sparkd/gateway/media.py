@@ -15,8 +15,9 @@ So the check does not follow the shape of one route or one part kind: it walks t
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any, Final
+
+from sparkd.gateway.errors import GatewayError
 
 # Keys whose string value (or whose {"url": ...}) is a URL an engine fetches.
 URL_KEYS: Final = ("image_url", "audio_url", "video_url", "file_url", "input_image",
@@ -26,6 +27,7 @@ MEDIA_TYPES: Final = frozenset({
     "image", "video", "audio", "file", "image_url", "video_url", "audio_url", "input_image",
     "input_video", "input_audio", "input_file", "image_pil", "image_embeds"})
 PART_KEYS: Final = ("url", "image", "video", "audio", "path", "file", "uri")
+_URL_KEY_SET: Final = frozenset(URL_KEYS)
 _SCHEME: Final = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -45,33 +47,63 @@ def _names_a_resource(value: str) -> bool:
 
 
 def remote_media(body: object) -> str | None:
-    """Where in `body` a fetchable media reference is (`messages[0].content[1]
-    .video_url`), or None. The URL itself is not returned: it may carry a secret."""
+    """Where in `body` a fetchable media reference is (`messages[0].content[1].video_url`),
+    or None. The URL itself is not returned: it may carry a secret."""
+    if not _any_remote(body):  # the common case, without building paths
+        return None
+    return _find(body)
+
+
+def _hit(node: dict[Any, Any]) -> str | None:
+    """The key of `node` holding a fetchable reference, if any."""
+    if not _URL_KEY_SET.isdisjoint(node):
+        for key in URL_KEYS:
+            if key in node:
+                ref = node[key]
+                url = ref.get("url") if type(ref) is dict else ref
+                if isinstance(url, str) and not is_inline(url):
+                    return key
+    kind = node.get("type")
+    if type(kind) is str and kind in MEDIA_TYPES:
+        for key in PART_KEYS:
+            value = node.get(key)
+            if type(value) is str and (
+                    (key == "url" and not is_inline(value)) or _names_a_resource(value)):
+                return key
+    return None
+
+
+def _any_remote(body: object) -> bool:
+    """One pass over the containers (JSON gives dicts and lists only), no paths built."""
+    stack = [body]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node = pop()
+        if type(node) is dict:
+            if _hit(node) is not None:
+                return True
+            values: Any = node.values()
+        elif type(node) is list:
+            values = node
+        else:
+            continue
+        for value in values:
+            if value and (type(value) is dict or type(value) is list):
+                push(value)
+    return False
+
+
+def _find(body: object) -> str | None:
     stack: list[tuple[object, tuple[Any, ...] | None]] = [(body, None)]
     while stack:
         node, where = stack.pop()
-        if isinstance(node, Mapping):
-            for key in URL_KEYS:
-                if key in node:
-                    ref = node[key]
-                    url = ref.get("url") if isinstance(ref, Mapping) else ref
-                    if isinstance(url, str) and not is_inline(url):
-                        return _render((where, key))
-            kind = node.get("type")
-            if isinstance(kind, str) and kind in MEDIA_TYPES:
-                for key in PART_KEYS:
-                    value = node.get(key)
-                    if isinstance(value, str) and (
-                        (key == "url" and not is_inline(value)) or _names_a_resource(value)
-                    ):
-                        return _render((where, key))
-            for key, value in node.items():
-                if isinstance(value, Mapping | list):
-                    stack.append((value, (where, key)))
-        elif isinstance(node, list):
-            for i, value in enumerate(node):
-                if isinstance(value, Mapping | list):
-                    stack.append((value, (where, i)))
+        if type(node) is dict:
+            key = _hit(node)
+            if key is not None:
+                return _render((where, key))
+            stack.extend((v, (where, k)) for k, v in node.items() if type(v) in (dict, list))
+        elif type(node) is list:
+            stack.extend((v, (where, i)) for i, v in enumerate(node) if type(v) in (dict, list))
     return None
 
 
@@ -84,3 +116,15 @@ def _render(where: tuple[Any, ...] | None) -> str:
     for part in reversed(parts):
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "(the body)"
+
+
+def refuse_remote(body: object) -> None:
+    """Raise 400 `remote_media_refused` for a body with a fetchable media reference."""
+    where = remote_media(body)
+    if where is not None:
+        raise GatewayError(
+            400, "remote_media_refused",
+            f"{where}: media must be inline data: URLs; remote URLs and paths are refused (an"
+            " engine that fetches them for a client is a request-forgery path, vLLM"
+            " CVE-2025-6242; gateway.allow_remote_images turns them on)",
+            param=where.split(".", 1)[0].split("[", 1)[0])
