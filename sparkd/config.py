@@ -148,6 +148,15 @@ class GatewayConfig:
     allow_remote_images: bool = False
     upstream_timeout_s: float = 600.0
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    # The door (issue 10, docs/gateway.md "The door"): who may come in, under which names,
+    # and how long and how much a connection may hold. Parsed by _parse_gateway_door.
+    keys_file: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    max_connections: int = 4096
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    idle_timeout_s: float = 60.0
+    body_memory_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,7 +466,72 @@ def _parse_gateway(v: Validator, t: dict[str, Any]) -> GatewayConfig:
             code_system_prompts=v.opt_strings(c, "gateway.classifier.code_system_prompts"),
             code_patterns=patterns,
         ),
+        **_parse_gateway_door(v, t, listen),
     )
+
+
+HOST_NAME_RE: Final = re.compile(
+    r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?)*\Z")
+DOOR_TIMEOUT_MAX_S: Final = 3600.0
+
+
+def listen_is_loopback(listen: str) -> bool:
+    """Whether gateway.listen is reachable from this machine only (127.0.0.0/8, ::1,
+    localhost)."""
+    import ipaddress
+
+    host = listen.rpartition(":")[0].strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _without_userinfo(url: str | None) -> str | None:
+    """A URL as an error may show it: credentials in it (user:password@) are not."""
+    return None if url is None else re.sub(r"^([^/]*//)[^/@]*@", r"\1***@", url)
+
+
+def _seconds(v: Validator, t: dict[str, Any], key: str, default: float) -> float:
+    value = v.number(t, key, default, lo=0.5)
+    if not value <= DOOR_TIMEOUT_MAX_S:  # also NaN
+        v.fail(key, f"a number of seconds from 0.5 to {DOOR_TIMEOUT_MAX_S:g}", value)
+    return value
+
+
+def _parse_gateway_door(v: Validator, t: dict[str, Any], listen: str) -> dict[str, Any]:
+    """The [gateway] keys of the door (issue 10), kept together."""
+    d = GatewayConfig()
+    keys_file = v.opt_string(t, "gateway.keys_file")
+    if keys_file is not None and not keys_file.startswith("/"):
+        v.fail("gateway.keys_file", "an absolute path", keys_file)
+    if keys_file is None and not listen_is_loopback(listen):
+        raise ConfigError(
+            f"{v.source}: gateway.listen: {listen!r} is reachable from other machines, and"
+            " no API keys are configured: set gateway.keys_file (create a key with"
+            " `sparkd gateway-key add NAME`; docs/gateway.md, \"API keys\"), or listen on"
+            ' "127.0.0.1:PORT"')
+    hosts = v.opt_strings(t, "gateway.allowed_hosts") or ()
+    for i, name in enumerate(hosts):
+        if not HOST_NAME_RE.match(name.lower().rstrip(".")):
+            v.fail(f"gateway.allowed_hosts[{i}]", "a host name such as \"spark.lan\"", name)
+    max_body = v.integer(t, "gateway.max_body_bytes", d.max_body_bytes, lo=1024, hi=1 << 31)
+    memory = v.integer(t, "gateway.body_memory_bytes", d.body_memory_bytes,
+                       lo=1024, hi=1 << 34)
+    if memory < max_body:
+        v.fail("gateway.body_memory_bytes", f"at least gateway.max_body_bytes ({max_body})",
+               memory)
+    return {
+        "keys_file": None if keys_file is None else Path(keys_file),
+        "allowed_hosts": tuple(h.lower().rstrip(".") for h in hosts),
+        "max_connections": v.integer(t, "gateway.max_connections", d.max_connections,
+                                     lo=16, hi=1_000_000),
+        **{key: _seconds(v, t, f"gateway.{key}", getattr(d, key))
+           for key in ("header_timeout_s", "body_timeout_s", "idle_timeout_s")},
+        "body_memory_bytes": memory,
+    }
 
 
 def _parse_speculative(v: Validator, key: str, t: dict[str, Any]) -> SpeculativeConfig:
@@ -510,9 +584,11 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
     url = v.opt_string(t, f"{key}.url")
     if engine == "external":
         if url is None or not URL_RE.fullmatch(url):
-            v.fail(f"{key}.url", "an http:// or https:// URL (external models need one)", url)
+            v.fail(f"{key}.url", "an http:// or https:// URL (external models need one)",
+                   _without_userinfo(url))
     elif url is not None:
-        v.fail(f"{key}.url", 'no url (only engine = "external" models have one)', url)
+        v.fail(f"{key}.url", 'no url (only engine = "external" models have one)',
+               _without_userinfo(url))
     if engine != "external" and "port" not in t:
         v.fail(f"{key}.port", "an integer from 1 to 65535", "nothing")
     port = v.integer(t, f"{key}.port", 0, lo=1 if engine != "external" else 0, hi=65535)

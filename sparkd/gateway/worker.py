@@ -169,7 +169,7 @@ def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
             if recipe is None:
                 raise RuntimeError("no recipe sent")
             if job == "model_name":
-                reply = ("ok", model_name(raw))
+                reply = ("ok", model_name(raw, allow_remote=recipe.allow_remote_images))
             else:
                 chat, user_agent, workload = args
                 result = prepare(raw, recipe, chat=chat, user_agent=user_agent,
