@@ -581,6 +581,7 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({
         "status": "ok",
         "daemon": {"connected": view.connected, "seen": view.seen,
+                   "last_error": None if view.connected else state.last_link_error,
                    "swap": None if view.swap is None else {
                        "from": view.swap.from_model, "to": view.swap.to_model,
                        "step": view.swap.step}},
