@@ -280,10 +280,12 @@ def test_jinja_is_on_by_default_and_no_jinja_enforces_nothing(
     tmp_path: Path, sim_engines: SimEngines, strict_engine: SimEngine,
     llama_server_binary: Path, tiny_ggufs: dict[str, Path],
 ) -> None:
-    # strict_engine runs without --jinja or --no-jinja (as sparkd renders it) and enforces the
-    # template: test_strict_template_is_enforced_by_the_real_server. With --no-jinja the server
-    # uses its built-in template of the same family, which raises nothing.
-    assert not {"--jinja", "--no-jinja"} & set(engine_argv(*_rendered_model(tmp_path)))
+    # strict_engine runs sparkd's command line, which has neither --jinja nor --no-jinja, and
+    # enforces the template (test_strict_template_is_enforced_by_the_real_server). With
+    # --no-jinja the server uses its built-in template of the same family, which raises nothing.
+    argv = strict_engine.proc.args
+    assert isinstance(argv, list)
+    assert not {"--jinja", "--no-jinja"} & set(argv)
     assert chat(strict_engine, SECOND_USER_TURN)[0] == 400
     rendered = render(tmp_path, llama_server_binary, tiny_ggufs["strict"], port=free_port(),
                       args=(*ARGS, "--no-jinja"))
@@ -291,11 +293,6 @@ def test_jinja_is_on_by_default_and_no_jinja_enforces_nothing(
     engine.wait_health(200, timeout=60)
     status, body = chat(engine, SECOND_USER_TURN)
     assert status == 200, body
-
-
-def _rendered_model(tmp_path: Path) -> tuple[Config, ModelConfig]:
-    rendered = render(tmp_path, Path("/usr/bin/llama-server"), tmp_path / "m.gguf", port=8080)
-    return rendered.config, rendered.model
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
