@@ -27,8 +27,9 @@ from pathlib import Path
 
 import openai
 import pytest
+import status_builders as sb
 from conftest import SPARKD, SimEngine, SimEngines, free_port
-from gateway_harness import Gateway, engine_entry, get, http_request, running_gateway
+from gateway_harness import Gateway, get, http_request, running_gateway
 from openai.types.chat import ChatCompletionMessageParam
 
 from sparkd.config import Config, ModelConfig, SpeculativeConfig, parse_config
@@ -191,8 +192,8 @@ path = "{engine.path}"
 port = {engine.port}
 role_policy = "{policy}"
 """
-    entry = {**engine_entry(MODEL, engine.port), "engine": "llamacpp"}
-    initial = {"schema": 1, "active_model": MODEL, "swap": None, "engines": [entry]}
+    entry = sb.engine(MODEL, engine.port, engine="llamacpp")
+    initial = sb.status(active_model=MODEL, engines=[entry])
     with running_gateway(config, initial=initial) as gw:
         for _ in range(500):
             if get(gw.url + "/health").json()["loaded"]:
