@@ -56,6 +56,8 @@ ENV_NAME_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SOURCE_RE: Final = re.compile(
     r"^(hf://)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
 )
+# An engine release: vLLM/SGLang "0.34.0", "0.5.23.post1"; a llama.cpp build "11434"/"b11434".
+ENGINE_VERSION_RE: Final = re.compile(r"^[vb]?\d+(\.\d+)*([.-]?(post|rc|dev)\d+)?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +162,9 @@ class ModelConfig:
     # and whether a bad file found before a start is fetched again instead of refusing it.
     files: tuple[str, ...] = ()
     repair: bool = False
+    # The engine's version, pinned (None: detected from the installed engine). Picks the
+    # flags and environment sparkd renders (sparkd.engine.versions).
+    engine_version: str | None = None
 
     @property
     def unit_name(self) -> str:
@@ -465,6 +470,13 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
     if source is not None and not SOURCE_RE.match(source):
         v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
                source)
+    engine_version = v.opt_string(t, f"{key}.engine_version")
+    if engine_version is not None and (
+        engine not in ("vllm", "sglang", "llamacpp") or not ENGINE_VERSION_RE.match(engine_version)
+    ):
+        v.fail(f"{key}.engine_version", 'a release of the engine such as "0.34.0" (vllm), '
+               '"0.5.23" (sglang) or "11434" (a llama.cpp build); vllm, sglang and llamacpp '
+               "only", engine_version)
     return ModelConfig(
         name=name,
         engine=engine,
@@ -485,6 +497,7 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
         idle_unload_minutes=idle,
         files=tuple(files),
         repair=v.boolean(t, f"{key}.repair", False),  # noqa: FBT003
+        engine_version=engine_version,
     )
 
 

@@ -187,3 +187,22 @@ def test_gateway_and_speculative_errors() -> None:
 def test_engines_cannot_be_opened_beyond_loopback() -> None:
     assert "models.a.args: expected no --host" in err(MINIMAL + 'args = ["--host", "0.0.0.0"]\n')
     assert "got \"--host=::\"" in err(MINIMAL + 'args = ["--host=::"]\n')
+
+
+@pytest.mark.parametrize("version", ["0.34.0", "0.5.23.post1", "11434", "b11434", "v0.11.2"])
+def test_engine_version_pin(version: str) -> None:
+    config = parse_config(MINIMAL + f'engine_version = "{version}"\n', source=SRC)
+    assert config.model("a").engine_version == version
+    assert parse_config(MINIMAL, source=SRC).model("a").engine_version is None
+
+
+@pytest.mark.parametrize("bad", ['"latest"', '"0.34 beta"', "34", '""'])
+def test_engine_version_must_be_a_release(bad: str) -> None:
+    message = err(MINIMAL + f"engine_version = {bad}\n")
+    assert "models.a.engine_version: expected a release of the engine" in message or (
+        "models.a.engine_version: expected a string" in message)
+
+
+def test_engine_version_only_for_real_engines() -> None:
+    sim = '[models.a]\nengine = "sim"\nport = 8001\nengine_version = "0.34.0"\n'
+    assert "vllm, sglang and llamacpp only" in err(sim)
