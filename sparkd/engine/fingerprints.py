@@ -208,8 +208,8 @@ def check_moe_backend(expected: str | None, matches: Iterable[Match]) -> MoeChec
     found = list(matches)
     refused = fatal_match(found)
     if refused is not None:
-        return MoeCheck(False, expected, None, f"vLLM refused the MoE backend {refused.backend}: "
-                        f"{refused.line}")
+        return MoeCheck(ok=False, expected=expected, chosen=None,
+                        message=f"vLLM refused the MoE backend {refused.backend}: {refused.line}")
     chosen = chosen_moe_backend(found)
     if expected in (None, "auto"):
         return MoeCheck(None, expected, chosen, f"MoE backend {chosen or 'not logged'} "
@@ -218,6 +218,7 @@ def check_moe_backend(expected: str | None, matches: Iterable[Match]) -> MoeChec
         return MoeCheck(None, expected, None, f"the pin asks for {expected}; the engine's log "
                         "names no MoE backend (a dense model, or not started yet)")
     if chosen != expected:
-        return MoeCheck(False, expected, chosen, f"the pin asks for {expected}, the engine "
-                        f"chose {chosen}")
-    return MoeCheck(True, expected, chosen, f"MoE backend {chosen}, as pinned")
+        return MoeCheck(ok=False, expected=expected, chosen=chosen,
+                        message=f"the pin asks for {expected}, the engine chose {chosen}")
+    return MoeCheck(ok=True, expected=expected, chosen=chosen,
+                    message=f"MoE backend {chosen}, as pinned")

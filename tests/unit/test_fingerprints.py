@@ -117,7 +117,7 @@ def test_every_fingerprint_cites_its_source() -> None:
         ("flashinfer_trtllm", "INFO no MoE line at all", None),
     ],
 )
-def test_check_moe_backend(expected: str, line: str, ok: bool | None) -> None:
+def test_check_moe_backend(expected: str, line: str, ok: bool | None) -> None:  # noqa: FBT001
     check = check_moe_backend(expected, match_lines([line], engine="vllm"))
     assert check.ok is ok, check.message
     if ok is False:
