@@ -77,7 +77,7 @@ def render_status(status: dict[str, Any], console: Console | None = None) -> Non
             f"{e['active_state']}/{e['sub_state']}")
         table.add_row(
             e["model"] + (" (speculative)" if e.get("variant") == "speculative" else ""),
-            e["engine"],
+            e["engine"] + (f" {e['engine_version']}" if e.get("engine_version") else ""),
             state,
             str(e["main_pid"] or "-"),
             str(e["n_restarts"]),

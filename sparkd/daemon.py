@@ -24,6 +24,7 @@ import click
 from sparkd.config import Config, load_config
 from sparkd.control.server import ControlServer
 from sparkd.engine.health import probe
+from sparkd.engine.versions import detect_versions
 from sparkd.errors import ConfigError, SparkdError, SystemdError
 from sparkd.journal import event, setup_logging
 from sparkd.monitor.memory import read_meminfo
@@ -95,7 +96,9 @@ def apply_units(
 ) -> Mapping[str, Any]:
     result = reconcile(
         config.daemon.unit_dir,
-        render_units(config, systemd_version=systemd_version),
+        # Each engine's unit is rendered for the release installed (sparkd.engine.versions).
+        render_units(config, systemd_version=systemd_version,
+                     engine_versions=detect_versions(config.supervised_models)),
         reload=reload,
     )
     return {

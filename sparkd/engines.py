@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparkd.config import ModelConfig, Variant
-from sparkd.engine.fingerprints import Match
+from sparkd.engine.fingerprints import Match, chosen_moe_backend
 from sparkd.engine.health import ProbeResult
 from sparkd.monitor.nvml import NvmlSnapshot
 from sparkd.systemd.manager import UnitStatus
@@ -25,6 +25,9 @@ class EngineView:
     healthy_since: float | None = None
     fingerprints: list[Match] = field(default_factory=list)
     note: str | None = None  # why a speculative variant is not running, say
+    # The engine release found installed (sparkd.engine.versions.detect_version); the
+    # config's models.NAME.engine_version wins.
+    engine_version: str | None = None
 
     @property
     def unit_name(self) -> str:
@@ -81,5 +84,9 @@ def engine_json(view: EngineView) -> dict[str, Any]:
         },
         "health_failures": view.health_failures,
         "fingerprints": [m.to_json() for m in view.fingerprints],
+        # The release the unit was rendered for, and the MoE backend the engine's log says it
+        # chose (--moe-backend words; None when it said nothing).
+        "engine_version": view.model.engine_version or view.engine_version,
+        "moe_backend": chosen_moe_backend(view.fingerprints),
         "note": view.note,
     }

@@ -31,6 +31,7 @@ from sparkd.engine.fingerprints import Match
 from sparkd.engine.health import ProbeResult
 from sparkd.engine.plan import Snapshot, SwapInProgress, SwapPlan, SwapStep, plan_swap
 from sparkd.engine.swap import SwapRun, execute, start_afresh, start_timeout
+from sparkd.engine.versions import detect_version
 from sparkd.engines import (
     EngineView,
     engine_json,
@@ -184,7 +185,8 @@ class Supervisor:
             event(log, "units_reconciled", "engine units reconciled: %s", _describe(result))
         self.engines = {
             engine_key(m.name, v): self.engines.get(engine_key(m.name, v))
-            or EngineView(model=m, unit=UnitStatus(m.unit_for(v)), variant=v)
+            or EngineView(model=m, unit=UnitStatus(m.unit_for(v)), variant=v,
+                          engine_version=detect_version(m))  # cached since apply_units
             for m in config.supervised_models
             for v in m.variants
         }

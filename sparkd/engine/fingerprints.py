@@ -9,9 +9,9 @@ pin asks for (`check_moe_backend`, for doctor) and shown in status.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 Severity = Literal["info", "warning", "error"]
 
@@ -222,3 +222,18 @@ def check_moe_backend(expected: str | None, matches: Iterable[Match]) -> MoeChec
                         message=f"the pin asks for {expected}, the engine chose {chosen}")
     return MoeCheck(ok=True, expected=expected, chosen=chosen,
                     message=f"MoE backend {chosen}, as pinned")
+
+
+def check_moe_backend_json(expected: str | None, fingerprints: Iterable[Mapping[str, Any]]
+                           ) -> MoeCheck:
+    """`check_moe_backend` on the fingerprints as `sparkctl status` shows them
+    (`Match.to_json`), for doctor."""
+    by_id = {f"{fp.id}": fp for fp in FINGERPRINTS}
+    matches = []
+    for j in fingerprints:
+        fp = by_id.get(str(j.get("id")))
+        if fp is not None and fp.backend is not None:
+            value = j.get("value")
+            matches.append(Match(fp, str(j.get("line", "")),
+                                 None if value is None else str(value)))
+    return check_moe_backend(expected, matches)

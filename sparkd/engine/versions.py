@@ -163,9 +163,11 @@ _LLAMACPP_11434 = EngineRules(
 )
 _SIM = EngineRules(engine="sim", since="0", source="sparkd's simulated engine (sparkd/sim)")
 
-#: Per engine, its rule sets oldest first, and the newest release sparkd was checked against.
+#: Per engine, its rule sets oldest first, and the newest release line sparkd was checked
+#: against: a release is newer than it when its first len(line) numbers are (vLLM "0.34":
+#: 0.34.1 is known, 0.35.0 is not).
 TABLE: Final[Mapping[str, tuple[tuple[EngineRules, ...], str]]] = {
-    "vllm": ((_VLLM_0_11, _VLLM_0_12, _VLLM_BOTH, _VLLM_FLAG_ONLY), "0.34.0"),
+    "vllm": ((_VLLM_0_11, _VLLM_0_12, _VLLM_BOTH, _VLLM_FLAG_ONLY), "0.34"),
     "sglang": ((_SGLANG_LAUNCH_SERVER, _SGLANG_SERVE), "0.5.23"),
     "llamacpp": ((_LLAMACPP_9093, _LLAMACPP_11434), "11434"),
     "sim": ((_SIM,), "0"),
@@ -227,7 +229,8 @@ def rules_for(engine: str, version: str | None) -> Resolved:
     for rules in rule_sets:
         if key >= _cmp_key(version_key(rules.since)):
             chosen = rules
-    if engine != "sim" and key[:3] > _cmp_key(version_key(newest))[:3]:
+    line = version_key(newest)
+    if engine != "sim" and key[:len(line)] > line:
         return Resolved(kind, version, chosen, f"{engine} {version} is newer than the newest "
                         f"release sparkd knows ({newest}): rendered with the rules for "
                         f"{engine} {chosen.since}+")

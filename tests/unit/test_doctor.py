@@ -59,9 +59,15 @@ def test_the_runbook_checks() -> None:
     assert checks["daemon"].level is Level.OK
     assert checks["units"].level is Level.OK
     assert checks["moe_backend.qwen"].level is Level.OK
+    # Version unknown: the newest rules, where the pin is the flag; doctor says which form.
+    assert checks["moe_backend.qwen"].message == (
+        "qwen: MoE pin --moe-backend flashinfer_trtllm (what vLLM ? reads)")
+    assert checks["engine_version.qwen"].level is Level.WARN
+    assert "vllm version unknown" in checks["engine_version.qwen"].message
     old = checks["moe_backend.old"]
     assert old.level is Level.WARN and "froze the desktop" in old.message
-    assert old.fix == "remove it from models.old.env"
+    assert "rendered as --moe-backend flashinfer_cutlass" in old.message
+    assert old.fix == "remove it from models.old.env / args"
     mem = checks["memory.old"]
     assert mem.level is Level.FAIL
     assert mem.message == "old needs 204.0 GiB with the reserve; the machine has 128.0 GiB"
@@ -93,3 +99,43 @@ def test_sparkctl_doctor_exit_status_and_json(tmp_path: Path) -> None:
     assert "fix: systemctl start sparkd" in res.output
     res = CliRunner().invoke(cli, ["doctor", "--json", "--config", str(cfg)])
     assert '"id": "units"' in res.output
+
+
+def test_the_moe_pin_in_the_form_the_detected_version_reads() -> None:
+    """Before: doctor said VLLM_FLASHINFER_MOE_BACKEND=latency was in effect on every vLLM,
+    though 0.24+ ignores it."""
+    old = by_id(diagnose(facts(engine_versions={"qwen": "0.11.2"})))
+    assert old["moe_backend.qwen"].message == (
+        "qwen: MoE pin VLLM_FLASHINFER_MOE_BACKEND=latency (what vLLM 0.11.2 reads)")
+    assert old["engine_version.qwen"].level is Level.OK
+    new = by_id(diagnose(facts(engine_versions={"qwen": "0.34.0"})))
+    assert new["moe_backend.qwen"].message == (
+        "qwen: MoE pin --moe-backend flashinfer_trtllm (what vLLM 0.34.0 reads)")
+
+
+def test_doctor_fails_when_the_engine_chose_another_backend_or_refused() -> None:
+    def status_with(*fingerprints: dict[str, Any]) -> dict[str, Any]:
+        status = dict(facts().daemon_status or {})
+        status["engines"] = [{"model": "qwen", "fingerprints": list(fingerprints)}]
+        return status
+
+    chose = {"id": "moe_backend", "severity": "info", "meaning": "", "value": "FLASHINFER_CUTLASS",
+             "line": "Using 'FLASHINFER_CUTLASS' NvFp4 MoE backend out of potential backends: "
+                     "['FLASHINFER_CUTLASS']."}
+    wrong = by_id(diagnose(facts(daemon_status=status_with(chose),
+                                 engine_versions={"qwen": "0.33.0"})))
+    assert wrong["moe_chosen.qwen"].level is Level.FAIL
+    assert wrong["moe_chosen.qwen"].message == (
+        "qwen: the pin asks for flashinfer_trtllm, the engine chose flashinfer_cutlass")
+    refused = {"id": "moe_backend_refused", "severity": "error", "meaning": "",
+               "value": "FLASHINFER_TRTLLM",
+               "line": "ValueError: NvFp4 MoE backend 'FLASHINFER_TRTLLM' does not support the "
+                       "deployment configuration since kernel does not support current device."}
+    failed = by_id(diagnose(facts(daemon_status=status_with(refused))))
+    assert failed["moe_chosen.qwen"].level is Level.FAIL
+    assert "does not support the deployment configuration" in failed["moe_chosen.qwen"].message
+    ok = by_id(diagnose(facts(daemon_status=status_with(
+        dict(chose, value="FLASHINFER_TRTLLM", line="Using FLASHINFER_TRTLLM NvFp4 MoE backend "
+             "out of potential backends: ['FLASHINFER_TRTLLM'].")))))
+    assert ok["moe_chosen.qwen"].level is Level.OK
+    assert "moe_chosen.qwen" not in by_id(diagnose(facts()))  # nothing logged: nothing to say

@@ -122,3 +122,23 @@ def test_check_moe_backend(expected: str, line: str, ok: bool | None) -> None:  
     assert check.ok is ok, check.message
     if ok is False:
         assert "the engine chose flashinfer_cutlass" in check.message
+
+
+def test_status_shows_the_engine_version_and_the_backend_it_chose() -> None:
+    from pathlib import Path
+
+    from sparkd.config import ModelConfig
+    from sparkd.engines import EngineView, engine_json
+    from sparkd.systemd.manager import UnitStatus
+
+    model = ModelConfig(name="q", engine="vllm", path=Path("/m"), port=1)
+    view = EngineView(model=model, unit=UnitStatus(model.unit_name), engine_version="0.33.0",
+                      fingerprints=match_lines([CHOSEN[2][1]], engine="vllm"))
+    shown = engine_json(view)
+    assert shown["engine_version"] == "0.33.0"  # detected
+    assert shown["moe_backend"] == "flashinfer_cutlass"
+    pinned = EngineView(model=ModelConfig(name="q", engine="vllm", path=Path("/m"), port=1,
+                                          engine_version="0.34.0"),
+                        unit=UnitStatus(model.unit_name), engine_version="0.33.0")
+    assert engine_json(pinned)["engine_version"] == "0.34.0"  # the config's pin wins
+    assert engine_json(pinned)["moe_backend"] is None
