@@ -183,6 +183,8 @@ FIXTURE_VERSIONS: Final[tuple[tuple[str, str], ...]] = (
     ("vllm", "0.34.0"),
     ("sglang", "0.5.4"),
     ("sglang", "0.5.23"),
+    ("llamacpp", "9093"),  # from common/arg.cpp (no binary built here), see the fixture's meta
+    ("llamacpp", "11434"),
 )
 
 _VERSION_RE: Final = re.compile(r"^[vb]?(\d+(?:\.\d+)*)(?:[.-]?(?:post|rc|dev)?(\d+))?")
