@@ -75,8 +75,12 @@ def sh(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, text=True, capture_output=True, check=False, **kw)
 
 
+FIND_LINKS: list[str] = []  # --find-links: folders of wheels already downloaded
+
+
 def pip_install(venv: Path, *specs: str, log: list[str]) -> bool:
-    r = sh([str(venv / "bin" / "pip"), "install", "--quiet", "--no-deps", *specs])
+    links = [a for d in FIND_LINKS for a in ("--find-links", d)]
+    r = sh([str(venv / "bin" / "pip"), "install", "--quiet", "--no-deps", *links, *specs])
     log.append(f"pip install --no-deps {' '.join(specs)}: rc {r.returncode}")
     if r.returncode != 0:
         log.append(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "")
@@ -287,7 +291,10 @@ def main() -> int:
     ap.add_argument("--only", action="append", default=[],
                     help="ENGINE-VERSION (repeatable); default: every fixture version")
     ap.add_argument("--max-rounds", type=int, default=80)
+    ap.add_argument("--find-links", action="append", default=[],
+                    help="a folder of engine wheels already downloaded (pip --find-links)")
     opts = ap.parse_args()
+    FIND_LINKS.extend(opts.find_links)
     opts.venvs.mkdir(parents=True, exist_ok=True)
     opts.out.mkdir(parents=True, exist_ok=True)
     failed = []

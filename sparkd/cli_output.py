@@ -88,6 +88,8 @@ def render_status(status: dict[str, Any], console: Console | None = None) -> Non
     for e in status["engines"]:
         if e.get("note"):
             console.print(f"[yellow]{e['model']} ({e.get('variant', 'plain')}):[/] {e['note']}")
+        if e.get("engine_version_warning"):
+            console.print(f"[yellow]{e['model']}:[/] {e['engine_version_warning']}")
         for fp in e.get("fingerprints", []):
             style = {"error": "red", "warning": "yellow"}.get(fp["severity"], "dim")
             value = f" = {fp['value']}" if fp.get("value") else ""

@@ -9,6 +9,7 @@ from typing import Any
 from sparkd.config import ModelConfig, Variant
 from sparkd.engine.fingerprints import Match, chosen_moe_backend
 from sparkd.engine.health import ProbeResult
+from sparkd.engine.versions import rules_for
 from sparkd.monitor.nvml import NvmlSnapshot
 from sparkd.systemd.manager import UnitStatus
 
@@ -62,6 +63,7 @@ def model_of_unit(unit: str) -> str | None:
 
 def engine_json(view: EngineView) -> dict[str, Any]:
     u, h = view.unit, view.health
+    version = view.model.engine_version or view.engine_version
     return {
         "model": view.model.name,
         "engine": view.model.engine,
@@ -86,7 +88,10 @@ def engine_json(view: EngineView) -> dict[str, Any]:
         "fingerprints": [m.to_json() for m in view.fingerprints],
         # The release the unit was rendered for, and the MoE backend the engine's log says it
         # chose (--moe-backend words; None when it said nothing).
-        "engine_version": view.model.engine_version or view.engine_version,
+        "engine_version": version,
+        # Outside sparkd's table (sparkd/engine/versions.py): which rules were used instead.
+        "engine_version_warning": rules_for(view.model.engine, version).warning
+        if view.model.engine in ("vllm", "sglang", "llamacpp") else None,
         "moe_backend": chosen_moe_backend(view.fingerprints),
         "note": view.note,
     }

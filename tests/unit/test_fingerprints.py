@@ -142,3 +142,7 @@ def test_status_shows_the_engine_version_and_the_backend_it_chose() -> None:
                         unit=UnitStatus(model.unit_name), engine_version="0.33.0")
     assert engine_json(pinned)["engine_version"] == "0.34.0"  # the config's pin wins
     assert engine_json(pinned)["moe_backend"] is None
+    assert engine_json(pinned)["engine_version_warning"] is None
+    unknown = engine_json(EngineView(model=model, unit=UnitStatus(model.unit_name)))
+    assert unknown["engine_version"] is None
+    assert unknown["engine_version_warning"].startswith("vllm version unknown")
