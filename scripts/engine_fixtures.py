@@ -62,6 +62,7 @@ PACKAGE_OF = {
     "outlines_core": "outlines-core", "sgl_kernel": "sgl-kernel", "orjson": "orjson",
     "setproctitle": "setproctitle", "triton": "triton", "opentelemetry": "opentelemetry-api",
     "jinja2": "jinja2", "referencing": "referencing", "rpds": "rpds-py",
+    "tvm_ffi": "apache-tvm-ffi", "sklearn_": "scikit-learn",
 }
 _MISSING_MODULE = re.compile(r"No module named '([^'.]+)")
 # transformers' dependency check: "The 'safetensors>=0.8.0' distribution was not found".
@@ -107,6 +108,35 @@ def cases_for(engine: str, version: str) -> list[list[str]]:
     return cases
 
 
+# Requirements never installed for a parser: GPU kernels, the CUDA stack and compilers (GBs).
+HEAVY = re.compile(r"^(torch|torchaudio|torchvision|torchcodec|triton|xformers|flashinfer|"
+                   r"nvidia|cupy|ray|deep[-_]gemm|tilelang|quack|tokenspeed|humming|"
+                   r"pynvvideocodec|apache-tvm|fastsafetensors|instanttensor|numba|llvmlite|"
+                   r"sgl[-_]kernel|flash[-_]attn|vllm|cuda|nixl|mooncake|decord|torchao|"
+                   r"opencv|kernels|scipy)", re.IGNORECASE)
+
+
+def direct_requirements(venv: Path, engine: str) -> list[str]:
+    """The engine's own light requirements (no extras, markers evaluated, the heavy GPU
+    stack left out), as pip requirement strings."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    r = sh([str(venv / "bin" / "python"), "-c",
+            f"import importlib.metadata as m; print('\\n'.join(m.requires({engine!r}) or []))"])
+    out = []
+    for line in r.stdout.splitlines():
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        if HEAVY.match(req.name):
+            continue
+        out.append(f"{req.name}{req.specifier}")
+    return out
+
+
 def seed_packages(venvs: Path, engine: str, venv: Path) -> list[str]:
     """The packages (names, newest release) a finished venv of another release of `engine`
     needed for its parser, from its `pip freeze`."""
@@ -133,9 +163,13 @@ def build(engine: str, version: str, venvs: Path, torch_wheel: str | None,
             raise SystemExit(f"{venv}: venv failed: {r.stderr}")
         pip_install(venv, f"{engine}=={version}", log=log)
         pip_install(venv, torch_wheel or "torch", log=log)
+        # What another release of the engine needed (newest releases), then this release's
+        # own light requirements with their version ranges on top: saves many rounds of
+        # "No module named X".
         seed = seed_packages(venvs, engine, venv)
-        if seed:  # what another release of the engine needed: saves many rounds
+        if seed:
             pip_install(venv, *seed, log=log)
+        pip_install(venv, *direct_requirements(venv, engine), log=log)
     cases = cases_for(engine, version)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(cases, f)

@@ -43,7 +43,7 @@ def _check_value(flag: str, spec: dict[str, Any], value: str) -> list[str]:
             float(value)
         elif "loads" in kind and (value.lstrip().startswith("{") or "union" not in kind):
             json.loads(value)
-        elif "human_readable_int" in kind:
+        elif "human_readable_int" in kind and not ("or_auto" in kind and value == "auto"):
             float(value.rstrip("kKmMgGtT") or "x")
     except ValueError:
         problems.append(f"{flag} {value!r}: not a value of type {kind}")
@@ -83,7 +83,7 @@ def check_argv(fx: dict[str, Any], args: list[str]) -> list[str]:
             continue
         if spec.get("removed"):  # llama.cpp keeps removed flags only to exit 1 on them
             problems.append(f"{flag}: removed in {fx['engine']} {fx['version']}")
-        if spec["kind"] in ("switch", "bool_optional", "help"):
+        if spec["kind"] in ("switch", "bool_optional", "help") or spec.get("nargs") == 0:
             if eq:
                 problems.append(f"{flag} takes no value")
             continue
@@ -157,7 +157,6 @@ def test_fixtures_say_what_the_versions_table_says() -> None:
         reads_env = "VLLM_FLASHINFER_MOE_BACKEND" in fx["env"]["names"]
         assert has_flag is (rules.moe_pin == "flag"), version
         assert reads_env is bool(rules.moe_env_values), version
-        assert "Unknown" not in json.dumps(fx["meta"].get("log", []))
 
 
 # --- every render against every release -----------------------------------------------------
