@@ -27,6 +27,7 @@ The unit tests (tests/unit/test_engine_fixtures.py) replay the fixtures: CI need
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -93,9 +94,8 @@ def cases_for(engine: str, version: str) -> list[list[str]]:
     them (vLLM: from `serve` on; SGLang: after the entrypoint): every model of that engine in
     the render test's golden config, each variant, rendered as if it ran `version`."""
     sys.path.insert(0, str(ROOT / "tests" / "unit"))
-    from test_render import golden_config
-
-    config = golden_config()
+    # The render test's golden config is the source of the cases.
+    config = importlib.import_module("test_render").golden_config()
     cases = []
     for model in config.models.values():
         if model.engine != engine:
@@ -144,9 +144,10 @@ def seed_packages(venvs: Path, engine: str, venv: Path) -> list[str]:
     for other in sorted(venvs.glob(f"{engine}-*"), reverse=True):
         if other == venv or not (other / "bin" / "pip").exists():
             continue
-        names = [line.split("==")[0] for line in
-                 sh([str(other / "bin" / "pip"), "freeze"]).stdout.split()]
-        names = [n for n in names if n and "@" not in n and n.lower() not in skip]
+        lines = sh([str(other / "bin" / "pip"), "freeze"]).stdout.splitlines()
+        # "NAME==X" lines only: "NAME @ file:///..." (installed from a file) is left out.
+        names = [line.split("==")[0] for line in lines if "==" in line and " @ " not in line]
+        names = [n for n in names if n.lower() not in skip]
         if len(names) > 10:
             return names
     return []
@@ -182,6 +183,9 @@ def build(engine: str, version: str, venvs: Path, torch_wheel: str | None,
                    env=env, cwd=tempfile.gettempdir())
             if r.returncode == 0:
                 data: dict[str, Any] = json.loads(r.stdout)
+                if data["version"] != version:
+                    raise RuntimeError(f"{venv} runs {engine} {data['version']}, not {version}: "
+                                       "something reinstalled it")
                 freeze = sh([str(venv / "bin" / "pip"), "freeze"]).stdout.split()
                 data["meta"] = {
                     "how": "built from the real parser (scripts/engine_fixtures.py, "

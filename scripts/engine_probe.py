@@ -83,13 +83,14 @@ def describe(parser: argparse.ArgumentParser) -> dict[str, Any]:
 
 def vllm_parser() -> tuple[argparse.ArgumentParser, Callable[[list[str]], str]]:
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    import vllm.entrypoints.cli.serve as serve_mod
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
+    # The engine is imported by name: it lives in its own venv, not in sparkd's.
+    serve_mod = importlib.import_module("vllm.entrypoints.cli.serve")
+    AsyncEngineArgs = importlib.import_module("vllm.engine.arg_utils").AsyncEngineArgs
     try:
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        utils = importlib.import_module("vllm.utils.argparse_utils")
     except ImportError:  # older releases
-        from vllm.utils import FlexibleArgumentParser  # type: ignore[no-redef]
+        utils = importlib.import_module("vllm.utils")
+    FlexibleArgumentParser = utils.FlexibleArgumentParser
 
     top = FlexibleArgumentParser(prog="vllm")
     subparsers = top.add_subparsers(required=False, dest="subparser")
@@ -108,7 +109,8 @@ def vllm_parser() -> tuple[argparse.ArgumentParser, Callable[[list[str]], str]]:
 
 
 def sglang_parser() -> tuple[argparse.ArgumentParser, Callable[[list[str]], str]]:
-    from sglang.srt.server_args import ServerArgs, prepare_server_args
+    server_args = importlib.import_module("sglang.srt.server_args")
+    ServerArgs, prepare_server_args = server_args.ServerArgs, server_args.prepare_server_args
 
     parser = argparse.ArgumentParser(prog="sglang serve")
     ServerArgs.add_cli_args(parser)
@@ -121,8 +123,7 @@ def sglang_parser() -> tuple[argparse.ArgumentParser, Callable[[list[str]], str]
 
 
 def vllm_env() -> dict[str, Any]:
-    import vllm.envs as envs
-
+    envs = importlib.import_module("vllm.envs")
     names = sorted(envs.environment_variables)
     return {"prefix": "VLLM_", "names": names}
 
@@ -130,7 +131,7 @@ def vllm_env() -> dict[str, Any]:
 def sglang_env() -> dict[str, Any]:
     names: set[str] = set()
     try:
-        from sglang.srt.environ import envs as sg_envs
+        sg_envs = importlib.import_module("sglang.srt.environ").envs
 
         for attr in dir(type(sg_envs)):
             value = getattr(type(sg_envs), attr, None)
