@@ -63,7 +63,7 @@ PACKAGE_OF = {
     "outlines_core": "outlines-core", "sgl_kernel": "sgl-kernel", "orjson": "orjson",
     "setproctitle": "setproctitle", "triton": "triton", "opentelemetry": "opentelemetry-api",
     "jinja2": "jinja2", "referencing": "referencing", "rpds": "rpds-py",
-    "tvm_ffi": "apache-tvm-ffi", "sklearn_": "scikit-learn",
+    "tvm_ffi": "apache-tvm-ffi", "_cffi_backend": "cffi",
 }
 _MISSING_MODULE = re.compile(r"No module named '([^'.]+)")
 # transformers' dependency check: "The 'safetensors>=0.8.0' distribution was not found".
@@ -153,6 +153,20 @@ def seed_packages(venvs: Path, engine: str, venv: Path) -> list[str]:
     return []
 
 
+def make_stubs(venvs: Path) -> Path:
+    """A folder with a stand-in `torchvision` whose every attribute is a dummy."""
+    folder = venvs / "stubs" / "torchvision"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = ('"""Stand-in torchvision for building a parser only (scripts/engine_fixtures.py)."""'
+            "\n\n\nclass _Dummy:\n    def __init__(self, *a: object, **k: object) -> None:\n"
+            "        pass\n\n    def __call__(self, *a: object, **k: object) -> object:\n"
+            "        return self\n\n\ndef __getattr__(name: str) -> object:\n"
+            "    return _Dummy\n")
+    for name in ("__init__.py", "transforms.py"):
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder.parent
+
+
 def build(engine: str, version: str, venvs: Path, torch_wheel: str | None,
           max_rounds: int) -> dict[str, Any]:
     venv = venvs / f"{engine}-{version}"
@@ -176,13 +190,22 @@ def build(engine: str, version: str, venvs: Path, torch_wheel: str | None,
         json.dump(cases, f)
         check_file = f.name
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "PYTHONWARNINGS": "ignore"}
+    stubs = []
+    if engine == "sglang" and not list((venv / "lib").glob("python*/site-packages/torchvision")):
+        # PyPI's torchvision is a CUDA build that cannot load against a CPU torch
+        # ("operator torchvision::nms does not exist"); SGLang imports it only for model
+        # configs (sglang/srt/configs/deepseek_ocr.py), not for its parser.
+        env["PYTHONPATH"] = str(make_stubs(venvs))
+        stubs.append("torchvision (a stand-in module: PyPI's CUDA build does not load against "
+                     "the CPU torch; sglang imports it only in srt/configs/deepseek_ocr.py)")
     tried: set[str] = set()
     try:
         for _ in range(max_rounds):
             r = sh([str(venv / "bin" / "python"), str(PROBE), engine, "--check", check_file],
                    env=env, cwd=tempfile.gettempdir())
             if r.returncode == 0:
-                data: dict[str, Any] = json.loads(r.stdout)
+                data: dict[str, Any] = json.loads(
+                    r.stdout.split("=== sparkd engine_probe JSON ===", 1)[1])
                 if data["version"] != version:
                     raise RuntimeError(f"{venv} runs {engine} {data['version']}, not {version}: "
                                        "something reinstalled it")
@@ -194,6 +217,8 @@ def build(engine: str, version: str, venvs: Path, torch_wheel: str | None,
                            "parser imports",
                     "env": {"VLLM_TARGET_DEVICE": "cpu"} if engine == "vllm" else {},
                     "packages": freeze,
+                    "stubs": stubs,
+                    "forced": data.pop("forced", []),
                     "seconds": round(time.monotonic() - began, 1),
                     "log": log,
                 }

@@ -21,6 +21,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+MARKER = "=== sparkd engine_probe JSON ==="
+FORCED: list[str] = []  # what the probe had to set up for the parser to build
+
 
 def _type_name(fn: object) -> str:
     """A name for an argparse `type=`, looking through vLLM's parse_type/optional_type
@@ -83,6 +86,16 @@ def describe(parser: argparse.ArgumentParser) -> dict[str, Any]:
 
 def vllm_parser() -> tuple[argparse.ArgumentParser, Callable[[list[str]], str]]:
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    # Releases before VLLM_TARGET_DEVICE was honoured (0.11: vllm/platforms/__init__.py
+    # cpu_platform_plugin asks only whether vLLM was built for the CPU) find no platform on a
+    # machine without a GPU: use vLLM's own CPU platform, and say so.
+    platforms = importlib.import_module("vllm.platforms")
+    if "_current_platform" in vars(platforms):
+        current = platforms.current_platform
+        if type(current).__name__ == "UnspecifiedPlatform":
+            platforms._current_platform = importlib.import_module(
+                "vllm.platforms.cpu").CpuPlatform()
+            FORCED.append("vllm.platforms.current_platform = CpuPlatform() (not detected)")
     # The engine is imported by name: it lives in its own venv, not in sparkd's.
     serve_mod = importlib.import_module("vllm.entrypoints.cli.serve")
     AsyncEngineArgs = importlib.import_module("vllm.engine.arg_utils").AsyncEngineArgs
@@ -162,6 +175,7 @@ def main() -> int:
         "python": sys.version.split()[0],
         **describe(parser),
         "env": env,
+        "forced": FORCED,
     }
     if opts.check:
         with open(opts.check, encoding="utf-8") as f:
@@ -175,6 +189,8 @@ def main() -> int:
             except Exception as exc:
                 results.append({"argv": argv, "result": f"{type(exc).__name__}: {exc}"})
         out["checked"] = results
+    # After a marker: some releases log to stdout while they build the parser.
+    sys.stdout.write(f"\n{MARKER}\n")
     json.dump(out, sys.stdout, indent=1, sort_keys=True)
     sys.stdout.write("\n")
     return 0
