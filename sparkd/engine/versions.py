@@ -252,7 +252,10 @@ def resolve(model: ModelConfig, detected: Mapping[str, str] | None = None) -> Re
 
 # --- detection (impure) -------------------------------------------------------------------
 
-_LLAMA_VERSION_RE: Final = re.compile(r"version:\s*(\d+)")
+# `llama-server --version` (common/build-info.cpp.in llama_print_build_info, on stderr): b11434
+# prints "version: 0.6.0-dev (build 11434, commit abc1234)"; older builds "version: 4589 (abc)".
+_LLAMA_BUILD_RE: Final = re.compile(r"\(build (\d+)")
+_LLAMA_VERSION_RE: Final = re.compile(r"version:\s*(\d+) \(")
 DETECT_TIMEOUT_S: Final = 20.0
 
 
@@ -288,7 +291,8 @@ def _detect_cached(engine: str, program: str, mtime_ns: int) -> str | None:
     if engine == "llamacpp":
         r = subprocess.run([program, "--version"], capture_output=True, text=True,
                            timeout=DETECT_TIMEOUT_S, check=False)
-        m = _LLAMA_VERSION_RE.search(r.stdout + r.stderr)
+        out = r.stdout + r.stderr
+        m = _LLAMA_BUILD_RE.search(out) or _LLAMA_VERSION_RE.search(out)
         return m.group(1) if m else None
     python = _python_of(program)
     if python is None:
@@ -307,7 +311,7 @@ def _detect_cached(engine: str, program: str, mtime_ns: int) -> str | None:
 def detect_version(model: ModelConfig) -> str | None:
     """The version of the engine installed for `model` (None when it cannot be told): vLLM
     and SGLang from the package metadata in the engine's own Python (the #! line of its
-    program), llama.cpp from `llama-server --version` ("version: 11434 (abcdef)")."""
+    program), llama.cpp from `llama-server --version` (its build number)."""
     if model.engine not in ("vllm", "sglang", "llamacpp"):
         return None
     program = _program(model)

@@ -80,6 +80,8 @@ def check_argv(fx: dict[str, Any], args: list[str]) -> list[str]:
         spec = flags.get(flag)
         if spec is None:
             problems.append(f"{flag}: not a flag of {fx['engine']} {fx['version']}")
+            if not eq and i < len(words) and not words[i].startswith("-"):
+                i += 1  # its value, most likely: one problem, not two
             continue
         if spec.get("removed"):  # llama.cpp keeps removed flags only to exit 1 on them
             problems.append(f"{flag}: removed in {fx['engine']} {fx['version']}")
@@ -142,8 +144,12 @@ def test_each_fixture_is_the_release_it_claims(engine: str, version: str) -> Non
     assert (fx["engine"], fx["version"]) == (engine, version)
     assert len(fx["flags"]) > 100, "a real parser has hundreds of flags"
     assert fx["meta"]["how"]
-    assert not [c for c in fx.get("checked", []) if c["result"] != "ok"], (
-        "the real parser refused a rendered command line when the fixture was made")
+    # "ok": parsed and validated; SGLang 0.5.4 validates only with a GPU, so there the real
+    # parser's answer is recorded and the validation's refusal is the machine's, not ours.
+    refused = [c for c in fx.get("checked", []) if c["result"] != "ok"
+               and not c["result"].startswith("parsed; validation needs a GPU here")]
+    assert not refused, "the real parser refused a rendered command line"
+    assert fx.get("checked") or engine == "llamacpp"
 
 
 def test_fixtures_say_what_the_versions_table_says() -> None:

@@ -92,13 +92,17 @@ def test_detects_a_python_engine_from_its_package_metadata(tmp_path: Path) -> No
 
 
 def test_detects_llama_server_from_its_version_output(tmp_path: Path) -> None:
-    # llama-server --version prints "version: BUILD (COMMIT)" then the compiler, on stderr.
+    # llama-server --version, on stderr: b11434 (common/build-info.cpp.in) prints the library's
+    # version, then the build number; older builds printed the build number first.
     server = _script(tmp_path / "llama-server",
-                     "#!/bin/sh\necho 'version: 11434 (0a1b2c3)' >&2\n"
+                     "#!/bin/sh\necho 'version: 0.6.0-dev (build 11434, commit 0a1b2c3)' >&2\n"
                      "echo 'built with cc (Debian 12.2.0-14) 12.2.0 for x86_64-linux-gnu' >&2\n")
     model = ModelConfig(name="g", engine="llamacpp", path=Path("/m.gguf"), port=1,
                         binary=str(server))
     assert detect_version(model) == "11434"
+    old = _script(tmp_path / "llama-server-old", "#!/bin/sh\necho 'version: 4589 (abc1234)' >&2\n")
+    assert detect_version(ModelConfig(name="o", engine="llamacpp", path=Path("/m.gguf"),
+                                      port=2, binary=str(old))) == "4589"
 
 
 def test_nothing_detected_without_the_engine(tmp_path: Path) -> None:
