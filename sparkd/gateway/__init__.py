@@ -5,7 +5,13 @@
 - `dispatch`: PURE choice of engine variant (plain, speculative), static or measured.
 - `routing`: PURE view of the daemon's status and what to do with a request (serve, hold,
   swap on demand, refuse), idle unloads, the /v1/models listing.
+- `routes`: PURE allow-list of routes, request targets normalized to them.
+- `media`: PURE finder of media an engine would fetch, anywhere in a body.
+- `auth`: API keys (digests, per-key models and rate limits), Host and Origin checks; pure
+  but for reading the keys file.
 - `errors`, `metrics`: OpenAI-style error bodies; Prometheus metrics.
-- `app`: the aiohttp adapter (routes, relay, holding); `daemon_link`: the daemon's event
-  stream and idle unloads; `state`: typed app state and settings; `command`: `sparkd gateway`.
+- `app`: the aiohttp adapter (relay, holding, the handlers); `door`: who is let in, body
+  reading within bounds, the connection guard (timeouts, limits); `daemon_link`: the
+  daemon's event stream and idle unloads; `state`: typed app state and settings; `command`:
+  `sparkd gateway`; `keys_command`: `sparkd gateway-key`.
 """
