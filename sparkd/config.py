@@ -8,21 +8,24 @@ dotted key, what was expected and what was found; an unknown key is an error wit
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, NoReturn, cast
+from typing import Any, Final, Literal, TypeVar, cast
 
+from sparkd.config_checks import ACCOUNT_NAME_RE as ACCOUNT_NAME_RE  # re-exported
+from sparkd.config_checks import Validator, suggest
 from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
 from sparkd.engine.unit import unit_name
 from sparkd.errors import ConfigError
 
+T = TypeVar("T")
+
 DEFAULT_CONFIG_PATH: Final = Path("/etc/sparkd.toml")
+ACCEPTED_CONFIG_FILE: Final = "accepted.toml"
 CONFIG_ENV: Final = "SPARKD_CONFIG"
 
 EngineKind = Literal["vllm", "sglang", "llamacpp", "sim", "external"]
@@ -58,9 +61,6 @@ MODEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A Hub repository: "hf://ORG/REPO", or the bare id "ORG/REPO" (sparkd.store.hub).
 SOURCE_RE: Final = re.compile(r"(hf://)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-# A user or group name systemd's User=/Group= and the group database take without complaint
-# (the portable POSIX subset, at most 31 characters).
-ACCOUNT_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}")
 # An external model's URL: http(s), no whitespace or control characters.
 URL_RE: Final = re.compile(r"https?://[^\x00-\x20\x7f]+")
 # Characters systemd reads as prefixes of an Exec*= command (systemd.service(5), "Command
@@ -71,7 +71,6 @@ EXEC_PREFIXES: Final = "@-:+!|"
 SHARED_DIRS: Final = frozenset({"/", "/run", "/var/run", "/var", "/tmp", "/var/tmp", "/dev",
                                 "/dev/shm"})
 #: The largest number any key takes unless its own range says less.
-NUMBER_MAX: Final = 1e9
 DAY_S: Final = 86400.0
 WEEK_S: Final = 7 * DAY_S
 MEMORY_MAX_GIB: Final = 1048576.0  # 1 PiB: far above any one machine, far below overflow
@@ -114,6 +113,12 @@ class DaemonConfig:
     # and tried again: a server trickling a byte a second never stalls (0: no floor).
     download_min_rate_bytes_per_s: int = 16384
 
+    @property
+    def accepted_config(self) -> Path:
+        """Where sparkd keeps the config it accepted (sparkd.accepted): what engine units'
+        prestart and a boot with a refused /etc/sparkd.toml read."""
+        return self.state_dir / ACCEPTED_CONFIG_FILE
+
 
 @dataclass(frozen=True, slots=True)
 class ClassifierConfig:
@@ -131,7 +136,15 @@ class GatewayConfig:
     queue_limit: int = 256
     swap_on_demand: bool = False
     swap_min_interval_s: float = 300.0
-    max_body_bytes: int = 32 * 1024 * 1024
+    # 8 MiB: reading, passing on and relaying a body costs the event loop a few copies of it
+    # (measured: at 32 MiB a 63 ms stretch of the loop, at 8 MiB 36 ms, on a loaded 2-core
+    # machine; /health must answer within 50 ms). 8 MiB of base64 is a 6 MB image.
+    max_body_bytes: int = 8 * 1024 * 1024
+    # Caps on the gateway's work per request (sparkd/gateway/limits.py): messages, content
+    # parts and tool calls (400 past them), characters of text the classifier reads.
+    max_messages: int = 4096
+    max_parts: int = 16384
+    classifier_chars: int = 64 * 1024
     allow_remote_images: bool = False
     upstream_timeout_s: float = 600.0
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
@@ -234,6 +247,8 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    # The text this config was parsed from: what sparkd keeps as the accepted config.
+    text: str = field(default="", compare=False, repr=False)
 
     def model(self, name: str) -> ModelConfig:
         from sparkd.errors import UnknownModel
@@ -278,43 +293,70 @@ def parse_config(text: str, *, source: Path) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    v = _Validator(source)
-    v.known_keys(raw, "", ("daemon", "gateway", "models"))
-    daemon = _parse_daemon(v, v.table(raw, "daemon"))
-    gateway = _parse_gateway(v, v.table(raw, "gateway"))
-    models_raw = v.table(raw, "models")
+    v = Validator(source)
+    # Every error, not the first: each section and each model is checked on its own, and
+    # the error lists them all (one line each, each naming file, key and fix).
+    errors: list[str] = []
+
+    def checked(check: Callable[[], T], fallback: T) -> T:
+        try:
+            return check()
+        except ConfigError as exc:
+            errors.append(exc.message)
+            return fallback
+
+    checked(lambda: v.known_keys(raw, "", ("daemon", "gateway", "models")), None)
+    daemon = checked(lambda: _parse_daemon(v, v.table(raw, "daemon")), DaemonConfig())
+    gateway = checked(lambda: _parse_gateway(v, v.table(raw, "gateway")), GatewayConfig())
+    no_models: dict[str, Any] = {}
+    models_raw = checked(lambda: v.table(raw, "models"), no_models)
     models: dict[str, ModelConfig] = {}
+    broken: set[str] = set()
     ports: dict[int, str] = {}
     for name, table in models_raw.items():
-        key = f"models.{name}"
-        if not MODEL_NAME_RE.fullmatch(name):
-            v.fail(
-                key,
-                "a model name of letters, digits, '_', '.' or '-' (at most 64, "
-                "starting with a letter or digit)",
-                name,
-            )
-        if not isinstance(table, dict):
-            v.fail(key, "a table", table)
-        model = _parse_model(v, name, table, daemon)
-        if model.supervised:
-            for variant in model.variants:
-                port = model.port_for(variant)
-                where = f"{key}.port" if variant == "plain" else f"{key}.speculative.port"
-                if port in ports:
-                    v.fail(where, f"a port not used by {ports[port]}", port)
-                ports[port] = f"models.{name}" + ("" if variant == "plain" else " (speculative)")
+        try:
+            model = _parse_named_model(v, name, table, daemon, ports)
+        except ConfigError as exc:
+            errors.append(exc.message)
+            broken.add(name)
+            continue
         models[name] = model
-    if daemon.default_model is not None and daemon.default_model not in models:
+    default = daemon.default_model
+    if default is not None and default not in broken:
+        if default not in models:
+            checked(lambda: v.fail("daemon.default_model", "the name of a configured model"
+                                   + suggest(default, list(models)), default), None)
+        elif not models[default].supervised:
+            checked(lambda: v.fail("daemon.default_model",
+                                   'a model sparkd runs (not engine = "external")', default),
+                    None)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return Config(source=source, daemon=daemon, gateway=gateway, models=models, text=text)
+
+
+def _parse_named_model(v: Validator, name: str, table: Any, daemon: DaemonConfig,
+                       ports: dict[int, str]) -> ModelConfig:
+    """One model's section, its ports checked against (and added to) those taken."""
+    key = f"models.{name}"
+    if not MODEL_NAME_RE.fullmatch(name):
         v.fail(
-            "daemon.default_model",
-            "the name of a configured model" + _suggest(daemon.default_model, list(models)),
-            daemon.default_model,
+            key,
+            "a model name of letters, digits, '_', '.' or '-' (at most 64, "
+            "starting with a letter or digit)",
+            name,
         )
-    if daemon.default_model is not None and not models[daemon.default_model].supervised:
-        v.fail("daemon.default_model", "a model sparkd runs (not engine = \"external\")",
-               daemon.default_model)
-    return Config(source=source, daemon=daemon, gateway=gateway, models=models)
+    if not isinstance(table, dict):
+        v.fail(key, "a table", table)
+    model = _parse_model(v, name, table, daemon)
+    if model.supervised:
+        for variant in model.variants:
+            port = model.port_for(variant)
+            where = f"{key}.port" if variant == "plain" else f"{key}.speculative.port"
+            if port in ports:
+                v.fail(where, f"a port not used by {ports[port]}", port)
+            ports[port] = key + ("" if variant == "plain" else " (speculative)")
+    return model
 
 
 _DAEMON_KEYS: Final = tuple(DaemonConfig.__dataclass_fields__)
@@ -324,7 +366,7 @@ _CLASSIFIER_KEYS: Final = tuple(ClassifierConfig.__dataclass_fields__)
 _SPECULATIVE_KEYS: Final = tuple(SpeculativeConfig.__dataclass_fields__)
 
 
-def _parse_daemon(v: _Validator, t: dict[str, Any]) -> DaemonConfig:
+def _parse_daemon(v: Validator, t: dict[str, Any]) -> DaemonConfig:
     v.known_keys(t, "daemon", _DAEMON_KEYS)
     d = DaemonConfig()
     control_socket = v.abspath(t, "daemon.control_socket", d.control_socket)
@@ -385,7 +427,7 @@ def _parse_daemon(v: _Validator, t: dict[str, Any]) -> DaemonConfig:
     )
 
 
-def _parse_gateway(v: _Validator, t: dict[str, Any]) -> GatewayConfig:
+def _parse_gateway(v: Validator, t: dict[str, Any]) -> GatewayConfig:
     v.known_keys(t, "gateway", _GATEWAY_KEYS)
     d = GatewayConfig()
     listen = v.string(t, "gateway.listen", d.listen)
@@ -411,6 +453,11 @@ def _parse_gateway(v: _Validator, t: dict[str, Any]) -> GatewayConfig:
         ),
         max_body_bytes=v.integer(
             t, "gateway.max_body_bytes", d.max_body_bytes, lo=1024, hi=1 << 31
+        ),
+        max_messages=v.integer(t, "gateway.max_messages", d.max_messages, lo=1, hi=1_000_000),
+        max_parts=v.integer(t, "gateway.max_parts", d.max_parts, lo=1, hi=1_000_000),
+        classifier_chars=v.integer(
+            t, "gateway.classifier_chars", d.classifier_chars, lo=0, hi=16 * 1024 * 1024
         ),
         allow_remote_images=v.boolean(t, "gateway.allow_remote_images", d.allow_remote_images),
         upstream_timeout_s=v.number(t, "gateway.upstream_timeout_s", d.upstream_timeout_s, lo=1),
@@ -447,14 +494,14 @@ def _without_userinfo(url: str | None) -> str | None:
     return None if url is None else re.sub(r"^([^/]*//)[^/@]*@", r"\1***@", url)
 
 
-def _seconds(v: _Validator, t: dict[str, Any], key: str, default: float) -> float:
+def _seconds(v: Validator, t: dict[str, Any], key: str, default: float) -> float:
     value = v.number(t, key, default, lo=0.5)
     if not value <= DOOR_TIMEOUT_MAX_S:  # also NaN
         v.fail(key, f"a number of seconds from 0.5 to {DOOR_TIMEOUT_MAX_S:g}", value)
     return value
 
 
-def _parse_gateway_door(v: _Validator, t: dict[str, Any], listen: str) -> dict[str, Any]:
+def _parse_gateway_door(v: Validator, t: dict[str, Any], listen: str) -> dict[str, Any]:
     """The [gateway] keys of the door (issue 10), kept together."""
     d = GatewayConfig()
     keys_file = v.opt_string(t, "gateway.keys_file")
@@ -487,7 +534,7 @@ def _parse_gateway_door(v: _Validator, t: dict[str, Any], listen: str) -> dict[s
     }
 
 
-def _parse_speculative(v: _Validator, key: str, t: dict[str, Any]) -> SpeculativeConfig:
+def _parse_speculative(v: Validator, key: str, t: dict[str, Any]) -> SpeculativeConfig:
     v.known_keys(t, key, _SPECULATIVE_KEYS)
     for required in ("method", "draft_model"):
         if required not in t:
@@ -503,7 +550,7 @@ def _parse_speculative(v: _Validator, key: str, t: dict[str, Any]) -> Speculativ
     for workload in routes_raw:
         if workload not in WORKLOADS:
             v.fail(f"{key}.routes", "workload classes among " + ", ".join(WORKLOADS)
-                   + _suggest(workload, list(WORKLOADS)), workload)
+                   + suggest(workload, list(WORKLOADS)), workload)
         routes[workload] = cast(
             Variant, v.choice(routes_raw, f"{key}.routes.{workload}", VARIANTS, "plain")
         )
@@ -528,7 +575,7 @@ def _parse_speculative(v: _Validator, key: str, t: dict[str, Any]) -> Speculativ
     )
 
 
-def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConfig) -> ModelConfig:
+def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfig) -> ModelConfig:
     key = f"models.{name}"
     v.known_keys(t, key, _MODEL_KEYS)
     if "engine" not in t:
@@ -609,140 +656,3 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
         files=tuple(files),
         repair=v.boolean(t, f"{key}.repair", False),  # noqa: FBT003
     )
-
-
-def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f' (did you mean "{close[0]}"?)' if close else ""
-
-
-def _plain(number: float) -> str:
-    """A bound as people write it: 604800, 0.1, 1000000000."""
-    return str(int(number)) if float(number).is_integer() else repr(float(number))
-
-
-def _show(value: object) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "nothing"
-    return repr(value)
-
-
-class _Validator:
-    """Typed getters that raise ConfigError naming the file and dotted key."""
-
-    def __init__(self, source: Path) -> None:
-        self.source = source
-
-    def fail(self, key: str, expected: str, found: object) -> NoReturn:
-        shown = found if found == "nothing" else _show(found)
-        raise ConfigError(f"{self.source}: {key}: expected {expected}, got {shown}")
-
-    def known_keys(self, t: Mapping[str, Any], prefix: str, allowed: tuple[str, ...]) -> None:
-        for k in t:
-            if k not in allowed:
-                where = f"{prefix}.{k}" if prefix else k
-                raise ConfigError(
-                    f"{self.source}: {where}: unknown key{_suggest(k, list(allowed))}; "
-                    f"known keys here: {', '.join(allowed)}"
-                )
-
-    def table(self, t: Mapping[str, Any], key: str, *, path: str | None = None) -> dict[str, Any]:
-        value = t.get(key.rpartition(".")[2], {})
-        if not isinstance(value, dict):
-            self.fail(path or key, "a table", value)
-        return cast(dict[str, Any], value)
-
-    def _get(self, t: Mapping[str, Any], key: str) -> Any:
-        return t.get(key.rpartition(".")[2])
-
-    def _typed(
-        self, t: Mapping[str, Any], key: str, default: Any, check: Callable[[Any], bool], what: str
-    ) -> Any:
-        value = self._get(t, key)
-        if value is None:
-            return default
-        if not check(value):
-            self.fail(key, what, value)
-        return value
-
-    def string(self, t: Mapping[str, Any], key: str, default: str) -> str:
-        return cast(str, self._typed(t, key, default, lambda x: isinstance(x, str), "a string"))
-
-    def opt_string(self, t: Mapping[str, Any], key: str) -> str | None:
-        return cast(
-            "str | None", self._typed(t, key, None, lambda x: isinstance(x, str), "a string")
-        )
-
-    def opt_strings(self, t: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
-        value = self._get(t, key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            self.fail(key, "a list of strings", value)
-        return tuple(value)
-
-    def boolean(self, t: Mapping[str, Any], key: str, default: bool) -> bool:  # noqa: FBT001
-        return cast(
-            bool, self._typed(t, key, default, lambda x: isinstance(x, bool), "true or false")
-        )
-
-    def integer(self, t: Mapping[str, Any], key: str, default: int, *, lo: int, hi: int) -> int:
-        what = f"an integer from {lo} to {hi}"
-        return cast(
-            int,
-            self._typed(
-                t,
-                key,
-                default,
-                lambda x: isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi,
-                what,
-            ),
-        )
-
-    def number(
-        self, t: Mapping[str, Any], key: str, default: float, *, lo: float,
-        hi: float = NUMBER_MAX,
-    ) -> float:
-        """A finite number within [lo, hi]: `inf` would crash arithmetic, `1e300` would
-        render a 300-digit unit setting."""
-        what = f"a number from {_plain(lo)} to {_plain(hi)}"
-        value = self._typed(
-            t,
-            key,
-            default,
-            lambda x: (isinstance(x, int | float) and not isinstance(x, bool)
-                       and math.isfinite(x) and lo <= x <= hi),
-            what,
-        )
-        return float(value)
-
-    def account(self, t: Mapping[str, Any], key: str, default: str, kind: str) -> str:
-        """A user or group name (letters, digits, _ and -; at most 31)."""
-        value = self.string(t, key, default)
-        if not ACCOUNT_NAME_RE.fullmatch(value):
-            self.fail(key, f"a plain {kind} name (a letter or _, then letters, digits, _ or -; "
-                      "at most 31)", value)
-        return value
-
-    def choice(
-        self, t: Mapping[str, Any], key: str, options: tuple[str, ...], default: str
-    ) -> str:
-        value = self._get(t, key)
-        if value is None:
-            return default
-        if value not in options:
-            hint = _suggest(value, list(options)) if isinstance(value, str) else ""
-            self.fail(key, "one of " + ", ".join(options) + hint, value)
-        return cast(str, value)
-
-    def abspath(self, t: Mapping[str, Any], key: str, default: Path) -> Path:
-        value = self.opt_string(t, key)
-        if value is None:
-            return default
-        if not value.startswith("/"):
-            self.fail(key, "an absolute path", value)
-        return Path(value)

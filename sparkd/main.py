@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sparkd.config import load_config
+from sparkd.config import Config, load_config
 from sparkd.errors import ConfigError, SparkdError
 from sparkd.lazy import LazyGroup
 from sparkd.options import config_option
@@ -37,10 +37,7 @@ def check_config(config_file: Path) -> None:
     """Validate the configuration: exit 0 when valid, 2 with the reason when not."""
     try:
         config = load_config(config_file)
-        from sparkd.systemd.version import installed_systemd_version
-        from sparkd.units.render import render_units
-
-        render_units(config, systemd_version=installed_systemd_version())
+        render_check(config)
         from sparkd.gateway.auth import check_keys
 
         check_keys(config)
@@ -49,6 +46,34 @@ def check_config(config_file: Path) -> None:
         sys.exit(EXIT_CONFIG_INVALID)
     names = ", ".join(config.models) or "no models"
     click.echo(f"{config_file}: OK ({names})")
+
+
+@cli.command("reload")
+@config_option
+def reload(config_file: Path) -> None:
+    """Reload the config in the running sparkd and wait for the outcome: exit 0 when it is in
+    force, 2 with the reason when it is refused (the previous config stays). Used by
+    `systemctl reload sparkd` (ExecReload=), so a refused config fails the reload."""
+    from sparkd.control import client
+
+    # No check here first: sparkd checks, and records a refusal where status and doctor show it.
+    try:
+        result = client.call(client.socket_path(config_file), "reload", timeout_s=600)
+    except SparkdError as exc:
+        if exc.code == ConfigError.code:
+            click.echo(f"refused, the previous config stays in force: {exc.message}",
+                       err=True)
+            sys.exit(EXIT_CONFIG_INVALID)
+        raise
+    click.echo(f"{result['config']}: in force ({', '.join(result['models']) or 'no models'})")
+
+
+def render_check(config: Config) -> None:
+    """What parsing cannot check: the units systemd would refuse (binaries, ...)."""
+    from sparkd.systemd.version import installed_systemd_version
+    from sparkd.units.render import render_units
+
+    render_units(config, systemd_version=installed_systemd_version())
 
 
 def main() -> None:

@@ -41,6 +41,8 @@ class State:
     # The last failed swap or crash loop, for `sparkctl status`.
     last_failure_model: str | None = None
     last_failure_reason: str | None = None
+    # The number of the last swap: numbers stay unique across sparkd restarts.
+    last_swap_id: int = 0
 
     def replace(self, **changes: Any) -> State:
         return dataclasses.replace(self, **changes)
@@ -61,8 +63,8 @@ def parse_state(text: str) -> State:
     for key, value in raw.items():
         if key not in _FIELDS:
             raise StateError(f"unknown key {key!r}")
-        expected = bool if key == "clean_shutdown" else str
-        if not isinstance(value, expected):
+        expected: type = {"clean_shutdown": bool, "last_swap_id": int}.get(key, str)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise StateError(f"{key}: expected {expected.__name__}, got {value!r}")
         values[key] = value
     return State(**values)
@@ -91,6 +93,10 @@ class StateStore:
             return State(), None
         except (OSError, UnicodeDecodeError) as exc:
             return State(), self._set_aside(f"unreadable: {exc}")
+        if not text.strip():
+            # sparkd never writes an empty file: a write cut short (a file system that lost
+            # the data of a renamed file) or a hand edit. Not a silent fresh start.
+            return State(), self._set_aside("empty")
         try:
             return parse_state(text), None
         except StateError as exc:

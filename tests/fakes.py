@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sparkd.accepted import save_accepted
 from sparkd.config import Config, ModelConfig, parse_config
 from sparkd.daemon.supervisor import Deps, Supervisor
 from sparkd.engine.probe import ProbeResult
@@ -149,6 +150,7 @@ def build(
         verify_files=verify_files,
         clock=time.monotonic,
         wall_clock=time.time,
+        accept_config=save_accepted,  # the real one: the state directory is the test's
     )
     sup = Supervisor(config, deps)
     fake.supervisor = sup

@@ -16,6 +16,10 @@ from sparkd.errors import ConfigError, DaemonUnreachable, PermissionDenied, Spar
 if TYPE_CHECKING:
     from sparkd.control.status import Status
 
+# A command that starts sparkd whatever stopped it: a unit that failed, or hit its start limit,
+# must be reset first (`systemctl start` alone is refused then).
+START_HINT = "systemctl reset-failed sparkd; systemctl start sparkd"
+
 
 def socket_path(config_file: Path | None) -> Path:
     """The control socket named by the config (default /run/sparkd/control.sock).
@@ -84,8 +88,8 @@ def _connect(path: Path, timeout_s: float | None) -> socket.socket:
     except FileNotFoundError:
         sock.close()
         raise DaemonUnreachable(
-            f"sparkd is not running (no control socket at {path}); "
-            "start it with: systemctl start sparkd"
+            f"sparkd is not running (no control socket at {path}); why: journalctl -u sparkd "
+            f"-n 20; start it: {START_HINT}"
         ) from None
     except PermissionError:
         sock.close()
@@ -95,8 +99,8 @@ def _connect(path: Path, timeout_s: float | None) -> socket.socket:
     except ConnectionRefusedError:
         sock.close()
         raise DaemonUnreachable(
-            f"sparkd is not running (nothing listens on {path}); "
-            "check: systemctl status sparkd"
+            f"sparkd is not running (nothing listens on {path}); why: journalctl -u sparkd "
+            f"-n 20; start it: {START_HINT}"
         ) from None
     return sock
 

@@ -141,6 +141,11 @@ class DaemonRecord(_Json):
     systemd_version: int
     state_warning: str | None = None  # set when a corrupt state file was kept aside
     last_reload: ReloadRecord | None = None
+    # The administrator's file refused at start: sparkd runs on the last accepted config.
+    config_refused: str | None = None
+    # A durable write that failed (until one succeeds): the state, the accepted config.
+    state_unsaved: str | None = None
+    config_unsaved: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ every rule is unit-tested on plain values.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from sparkd.config import Config, load_config
+from sparkd.config import Config
+from sparkd.control.client import START_HINT
 from sparkd.ctl.exits import ExitStatus, run
 from sparkd.gateway.rewrite import resolve_policy
 from sparkd.options import config_option, json_option
@@ -58,14 +60,23 @@ class Facts:
     mem_total: int
     path_exists: dict[str, bool] = field(default_factory=dict)
     psi_available: bool = True
+    # sparkd-gateway.service's ActiveState and Result (None: no systemd to ask)
+    gateway_unit: tuple[str, str] | None = None
+    # Why the config file is refused (the checks then ran on the accepted copy)
+    file_refused: str | None = None
 
 
 def diagnose(f: Facts) -> list[Check]:
     c = f.config
     checks: list[Check] = []
+    if f.file_refused:
+        checks.append(Check("config_file", Level.FAIL,
+                            f"the config file is refused (the checks below use the last "
+                            f"accepted one, {c.source}): {f.file_refused}",
+                            "fix it (sparkd check-config), then: systemctl reload sparkd"))
     if f.daemon_status is None:
         checks.append(Check("daemon", Level.FAIL, f"sparkd does not answer: {f.daemon_error}",
-                            "systemctl start sparkd; journalctl -u sparkd -n 50"))
+                            f"journalctl -u sparkd -n 50; {START_HINT}"))
     else:
         line = f.daemon_status.daemon.status_line
         checks.append(Check("daemon", Level.OK, f"sparkd runs: {line}"))
@@ -74,11 +85,23 @@ def diagnose(f: Facts) -> list[Check]:
             checks.append(Check("config_reload", Level.FAIL,
                                 f"the last reload was refused: {reload.message}",
                                 "fix /etc/sparkd.toml, then systemctl reload sparkd"))
+        d = f.daemon_status.daemon
+        if d.config_refused and not f.file_refused:
+            checks.append(Check("config_refused", Level.FAIL,
+                                "the config file is refused; sparkd runs on the last accepted "
+                                f"one ({d.config}): {d.config_refused}",
+                                "fix it (sparkd check-config), then: systemctl reload sparkd"))
+        for what, unsaved in (("state", d.state_unsaved), ("accepted config", d.config_unsaved)):
+            if unsaved:
+                checks.append(Check(f"durable.{what.replace(' ', '_')}", Level.FAIL,
+                                    f"the {what} is not on disk: {unsaved}",
+                                    "free space in the state directory (df -h /var/lib/sparkd)"))
         failure = f.daemon_status.last_failure
         if failure:
             checks.append(Check("last_failure", Level.WARN,
                                 f"{failure.model}: {failure.reason}",
                                 f"sparkctl logs --model {failure.model}"))
+    checks.extend(gateway_checks(f.gateway_unit))
     stale = sorted(n for n, text in f.rendered.items() if f.installed.get(n) != text)
     if stale:
         checks.append(Check("units", Level.WARN,
@@ -134,9 +157,27 @@ def diagnose(f: Facts) -> list[Check]:
     return checks
 
 
+def gateway_checks(unit: tuple[str, str] | None) -> list[Check]:
+    if unit is None:
+        return []
+    state, result = unit
+    name = "sparkd-gateway.service"
+    if state == "active":
+        return [Check("gateway", Level.OK, f"{name} is active")]
+    if state == "failed":
+        why = ("it hit its start limit" if result == "start-limit-hit" else
+               f"result {result}")
+        return [Check("gateway", Level.FAIL, f"{name} has failed ({why}): nothing answers "
+                      "clients", f"journalctl -u {name} -n 50; systemctl reset-failed {name}; "
+                      f"systemctl start {name}")]
+    return [Check("gateway", Level.FAIL, f"{name} is {state}: nothing answers clients",
+                  f"systemctl start {name}")]
+
+
 def gather(config: Config) -> Facts:
     """Read the machine for `diagnose` (no daemon needed; it is asked when it runs)."""
     from sparkd.control import client
+    from sparkd.ctl.status import gateway_unit_state
     from sparkd.errors import SparkdError
     from sparkd.monitor.memory import read_meminfo
     from sparkd.systemd.version import installed_systemd_version
@@ -164,6 +205,7 @@ def gather(config: Config) -> Facts:
         mem_total=read_meminfo().total,
         path_exists={n: m.path.exists() for n, m in config.models.items()},
         psi_available=Path("/proc/pressure/memory").exists(),
+        gateway_unit=gateway_unit_state(),
     )
 
 
@@ -182,7 +224,11 @@ def doctor(ctx: click.Context, config_file: Path, *, as_json: bool) -> None:
     """
 
     def go() -> None:
-        checks = diagnose(gather(load_config(config_file)))
+        from sparkd.accepted import load_or_fall_back
+
+        loaded = load_or_fall_back(config_file.absolute())
+        checks = diagnose(dataclasses.replace(gather(loaded.config),
+                                              file_refused=loaded.refused))
         if as_json:
             click.echo(json.dumps([c.to_json() for c in checks], indent=2))
         else:

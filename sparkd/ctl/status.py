@@ -46,9 +46,25 @@ def status(ctx: click.Context, config_file: Path, *, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
         else:
-            render_status(result)
+            render_status(result, gateway=gateway_unit_state())
 
     run(ctx, go)
+
+
+def gateway_unit_state() -> tuple[str, str] | None:
+    """sparkd-gateway.service's ActiveState and Result, from systemctl (None without one)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["systemctl", "show", "--property=ActiveState,Result",
+                              "sparkd-gateway.service"], capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    props = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    if out.returncode != 0 or "ActiveState" not in props:
+        return None
+    return props["ActiveState"], props.get("Result", "")
 
 
 def _gib(n: float | None) -> str:
@@ -76,7 +92,9 @@ def _health(h: HealthRecord | None) -> str:
     return f"[red]{h.status or h.error or 'failing'}[/]"
 
 
-def render_status(status: Status, console: Console | None = None) -> None:
+def render_status(status: Status, console: Console | None = None, *,
+                  gateway: tuple[str, str] | None = None) -> None:
+    """`gateway`: sparkd-gateway.service's ActiveState and Result (None: not known)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -99,6 +117,19 @@ def render_status(status: Status, console: Console | None = None) -> None:
         console.print(f"[red]last failure[/] of {failure.model}: {failure.reason}")
     if d.state_warning:
         console.print(f"[yellow]warning:[/] {d.state_warning}")
+    if d.config_refused:
+        console.print(f"[red]the config file is refused; running on the last accepted one "
+                      f"({d.config}):[/] {d.config_refused}")
+    for what, unsaved in (("state", d.state_unsaved), ("accepted config", d.config_unsaved)):
+        if unsaved:
+            console.print(f"[red]the {what} is not on disk:[/] {unsaved}")
+    if gateway is not None:
+        state, result = gateway
+        style = "green" if state == "active" else "bold red"
+        why = "" if state in ("active", "inactive") else f" ({result})"
+        console.print(f"gateway: [{style}]{state}[/]{why}" + (
+            "" if state == "active" else
+            " · nothing answers clients: sparkctl doctor says how to start it"))
     reload = d.last_reload
     if reload and not reload.ok:
         console.print(f"[red]last config reload failed (previous config kept):[/] "

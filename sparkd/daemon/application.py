@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from sparkd.config import Config, load_config
+from sparkd.accepted import load_or_fall_back, save_accepted
+from sparkd.config import Config
 from sparkd.control.server import ControlServer
+from sparkd.daemon.boot import wait_for_gpu
 from sparkd.daemon.events import as_json
 from sparkd.daemon.supervisor import Deps, Notifier, Supervisor, read_boot_id
 from sparkd.engine.health import models_listed, probe
@@ -82,8 +84,11 @@ def apply_units(
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, config_file: Path, config_refused: str | None = None
+                 ) -> None:
         self.config = config
+        self.config_file = config_file
+        self.config_refused = config_refused
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="systemd")
         self._manager = PystemdManager()
         # NVML from one thread of its own: a slow driver call never delays a systemd call.
@@ -127,8 +132,10 @@ class Daemon:
             verify_files=preflight_verify_async,
             clock=time.monotonic,
             wall_clock=time.time,
+            accept_config=save_accepted,
         )
-        sup = Supervisor(self.config, deps)
+        sup = Supervisor(self.config, deps, config_file=self.config_file,
+                         config_refused=self.config_refused)
         signals = PystemdSignals(unit_filter=is_engine_unit)
         signals.attach(sup.on_systemd_event)
         server = ControlServer(
@@ -148,6 +155,9 @@ class Daemon:
             if interval:
                 tasks.append(asyncio.create_task(self._watchdog(interval)))
             await server.start()
+            await wait_for_gpu(unit_state=self.unit_state, read_gpu=self.read_gpu,
+                               device_present=lambda: Path("/dev/nvidiactl").exists(),
+                               sleep=asyncio.sleep, clock=time.monotonic)
             await sup.start()
             event(log, "daemon_ready", "sparkd ready: %s", sup.status_line())
             tasks.append(asyncio.create_task(self._health_loop(sup, signals)))
@@ -167,6 +177,13 @@ class Daemon:
             await loop.run_in_executor(self._nvml_executor, self._nvml.close)
             self._nvml_executor.shutdown(wait=True)
         return 0
+
+    async def unit_state(self, unit: str) -> tuple[str, str]:
+        def read(m: SystemdManager) -> tuple[str, str]:
+            status = m.unit_status(unit)
+            return status.load_state, status.active_state
+
+        return await self.systemd(read)
 
     async def read_gpu(self) -> NvmlSnapshot:
         loop = asyncio.get_running_loop()
@@ -219,12 +236,15 @@ def command(config_file: Path, *, debug: bool) -> None:
     """Run the supervisor (started by sparkd.service)."""
     setup_logging("sparkd", debug=debug)
     try:
-        config = load_config(config_file)
+        loaded = load_or_fall_back(config_file.absolute())
     except ConfigError as exc:
+        # No accepted config to run on: fail once (sparkd.service does not restart on this
+        # status), with the fix.
         log.error("%s", exc.message)
         sys.exit(EXIT_CONFIG)
     try:
-        sys.exit(asyncio.run(Daemon(config).run()))
+        sys.exit(asyncio.run(Daemon(loaded.config, config_file=config_file.absolute(),
+                                    config_refused=loaded.refused).run()))
     except SparkdError as exc:
         log.error("sparkd failed: %s", exc.message)
         sys.exit(1)

@@ -3,9 +3,10 @@ values in, values out."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sparkd.config import ModelConfig, Variant
+from sparkd.config import Config, ModelConfig, Variant
 from sparkd.engine.fingerprints import Match
 from sparkd.engine.probe import ProbeResult
 from sparkd.engine.unit import SPEC_SUFFIX, health_url, instance_of
@@ -46,3 +47,24 @@ def engine_key(model: str, variant: Variant) -> str:
 def model_of_unit(unit: str) -> str | None:
     """The engine key of an engine unit (None for any other unit)."""
     return instance_of(unit)
+
+
+def stale_on_reload(engines: Mapping[str, EngineView], new: Config) -> list[tuple[str, str]]:
+    """The running engines that `new` no longer describes, and why: their model (or its
+    speculative variant) is gone, or their port moved (sparkd would probe the new port while
+    the engine listens on the old one). A reload stops them first."""
+    stale = []
+    for key, view in sorted(engines.items()):
+        if not view.unit.running:
+            continue
+        model = new.models.get(view.model.name)
+        if model is None or not model.supervised:
+            why = f"model {view.model.name} is no longer configured"
+        elif view.variant not in model.variants:
+            why = f"model {view.model.name} has no {view.variant} variant any more"
+        elif model.port_for(view.variant) != view.port:
+            why = f"its port moved from {view.port} to {model.port_for(view.variant)}"
+        else:
+            continue
+        stale.append((key, why))
+    return stale

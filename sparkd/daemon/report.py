@@ -141,7 +141,8 @@ def active_model(desired: str | None, engines: Mapping[str, EngineView]) -> str 
 
 
 def status_line(daemon_state: DaemonStateName, desired: str | None, run: SwapRun | None,
-                engines: Mapping[str, EngineView], last_reload: Reload | None) -> str:
+                engines: Mapping[str, EngineView], last_reload: Reload | None,
+                conditions: Iterable[str] = ()) -> str:
     """The one line `systemctl status sparkd` shows (STATUS=)."""
     if daemon_state != "running":
         return daemon_state
@@ -165,6 +166,8 @@ def status_line(daemon_state: DaemonStateName, desired: str | None, run: SwapRun
             line = f"{desired}: {u.active_state} ({u.sub_state})"
     if last_reload and not last_reload.ok:
         line += " · config reload failed, previous config kept"
+    for condition in conditions:
+        line += f" · {condition}"
     return line
 
 

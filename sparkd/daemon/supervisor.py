@@ -15,6 +15,7 @@ Daemon life cycle::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sparkd import __version__
-from sparkd.config import Config, ModelConfig, load_config
+from sparkd.config import Config, ModelConfig
 from sparkd.control.protocol import Request
 from sparkd.control.status import (
     DaemonRecord,
@@ -33,7 +34,7 @@ from sparkd.control.status import (
     Status,
     SwapRecord,
 )
-from sparkd.daemon import report
+from sparkd.daemon import health, reloading, report, speculative
 from sparkd.daemon.control import answer
 from sparkd.daemon.engines import EngineView, engine_key, model_of_unit
 from sparkd.daemon.events import EventStream
@@ -42,7 +43,7 @@ from sparkd.daemon.watch import MachineWatch
 from sparkd.engine.fingerprints import Match
 from sparkd.engine.plan import Snapshot, SwapPlan, SwapStep, plan_swap
 from sparkd.engine.probe import ProbeResult
-from sparkd.engine.swap import SwapRun, execute, start_afresh, start_timeout
+from sparkd.engine.swap import StepFailed, SwapRun, execute
 from sparkd.engine.unit import STOP_WAIT_S
 from sparkd.errors import ConfigError, SparkdError, StateError, SwapInProgress
 from sparkd.journal import event
@@ -52,7 +53,6 @@ from sparkd.monitor.psi import Pressure
 from sparkd.state import State, StateStore
 from sparkd.store.plan import VerifyReport
 from sparkd.systemd.manager import JobDone, SystemdEvent, SystemdManager, UnitStatus
-from sparkd.units.render import render_units
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class Deps:
     boot_id: str
     journal_since: JournalSince
     models_listed: ModelsListed
+    accept_config: Callable[[Config], object]  # keep as the accepted config (sparkd.accepted)
     path_exists: Callable[[Path], bool]
     read_pressure: Callable[[], Mapping[str, Pressure]]
     verify_files: VerifyFiles
@@ -104,9 +105,20 @@ class Deps:
 
 
 class Supervisor:
-    def __init__(self, config: Config, deps: Deps) -> None:
+    def __init__(self, config: Config, deps: Deps, *, config_file: Path | None = None,
+                 config_refused: str | None = None) -> None:
         self.config = config
         self.deps = deps
+        # The administrator's file, which reloads read; `config` may be the accepted copy
+        # when that file was refused at start (`config_refused` says why).
+        self.config_file = config_file or config.source
+        self.config_refused = config_refused
+        # Durable writes that failed, until one succeeds: shown in status and doctor.
+        self.state_unsaved: str | None = None
+        self.config_unsaved: str | None = None
+        # This boot followed a power cut or a crash: files are checked, and repaired from
+        # their source where they have one, before the first start (verify_files).
+        self.unclean_boot = False
         self.state = State()
         self.daemon_state = DaemonState.STARTING
         self.engines: dict[str, EngineView] = {}
@@ -134,8 +146,15 @@ class Supervisor:
         self.state_warning = warning
         if warning:
             event(log, "state_set_aside", "%s", warning, level=logging.ERROR)
+        if self.config_refused:
+            event(log, "config_refused", "%s is refused; running on the last accepted config "
+                  "(%s): %s", self.config_file, self.config.source, self.config_refused,
+                  level=logging.ERROR)
+        else:
+            self.accept_config(self.config)
         previous_boot, clean = state.boot_id, state.clean_shutdown
         if previous_boot and previous_boot != self.deps.boot_id and not clean:
+            self.unclean_boot = True
             event(
                 log,
                 "unclean_shutdown",
@@ -144,22 +163,50 @@ class Supervisor:
                 level=logging.WARNING,
             )
         self.state = state.replace(boot_id=self.deps.boot_id, clean_shutdown=False)
-        if self.state.desired_model not in self.config.models:
-            if self.state.desired_model is not None:
-                log.warning(
-                    "desired model %r is no longer configured; using the default %r",
-                    self.state.desired_model,
-                    self.config.daemon.default_model,
-                )
-            self.state = self.state.replace(desired_model=self.config.daemon.default_model)
         self.systemd_version = await self.deps.systemd(lambda m: m.version())
         await self.watch.sample(self.config.daemon, self.active_model)
         await self.apply_config()
+        self._choose_desired()
         await self.converge()
-        self._save_state()
+        self.save_state()
         self.daemon_state = DaemonState.RUNNING
         self.update_status()
         self.deps.notifier.notify("READY=1")
+
+    def _choose_desired(self) -> None:
+        """The model to serve when the state names none that is configured: with no usable
+        state (none, empty, corrupt), the engine that already runs, adopted as it is (a
+        healthy engine is never stopped for lost bookkeeping); else the default model."""
+        desired = self.state.desired_model
+        if desired in self.config.models:
+            return
+        if desired is not None:
+            log.warning("desired model %r is no longer configured; using the default %r",
+                        desired, self.config.daemon.default_model)
+        running = sorted(
+            (v.unit.active_state != "active", key) for key, v in self.engines.items()
+            if v.variant == "plain" and v.unit.running)
+        if desired is None and running:
+            adopted = running[0][1]
+            view = self.engines[adopted]
+            event(log, "state_adopted", "no usable state: adopted %s, which runs (pid %d, %s), "
+                  "as the desired model", adopted, view.unit.main_pid, view.unit.active_state,
+                  level=logging.WARNING, SPARKD_MODEL=adopted)
+            self.state = self.state.replace(desired_model=adopted)
+            return
+        self.state = self.state.replace(desired_model=self.config.daemon.default_model)
+
+    def accept_config(self, config: Config) -> None:
+        """Keep `config` as the accepted config (what engines' prestart reads); a failure is
+        a condition shown until a later write succeeds."""
+        try:
+            self.deps.accept_config(config)
+        except ConfigError as exc:
+            if self.config_unsaved != exc.message:
+                event(log, "config_copy_failed", "%s", exc.message, level=logging.ERROR)
+            self.config_unsaved = exc.message
+            return
+        self.config_unsaved = None
 
     async def apply_config(self) -> None:
         """Render and reconcile the engine units for the current config."""
@@ -216,7 +263,7 @@ class Supervisor:
                 view.unit.sub_state,
                 SPARKD_MODEL=name,
             )
-            self._spawn(self.start_speculative(name))
+            self.spawn(self.start_speculative(name))
             return
         # Started as a swap from nothing: the same health gate, and a rollback to the last
         # good model when the desired one does not come up (after a power cut, say).
@@ -298,26 +345,10 @@ class Supervisor:
             and self.swap_run is None
             and model == self.state.desired_model
         ):
-            self._spawn(self._crash_loop(model, now))
+            self.spawn(self._crash_loop(model, now))
 
     async def _crash_loop(self, model: str, status: UnitStatus) -> None:
-        unit = self.engines[model].unit_name
-        back = self.state.last_good_model
-        why = (f"crash loop: systemd gave up after {status.n_restarts} restarts "
-               f"(result {status.result})")
-        event(log, "engine_crash_loop", "%s: %s%s", model, why,
-              f"; rolling back to {back}" if back and back != model else "; no other last good "
-              "model to roll back to", level=logging.ERROR, SPARKD_MODEL=model)
-        self.state = self.state.replace(last_failure_model=model, last_failure_reason=why)
-        self._save_state()
-        await self.deps.systemd(lambda m: m.reset_failed_unit(unit))
-        if back and back != model and back in self.engines:
-            try:
-                self.request_swap(back, reason=f"rollback: {model} crash-looped")
-            except SparkdError as exc:
-                log.error("rollback to %s after the crash loop of %s failed: %s", back, model,
-                          exc.message)
-        await self.refresh_units([model])
+        await health.crash_loop(self, model, status)
 
     async def quiesce(self) -> None:
         """Wait for the work events have started (refreshes, swaps, crash-loop handling)."""
@@ -330,7 +361,7 @@ class Supervisor:
             await asyncio.wait(pending)
             await asyncio.sleep(0)
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -338,49 +369,7 @@ class Supervisor:
     # -- health ---------------------------------------------------------------------------
 
     async def check_health(self) -> None:
-        for name, view in list(self.engines.items()):
-            if not view.unit.running:
-                continue
-            result = await self.deps.probe(view.health_url)
-            view.health = result
-            now = self.deps.clock()
-            if result.ok:
-                view.health_failures = 0
-                view.healthy_since = view.healthy_since or now
-                self._maybe_last_good(name, view, now)
-                continue
-            view.health_failures += 1
-            view.healthy_since = None
-            if (
-                view.unit.active_state == "active"
-                and view.unit.sub_state == "running"
-                and view.health_failures >= self.config.daemon.hung_after_failures
-                and self.swap_run is None
-            ):
-                await self._restart_hung(name, view, result)
-        await self.watch.sample(self.config.daemon, self.active_model)
-        self.update_status()
-
-    def _maybe_last_good(self, name: str, view: EngineView, now: float) -> None:
-        if (
-            name == self.state.desired_model
-            and self.state.last_good_model != name
-            and self.swap_run is None
-            and view.healthy_since is not None
-            and now - view.healthy_since >= self.config.daemon.last_good_after_s
-        ):
-            self.state = self.state.replace(last_good_model=name)
-            self._save_state()
-            event(log, "last_good", "%s is now the last good model (healthy for %.0f s)", name,
-                  now - view.healthy_since, SPARKD_MODEL=name)
-
-    async def _restart_hung(self, name: str, view: EngineView, result: ProbeResult) -> None:
-        unit = view.unit_name
-        event(log, "engine_hung", "%s is hung: process %d alive, %d health checks failed in a "
-              "row (last: %s); restarting it", name, view.unit.main_pid, view.health_failures,
-              result.describe(), level=logging.ERROR, SPARKD_MODEL=name)
-        view.health_failures = 0
-        await self.deps.systemd(lambda m: m.restart_unit(unit))
+        await health.check_health(self)
 
     # -- swaps (the SwapContext the executor runs against) -------------------------------
 
@@ -409,9 +398,11 @@ class Supervisor:
         if plan.noop:
             if self.state.swap_to is not None:
                 self.state = self.state.replace(swap_to=None, swap_from=None, swap_step=None)
-                self._save_state()
+                self.save_state()
             return None
-        run = SwapRun(plan=plan, reason=reason)
+        # Numbered after the last swap the state knows: unique across sparkd restarts.
+        run = SwapRun(plan=plan, reason=reason, id=self.state.last_swap_id + 1)
+        self.state = self.state.replace(last_swap_id=run.id)
         self.swap_run = run
         self._swap_task = asyncio.create_task(execute(run, self))
         return run
@@ -443,7 +434,20 @@ class Supervisor:
     async def verify_files(self, model: str) -> str:
         """The store's preflight (incremental SHA-256 against the manifest; repair when the
         model says so), in a worker thread. Raises VerificationFailed naming the file."""
-        report = await self.deps.verify_files(self.config, self.config.models[model])
+        m = self.config.models[model]
+        repairing = self.unclean_boot and m.source is not None and not m.repair
+        if repairing:
+            m = dataclasses.replace(m, repair=True)
+        began = self.deps.clock()
+        try:
+            report = await self.deps.verify_files(self.config, m)
+        finally:
+            if self.unclean_boot:
+                took = self.deps.clock() - began
+                event(log, "boot_verify", "after the unclean shutdown: %s's files checked%s "
+                      "in %.1f s", model, " (and repaired from its source where bad)"
+                      if repairing else "", took, SPARKD_MODEL=model,
+                      SPARKD_DURATION_MS=f"{took * 1000:.0f}")
         if report.note:
             return report.note
         return f"{len(report.verdicts)} files verified"
@@ -452,13 +456,19 @@ class Supervisor:
         self.state = self.state.replace(
             swap_to=run.plan.target, swap_from=run.plan.from_model, swap_step=run.step.value
         )
-        self._save_state()
+        self.save_state()
         self.publish("swap_step", swap=report.swap_record(run))
         self.update_status()
 
     def swap_flip(self, run: SwapRun) -> None:
+        """The target becomes the desired model, on disk first: a flip that cannot be made
+        durable fails (the swap rolls back), so no restart or power cut swaps back."""
+        before = self.state
         self.state = self.state.replace(desired_model=run.plan.target)
-        self._save_state()
+        if not self.save_state():
+            self.state = before
+            raise StepFailed(f"nothing flipped: the state could not be saved: "
+                             f"{self.state_unsaved}")
 
     def swap_finished(self, run: SwapRun) -> None:
         changes: dict[str, Any] = {"swap_to": None, "swap_from": None, "swap_step": None}
@@ -467,7 +477,7 @@ class Supervisor:
             if run.step is SwapStep.ROLLED_BACK:
                 changes["desired_model"] = run.plan.rollback_to
         self.state = self.state.replace(**changes)
-        self._save_state()
+        self.save_state()
         self.swap_run = None
         self.last_swap = run
         self.publish("swap_done" if run.succeeded else "swap_failed",
@@ -476,38 +486,32 @@ class Supervisor:
         serving = (run.plan.target if run.succeeded else run.plan.from_model
                    if run.step is SwapStep.REFUSED else run.plan.rollback_to)
         if serving is not None:
-            self._spawn(self.start_speculative(serving))
+            self.spawn(self.start_speculative(serving))
+        elif self._refused_from_nothing(run):
+            self._fall_back(run)
+
+    def _refused_from_nothing(self, run: SwapRun) -> bool:
+        """A start of the desired model, with nothing serving, refused at its preflight (its
+        files are damaged, say, after a power cut): something else must serve."""
+        back = run.plan.rollback_to
+        return (run.step is SwapStep.REFUSED and run.plan.from_model is None
+                and back is not None and back != run.plan.target and back in self.engines)
+
+    def _fall_back(self, run: SwapRun) -> None:
+        back = run.plan.rollback_to
+        assert back is not None
+        event(log, "fallback", "%s was refused (%s); falling back to the last good model %s",
+              run.plan.target, run.failure, back, level=logging.ERROR,
+              SPARKD_MODEL=run.plan.target)
+        self.state = self.state.replace(desired_model=back)
+        self.save_state()
+        try:
+            self.request_swap(back, reason=f"fallback: {run.plan.target} was refused")
+        except SparkdError as exc:
+            log.error("the fallback to %s failed: %s", back, exc.message)
 
     async def start_speculative(self, name: str) -> None:
-        """Start the model's speculative variant beside the plain one when memory allows;
-        otherwise say why, and the gateway sends everything to the plain engine."""
-        model = self.config.models.get(name)
-        key = engine_key(name, "speculative")
-        if model is None or model.speculative is None or key not in self.engines:
-            return
-        view = self.engines[key]
-        if view.unit.running or self.swap_run is not None:
-            return
-        mem = self.deps.meminfo()
-        need_gib = model.memory_gib_for("speculative") + self.config.daemon.memory_reserve_gib
-        if mem.available < need_gib * GIB:
-            view.note = (f"not started: needs {need_gib:g} GiB with the reserve, "
-                         f"{mem.available / GIB:.1f} GiB available; every call goes to the "
-                         "plain engine")
-            event(log, "speculative_skipped", "%s: speculative variant %s", name, view.note,
-                  level=logging.WARNING, SPARKD_MODEL=name, SPARKD_VARIANT="speculative")
-            self.publish("changed")
-            return
-        unit = view.unit_name
-        event(log, "speculative_starting", "%s: starting the speculative variant", name,
-              SPARKD_MODEL=name, SPARKD_VARIANT="speculative")
-        result = await self.wait_job(await self.deps.systemd(lambda m: start_afresh(m, unit)),
-                                     start_timeout(self.config, name))
-        view.note = None if result == "done" else f"failed to start (job {result})"
-        if view.note:
-            event(log, "speculative_failed", "%s: speculative variant %s", name, view.note,
-                  level=logging.ERROR, SPARKD_MODEL=name, SPARKD_VARIANT="speculative")
-        await self.refresh_units([key])
+        await speculative.start_speculative(self, name)
 
     def fingerprints_found(self, model: str, matches: list[Match]) -> None:
         if model in self.engines:
@@ -531,7 +535,7 @@ class Supervisor:
         result = "done" if all(r == "done" for r in results) else ", ".join(results)
         if self.state.desired_model == name:
             self.state = self.state.replace(desired_model=None)
-            self._save_state()
+            self.save_state()
         event(log, "engine_unloaded", "%s unloaded (stop job %s)", name, result,
               SPARKD_MODEL=name)
         await self.refresh_units([engine_key(name, v) for v in model.variants])
@@ -540,34 +544,7 @@ class Supervisor:
     # -- config reload --------------------------------------------------------------------
 
     async def reload(self) -> dict[str, Any]:
-        path = self.config.source
-        try:
-            new = load_config(path)
-            # Rendering checks what parsing cannot (binaries systemd would refuse, ...).
-            render_units(new, systemd_version=self.systemd_version)
-        except ConfigError as exc:
-            self.last_reload = report.Reload(ok=False, message=exc.message,
-                                             at=self.deps.wall_clock())
-            event(
-                log,
-                "config_rejected",
-                "new config rejected, keeping the previous one: %s",
-                exc.message,
-                level=logging.ERROR,
-            )
-            self.update_status()
-            raise
-        self.config = new
-        await self.apply_config()
-        if self.state.desired_model not in new.models:
-            self.state = self.state.replace(desired_model=new.daemon.default_model)
-            self._save_state()
-        await self.converge()
-        self.last_reload = report.Reload(ok=True, message="reloaded",
-                                         at=self.deps.wall_clock())
-        event(log, "config_reloaded", "config %s reloaded", path)
-        self.update_status()
-        return {"config": str(path), "models": sorted(new.models)}
+        return await reloading.reload(self)
 
     # -- shutdown -------------------------------------------------------------------------
 
@@ -587,7 +564,7 @@ class Supervisor:
             await self.deps.systemd(stop)
             event(log, "engines_stopped", "stopped %s on exit", ", ".join(units) or "nothing")
         self.state = self.state.replace(clean_shutdown=True)
-        self._save_state()
+        self.save_state()
         await self._cancel_work()
         self.events.close()
 
@@ -605,7 +582,19 @@ class Supervisor:
 
     def status_line(self) -> str:
         return report.status_line(self.daemon_state.value, self.state.desired_model,
-                                  self.swap_run, self.engines, self.last_reload)
+                                  self.swap_run, self.engines, self.last_reload,
+                                  self.conditions())
+
+    def conditions(self) -> list[str]:
+        """What is wrong with sparkd itself, said on the STATUS= line."""
+        out = []
+        if self.config_refused:
+            out.append(f"{self.config_file} refused, running on the last accepted config")
+        if self.state_unsaved:
+            out.append("state not saved")
+        if self.config_unsaved:
+            out.append("accepted config not saved")
+        return out
 
     def update_status(self) -> None:
         line = self.status_line()
@@ -653,6 +642,9 @@ class Supervisor:
             systemd_version=self.systemd_version,
             state_warning=self.state_warning,
             last_reload=report.reload_record(self.last_reload),
+            config_refused=self.config_refused,
+            state_unsaved=self.state_unsaved,
+            config_unsaved=self.config_unsaved,
         )
         return report.build_status(
             daemon=daemon, state=self.state, engines=self.engines, swap_run=self.swap_run,
@@ -662,11 +654,22 @@ class Supervisor:
     async def handle(self, request: Request) -> Any:
         return await answer(self, request)
 
-    def _save_state(self) -> None:
+    def save_state(self) -> bool:
+        """Write the state; False (and a condition status and doctor show until a write
+        succeeds) when it could not be made durable."""
         try:
             self.deps.store.save(self.state)
         except StateError as exc:
-            event(log, "state_write_failed", "%s", exc.message, level=logging.ERROR)
+            if self.state_unsaved != exc.message:
+                event(log, "state_write_failed", "%s", exc.message, level=logging.ERROR)
+            self.state_unsaved = exc.message
+            self.update_status()
+            return False
+        if self.state_unsaved is not None:
+            self.state_unsaved = None
+            event(log, "state_saved", "the state is on disk again (%s)", self.deps.store.path)
+            self.update_status()
+        return True
 
 
 def read_boot_id(path: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:

@@ -104,11 +104,16 @@ class SwapPlan:
     gate_timeout_s: float
     rollback_to: str | None  # the model to bring back when the swap fails
     noop: bool = False  # the target already serves: nothing to do
+    # Set when the target would not fit in memory now, even once the engines to stop have
+    # let go of theirs: prestart's memory gate would refuse the start (and the swap roll back).
+    fit_note: str | None = None
 
     def describe(self) -> list[str]:
         if self.noop:
             return [f"{self.target} is already serving: nothing to do"]
         lines = [f"swap {self.from_model or '(nothing)'} -> {self.target}"]
+        if self.fit_note:
+            lines.append(f"warning: {self.fit_note}")
         n = 1
         lines.append(f"{n}. preflight: {self.target} is configured, its files are there and "
                      "it fits the machine")
@@ -151,7 +156,11 @@ def plan_swap(config: Config, state: State, target: str, snap: Snapshot) -> Swap
     if rollback_to is not None and rollback_to not in config.models:
         rollback_to = None
     base = engine_url(model.port)
+    freed = sum(config.models[key.split(":", 1)[0]].memory_gib_for(
+        "speculative" if key.endswith(":spec") else "plain") for key, _ in others)
     return SwapPlan(
+        fit_note=fit_note(config, model, snap.mem_available, freed_gib=freed,
+                          stopping=[s.name for _, s in others]),
         target=target,
         from_model=from_model,
         stop=tuple(status.name for _, status in others),
@@ -162,6 +171,21 @@ def plan_swap(config: Config, state: State, target: str, snap: Snapshot) -> Swap
         rollback_to=rollback_to,
         noop=serving and not running and state.desired_model == target,
     )
+
+
+def fit_note(config: Config, model: ModelConfig, available: int, *, freed_gib: float,
+             stopping: list[str]) -> str | None:
+    """Why the target would not fit now (None: it would). What the engines to stop hold is
+    counted as free again (their configured memory_gib: an estimate)."""
+    need = model.memory_gib + config.daemon.memory_reserve_gib
+    after = available / GIB + freed_gib
+    if need <= after:
+        return None
+    once = f" once {', '.join(stopping)} stop" if stopping else ""
+    return (f"{model.name} would not fit now: it needs {model.memory_gib:g} GiB + "
+            f"{config.daemon.memory_reserve_gib:g} GiB reserve, about {after:.1f} GiB would "
+            f"be available{once}; prestart's memory gate would refuse the start and the swap "
+            "would roll back (stop other work on the machine first)")
 
 
 def _preflight(config: Config, model: ModelConfig, snap: Snapshot) -> None:

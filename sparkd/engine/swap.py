@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -230,12 +231,32 @@ async def _start_model(ctx: SwapContext, model_name: str) -> str:
         why.append(f"exit status {status.exec_main_status}")
     found = [f"{m.fingerprint.id}: {m.line}" for m in matches if m.fingerprint.severity != "info"]
     tail = [line for line in lines if line.strip()][-JOURNAL_TAIL_LINES:]
-    detail = ", ".join(why)
+    reason = start_failure_reason(lines)
+    detail = ", ".join(why) if reason is None else f"{reason} ({', '.join(why)})"
     if found:
         detail += "; " + "; ".join(found)
     if tail:
         detail += "; last lines: " + " | ".join(tail)
     raise StepFailed(detail)
+
+
+# The lines of sparkd's own start helpers that say why a start failed, most telling first:
+# the memory gate's refusal (sparkd.engine.prestart) and the health wait's verdict
+# (sparkd.engine.health, `sparkd wait-healthy`).
+_REASON_LINES = (
+    re.compile(r"^prestart \S+: refused: .*"),
+    re.compile(r"^wait-healthy: .*(?:not healthy after|exited before it became healthy).*"),
+)
+
+
+def start_failure_reason(lines: list[str]) -> str | None:
+    """The line that says why an engine's start failed, when one of sparkd's helpers wrote
+    it (the last such line: a restarted unit may have logged earlier attempts)."""
+    for pattern in _REASON_LINES:
+        found = [line.strip() for line in lines if pattern.match(line.strip())]
+        if found:
+            return found[-1]
+    return None
 
 
 async def _start(run: SwapRun, ctx: SwapContext) -> str:

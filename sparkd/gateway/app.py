@@ -17,8 +17,8 @@ import gc
 import json
 import logging
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
@@ -34,8 +34,7 @@ from sparkd.gateway import (
     daemon_link,
     dispatch,
     door,
-    media,
-    rewrite,
+    prepare,
     routes,
     routing,
 )
@@ -46,11 +45,13 @@ from sparkd.gateway.state import (
     METRICS,
     SESSION,
     STATE,
+    WORKER,
     GatewayState,
     Settings,
     SettingsHolder,
     settings_for,
 )
+from sparkd.gateway.worker import INLINE_MAX_BYTES, PrepareWorker
 from sparkd.journal import event
 
 __all__ = ["apply_config", "build_app", "serve", "settings_for"]
@@ -66,6 +67,11 @@ VARIANT_HEADER: Final = "X-Sparkd-Variant"
 # gateway keys on, the client's Authorization is the gateway's key: not passed on.
 FORWARDED: Final = ("Content-Type", "Accept", "Authorization", "User-Agent", "X-Request-Id",
                     "OpenAI-Organization", "OpenAI-Project")
+# Asked of every engine: answers come back uncompressed (the client's Accept-Encoding is not
+# passed on; without this aiohttp asks for gzip, and the gzip bytes went to the client as if
+# they were the body). An engine that compresses anyway has its Content-Encoding passed on.
+UPSTREAM_ACCEPT_ENCODING: Final = "identity"
+
 FORWARDED_WITH_KEYS: Final = tuple(h for h in FORWARDED if h != "Authorization")
 
 
@@ -84,6 +90,7 @@ def build_app(settings: Settings, *, subscribe: bool = True, keys: auth.Keys | N
     app[METRICS] = Metrics()
     _install_door(app, gateway, keys, nofile)
     app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_prepare_worker)
     if subscribe:
         app.cleanup_ctx.append(daemon_link.daemon_events)
     if any(m.idle_unload_minutes for m in settings.config.models.values()):
@@ -131,11 +138,18 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _prepare_worker(app: web.Application) -> AsyncIterator[None]:
+    worker = app[WORKER] = PrepareWorker()  # its process starts with the first large body
+    yield
+    await worker.close()
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 
 def openai_errors(handler: Handler) -> Handler:
-    """Every error leaves as an OpenAI-style body, aiohttp's own 413 included."""
+    """Every error leaves as an OpenAI-style body, aiohttp's own 413 and a bug's 500
+    included."""
 
     @functools.wraps(handler)
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -154,6 +168,16 @@ def openai_errors(handler: Handler) -> Handler:
                 message = f"request body too large (limit {limit} bytes: gateway.max_body_bytes)"
             child(request.app[METRICS].refused, code).inc()
             return web.json_response(error_body(exc.status, code, message), status=exc.status)
+        except ConnectionError:
+            raise  # the client went away: nobody to answer, nothing to log
+        except Exception:
+            # A bug: logged with its traceback, and still an OpenAI-style body for the client
+            # (aiohttp's own answer is a plain-text 500).
+            log.exception("%s %s failed", request.method, request.path)
+            child(request.app[METRICS].refused, "internal_error").inc()
+            return web.json_response(error_body(
+                500, "internal_error", "the gateway failed on this request (a bug: its log"
+                " has the traceback)"), status=500)
 
     return handle
 
@@ -197,15 +221,6 @@ def _match() -> routes.Match:
 # --- the OpenAI routes -----------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Prepared:
-    model: ModelConfig
-    raw: bytes
-    stream: bool
-    workload: str
-    rewrites: int
-
-
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _openai(request, "/v1/chat/completions", chat=True)
 
@@ -216,12 +231,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _openai(request: web.Request, path: str, *, chat: bool) -> web.StreamResponse:
     settings = request.app[CONFIG].current
-    prepared = _prepare(request, await door.read_body(request), settings, chat=chat)
-    model = prepared.model
+    prepared = await _prepare(request, await door.read_body(request), settings, chat=chat)
+    model = settings.config.models[prepared.model]
     door.check_model(request, model.name)
     serve = await _route(request.app, model)
     variant = _variant(request.app, model, prepared.workload, serve)
-    headers = {WORKLOAD_HEADER: prepared.workload, REWRITES_HEADER: str(prepared.rewrites),
+    headers = {WORKLOAD_HEADER: prepared.workload, REWRITES_HEADER: str(prepared.changes),
                VARIANT_HEADER: variant}
     return await _relay(
         request, serve.urls[variant] + path, prepared.raw, headers,
@@ -229,65 +244,27 @@ async def _openai(request: web.Request, path: str, *, chat: bool) -> web.StreamR
     )
 
 
-def _prepare(request: web.Request, raw: bytes, settings: Settings, *, chat: bool) -> Prepared:
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise GatewayError(400, "invalid_json", f"request body is not valid JSON: {exc}"
-                           ) from None
-    if not isinstance(body, dict):
-        raise GatewayError(400, "invalid_type", "request body: expected a JSON object")
-    name = body.get("model")
-    if not isinstance(name, str):
-        raise GatewayError(400, "invalid_type", "model: expected a string", param="model")
-    model = settings.config.models.get(name)
-    if model is None:
-        known = ", ".join(sorted(settings.config.models)) or "none"
-        raise GatewayError(404, "model_not_found",
-                           f"The model `{name}` does not exist (configured: {known}).",
-                           param="model")
-    stream = body.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise GatewayError(400, "invalid_type", "stream: expected a boolean", param="stream")
-    messages = body.get("messages")
-    if chat:
-        if not isinstance(messages, list) or not messages:
-            raise GatewayError(400, "invalid_type", "messages: expected a non-empty list",
-                               param="messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise GatewayError(400, "invalid_type",
-                                   f"messages[{i}]: expected an object with a string role",
-                                   param="messages")
-            content = m.get("content")
-            if content is not None and not isinstance(content, str | list):
-                raise GatewayError(400, "invalid_type",
-                                   f"messages[{i}].content: expected a string or a list of parts",
-                                   param="messages")
-    if not settings.config.gateway.allow_remote_images:  # every media kind, any route
-        media.refuse_remote(body)
+async def _prepare(request: web.Request, raw: bytes, settings: Settings, *, chat: bool
+                   ) -> prepare.Prepared:
+    """The body parsed, checked, classified and rewritten (`prepare`): on the loop when it is
+    small, in the worker process when it is not (docs/gateway.md, "Limits")."""
     workload = classify.parse_override(request.headers.get(WORKLOAD_HEADER))
-    if workload is None:
-        workload = classify.classify(
-            body, user_agent=request.headers.get("User-Agent", ""), rules=settings.rules
-        ).workload
-    changes = 0
-    if chat:
-        assert isinstance(messages, list)  # checked above
-        choice = settings.policies[name]
-        result = rewrite.rewrite(messages, choice)
-        if result.changes:
-            changes = result.changes
-            body["messages"] = result.messages
-            raw = json.dumps(body, ensure_ascii=False).encode()
-            m = request.app[METRICS]
-            child(m.rewrites, name, choice.policy).inc(changes)
-            child(m.rewritten_requests, name, choice.policy).inc()
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("role policy %s rewrote %s's messages (%d changes): %s -> %s",
-                          choice.policy, name, changes, ",".join(result.roles_before),
-                          ",".join(result.roles_after))
-    return Prepared(model, raw, bool(stream), workload, changes)
+    user_agent = request.headers.get("User-Agent", "")
+    if len(raw) <= INLINE_MAX_BYTES:
+        prepared = prepare.prepare(raw, settings.recipe, chat=chat, user_agent=user_agent,
+                                   workload=workload)
+    else:
+        prepared = await request.app[WORKER].prepare(
+            raw, settings.recipe, chat=chat, user_agent=user_agent, workload=workload)
+    if prepared.changes:
+        m = request.app[METRICS]
+        child(m.rewrites, prepared.model, prepared.policy).inc(prepared.changes)
+        child(m.rewritten_requests, prepared.model, prepared.policy).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("role policy %s rewrote %s's messages (%d changes): %s -> %s",
+                      prepared.policy, prepared.model, prepared.changes,
+                      ",".join(prepared.roles_before), ",".join(prepared.roles_after))
+    return prepared
 
 
 async def _route(app: web.Application, model: ModelConfig) -> routing.Serve:
@@ -412,6 +389,7 @@ async def _relay(
     session, m = app[SESSION], app[METRICS]
     names = FORWARDED_WITH_KEYS if app[door.DOOR].keys else FORWARDED
     headers = {k: v for k in names if (v := request.headers.get(k)) is not None}
+    headers["Accept-Encoding"] = UPSTREAM_ACCEPT_ENCODING
     target = _url(url, request.query_string)
     loop = asyncio.get_running_loop()
     began = loop.time()
@@ -430,7 +408,7 @@ async def _relay(
                                        f"the engine of {model} answered HTTP {up.status} (a"
                                        " redirect; the gateway does not follow redirects)")
                 if up.status >= 400:
-                    body = upstream_error_body(up.status, await up.read())
+                    body = upstream_error_body(up.status, _decoded(up, await up.read()))
                     retry = {"Retry-After": up.headers["Retry-After"]} if (
                         "Retry-After" in up.headers) else {}
                     if up.status == 503 and not retry:
@@ -445,7 +423,8 @@ async def _relay(
                 if _measured(model, app):
                     _record_rate(app, model, workload, variant, payload, loop.time() - began)
                 return web.Response(body=payload, status=up.status,
-                                    headers={**extra_headers, "Content-Type": content_type})
+                                    headers={**extra_headers, "Content-Type": content_type,
+                                             **_encoding(up)})
         except TimeoutError:
             status = 504
             limit = app[CONFIG].current.config.gateway.upstream_timeout_s
@@ -474,7 +453,8 @@ async def _relay_stream(
     app = request.app
     response = web.StreamResponse(
         status=up.status,
-        headers={**extra_headers, "Content-Type": content_type, "Cache-Control": "no-cache"},
+        headers={**extra_headers, "Content-Type": content_type, "Cache-Control": "no-cache",
+                 **_encoding(up)},
     )
     await response.prepare(request)
     measure = _measured(model, app)
@@ -504,6 +484,32 @@ async def _relay_stream(
     return response
 
 
+def _encoding(up: aiohttp.ClientResponse) -> dict[str, str]:
+    """An engine that compressed its answer although asked not to: the client is told, and
+    decodes it (the gateway passes bytes on, it does not decompress them)."""
+    coding = up.headers.get("Content-Encoding")
+    return {} if coding is None or coding.strip().lower() == "identity" else {
+        "Content-Encoding": coding}
+
+
+ERROR_BODY_LIMIT: Final = 64 * 1024
+
+
+def _decoded(up: aiohttp.ClientResponse, raw: bytes) -> bytes:
+    """An engine's error body, decompressed (its first ERROR_BODY_LIMIT bytes: no bomb) when
+    it came gzip- or deflate-encoded: the gateway reads the message in it."""
+    coding = up.headers.get("Content-Encoding", "").strip().lower()
+    if coding not in ("gzip", "x-gzip", "deflate"):
+        return raw
+    try:
+        # wbits 47: a gzip or zlib header, whichever it is; raw deflate as a fallback.
+        return zlib.decompressobj(47).decompress(raw, ERROR_BODY_LIMIT)
+    except zlib.error:
+        with contextlib.suppress(zlib.error):
+            return zlib.decompressobj(-15).decompress(raw, ERROR_BODY_LIMIT)
+    return raw
+
+
 def _record_rate(app: web.Application, model: str, workload: str, variant: Variant,
                  payload: bytes, elapsed: float) -> None:
     try:
@@ -531,17 +537,13 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     one loaded model."""
     settings = request.app[CONFIG].current
     raw = await door.read_body(request)
-    name: object = None
-    if raw:
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise GatewayError(400, "invalid_json", f"request body is not valid JSON: {exc}"
-                               ) from None
-        if not settings.config.gateway.allow_remote_images:
-            media.refuse_remote(body)
-        name = body.get("model") if isinstance(body, dict) else None
-    if not isinstance(name, str):
+    name: str | None = None
+    allow_remote = settings.config.gateway.allow_remote_images
+    if len(raw) > INLINE_MAX_BYTES:  # parsed in the worker: parsing holds the loop
+        name = await request.app[WORKER].model_name(raw, settings.recipe)
+    elif raw:
+        name = prepare.model_name(raw, allow_remote=allow_remote)
+    if name is None:
         name = request.query.get("model")
     if isinstance(name, str):
         model = settings.config.models.get(name)
@@ -579,6 +581,7 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({
         "status": "ok",
         "daemon": {"connected": view.connected, "seen": view.seen,
+                   "last_error": None if view.connected else state.last_link_error,
                    "swap": None if view.swap is None else {
                        "from": view.swap.from_model, "to": view.swap.to_model,
                        "step": view.swap.step}},

@@ -11,12 +11,18 @@ whether speculative decoding helps it (the seed's fifth disaster).
 
 The first class that matches wins, in that order. `classify` never raises: a body of any
 shape gets a class (bad input is the validator's to report, not the classifier's).
+
+Its work is linear in the body and bounded: it reads at most `max_chars` characters of message
+text in all (the first ones, in order; `gateway.classifier_chars`), and the code patterns are
+tried at the start of each non-blank line only, so a pattern that is linear in its line keeps
+the whole scan linear. The built-in patterns are (tests/unit/test_classify.py times them
+on long hostile lines).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -41,22 +47,27 @@ DEFAULT_CODE_SYSTEM_PROMPTS: Final = (
     "code assistant", "senior engineer", "you write code", "pair programmer",
     "interactive cli tool that helps users with software engineering",
 )
-# Lines that look like source code, counted per message; two or more make it code.
+# Lines that look like source code; two or more in the messages' text make it code. Each is
+# tried at the start of a line and runs in time linear in the line: no two adjacent
+# repetitions can match the same characters (`\w+.*:` took 4.7 s on a 64 KiB line without a
+# colon, `\}[ \t]*(else...)?[ \t]*$` 4.4 s on "}" and 20,000 tabs; `\w[^\n]*:` and
+# `\}([ \t]*else...)?[ \t]*$` match the same lines in one pass).
 DEFAULT_CODE_PATTERNS: Final = (
-    r"^[ \t]*(def|class|async def)[ \t]+\w+.*:[ \t]*$",
+    r"^[ \t]*(def|class|async def)[ \t]+\w[^\n]*:[ \t]*$",
     r"^[ \t]*(import|from)[ \t]+[\w.]+([ \t]+import[ \t]+.+)?[ \t]*$",
     r"^[ \t]*#include[ \t]*[<\"]",
     r"^[ \t]*(public|private|protected|static)[ \t]+[\w<>\[\]]+[ \t]+\w+[ \t]*\(",
     r"^[ \t]*(function|fn|func)[ \t]+\w+[ \t]*\(",
     r"^[ \t]*(const|let|var)[ \t]+\w+[ \t]*=.*;[ \t]*$",
     r"^[ \t]*(if|for|while)[ \t]*\(.*\)[ \t]*\{[ \t]*$",
-    r"^[ \t]*\}[ \t]*(else[ \t]*\{)?[ \t]*$",
+    r"^[ \t]*\}([ \t]*else[ \t]*\{)?[ \t]*$",
     r"^[ \t]*(package|use)[ \t]+[\w:.]+;[ \t]*$",
     r"^[ \t]*(SELECT|INSERT|UPDATE|DELETE|CREATE TABLE)\b.*",
     r"^diff --git |^@@ -\d+",
 )
 CODE_LINES_NEEDED: Final = 2
-SCAN_LIMIT: Final = 64 * 1024  # characters looked at per message: classification stays O(1)
+# Characters of message text looked at per request (gateway.classifier_chars): the first ones.
+DEFAULT_MAX_CHARS: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +80,7 @@ class Rules:
         return CompiledRules(
             user_agents=tuple(s.lower() for s in self.code_user_agents),
             system_prompts=tuple(s.lower() for s in self.code_system_prompts),
-            source=re.compile("|".join(f"(?:{p})" for p in self.code_patterns) or r"(?!)",
-                              re.MULTILINE),
+            source=_line_pattern(self.code_patterns),
         )
 
 
@@ -79,6 +89,15 @@ class CompiledRules:
     user_agents: tuple[str, ...]
     system_prompts: tuple[str, ...]
     source: re.Pattern[str]
+
+
+def _line_pattern(patterns: Sequence[str]) -> re.Pattern[str]:
+    """One pattern that tries each of `patterns` at the start of every non-blank line (and
+    nowhere else: a search that tried every position of a line would be quadratic in it)."""
+    if not patterns:
+        return re.compile(r"(?!)")
+    alternatives = "|".join(f"(?:{p})" for p in patterns)
+    return re.compile(rf"^(?![ \t]*$)(?:{alternatives})", re.MULTILINE)
 
 
 DEFAULT_RULES: Final = Rules().compiled()
@@ -119,7 +138,8 @@ def parse_override(value: str | None) -> Workload | None:
 
 
 def classify(
-    body: object, *, user_agent: str = "", rules: CompiledRules = DEFAULT_RULES
+    body: object, *, user_agent: str = "", rules: CompiledRules = DEFAULT_RULES,
+    max_chars: int = DEFAULT_MAX_CHARS,
 ) -> Classification:
     if not isinstance(body, Mapping):
         return Classification("chat", "not a JSON object")
@@ -127,32 +147,48 @@ def classify(
     if reason:
         return Classification("structured", reason)
     messages = body.get("messages")
-    items: list[Any] = list(messages) if isinstance(messages, list) else []
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        items.append({"role": "user", "content": prompt})
-    elif isinstance(prompt, list):
-        items.extend({"role": "user", "content": p} for p in prompt if isinstance(p, str))
-    if any(_has_image(m) for m in items):
+    if isinstance(messages, list) and any(_has_image(m) for m in messages):
         return Classification("vision", "an image part")
-    ua = user_agent.lower()
+    ua = user_agent[:1024].lower()
     for marker in rules.user_agents:
         if marker and marker in ua:
             return Classification("code", f"User-Agent has {marker!r}")
-    for m in items:
+    budget = max_chars
+    texts: list[str] = []
+    for m in _items(messages, body.get("prompt")):
+        if budget <= 0:
+            break
         if not isinstance(m, Mapping):
             continue
-        text = _text(m.get("content"))
+        text = _text(m.get("content"), budget)
+        if not text:
+            continue
+        budget -= len(text) + 1
+        texts.append(text)
         if m.get("role") in ("system", "developer"):
             lowered = text.lower()
             for marker in rules.system_prompts:
                 if marker and marker in lowered:
                     return Classification("code", f"system prompt has {marker!r}")
-        if "```" in text:
-            return Classification("code", "a code fence")
-        if _source_lines(text, rules.source) >= CODE_LINES_NEEDED:
-            return Classification("code", "source-like lines")
+    # One scan of all the text read (a regular expression call per message costs more than
+    # a short message's share of the budget).
+    scanned = "\n".join(texts)
+    if "```" in scanned:
+        return Classification("code", "a code fence")
+    if _source_lines(scanned, rules.source) >= CODE_LINES_NEEDED:
+        return Classification("code", "source-like lines")
     return Classification("chat", "no structured, vision or code signal")
+
+
+def _items(messages: object, prompt: object) -> Iterator[object]:
+    """The messages, then a completion's prompt (a string, or a list that may hold strings) as
+    user messages."""
+    if isinstance(messages, list):
+        yield from messages
+    if isinstance(prompt, str):
+        yield {"role": "user", "content": prompt}
+    elif isinstance(prompt, list):
+        yield from ({"role": "user", "content": p} for p in prompt if isinstance(p, str))
 
 
 def _structured(body: Mapping[str, Any]) -> str:
@@ -184,13 +220,21 @@ def _is_image_part(part: object) -> bool:
     return isinstance(kind, str) and kind in IMAGE_PART_TYPES
 
 
-def _text(content: object) -> str:
+def _text(content: object, limit: int) -> str:
+    """A message's text, its first `limit` characters at most (text parts joined by lines)."""
     if isinstance(content, str):
-        return content[:SCAN_LIMIT]
-    if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, Mapping)]
-        return "\n".join(p for p in parts if isinstance(p, str))[:SCAN_LIMIT]
-    return ""
+        return content[:limit]
+    if not isinstance(content, list):
+        return ""
+    texts: list[str] = []
+    for p in content:
+        text = p.get("text") if isinstance(p, Mapping) else None
+        if isinstance(text, str):
+            texts.append(text[:limit])
+            limit -= len(texts[-1]) + 1
+            if limit <= 0:
+                break
+    return "\n".join(texts)
 
 
 def _source_lines(text: str, pattern: re.Pattern[str]) -> int:

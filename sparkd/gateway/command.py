@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 from aiohttp import web
 
+from sparkd.accepted import load_or_fall_back
 from sparkd.config import load_config
 from sparkd.errors import ConfigError
 from sparkd.journal import event, setup_logging
@@ -50,7 +51,12 @@ def reload_config(app: web.Application, config_file: Path) -> None:
 async def _run(config_file: Path) -> int:
     from sparkd.gateway.app import serve
 
-    config = load_config(config_file)
+    loaded = load_or_fall_back(config_file)
+    config = loaded.config
+    if loaded.refused:
+        event(log, "gateway_config_refused", "%s is refused; serving on the last accepted "
+              "config (%s): %s", config_file, config.source, loaded.refused,
+              level=logging.ERROR)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -41,6 +41,10 @@ class GatewayError(SparkdError):
         self.param = param
         self.retry_after_s = retry_after_s
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled whole (the worker process sends refusals back): not just Exception.args.
+        return (_rebuild, (self.status, self.code, self.message, self.param, self.retry_after_s))
+
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.code, self.message, param=self.param)
 
@@ -48,6 +52,11 @@ class GatewayError(SparkdError):
         if self.retry_after_s is None:
             return {}
         return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+def _rebuild(status: int, code: str, message: str, param: str | None,
+             retry_after_s: float | None) -> GatewayError:
+    return GatewayError(status, code, message, param=param, retry_after_s=retry_after_s)
 
 
 def error_body(status: int, code: str, message: str, *, param: str | None = None

@@ -217,9 +217,11 @@ def render_unit(
     lines += _environment(model)
     lines += [
         "# As root (+): sync, drop the page cache, wait for memory to settle, and refuse to",
-        "# start when the model's memory is not available.",
+        "# start when the model's memory is not available. It reads the config sparkd accepted,",
+        "# never a newer /etc/sparkd.toml that sparkd refused.",
         "ExecStartPre=+"
-        + quote_command([sparkd, "prestart", "--config", str(config.source), name,
+        + quote_command([sparkd, "prestart", "--config", str(config.daemon.accepted_config),
+                         name,
                          *(["--variant", "speculative"] if variant == "speculative" else [])]),
         f"ExecStart={quote_command(argv)}",
         "# The unit turns active only once the engine serves: start means serving.",

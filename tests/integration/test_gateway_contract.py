@@ -124,6 +124,9 @@ def test_requests_held_for_a_swap_that_fails_get_its_reason_at_once(
             async def swap() -> None:
                 w.sup.request_swap(CRASH)
             gw.run(swap)
+            # The gateway has heard of the swap (as a client's request during one would).
+            wait_for(lambda: (get(gw.url + "/health").json()["daemon"]["swap"] or {}).get(
+                "to") == CRASH)
         t, out = ask(gw, CRASH)
         wait_for(lambda: get(gw.url + "/health").json()["held_requests"] == 1)
         wait_for(lambda: bool(systemd.held))  # the swap is at its start step

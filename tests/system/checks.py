@@ -46,7 +46,8 @@ def status(box: Container) -> dict[str, Any] | None:
 
 
 def serving(box: Container, model: str) -> bool:
-    """sparkd reports `model` active and healthy, with no swap running."""
+    """sparkd reports `model` active and healthy, with no swap running (the status line may
+    go on with a condition of sparkd's own: a refused reload, say)."""
     s = status(box)
     return (s is not None and s["swap"] is None and s["active_model"] == model
-            and s["daemon"]["status_line"] == f"{model}: serving, healthy")
+            and s["daemon"]["status_line"].startswith(f"{model}: serving, healthy"))

@@ -69,3 +69,28 @@ def test_gateway_reconnects_when_sparkd_restarts(container: Container) -> None:
     out = container.exec(["systemctl", "show", "sparkd-gateway.service",
                           "--property=NRestarts"]).stdout
     assert out.strip() == "NRestarts=0"  # it reconnected; it was not restarted
+
+
+def test_gateway_prepares_a_large_body_in_its_worker_under_the_unit(container: Container
+                                                                     ) -> None:
+    """Bodies over 16 KiB are prepared in the gateway's worker process: it starts and works
+    inside the hardened unit (its user, its system call filter), and a malformed large body
+    is still an OpenAI-style 400 (issue 10)."""
+    container.wait_unit_active("sparkd-gateway.service", timeout=60)
+    wait_for("the gateway to see the default model healthy",
+             lambda: health(container).get("loaded") == [DEFAULT])
+    large = {"role": "user", "content": "word " * 5000}
+    body = json.dumps({"model": DEFAULT, "max_tokens": 4, "messages": [
+        large, {"role": "user", "content": "hello"}]})
+    reply = curl_json(container, "-H", "Content-Type: application/json", "--data-binary",
+                      body, GATEWAY + "/v1/chat/completions")
+    assert reply["choices"][0]["message"]["content"], reply
+    bad = json.dumps({"model": DEFAULT, "messages": [
+        large, {"role": "assistant", "content": "x", "tool_calls": 5}]})
+    refused = curl_json(container, "-H", "Content-Type: application/json", "--data-binary",
+                        bad, GATEWAY + "/v1/chat/completions")
+    assert refused["error"]["code"] == "invalid_type", refused
+    pid = container.exec(["systemctl", "show", "sparkd-gateway.service",
+                          "--property=MainPID", "--value"]).stdout.strip()
+    workers = container.exec(["ps", "-o", "user:32=,args=", "--ppid", pid]).stdout
+    assert "sparkd.gateway.worker" in workers and workers.split()[0] == "sparkd-gateway", workers

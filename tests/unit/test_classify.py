@@ -3,6 +3,7 @@ override; and (hypothesis) it never raises, whatever the body."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -99,3 +100,67 @@ JSONISH = st.recursive(
 def test_classifier_and_image_scan_never_raise(body: Any, ua: str) -> None:
     assert classify(body, user_agent=ua).workload in ("structured", "vision", "code", "chat")
     assert isinstance(image_urls(body), list)
+
+
+# --- linear and bounded (issue 10, item 1) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "def " + "a" * 65536,  # no closing colon: `\w+.*:` tried every split of the line (4.7 s)
+    "}" + "\t" * 20000 + ":x",  # two `[ \t]*` around an optional group (4.4 s)
+    "class A" + " x" * 32768,
+], ids=["def-without-colon", "brace-then-tabs", "class-long"])
+def test_a_long_hostile_line_is_classified_in_linear_time(text: str) -> None:
+    body = chat({"role": "user", "content": text})
+    assert best_of_three(lambda: classify(body)) < 0.05
+
+
+def test_the_classifier_reads_at_most_classifier_chars() -> None:
+    late_code = "def f(x):\n    return x\nimport os\n"
+    body = chat({"role": "user", "content": "prose " * 2000},
+                {"role": "user", "content": late_code})
+    assert classify(body).workload == "code"  # within the default 64 KiB
+    assert classify(body, max_chars=5000).workload == "chat"  # past the budget: not looked at
+    parts = chat({"role": "user", "content": [{"type": "text", "text": "x" * 5000},
+                                              {"type": "text", "text": late_code}]})
+    assert classify(parts, max_chars=100_000).workload == "code"
+    assert classify(parts, max_chars=5000).workload == "chat"
+
+
+def test_patterns_are_tried_at_line_starts_only() -> None:
+    rules = rules_from(code_patterns=[r"SQL>"])
+    assert classify(chat({"role": "user", "content": "SQL> a\nSQL> b"}),
+                    rules=rules).workload == "code"
+    assert classify(chat({"role": "user", "content": "a SQL> a\nb SQL> b"}),
+                    rules=rules).workload == "chat"
+
+
+def best_of_three(fn: Any) -> float:
+    """The shortest CPU time of three runs: the test machine is shared."""
+    times = []
+    for _ in range(3):
+        started = time.thread_time()
+        fn()
+        times.append(time.thread_time() - started)
+    return min(times)
+
+
+# Backtracking blows up on long repetitive runs: a prefix that starts a pattern (or not), then
+# a short motif of the characters the patterns care about, repeated up to 200,000 characters.
+PREFIXES = st.sampled_from(["", "def a", "class A", "async def f", "import a", "from a import ",
+                            "#include ", "public a ", "function f", "let a =", "if (", "}",
+                            "} else", "package a", "SELECT", "diff --git ", "@@ -1", "\t  "])
+MOTIFS = st.text(alphabet=" \t\n:;(){}<>[].=_aZ1#@-\"'`", min_size=1, max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prefix=PREFIXES, motif=MOTIFS, size=st.integers(1000, 200_000), role=st.sampled_from(
+    ["user", "system"]))
+def test_the_classifier_takes_linear_time_on_repetitive_text(
+    prefix: str, motif: str, size: int, role: str
+) -> None:
+    text = prefix + motif * (size // len(motif))
+    body = chat({"role": role, "content": text})
+    budget = max(0.005, len(text) * 0.050 / 100_000)  # 50 ms per 100 KB
+    assert best_of_three(lambda: classify(body, max_chars=len(text))) < budget, (
+        prefix, motif, size)

@@ -47,3 +47,16 @@ def test_render_status_says_what_is_going_on() -> None:
 def test_format_age() -> None:
     assert [format_age(s) for s in (5, 65, 3 * 3600 + 60, 3 * 86400)] == [
         "5s", "1m05s", "3h01m", "3d00h"]
+
+
+def test_render_status_says_what_is_wrong_with_sparkd_and_the_gateway() -> None:
+    out = io.StringIO()
+    s = sb.status(daemon=sb.daemon(config_refused="bad key", state_unsaved="No space left",
+                                   config="/var/lib/sparkd/accepted.toml"))
+    render_status(s, Console(file=out, width=200, color_system=None),
+                  gateway=("failed", "start-limit-hit"))
+    text = out.getvalue()
+    assert "the config file is refused; running on the last accepted one " \
+           "(/var/lib/sparkd/accepted.toml): bad key" in text
+    assert "the state is not on disk: No space left" in text
+    assert "gateway: failed (start-limit-hit)" in text

@@ -273,3 +273,32 @@ def test_minimum_download_rate_default_and_off() -> None:
 def test_an_external_url_has_no_spaces_or_control_characters() -> None:
     assert "models.x.url: expected an http:// or https:// URL" in err(
         '[models.x]\nengine = "external"\nurl = "http://h:1/v1\\n"\n')
+
+
+def test_every_error_is_listed_not_only_the_first() -> None:
+    text = """
+[daemon]
+default_modle = "a"
+[gateway]
+hold_seconds = "long"
+[models.a]
+engine = "sim"
+port = 9001
+memory_gb = 1
+[models.b]
+engine = "sim"
+port = 9002
+[models.c]
+engine = "warp"
+port = 9003
+[models.d]
+engine = "sim"
+port = 9002
+"""
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, source=Path("/etc/sparkd.toml"))
+    lines = err.value.message.splitlines()
+    assert [line.split(": ")[1] for line in lines] == [
+        "daemon.default_modle", "gateway.hold_seconds", "models.a.memory_gb",
+        "models.c.engine", "models.d.port"]
+    assert all(line.startswith("/etc/sparkd.toml: ") for line in lines)

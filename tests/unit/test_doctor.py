@@ -96,6 +96,7 @@ def test_sparkctl_doctor_exit_status_and_json(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["doctor", "--config", str(cfg)])
     assert res.exit_code == 1  # the daemon does not answer
     assert "FAIL  sparkd does not answer" in res.output
-    assert "fix: systemctl start sparkd" in res.output
+    assert ("fix: journalctl -u sparkd -n 50; systemctl reset-failed sparkd; "
+            "systemctl start sparkd") in res.output
     res = CliRunner().invoke(cli, ["doctor", "--json", "--config", str(cfg)])
     assert '"id": "units"' in res.output

@@ -17,6 +17,9 @@ PURE = (
     "sparkd.engine.fingerprints",
     "sparkd.gateway.rewrite",
     "sparkd.gateway.classify",
+    "sparkd.gateway.limits",
+    "sparkd.gateway.prepare",
+    "sparkd.gateway.worker",  # not pure (a process and pipes), but light: no aiohttp to start
     "sparkd.gateway.routing",
     "sparkd.gateway.routes",
     "sparkd.gateway.media",
@@ -26,6 +29,7 @@ PURE = (
     "sparkd.monitor.liveness",
     "sparkd.store.plan",
     "sparkd.config",
+    "sparkd.config_checks",
     "sparkd.control.codec",
     "sparkd.control.status",
     "sparkd.daemon.engines",

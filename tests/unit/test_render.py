@@ -317,7 +317,8 @@ def test_exec_lines_and_timeouts() -> None:
     (pre,) = unit_values(text, "ExecStartPre")
     assert pre.startswith("+")
     assert parse_exec(pre[1:]) == [
-        "/usr/bin/sparkd", "prestart", "--config", "/etc/sparkd.toml", "gpt-oss-120b",
+        "/usr/bin/sparkd", "prestart", "--config", "/var/lib/sparkd/accepted.toml",
+        "gpt-oss-120b",
     ]
     (post,) = unit_values(text, "ExecStartPost")
     assert parse_exec(post) == [
@@ -371,8 +372,12 @@ def test_header_is_one_comment_per_line_even_for_odd_sources() -> None:
     text = render_unit(c, c.model("sim-small"), systemd_version=252)
     header = text.split("\n\n")[0].split("\n")
     assert all(line.startswith("#") for line in header)
-    (pre,) = unit_values(text, "ExecStartPre")
-    assert parse_exec(pre[1:])[3] == "/etc/odd\nname %n.toml"
+    # Prestart reads the accepted copy in the state directory: an odd one round-trips too.
+    odd = '[daemon]\nstate_dir = "/var/lib/odd name %n;\\"x\\""\n'
+    c = parse_config(GOLDEN_TOML.replace("[daemon]\n", odd, 1), source=Path("/etc/sparkd.toml"))
+    (pre,) = unit_values(render_unit(c, c.model("sim-small"), systemd_version=252),
+                         "ExecStartPre")
+    assert parse_exec(pre[1:])[3] == '/var/lib/odd name %n;"x"/accepted.toml'
 
 
 @pytest.mark.parametrize(

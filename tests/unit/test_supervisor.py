@@ -46,7 +46,8 @@ def test_first_start_starts_the_default_model_and_reports_ready(tmp_path: Path) 
     # READY comes before the engine serves: sparkd answers sparkctl while a model loads.
     assert w.notes.sent.index("READY=1") < w.notes.sent.index("STATUS=a: serving, healthy")
     state, _ = StateStore(tmp_path / "state").load()
-    assert state == State(desired_model="a", boot_id="boot-2", clean_shutdown=False)
+    assert state == State(desired_model="a", boot_id="boot-2", clean_shutdown=False,
+                          last_swap_id=1)
 
 
 def test_running_engine_is_adopted_not_restarted(tmp_path: Path) -> None:

@@ -14,8 +14,11 @@ from sparkd.config import Config, parse_config
 from sparkd.daemon.supervisor import Supervisor
 from sparkd.engine.fingerprints import match_lines
 from sparkd.engine.plan import Snapshot, SwapStep, next_step, plan_swap
+from sparkd.engine.prestart import PrestartPlan, memory_gate
 from sparkd.engine.probe import ProbeResult
+from sparkd.engine.swap import start_failure_reason
 from sparkd.errors import SwapInProgress, SwapRefused, UnknownModel
+from sparkd.monitor.memory import MemInfo, SettleRule
 from sparkd.state import State, StateStore
 from sparkd.systemd.manager import UnitStatus
 
@@ -416,3 +419,47 @@ def test_a_bad_file_refuses_the_swap_while_the_old_model_keeps_serving(tmp_path:
     assert sup.state.desired_model == "a"
     assert sup.active_model() == "a"
     assert sup.state.last_failure_model == "b"
+
+
+def test_a_failed_start_says_its_real_reason_first(tmp_path: Path) -> None:
+    """The memory gate's refusal (the line prestart really writes) leads the failure, ahead of
+    the job result and the journal's tail."""
+    plan = PrestartPlan(model="crash", model_path=tmp_path, memory_gib=70, reserve_gib=4,
+                        settle=SettleRule())
+    refusal = memory_gate(plan, MemInfo(total=128 * GIB, free=GIB, available=60 * GIB,
+                                         cached=GIB)).line
+    lines = ["prestart crash: sync: 1 ms", *(f"noise {i}" for i in range(15)), refusal]
+    w = build(tmp_path, CONFIG, systemd=FakeSystemd(fail_start={"crash"}),
+              journal=lambda unit: lines if "crash" in unit else [])
+
+    async def scenario() -> Any:
+        await started(w.sup)
+        return await swap_and_wait(w.sup, "crash")
+
+    run = asyncio.run(scenario())
+    assert run.failure == (
+        "start: prestart crash: refused: needs 70.0 GiB + 4.0 GiB reserve, 60.0 GiB available"
+        " (stop other GPU work or lower memory_gib) (sparkd-engine@crash.service start job "
+        "failed, result exit-code, exit status 1); last lines: " + " | ".join(lines[-12:]))
+    assert start_failure_reason(["wait-healthy: http://x/health: not healthy after 900.0 s "
+                                 "(4500 probes, timeout 900 s): last HTTP 503"]) == (
+        "wait-healthy: http://x/health: not healthy after 900.0 s (4500 probes, timeout "
+        "900 s): last HTTP 503")
+    assert start_failure_reason(["nothing telling"]) is None
+
+
+def test_the_plan_says_when_the_target_would_not_fit_now(tmp_path: Path) -> None:
+    c = parse_config(CONFIG.format(state=tmp_path).replace(
+        "memory_gib = 100", "memory_gib = 14"), source=tmp_path / "x.toml")
+    a = unit("a", "active", "running", 7)
+    tight = Snapshot(mem_total=16 * GIB, mem_available=8 * GIB, units={"a": a},
+                     path_exists={})
+    plan = plan_swap(c, State(desired_model="a"), "huge", tight)
+    assert plan.fit_note == (
+        "huge would not fit now: it needs 14 GiB + 1 GiB reserve, about 8.0 GiB would be "
+        "available once sparkd-engine@a.service stop; prestart's memory gate would refuse the "
+        "start and the swap would roll back (stop other work on the machine first)")
+    assert plan.describe()[1] == f"warning: {plan.fit_note}"
+    roomy = Snapshot(mem_total=16 * GIB, mem_available=15 * GIB, units={"a": a},
+                     path_exists={})
+    assert plan_swap(c, State(desired_model="a"), "huge", roomy).fit_note is None
