@@ -40,6 +40,7 @@ help:
 	@echo "make deb               $(DEB)"
 	@echo "make lintian           lintian on the .deb (needs: apt-get install lintian)"
 	@echo "make demo              scripts/demo.py"
+	@echo "make engine-fixtures   tests/fixtures/engines/ from the real vLLM/SGLang parsers (downloads)"
 	@echo "make clean             build outputs and caches (keeps $(VENV) and the wheel cache)"
 	@echo "make distclean         clean, and $(VENV) and the wheel cache .whl/"
 
@@ -118,6 +119,15 @@ test: venv
 	done; \
 	if (( $${#failed[@]} )); then echo "make test: FAILED: $${failed[*]}"; exit 1; fi; \
 	echo "make test: all steps passed"
+
+# The real argument parsers of each supported vLLM and SGLang release, recorded as JSON for
+# tests/unit/test_engine_fixtures.py (docs/units.md "Engine versions"). Downloads each engine's
+# wheel and what its parser imports into throwaway venvs under $(ENGINE_VENVS); CI replays the
+# committed fixtures and does not run this.
+ENGINE_VENVS ?= /tmp/sparkd-engines
+.PHONY: engine-fixtures
+engine-fixtures: | $(PYTEST)
+	$(VENV)/bin/python scripts/engine_fixtures.py --venvs $(ENGINE_VENVS)
 
 .PHONY: demo
 demo: $(DEB) | $(PYTEST)

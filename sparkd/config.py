@@ -74,6 +74,8 @@ SHARED_DIRS: Final = frozenset({"/", "/run", "/var/run", "/var", "/tmp", "/var/t
 DAY_S: Final = 86400.0
 WEEK_S: Final = 7 * DAY_S
 MEMORY_MAX_GIB: Final = 1048576.0  # 1 PiB: far above any one machine, far below overflow
+# An engine release: vLLM/SGLang "0.34.0", "0.5.23.post1"; a llama.cpp build "11434"/"b11434".
+ENGINE_VERSION_RE: Final = re.compile(r"[vb]?\d+(\.\d+)*([.-]?(post|rc|dev)\d+)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +208,9 @@ class ModelConfig:
     # and whether a bad file found before a start is fetched again instead of refusing it.
     files: tuple[str, ...] = ()
     repair: bool = False
+    # The engine's version, pinned (None: detected from the installed engine). Picks the
+    # flags and environment sparkd renders (sparkd.engine.versions).
+    engine_version: str | None = None
 
     @property
     def unit_name(self) -> str:
@@ -635,6 +640,14 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
     if source is not None and not SOURCE_RE.fullmatch(source):
         v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
                source)
+    engine_version = v.opt_string(t, f"{key}.engine_version")
+    if engine_version is not None and (
+        engine not in ("vllm", "sglang", "llamacpp")
+        or not ENGINE_VERSION_RE.fullmatch(engine_version)
+    ):
+        v.fail(f"{key}.engine_version", 'a release of the engine such as "0.34.0" (vllm), '
+               '"0.5.23" (sglang) or "11434" (a llama.cpp build); vllm, sglang and llamacpp '
+               "only", engine_version)
     return ModelConfig(
         name=name,
         engine=engine,
@@ -655,4 +668,5 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
         idle_unload_minutes=idle,
         files=tuple(files),
         repair=v.boolean(t, f"{key}.repair", False),  # noqa: FBT003
+        engine_version=engine_version,
     )
