@@ -170,6 +170,10 @@ def read_keys_file(path: Path, *, check_mode: bool = True) -> Keys:
     except FileNotFoundError:
         raise ConfigError(f"{path}: gateway.keys_file not found (create a key with"
                           f" `sparkd gateway-key add NAME --file {path}`)") from None
+    except PermissionError:
+        raise _Unreadable(f"{path}: gateway.keys_file: this user may not read it: make it"
+                          " 0640 root:sparkd-gateway, or let the unit deliver it"
+                          " (LoadCredential=)") from None
     except OSError as exc:
         raise ConfigError(f"{path}: gateway.keys_file: cannot open: {exc.strerror}"
                           " (a symlink is refused)") from None
@@ -192,24 +196,38 @@ def read_keys_file(path: Path, *, check_mode: bool = True) -> Keys:
 
 
 def load_keys(keys_file: Path | None, environ: Mapping[str, str] = os.environ) -> Keys:
-    """The keys in force: the systemd credential `gateway-keys` when the unit delivers the
-    keys file as one (LoadCredential=, read by systemd as root), else gateway.keys_file,
+    """The keys in force: gateway.keys_file when this process may read it (so a reload sees
+    new keys), else the systemd credential `gateway-keys` the unit delivers (LoadCredential=,
+    read by systemd as root when the service starts: a key added since needs a restart),
     else none."""
-    creds = environ.get("CREDENTIALS_DIRECTORY")
-    if creds and keys_file is not None:
-        path = Path(creds) / CREDENTIAL
-        try:
-            with path.open("rb") as f:
-                placeholder = f.read(len(NO_KEYS_FILE) + 2).strip() in (
-                    b"", NO_KEYS_FILE.encode())
-            if not placeholder:
-                # systemd made it readable by this service's user only.
-                return read_keys_file(path, check_mode=False)
-        except FileNotFoundError:
-            pass
     if keys_file is None:
         return Keys()
-    return read_keys_file(keys_file)
+    try:
+        return read_keys_file(keys_file)
+    except _Unreadable as exc:
+        credential = _credential(environ)
+        if credential is None:
+            raise ConfigError(exc.message) from None
+        return credential
+
+
+def _credential(environ: Mapping[str, str]) -> Keys | None:
+    creds = environ.get("CREDENTIALS_DIRECTORY")
+    if not creds:
+        return None
+    path = Path(creds) / CREDENTIAL
+    try:
+        with path.open("rb") as f:
+            if f.read(len(NO_KEYS_FILE) + 2).strip() in (b"", NO_KEYS_FILE.encode()):
+                return None  # the unit's placeholder: systemd found no keys file
+    except OSError:  # none, or not ours
+        return None
+    # systemd made it readable by this service's user only.
+    return read_keys_file(path, check_mode=False)
+
+
+class _Unreadable(ConfigError):
+    """The keys file exists but this process may not read it (a credential may stand in)."""
 
 
 def check_keys(config: Config, environ: Mapping[str, str] = os.environ) -> Keys:

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 RESERVED_FDS: Final = 64  # log, control socket, listening sockets, config and key files
 LOG_EVERY_S: Final = 60.0
+SWEEP_BATCH: Final = 32  # connections closed per turn of the loop by a sweep
 
 
 # --- per request -------------------------------------------------------------------------------
@@ -373,10 +374,15 @@ class ConnectionGuard:
                   ", ".join(f"{k} {v}" for k, v in sorted(self._closed.items())),
                   level=logging.WARNING)
 
-    def sweep(self) -> None:
-        """Close what overstays its phase."""
+    def sweep(self, budget: int = SWEEP_BATCH) -> int:
+        """Close what overstays its phase, `budget` connections at most (closing one runs
+        aiohttp's teardown of it: hundreds that time out together, as connections opened
+        together do, held the loop for over 100 ms). How many were closed."""
         now = self.clock()
+        closed = 0
         for conn in list(self._evictable):
+            if closed >= budget:
+                break
             age = now - conn.since
             if conn.phase == Phase.HEADERS and age > self.header_timeout_s:
                 self._close(conn, "header_timeout")
@@ -386,12 +392,17 @@ class ConnectionGuard:
                 # read_body's own timeout answers 408 first; this is for a handler that
                 # never reads.
                 self._close(conn, "body_timeout")
+            else:
+                continue
+            closed += 1
+        return closed
 
     async def run(self) -> None:
-        """Sweep until cancelled."""
+        """Sweep until cancelled, a batch at a time with the loop's other work between."""
         while True:
             await asyncio.sleep(min(1.0, self.header_timeout_s / 4))
-            self.sweep()
+            while self.sweep() >= SWEEP_BATCH:
+                await asyncio.sleep(0)
 
 
 GUARD: Final = web.AppKey("guard", ConnectionGuard)

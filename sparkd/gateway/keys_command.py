@@ -3,6 +3,7 @@ stdout, alone on its line); the keys file keeps only its digest (docs/gateway.md
 
 from __future__ import annotations
 
+import grp
 import os
 import stat
 import sys
@@ -18,6 +19,7 @@ from sparkd.gateway import auth
 from sparkd.options import config_option
 
 DEFAULT_KEYS_FILE: Final = Path("/etc/sparkd/gateway-keys.toml")
+GATEWAY_GROUP: Final = "sparkd-gateway"  # packaging/sparkd.sysusers
 EXIT_ERROR: Final = 2
 
 
@@ -36,7 +38,12 @@ def _read(path: Path) -> tuple[str, int, int | None]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        return "", 0o600, None
+        # A new file: readable by the gateway's group, so that a reload sees new keys;
+        # 0600 where there is no such group (the unit's credential then delivers it).
+        try:
+            return "", 0o640, grp.getgrnam(GATEWAY_GROUP).gr_gid
+        except KeyError:
+            return "", 0o600, None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot open: {exc.strerror} (a symlink is refused)"
                           ) from None
@@ -82,4 +89,5 @@ def add(config_file: Path, name: str, file: Path | None, models: tuple[str, ...]
     click.echo(f"key {name!r} added to {path} (its digest only). The key, shown this once:",
                err=True)
     click.echo(secret)
-    click.echo("Then: systemctl reload sparkd-gateway", err=True)
+    click.echo("Then: systemctl reload sparkd-gateway (restart it instead when the gateway"
+               " cannot read the file itself and gets it as its credential)", err=True)

@@ -3,7 +3,12 @@ file and its mode, Host and Origin checks (issue 10 item 3)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -81,7 +86,13 @@ def test_the_keys_file_mode_is_checked(tmp_path: Path) -> None:
         auth.read_keys_file(tmp_path / "missing.toml")
 
 
-def test_a_systemd_credential_is_preferred_when_not_empty(tmp_path: Path) -> None:
+def test_the_keys_file_is_read_when_readable_else_the_systemd_credential(
+    request: pytest.FixtureRequest,
+) -> None:
+    """A keys file the gateway may read wins (a reload sees new keys); one it may not read
+    (0600 root) comes as the unit's credential; the unit's placeholder is no keys file."""
+    tmp_path = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own is 0700: not for nobody
+    request.addfinalizer(lambda: shutil.rmtree(tmp_path, ignore_errors=True))
     _, file_digest = auth.new_key()
     keys_file = tmp_path / "keys.toml"
     keys_file.write_text(auth.add_entry("", "from-file", file_digest))
@@ -89,15 +100,34 @@ def test_a_systemd_credential_is_preferred_when_not_empty(tmp_path: Path) -> Non
     creds = tmp_path / "creds"
     creds.mkdir()
     env = {"CREDENTIALS_DIRECTORY": str(creds)}
-    assert [e.name for e in auth.load_keys(keys_file, env).entries] == ["from-file"]
-    for placeholder in ("", auth.NO_KEYS_FILE):  # the unit's SetCredential= stand-in
-        (creds / auth.CREDENTIAL).write_text(placeholder)
-        assert [e.name for e in auth.load_keys(keys_file, env).entries] == ["from-file"]
     _, cred_digest = auth.new_key()
     (creds / auth.CREDENTIAL).write_text(auth.add_entry("", "from-cred", cred_digest))
     os.chmod(creds / auth.CREDENTIAL, 0o444)  # systemd's own mode is not ours to judge
-    assert [e.name for e in auth.load_keys(keys_file, env).entries] == ["from-cred"]
+    assert [e.name for e in auth.load_keys(keys_file, env).entries] == ["from-file"]
     assert not auth.load_keys(None, env)
+    if os.geteuid() != 0:
+        pytest.skip("reading as another user needs root")
+    # As a user who may not read the 0600 root file: the credential stands in.
+    tmp_path.chmod(0o755)
+    creds.chmod(0o755)
+    code = ("import json, sys; from sparkd.gateway import auth; from pathlib import Path\n"
+            "try:\n"
+            "    keys = auth.load_keys(Path(sys.argv[1]), {'CREDENTIALS_DIRECTORY': sys.argv[2]})"
+            "\n    print(json.dumps([e.name for e in keys.entries]))\n"
+            "except auth.ConfigError as exc:\n    print(json.dumps(exc.message))\n")
+
+    def as_nobody() -> object:
+        out = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                              sys.executable, "-c", code, str(keys_file), str(creds)],
+                             capture_output=True, text=True, check=True, cwd="/")
+        return json.loads(out.stdout)
+
+    assert as_nobody() == ["from-cred"]
+    for placeholder in ("", auth.NO_KEYS_FILE):  # the unit's SetCredential= stand-in
+        os.chmod(creds / auth.CREDENTIAL, 0o644)
+        (creds / auth.CREDENTIAL).write_text(placeholder)
+        message = as_nobody()
+        assert isinstance(message, str) and "may not read it" in message
 
 
 @pytest.mark.parametrize(("authorization", "api_key", "expected"), [

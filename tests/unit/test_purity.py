@@ -21,6 +21,9 @@ PURE = (
     "sparkd.gateway.prepare",
     "sparkd.gateway.worker",  # not pure (a process and pipes), but light: no aiohttp to start
     "sparkd.gateway.routing",
+    "sparkd.gateway.routes",
+    "sparkd.gateway.media",
+    "sparkd.gateway.auth",
     "sparkd.monitor.memory",
     "sparkd.monitor.psi",
     "sparkd.monitor.liveness",
