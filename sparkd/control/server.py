@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Any]]
 StreamHandler = Callable[[Request], AsyncIterator[Any]]
 
+# How long close() waits for the connections it ended to finish their cleanup.
+CLOSE_TIMEOUT_S = 1.0
+
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a Unix socket."""
@@ -74,6 +77,9 @@ class ControlServer:
         self._streams = dict(streams or {})
         self._server: asyncio.AbstractServer | None = None
         self._gid: int | None = None
+        # The task serving each open connection, ended by close().
+        self._clients: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,8 +96,19 @@ class ControlServer:
             log.warning("group %r does not exist: only root can use %s", self.group, self.path)
 
     async def close(self) -> None:
+        """Stop listening and end every connection, then return.
+
+        The connections are ended here, not waited for: since Python 3.12,
+        `Server.wait_closed()` waits until every client connection has closed (CPython
+        gh-79033), and a client may hold one open for good (the gateway's event stream, an
+        idle or stuck client), which made `systemctl stop sparkd` wait for SIGKILL."""
         if self._server is not None:
             self._server.close()
+            self._closing = True
+            for task in self._clients:
+                task.cancel()
+            if self._clients:
+                await asyncio.wait(set(self._clients), timeout=CLOSE_TIMEOUT_S)
             await self._server.wait_closed()
             self._server = None
 
@@ -102,6 +119,9 @@ class ControlServer:
         return (self._gid is not None and uid_in_group(uid, self._gid, gid)), uid
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._clients.add(task)
         try:
             sock = writer.get_extra_info("socket")
             allowed, uid = self._allowed(sock)
@@ -132,7 +152,15 @@ class ControlServer:
                 await writer.drain()
         except (ConnectionError, BrokenPipeError):
             return
+        except asyncio.CancelledError:
+            if self._closing:
+                # Ended by close(): a normal end (3.11's stream callback would log a
+                # cancelled connection task as an error).
+                return
+            raise
         finally:
+            if task is not None:
+                self._clients.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, BrokenPipeError):
                 await writer.wait_closed()
