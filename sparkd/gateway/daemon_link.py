@@ -80,6 +80,11 @@ def apply_event(state: GatewayState, config: Config, message: Event, *, now: flo
         state.swap_failures[message.swap.to] = (now, swap_failure_text(message.swap))
     if message.status is None:
         return
+    if message.status.daemon.state == "starting":
+        # A sparkd that has just started answers before it has adopted the running engines:
+        # its status lists none. Keep the last view (engines outlive a sparkd restart), or
+        # none yet (requests hold), until it runs.
+        return
     view = routing.view_from_status(message.status)
     state.update(view, routing.serving_table(config, view), now=now)
 
