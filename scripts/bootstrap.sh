@@ -14,7 +14,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PACKAGES=(
   systemd-container libsystemd-dev pkg-config gcc
   python3 python3-dev python3-pip python3-venv
-  dbus systemd dpkg-dev fakeroot curl openssl iproute2 util-linux
+  dbus systemd dpkg-dev fakeroot curl openssl iproute2 util-linux procps
+  debootstrap debian-archive-keyring lintian
 )
 APT_STAMP=/var/lib/apt/periodic/sparkd-bootstrap-update-success
 VENV=.venv
