@@ -159,11 +159,17 @@ class ControlServer:
                 return
             raise
         finally:
-            if task is not None:
-                self._clients.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError, BrokenPipeError):
-                await writer.wait_closed()
+            try:
+                writer.close()
+                with contextlib.suppress(ConnectionError, BrokenPipeError):
+                    await writer.wait_closed()
+            except asyncio.CancelledError:
+                if not self._closing:
+                    raise
+            finally:
+                # Only now: close() waits for a connection until it is closed for good.
+                if task is not None:
+                    self._clients.discard(task)
 
     def _stream_for(self, line: bytes) -> AsyncIterator[Any] | None:
         try:
