@@ -50,7 +50,8 @@ async def follow_daemon(app: web.Application) -> None:
                     state.bad_message(exc.message)
                     continue
                 settings = app[CONFIG].current
-                if message.status is not None and not state.view.connected:
+                if (message.status is not None and not state.view.connected
+                        and message.status.daemon.state != "starting"):
                     event(log, "gateway_daemon_connected", "following sparkd's events on %s",
                           path)
                 apply_event(state, settings.config, message, now=settings.clock())
