@@ -58,7 +58,7 @@ $(PYTEST):
 
 .PHONY: lint
 lint: | $(PYTEST)
-	$(VENV)/bin/ruff check sparkd tests bench scripts
+	$(VENV)/bin/ruff check sparkd tests bench scripts packaging
 
 .PHONY: typecheck
 # One mypy run per tree: the test directories have no __init__.py and import their sibling
@@ -72,6 +72,7 @@ typecheck: | $(PYTEST)
 	MYPYPATH=bench:tests/system $(VENV)/bin/mypy --strict bench
 	MYPYPATH=bench:tests/system $(VENV)/bin/mypy --strict scripts
 	$(VENV)/bin/mypy --strict tests/conftest.py
+	$(VENV)/bin/mypy --strict packaging
 
 .PHONY: test-unit test-integration test-system test-system-trixie
 test-unit: | $(PYTEST)

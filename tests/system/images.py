@@ -10,9 +10,10 @@ Two directories per image under CACHE (default /var/cache/sparkd-test), keyed by
 everything that goes into them (suite, mirror, package lists, IMAGE_VERSION), so a change to
 any of them makes a new image and an unchanged one is reused:
 
-    CACHE/trixie-STAMP/root     debootstrap minbase plus what the package and the tests
-                                need at run time, nothing more: the test containers' lower
-                                directory (a missing dependency of the package shows here)
+    CACHE/trixie-STAMP/root     debootstrap minbase plus what the tests need to boot and
+                                run, plus the built package's Depends, nothing more: the
+                                test containers' lower directory (a program the package
+                                runs without depending on it is missing here)
     CACHE/trixie-STAMP/build/   an overlay of root with the build tools (compiler, headers,
                                 pip, dpkg-dev) and sparkd's source: packaging/build-deb.sh runs
                                 there, with that root's own python3 and dpkg-deb, in a
@@ -45,11 +46,12 @@ log = logging.getLogger("images")
 IMAGE_VERSION = "1"
 CACHE = Path(os.environ.get("SPARKD_TEST_IMAGE_CACHE", "/var/cache/sparkd-test"))
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-# What the .deb needs at run time, and what the tests run inside the container. The
-# package's own Depends are NOT all listed: dpkg -i in the test then fails on one that the
-# image lacks, which is the point (procps, for instance, comes only through this list
-# because the package depends on it: remove it from the Depends and the tests fail).
-RUNTIME_PACKAGES = ("systemd", "dbus", "python3", "procps", "curl")
+# What a container needs to boot, and what the tests run inside it. The package's own
+# dependencies are installed into the root after each build, from the .deb's Depends
+# (apt-get satisfy), and nothing else: a program the package runs but does not depend on is
+# missing there (procps, for /bin/kill, comes only through the Depends: drop it and the
+# reload test fails on this image).
+RUNTIME_PACKAGES = ("systemd", "dbus", "python3", "curl")
 BUILD_PACKAGES = (
     "python3-pip",
     "python3-dev",
@@ -152,6 +154,14 @@ def host_ca_bundle() -> Path | None:
     return None
 
 
+def install_dependencies(root: Path, deb: Path) -> None:
+    """The .deb's Depends into the runtime root (already there: a no-op of a second)."""
+    depends = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    nspawn(root, ["apt-get", "satisfy", "-y", "-q", "--no-install-recommends", depends])
+    nspawn(root, ["apt-get", "clean"])
+
+
 def nspawn(merged: Path, argv: Sequence[str], *, chdir: str = "/") -> None:
     """argv in the build root: its own /proc and /dev, the host's network (apt, pip) and
     the host's CA certificates for pip."""
@@ -210,6 +220,7 @@ def prepare(name: str) -> tuple[Path, Path]:
     with locked(CACHE / f".{image.name}.lock"):
         root = make_root(image, base, mirror)
         deb = build_deb(image, base, root)
+        install_dependencies(root, deb)
     # Images of older stamps are left over from an earlier version of this file.
     for stale in CACHE.glob(f"{image.name}-*"):
         if stale != base and stale.is_dir() and not (stale / "build/merged").is_mount():
