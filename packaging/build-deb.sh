@@ -96,17 +96,40 @@ sys.exit(main())
 EOF
   chmod 0755 "$STAGE/usr/bin/$1"
 }
-write_wrapper sparkd sparkd.main
-write_wrapper sparkctl sparkd.ctl.main
+declare -A PROGRAM_MODULE=([sparkd]=sparkd.main [sparkctl]=sparkd.ctl.main)
+for program in "${!PROGRAM_MODULE[@]}"; do
+  write_wrapper "$program" "${PROGRAM_MODULE[$program]}"
+done
 
-# 4. Units, configuration, systemd integration, documentation.
-install -d "$STAGE/lib/systemd/system" "$STAGE/etc" "$STAGE/usr/lib/sysusers.d" \
-  "$STAGE/usr/lib/tmpfiles.d" "$STAGE$DOCDIR" "$STAGE/usr/share/lintian/overrides"
+# 4. Units, configuration, systemd integration, documentation. Units go to
+#    /usr/lib/systemd/system (Debian 13's and Ubuntu 24.04's path, also read by Debian 12's
+#    systemd; /lib is a symlink to /usr/lib on every merged-/usr system).
+UNITDIR=/usr/lib/systemd/system
+install -d "$STAGE$UNITDIR" "$STAGE/etc" "$STAGE/usr/lib/sysusers.d" \
+  "$STAGE/usr/lib/tmpfiles.d" "$STAGE$DOCDIR" "$STAGE/usr/share/lintian/overrides" \
+  "$STAGE/usr/share/man/man1" "$STAGE/usr/share/bash-completion/completions"
 for unit in units/*; do
   case "$unit" in
     *.service | *.socket | *.target | *.timer | *.path | *.slice)
-      install -m 0644 "$unit" "$STAGE/lib/systemd/system/" ;;
+      install -m 0644 "$unit" "$STAGE$UNITDIR/" ;;
   esac
+done
+
+# Manual pages and bash completion, generated from the click commands being packaged, by
+# the python the package depends on. The page's date is the commit's (reproducible).
+MAN_DATE=$(git log -1 --format=%cs 2>/dev/null || date -u +%Y-%m-%d)
+for program in sparkctl sparkd; do
+  PYTHONPATH="$STAGE$LIBDIR" "$PYTHON" -s -B packaging/manpage.py "$program" "$VERSION" "$MAN_DATE" \
+    >"$BUILD_DIR/$program.1" || die "the manual page of $program could not be generated"
+  gzip -9n <"$BUILD_DIR/$program.1" >"$STAGE/usr/share/man/man1/$program.1.gz"
+  # click's own bash completion script: it asks the command itself, which completes model
+  # names from the config (sparkd/ctl/complete.py). $program has no dash: _SPARKCTL_COMPLETE.
+  env "_${program^^}_COMPLETE=bash_source" "$PYTHON" -I -B -c \
+    "import sys; sys.path.insert(0, '$STAGE$LIBDIR'); from ${PROGRAM_MODULE[$program]} import cli; cli(prog_name='$program')" \
+    >"$STAGE/usr/share/bash-completion/completions/$program" ||
+    die "the bash completion of $program could not be generated"
+  grep -q "complete " "$STAGE/usr/share/bash-completion/completions/$program" ||
+    die "the bash completion of $program has no complete command"
 done
 install -m 0644 etc/sparkd.toml "$STAGE/etc/sparkd.toml"
 install -m 0644 packaging/sparkd.sysusers "$STAGE/usr/lib/sysusers.d/sparkd.conf"
@@ -164,7 +187,8 @@ if command -v dpkg-shlibdeps >/dev/null; then
 fi
 install -d "$STAGE/DEBIAN"
 INSTALLED_SIZE=$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)
-DEPENDS="python3 (>= $PY_MINOR), python3 (<< $PY_NEXT), ${SHLIBS_DEPENDS:-libc6, libsystemd0}"
+# procps: /bin/kill, which the units' ExecReload= runs (a minimal Debian has none).
+DEPENDS="python3 (>= $PY_MINOR), python3 (<< $PY_NEXT), ${SHLIBS_DEPENDS:-libc6, libsystemd0}, procps"
 sed -e "s#@VERSION@#$VERSION#" -e "s#@ARCH@#$ARCH#" -e "s#@INSTALLED_SIZE@#$INSTALLED_SIZE#" \
   -e "s#@DEPENDS@#$DEPENDS#" -e "s#@MAINTAINER@#$MAINTAINER#" \
   packaging/debian/control.in >"$STAGE/DEBIAN/control"

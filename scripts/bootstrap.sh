@@ -14,7 +14,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PACKAGES=(
   systemd-container libsystemd-dev pkg-config gcc
   python3 python3-dev python3-pip python3-venv
-  dbus systemd dpkg-dev fakeroot curl openssl iproute2 util-linux
+  dbus systemd dpkg-dev fakeroot curl openssl iproute2 util-linux procps
+  debootstrap debian-archive-keyring lintian
   # scripts/build-llama-server.sh: the real llama-server the tests run, built from source;
   # strace slows its model load down in one test (tests/integration/test_llama_server.py)
   cmake g++ make strace

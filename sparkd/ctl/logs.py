@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import click
 
+from sparkd.ctl.complete import complete_model
 from sparkd.ctl.exits import run
 from sparkd.errors import SparkdError
 
@@ -95,7 +96,8 @@ def render(lines: Iterable[str], *, as_json: bool) -> None:
 
 @click.command()
 @click.option("--event", help="Only this event (swap_done, rollback, engine_hung, ...).")
-@click.option("--model", help="Only this model: sparkd's events about it and its engine's output.")
+@click.option("--model", shell_complete=complete_model,
+              help="Only this model: sparkd's events about it and its engine's output.")
 @click.option("--since", help="Since this time (journalctl syntax: '10 min ago', '09:00').")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new entries.")
 @click.option("-n", "--lines", default=200, show_default=True, help="At most this many entries.")

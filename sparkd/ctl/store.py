@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import click
 
 from sparkd.config import load_config
+from sparkd.ctl.complete import complete_model
 from sparkd.ctl.exits import ExitStatus, run
 from sparkd.errors import SparkdError
 from sparkd.options import config_option, json_option
@@ -222,7 +223,7 @@ def _run_store(
 @click.command("pull")
 @config_option
 @json_option
-@click.argument("name")
+@click.argument("name", shell_complete=complete_model)
 @click.pass_context
 def pull(ctx: click.Context, config_file: Path, name: str, *, as_json: bool) -> None:
     """Fetch model NAME's files from its source, verified: SHA-256 of every file, ranged
@@ -244,7 +245,7 @@ def pull(ctx: click.Context, config_file: Path, name: str, *, as_json: bool) -> 
 @json_option
 @click.option("--full", is_flag=True, help="Hash every file, not only those that changed.")
 @click.option("--repair", is_flag=True, help="Fetch the BAD and MISSING files again.")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_model)
 @click.pass_context
 def verify(
     ctx: click.Context,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from sparkd.ctl.complete import complete_model
 from sparkd.ctl.exits import run
 from sparkd.errors import DaemonUnreachable, SparkdError, SwapFailed, SwapRefused, WaitTimeout
 from sparkd.options import config_option, json_option
@@ -43,7 +44,7 @@ TIMEOUT = Seconds()
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_model)
 @config_option
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--no-wait", is_flag=True, help="Return once sparkd has accepted the swap.")

@@ -265,6 +265,11 @@ class Supervisor:
                 view.unit.sub_state,
                 SPARKD_MODEL=name,
             )
+            # An active one is probed now, so that the first status (READY, the gateway's
+            # routing view) says whether it serves, not "health unknown" until the first
+            # health check (the gateway held requests for an engine that served all along).
+            if view.unit.active_state == "active":
+                view.health = await self.deps.probe(view.health_url)
             self.spawn(self.start_speculative(name))
             return
         # Started as a swap from nothing: the same health gate, and a rollback to the last

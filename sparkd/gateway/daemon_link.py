@@ -50,7 +50,8 @@ async def follow_daemon(app: web.Application) -> None:
                     state.bad_message(exc.message)
                     continue
                 settings = app[CONFIG].current
-                if message.status is not None and not state.view.connected:
+                if (message.status is not None and not state.view.connected
+                        and message.status.daemon.state != "starting"):
                     event(log, "gateway_daemon_connected", "following sparkd's events on %s",
                           path)
                 apply_event(state, settings.config, message, now=settings.clock())
@@ -81,6 +82,11 @@ def apply_event(state: GatewayState, config: Config, message: Event, *, now: flo
     if message.event == "swap_failed" and message.swap is not None:
         state.swap_failures[message.swap.to] = (now, swap_failure_text(message.swap))
     if message.status is None:
+        return
+    if message.status.daemon.state == "starting":
+        # A sparkd that has just started answers before it has adopted the running engines:
+        # its status lists none. Keep the last view (engines outlive a sparkd restart), or
+        # none yet (requests hold), until it runs.
         return
     view = routing.view_from_status(message.status)
     state.update(view, routing.serving_table(config, view), now=now)

@@ -24,6 +24,10 @@ from harness import (
 
 REPO = Path(__file__).resolve().parents[2]
 SKIP_VARIABLE = "SPARKD_SKIP_SYSTEM"
+# Another root filesystem than the host's, and the package built in it (tests/system/images.py;
+# `make test-system-trixie` sets both).
+IMAGE_VARIABLE = "SPARKD_TEST_IMAGE_ROOT"
+DEB_VARIABLE = "SPARKD_TEST_DEB"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,21 +49,31 @@ def system_prerequisites() -> None:
 
 
 @pytest.fixture(scope="session")
+def image_root() -> Path:
+    """The containers' lower directory: the host's / unless $SPARKD_TEST_IMAGE_ROOT says."""
+    root = Path(os.environ.get(IMAGE_VARIABLE) or "/")
+    if not (root / "usr/lib/systemd/systemd").exists():
+        pytest.fail(f"{IMAGE_VARIABLE}={root}: no systemd in that root", pytrace=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def deb_path() -> Path:
-    """The package `make deb` built for this checkout's version."""
-    deb = built_deb(REPO)
+    """The package `make deb` built for this checkout's version (or $SPARKD_TEST_DEB)."""
+    deb = Path(os.environ[DEB_VARIABLE]) if os.environ.get(DEB_VARIABLE) else built_deb(REPO)
     if not deb.is_file():
         pytest.fail(f"{deb} does not exist: run `make deb` (make test-system does)", pytrace=False)
     return deb
 
 
 @pytest.fixture
-def make_container(deb_path: Path) -> Iterator[ContainerFactory]:
+def make_container(deb_path: Path, image_root: Path) -> Iterator[ContainerFactory]:
     """Booted, running containers of this test's own (the package is not installed):
     `box = make_container()`. All are cleaned up when the test ends."""
     made: list[Container] = []
 
     def make(**kwargs: Any) -> Container:
+        kwargs.setdefault("image", image_root)
         box = Container(deb_dir=deb_path.parent, src_dir=REPO, **kwargs)
         made.append(box)
         box.boot()
@@ -78,11 +92,11 @@ def make_container(deb_path: Path) -> Iterator[ContainerFactory]:
 
 
 @pytest.fixture(scope="module")
-def container(deb_path: Path) -> Iterator[Container]:
+def container(deb_path: Path, image_root: Path) -> Iterator[Container]:
     """One booted container per test module, with the sparkd package installed and
     sparkd.service active. Tests of a module share it: one that cuts its power must boot()
     and wait_running() it again before it returns."""
-    with Container(deb_dir=deb_path.parent, src_dir=REPO) as box:
+    with Container(deb_dir=deb_path.parent, src_dir=REPO, image=image_root) as box:
         box.boot()
         box.wait_running()
         box.install_deb(deb_path.name)

@@ -18,7 +18,7 @@ inside through `nsenter` into the namespaces of its PID 1 (there is no machined,
 Layout on the host, under one temporary directory per container:
 
     DIR/fs/{upper,work}   a tmpfs: everything the container ever wrote, across boots
-    DIR/root              the overlay (lowerdir=/): the container's root
+    DIR/root              the overlay (lowerdir=/, or image=): the container's root
     DIR/nspawn.log        what systemd-nspawn and the container's console printed, all boots
 
 What a power cut here does and does not do: it kills every process of the container at once
@@ -320,8 +320,12 @@ class Container:
         tmpfs_size: str = "6g",
         extra_masks: Iterable[str] = (),
         extra_nspawn_args: Sequence[str] = (),
+        image: Path = Path("/"),
     ) -> None:
         self.name = name or f"sparkd-test-{uuid.uuid4().hex[:8]}"
+        # The overlay's lower directory: the host's / by default, or a root filesystem such
+        # as the Debian 13 one tests/system/image.sh makes (tests/system/images.py).
+        self.image = image.resolve()
         self.deb_dir = deb_dir.resolve() if deb_dir else None
         self.src_dir = src_dir.resolve() if src_dir else None
         self.tmpfs_size = tmpfs_size
@@ -391,7 +395,7 @@ class Container:
             )
             (fs / "upper").mkdir()
             (fs / "work").mkdir()
-        options = f"lowerdir=/,upperdir={fs}/upper,workdir={fs}/work"
+        options = f"lowerdir={self.image},upperdir={fs}/upper,workdir={fs}/work"
         _run(["mount", "-t", "overlay", "-o", options, f"{self.name}-root", str(root)])
         self._mounted = True
         if first:
@@ -418,7 +422,7 @@ class Container:
         (root / "etc/hostname").write_text(f"{self.name}\n")
         # A persistent journal, so `journalctl -b -1` shows the boot before a power cut.
         (root / "var/log/journal").mkdir(parents=True, exist_ok=True)
-        masked = [*units_to_mask(), *self.extra_masks]
+        masked = [*units_to_mask(self.image), *self.extra_masks]
         unit_dir = root / "etc/systemd/system"
         for unit in masked:
             link = unit_dir / unit

@@ -60,6 +60,20 @@ def test_running_engine_is_adopted_not_restarted(tmp_path: Path) -> None:
     assert w.sup.active_model() == "a"
 
 
+def test_an_adopted_engine_is_probed_before_sparkd_says_it_runs(tmp_path: Path) -> None:
+    """The first status of a restarted sparkd (the one the gateway routes by) already says
+    whether the engine it adopted is healthy: "health unknown" there made the gateway hold
+    requests for an engine that served all along (the package upgrade test)."""
+    w = world(tmp_path)
+    w.systemd.set("a", "active", "running", pid=42)
+    run(w.sup.start())  # not quiesced: no health check has run yet
+    engine = next(e for e in w.sup.status().engines if e.model == "a")
+    assert engine.health is not None and engine.health.ok is True
+    assert "STATUS=a: serving, healthy" in w.notes.sent
+    assert w.notes.sent.index("STATUS=a: serving, healthy") < w.notes.sent.index("READY=1")
+    run(w.sup.quiesce())
+
+
 def test_desired_model_from_state_wins_over_default(tmp_path: Path) -> None:
     StateStore(tmp_path / "state").save(State(desired_model="b", boot_id="boot-1",
                                               clean_shutdown=True))
@@ -102,7 +116,7 @@ def test_health_and_status_line(tmp_path: Path) -> None:
     w.systemd.set("a", "active", "running", pid=42)
     run(started(w.sup))
     run(w.sup.check_health())
-    assert w.notes.sent[-1] == "STATUS=a: serving, healthy"
+    assert "STATUS=a: serving, healthy" in w.notes.sent
     status = w.sup.status()
     a = status.engines[0]
     assert a.health is not None and a.health.ok is True and a.health.status == 200
