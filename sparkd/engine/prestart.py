@@ -14,7 +14,10 @@ page cache as used):
    root, read-only /proc/sys in a container), `posix_fadvise(DONTNEED)` on every regular file
    under the model's path instead: the root-free way to evict one checkpoint;
 3. wait until MemAvailable stops rising (an engine that just exited is still giving memory back),
-   bounded by `daemon.settle_timeout_s`; a timeout is reported and the gate decides;
+   bounded by `daemon.settle_timeout_s`; a timeout is reported and the gate decides. Skipped
+   when systemd says no sparkd engine is stopping or stopped within the last
+   `settle_timeout_s` (the first start of a boot, after a power cut say): nothing is giving
+   memory back then, and the wait was ~0.45 s of nothing (`settle_needed`);
 4. the memory gate: refuse (exit 1) when memory_gib + daemon.memory_reserve_gib is more than
    MemAvailable.
 
@@ -37,7 +40,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
@@ -107,6 +110,8 @@ class PrestartPlan:
     reserve_gib: float
     settle: SettleRule
     interval_s: float = SETTLE_INTERVAL_S
+    # Why settling can be skipped (no engine stopped lately); None: settle.
+    settle_skip: str | None = None
 
     @property
     def need_bytes(self) -> int:
@@ -270,6 +275,9 @@ def _settle(
     if plan.settle.timeout_s <= 0:
         log("settle: skipped (daemon.settle_timeout_s = 0)")
         return None, first
+    if plan.settle_skip is not None:
+        log(f"settle: skipped ({plan.settle_skip})")
+        return None, first
     tracker = SettleTracker(total=first.total, rule=plan.settle)
     mem = first
     verdict = tracker.add(system.monotonic(), mem.available)
@@ -292,6 +300,60 @@ def _settle(
             "going on to the memory gate"
         )
     return verdict.state, mem
+
+
+@dataclass(frozen=True, slots=True)
+class EngineUnitState:
+    """What `systemctl show` says of one sparkd engine unit."""
+
+    unit: str
+    active_state: str
+    inactive_since_us: int  # InactiveEnterTimestampMonotonic: 0 when it never stopped
+
+
+def settle_needed(units: list[EngineUnitState] | None, *, now_us: int, timeout_s: float,
+                  own_unit: str) -> str | None:
+    """Why prestart must wait for memory to settle, or None when it may skip the wait: no
+    other sparkd engine is stopping, and none (this one included: a crash and restart)
+    stopped within the last `timeout_s`. Unknown units (systemd did not answer): settle."""
+    if units is None:
+        return "systemd did not say which engines stopped"
+    for u in units:
+        if u.unit != own_unit and u.active_state == "deactivating":
+            return f"{u.unit} is stopping"
+        if u.inactive_since_us > 0 and now_us - u.inactive_since_us < timeout_s * 1e6:
+            return f"{u.unit} stopped {(now_us - u.inactive_since_us) / 1e6:.1f} s ago"
+    return None
+
+
+def parse_engine_units(text: str) -> list[EngineUnitState]:
+    """`systemctl show -p Id,ActiveState,InactiveEnterTimestampMonotonic UNITS...`:
+    blocks separated by empty lines."""
+    found: list[EngineUnitState] = []
+    for block in text.strip().split("\n\n"):
+        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        if "Id" in props:
+            found.append(EngineUnitState(props["Id"], props.get("ActiveState", ""),
+                                         int(props.get("InactiveEnterTimestampMonotonic") or 0)))
+    return found
+
+
+def read_engine_units() -> list[EngineUnitState] | None:
+    """Every loaded sparkd engine unit, from systemctl; None when it cannot say."""
+    import subprocess
+
+    try:
+        res = subprocess.run(
+            ["systemctl", "show", "-p", "Id,ActiveState,InactiveEnterTimestampMonotonic",
+             "sparkd-engine@*.service"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode != 0:
+        return None
+    try:
+        return parse_engine_units(res.stdout)
+    except ValueError:
+        return None
 
 
 def _signed(n: int) -> str:
@@ -397,6 +459,13 @@ def command(config_file: Path, name: str, variant: Variant) -> None:
 
     if not prestart_verify(config, name, _stderr):
         sys.exit(ExitStatus.REFUSED)
+    unit = config.models[name].unit_for(variant)
+    if plan.settle.timeout_s > 0 and settle_needed(
+        read_engine_units(), now_us=time.monotonic_ns() // 1000,
+        timeout_s=plan.settle.timeout_s, own_unit=unit,
+    ) is None:
+        plan = replace(plan, settle_skip=f"no sparkd engine stopped in the last "
+                       f"{plan.settle.timeout_s:g} s: nothing is giving memory back")
     try:
         run_prestart(plan, RealSystem(), _stderr)
     except PrestartRefused as exc:
