@@ -15,9 +15,11 @@ page cache as used):
    under the model's path instead: the root-free way to evict one checkpoint;
 3. wait until MemAvailable stops rising (an engine that just exited is still giving memory back),
    bounded by `daemon.settle_timeout_s`; a timeout is reported and the gate decides. Skipped
-   when systemd says no sparkd engine is stopping or stopped within the last
+   when no sparkd engine stopped (or died) within the last
    `settle_timeout_s` (the first start of a boot, after a power cut say): nothing is giving
-   memory back then, and the wait was ~0.45 s of nothing (`settle_needed`);
+   memory back then, and the wait was ~0.45 s of nothing (`settle_needed`). Engine units touch
+   ENGINE_STOPPED_STAMP in ExecStopPost; systemd itself cannot say (it unloads a unit that
+   stopped cleanly, and its timestamps with it);
 4. the memory gate: refuse (exit 1) when memory_gib + daemon.memory_reserve_gib is more than
    MemAvailable.
 
@@ -47,6 +49,7 @@ from typing import Final, Literal, Protocol
 import click
 
 from sparkd.config import Config, Variant, load_config
+from sparkd.engine.unit import ENGINE_STOPPED_STAMP
 from sparkd.errors import ConfigError, PrestartRefused, UnknownModel
 from sparkd.monitor.memory import (
     GIB,
@@ -302,58 +305,28 @@ def _settle(
     return verdict.state, mem
 
 
-@dataclass(frozen=True, slots=True)
-class EngineUnitState:
-    """What `systemctl show` says of one sparkd engine unit."""
-
-    unit: str
-    active_state: str
-    inactive_since_us: int  # InactiveEnterTimestampMonotonic: 0 when it never stopped
-
-
-def settle_needed(units: list[EngineUnitState] | None, *, now_us: int, timeout_s: float,
-                  own_unit: str) -> str | None:
+def settle_needed(stopped_at: float | None, *, now: float, timeout_s: float) -> str | None:
     """Why prestart must wait for memory to settle, or None when it may skip the wait: no
-    other sparkd engine is stopping, and none (this one included: a crash and restart)
-    stopped within the last `timeout_s`. Unknown units (systemd did not answer): settle."""
-    if units is None:
-        return "systemd did not say which engines stopped"
-    for u in units:
-        if u.unit != own_unit and u.active_state == "deactivating":
-            return f"{u.unit} is stopping"
-        if u.inactive_since_us > 0 and now_us - u.inactive_since_us < timeout_s * 1e6:
-            return f"{u.unit} stopped {(now_us - u.inactive_since_us) / 1e6:.1f} s ago"
+    sparkd engine stopped (or died: ExecStopPost runs after a crash too) within the last
+    `timeout_s`. `stopped_at` is the stamp's time (None: no engine stopped since boot)."""
+    if stopped_at is None:
+        return None
+    ago = now - stopped_at
+    if ago < timeout_s:
+        # A negative age (the clock stepped back) settles too.
+        return f"an engine stopped {max(ago, 0.0):.1f} s ago"
     return None
 
 
-def parse_engine_units(text: str) -> list[EngineUnitState]:
-    """`systemctl show -p Id,ActiveState,InactiveEnterTimestampMonotonic UNITS...`:
-    blocks separated by empty lines."""
-    found: list[EngineUnitState] = []
-    for block in text.strip().split("\n\n"):
-        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-        if "Id" in props:
-            found.append(EngineUnitState(props["Id"], props.get("ActiveState", ""),
-                                         int(props.get("InactiveEnterTimestampMonotonic") or 0)))
-    return found
-
-
-def read_engine_units() -> list[EngineUnitState] | None:
-    """Every loaded sparkd engine unit, from systemctl; None when it cannot say."""
-    import subprocess
-
+def read_stopped_stamp(path: Path = Path(ENGINE_STOPPED_STAMP)) -> float | None:
+    """When an engine last stopped (the stamp's mtime), None when none did since boot; an
+    unreadable stamp counts as just now (settle)."""
     try:
-        res = subprocess.run(
-            ["systemctl", "show", "-p", "Id,ActiveState,InactiveEnterTimestampMonotonic",
-             "sparkd-engine@*.service"], capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
+        return path.stat().st_mtime
+    except FileNotFoundError:
         return None
-    if res.returncode != 0:
-        return None
-    try:
-        return parse_engine_units(res.stdout)
-    except ValueError:
-        return None
+    except OSError:
+        return time.time()
 
 
 def _signed(n: int) -> str:
@@ -459,10 +432,8 @@ def command(config_file: Path, name: str, variant: Variant) -> None:
 
     if not prestart_verify(config, name, _stderr):
         sys.exit(ExitStatus.REFUSED)
-    unit = config.models[name].unit_for(variant)
     if plan.settle.timeout_s > 0 and settle_needed(
-        read_engine_units(), now_us=time.monotonic_ns() // 1000,
-        timeout_s=plan.settle.timeout_s, own_unit=unit,
+        read_stopped_stamp(), now=time.time(), timeout_s=plan.settle.timeout_s
     ) is None:
         plan = replace(plan, settle_skip=f"no sparkd engine stopped in the last "
                        f"{plan.settle.timeout_s:g} s: nothing is giving memory back")

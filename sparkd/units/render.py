@@ -23,7 +23,13 @@ from collections.abc import Iterable
 from typing import Final
 
 from sparkd.config import ACCOUNT_NAME_RE, EXEC_PREFIXES, Config, EngineKind, ModelConfig, Variant
-from sparkd.engine.unit import ENGINE_HOST, TIMEOUT_STOP_S, health_url, start_timeout_s
+from sparkd.engine.unit import (
+    ENGINE_HOST,
+    ENGINE_STOPPED_STAMP,
+    TIMEOUT_STOP_S,
+    health_url,
+    start_timeout_s,
+)
 from sparkd.errors import ConfigError
 
 #: A line that marks a unit file as written by sparkd. The reconciler only ever rewrites or
@@ -230,6 +236,9 @@ def render_unit(
                          "--timeout", _number(model.load_timeout_s)])
         # systemd expands $MAINPID here: wait-healthy stops when the engine has died.
         + " --pid $MAINPID",
+        "# As root (+), after every stop or crash: note when an engine last stopped; the next",
+        "# prestart waits for memory to settle only when one stopped lately (- : never fails).",
+        f"ExecStopPost=-+/bin/touch {ENGINE_STOPPED_STAMP}",
         "# The prestart plus the model load.",
         f"TimeoutStartSec={start_timeout}",
         f"TimeoutStopSec={TIMEOUT_STOP_S}",

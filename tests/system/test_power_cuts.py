@@ -86,6 +86,11 @@ def active_engines(box: Container) -> list[str]:
     return sorted(line.split()[0] for line in out.splitlines() if line.strip())
 
 
+def engine_log(box: Container, model: str) -> str:
+    return box.exec(["journalctl", "-b", "-u", f"sparkd-engine@{model}.service", "-o", "cat",
+                     "--no-pager"]).stdout
+
+
 def state_file(box: Container) -> str:
     return box.exec(["cat", "/var/lib/sparkd/state.toml"]).stdout
 
@@ -114,6 +119,9 @@ def test_a_cut_in_the_middle_of_a_swap_is_finished_or_rolled_back(container: Con
     wait_for("the swap to b to be in its start step",
              lambda: prop(box, "sparkd-engine@b.service", "ActiveState") == "activating"
              and 'swap_to = "b"' in state_file(box), timeout=30)
+    # a stopped a moment ago: b's prestart waits for memory to settle (systemd says so).
+    wait_for("b's prestart to settle", lambda: "prestart b: settle: MemAvailable"
+             in engine_log(box, "b"), timeout=30)
     cut_and_boot(box)
     wait_for("a model to serve after the cut",
              lambda: serving(box, "b") or serving(box, "a"), timeout=90)
@@ -128,6 +136,8 @@ def test_a_cut_in_the_middle_of_a_swap_is_finished_or_rolled_back(container: Con
     resumed = box.exec(["journalctl", "-b", "SPARKD_EVENT=swap_resumed", "-o", "cat",
                         "--no-pager"]).stdout
     assert "resuming the swap to b" in resumed
+    # The first start of this boot: no engine stopped, nothing gives memory back.
+    assert "prestart b: settle: skipped (no sparkd engine stopped" in engine_log(box, "b")
     wait_for("a chat completion through the gateway", lambda: chat(box, served) == 200,
              timeout=30)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -10,12 +11,11 @@ from click.testing import CliRunner
 
 from sparkd.config import parse_config
 from sparkd.engine.prestart import (
-    EngineUnitState,
     PrestartPlan,
     command,
     memory_gate,
-    parse_engine_units,
     plan_prestart,
+    read_stopped_stamp,
     run_prestart,
     settle_needed,
 )
@@ -221,40 +221,20 @@ def test_settle_skipped_when_no_engine_stopped_lately() -> None:
         "prestart qwen: settle: skipped (no sparkd engine stopped in the last 30 s)")
 
 
-SHOW = """Id=sparkd-engine@a.service
-ActiveState=inactive
-InactiveEnterTimestampMonotonic=0
-
-Id=sparkd-engine@b.service
-ActiveState=failed
-InactiveEnterTimestampMonotonic=5000000
-"""
-
-
-def test_engine_units_parse_from_systemctl_show() -> None:
-    assert parse_engine_units(SHOW) == [
-        EngineUnitState("sparkd-engine@a.service", "inactive", 0),
-        EngineUnitState("sparkd-engine@b.service", "failed", 5_000_000),
-    ]
-    assert parse_engine_units("") == []
-
-
-def test_settle_needed_only_after_an_engine_stopped_lately() -> None:
-    units = parse_engine_units(SHOW)
-    own = "sparkd-engine@a.service"
-    # b stopped 2 s ago: its memory may still be coming back.
-    assert settle_needed(units, now_us=7_000_000, timeout_s=30, own_unit=own) == (
-        "sparkd-engine@b.service stopped 2.0 s ago")
-    # ...and 31 s ago it is long back; a never stopped (the first start of a boot).
-    assert settle_needed(units, now_us=36_000_000, timeout_s=30, own_unit=own) is None
-    # Another engine still stopping; systemd that did not answer: settle.
-    stopping = [EngineUnitState("sparkd-engine@c.service", "deactivating", 0)]
-    assert settle_needed(stopping, now_us=1, timeout_s=30, own_unit=own) == (
-        "sparkd-engine@c.service is stopping")
-    assert settle_needed(None, now_us=1, timeout_s=30, own_unit=own) is not None
-    # This very unit crashed a moment ago (systemd restarts it): settle.
-    crashed = [EngineUnitState(own, "activating", 900_000)]
-    assert settle_needed(crashed, now_us=1_000_000, timeout_s=30, own_unit=own) is not None
+def test_settle_needed_only_after_an_engine_stopped_lately(tmp_path: Path) -> None:
+    # No engine stopped since boot (no stamp): nothing gives memory back.
+    assert read_stopped_stamp(tmp_path / "engine-stopped") is None
+    assert settle_needed(None, now=100.0, timeout_s=30) is None
+    # One stopped (or crashed) 2 s ago: its memory may still be coming back.
+    assert settle_needed(98.0, now=100.0, timeout_s=30) == "an engine stopped 2.0 s ago"
+    # ...31 s ago it is long back; a clock that stepped back settles.
+    assert settle_needed(69.0, now=100.0, timeout_s=30) is None
+    assert settle_needed(105.0, now=100.0, timeout_s=30) == "an engine stopped 0.0 s ago"
+    stamp = tmp_path / "engine-stopped"
+    stamp.touch()
+    stopped_at = read_stopped_stamp(stamp)
+    assert stopped_at is not None and settle_needed(stopped_at, now=time.time(),
+                                                    timeout_s=30) is not None
 
 
 def test_gate_refuses_with_the_exact_message() -> None:
