@@ -413,7 +413,10 @@ def prepare_sim_dir(path: Path, user: str) -> str:
 @click.argument("name")
 @click.option("--variant", type=click.Choice(["plain", "speculative"]), default="plain",
               show_default=True, help="Which engine variant of the model starts.")
-def command(config_file: Path, name: str, variant: Variant) -> None:
+@click.option("--stopped-stamp", type=click.Path(path_type=Path), hidden=True,
+              default=Path(ENGINE_STOPPED_STAMP),
+              help="The file engine units touch when they stop (for tests).")
+def command(config_file: Path, name: str, variant: Variant, stopped_stamp: Path) -> None:
     """Sync, drop the page cache, wait for memory to settle, and refuse to start model NAME
     when its memory_gib plus the reserve is not available. Runs as the engine unit's
     ExecStartPre; exit 1 refuses the start."""
@@ -433,7 +436,7 @@ def command(config_file: Path, name: str, variant: Variant) -> None:
     if not prestart_verify(config, name, _stderr):
         sys.exit(ExitStatus.REFUSED)
     if plan.settle.timeout_s > 0 and settle_needed(
-        read_stopped_stamp(), now=time.time(), timeout_s=plan.settle.timeout_s
+        read_stopped_stamp(stopped_stamp), now=time.time(), timeout_s=plan.settle.timeout_s
     ) is None:
         plan = replace(plan, settle_skip=f"no sparkd engine stopped in the last "
                        f"{plan.settle.timeout_s:g} s: nothing is giving memory back")
