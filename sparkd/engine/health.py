@@ -27,7 +27,7 @@ from sparkd.engine.probe import ProbeResult
 PROBE_TIMEOUT_S: Final = 5.0  # one probe; a loaded engine answers /health in milliseconds
 MIN_PROBE_TIMEOUT_S: Final = 0.1  # the last probe before the deadline still gets this long
 # A probe is one loopback HTTP request; polling often makes `active` follow readiness closely.
-DEFAULT_INTERVAL_S: Final = 0.2
+DEFAULT_INTERVAL_S: Final = 0.05
 
 EXIT_UNHEALTHY: Final = 1
 

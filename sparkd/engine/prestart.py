@@ -14,7 +14,12 @@ page cache as used):
    root, read-only /proc/sys in a container), `posix_fadvise(DONTNEED)` on every regular file
    under the model's path instead: the root-free way to evict one checkpoint;
 3. wait until MemAvailable stops rising (an engine that just exited is still giving memory back),
-   bounded by `daemon.settle_timeout_s`; a timeout is reported and the gate decides;
+   bounded by `daemon.settle_timeout_s`; a timeout is reported and the gate decides. Skipped
+   when no sparkd engine stopped (or died) within the last
+   `settle_timeout_s` (the first start of a boot, after a power cut say): nothing is giving
+   memory back then, and the wait was ~0.45 s of nothing (`settle_needed`). Engine units touch
+   ENGINE_STOPPED_STAMP in ExecStopPost; systemd itself cannot say (it unloads a unit that
+   stopped cleanly, and its timestamps with it);
 4. the memory gate: refuse (exit 1) when memory_gib + daemon.memory_reserve_gib is more than
    MemAvailable.
 
@@ -37,13 +42,14 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
 import click
 
 from sparkd.config import Config, Variant, load_config
+from sparkd.engine.unit import ENGINE_STOPPED_STAMP
 from sparkd.errors import ConfigError, PrestartRefused, UnknownModel
 from sparkd.monitor.memory import (
     GIB,
@@ -107,6 +113,8 @@ class PrestartPlan:
     reserve_gib: float
     settle: SettleRule
     interval_s: float = SETTLE_INTERVAL_S
+    # Why settling can be skipped (no engine stopped lately); None: settle.
+    settle_skip: str | None = None
 
     @property
     def need_bytes(self) -> int:
@@ -270,6 +278,9 @@ def _settle(
     if plan.settle.timeout_s <= 0:
         log("settle: skipped (daemon.settle_timeout_s = 0)")
         return None, first
+    if plan.settle_skip is not None:
+        log(f"settle: skipped ({plan.settle_skip})")
+        return None, first
     tracker = SettleTracker(total=first.total, rule=plan.settle)
     mem = first
     verdict = tracker.add(system.monotonic(), mem.available)
@@ -292,6 +303,30 @@ def _settle(
             "going on to the memory gate"
         )
     return verdict.state, mem
+
+
+def settle_needed(stopped_at: float | None, *, now: float, timeout_s: float) -> str | None:
+    """Why prestart must wait for memory to settle, or None when it may skip the wait: no
+    sparkd engine stopped (or died: ExecStopPost runs after a crash too) within the last
+    `timeout_s`. `stopped_at` is the stamp's time (None: no engine stopped since boot)."""
+    if stopped_at is None:
+        return None
+    ago = now - stopped_at
+    if ago < timeout_s:
+        # A negative age (the clock stepped back) settles too.
+        return f"an engine stopped {max(ago, 0.0):.1f} s ago"
+    return None
+
+
+def read_stopped_stamp(path: Path = Path(ENGINE_STOPPED_STAMP)) -> float | None:
+    """When an engine last stopped (the stamp's mtime), None when none did since boot; an
+    unreadable stamp counts as just now (settle)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return time.time()
 
 
 def _signed(n: int) -> str:
@@ -378,7 +413,10 @@ def prepare_sim_dir(path: Path, user: str) -> str:
 @click.argument("name")
 @click.option("--variant", type=click.Choice(["plain", "speculative"]), default="plain",
               show_default=True, help="Which engine variant of the model starts.")
-def command(config_file: Path, name: str, variant: Variant) -> None:
+@click.option("--stopped-stamp", type=click.Path(path_type=Path), hidden=True,
+              default=Path(ENGINE_STOPPED_STAMP),
+              help="The file engine units touch when they stop (for tests).")
+def command(config_file: Path, name: str, variant: Variant, stopped_stamp: Path) -> None:
     """Sync, drop the page cache, wait for memory to settle, and refuse to start model NAME
     when its memory_gib plus the reserve is not available. Runs as the engine unit's
     ExecStartPre; exit 1 refuses the start."""
@@ -397,6 +435,11 @@ def command(config_file: Path, name: str, variant: Variant) -> None:
 
     if not prestart_verify(config, name, _stderr):
         sys.exit(ExitStatus.REFUSED)
+    if plan.settle.timeout_s > 0 and settle_needed(
+        read_stopped_stamp(stopped_stamp), now=time.time(), timeout_s=plan.settle.timeout_s
+    ) is None:
+        plan = replace(plan, settle_skip=f"no sparkd engine stopped in the last "
+                       f"{plan.settle.timeout_s:g} s: nothing is giving memory back")
     try:
         run_prestart(plan, RealSystem(), _stderr)
     except PrestartRefused as exc:

@@ -23,6 +23,10 @@ ENGINE_HOST: Final = "127.0.0.1"
 #: (sync, drop caches, wait for memory to settle). Grows with daemon.settle_timeout_s.
 PRESTART_ALLOWANCE_S: Final = 60
 TIMEOUT_STOP_S: Final = 60
+# Touched by every engine unit's ExecStopPost (as root): when an engine last stopped or died.
+# prestart waits for memory to settle only when that was lately. Under sparkd.service's
+# RuntimeDirectory (kept across sparkd restarts; gone at boot, when no engine has run).
+ENGINE_STOPPED_STAMP: Final = "/run/sparkd/engine-stopped"
 #: What sparkd adds to a unit's own limit before it gives up waiting for a job.
 JOB_WAIT_MARGIN_S: Final = 30.0
 #: How long sparkd waits for a stop job: TimeoutStopSec= (then systemd kills) and a margin.

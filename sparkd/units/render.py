@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from typing import Final
 
 from sparkd.config import ACCOUNT_NAME_RE, EXEC_PREFIXES, Config, EngineKind, ModelConfig, Variant
-from sparkd.engine.unit import ENGINE_HOST, TIMEOUT_STOP_S, health_url, start_timeout_s
+from sparkd.engine.unit import (
+    ENGINE_HOST,
+    ENGINE_STOPPED_STAMP,
+    TIMEOUT_STOP_S,
+    health_url,
+    start_timeout_s,
+)
 from sparkd.engine.versions import (
     DEFAULT_MOE_BACKEND,
     MOE_BACKEND_ENV,
@@ -376,6 +382,9 @@ def render_unit(
                          "--timeout", _number(model.load_timeout_s)])
         # systemd expands $MAINPID here: wait-healthy stops when the engine has died.
         + " --pid $MAINPID",
+        "# As root (+), after every stop or crash: note when an engine last stopped; the next",
+        "# prestart waits for memory to settle only when one stopped lately (- : never fails).",
+        f"ExecStopPost=-+/bin/touch {ENGINE_STOPPED_STAMP}",
         "# The prestart plus the model load.",
         f"TimeoutStartSec={start_timeout}",
         f"TimeoutStopSec={TIMEOUT_STOP_S}",

@@ -13,6 +13,7 @@ import mmap
 import os
 import re
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,7 +73,11 @@ def _drop_line(stderr: str) -> str:
 
 
 def test_prestart_admits(tmp_path: Path, model_dir: Path, run_prestart_cli: Run) -> None:
-    result = run_prestart_cli("--config", str(_config(tmp_path, model_dir, 0.001)), "m")
+    # An engine stopped a moment ago (its unit's ExecStopPost touched the stamp): settle.
+    stamp = tmp_path / "engine-stopped"
+    stamp.touch()
+    result = run_prestart_cli("--config", str(_config(tmp_path, model_dir, 0.001)), "m",
+                              "--stopped-stamp", str(stamp))
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     sim_dir, *lines = result.stderr.splitlines()
@@ -91,6 +96,26 @@ def test_prestart_admits(tmp_path: Path, model_dir: Path, run_prestart_cli: Run)
         r"^prestart m: memory gate: ok: needs 0\.0 GiB \+ 0\.5 GiB reserve, \d+\.\d GiB available",
         lines[3],
     )
+
+
+def test_prestart_skips_the_settle_wait_when_no_engine_stopped_lately(
+    tmp_path: Path, model_dir: Path, run_prestart_cli: Run
+) -> None:
+    config = str(_config(tmp_path, model_dir, 0.001))
+    stamp = tmp_path / "engine-stopped"
+    # No stamp: no engine stopped since boot (the first start after a power cut).
+    result = run_prestart_cli("--config", config, "m", "--stopped-stamp", str(stamp))
+    assert result.returncode == 0, result.stderr
+    skipped = ("prestart m: settle: skipped (no sparkd engine stopped in the last 5 s: nothing "
+               "is giving memory back)")
+    assert skipped in result.stderr.splitlines()
+    assert "memory gate: ok" in result.stderr
+    # A stamp older than settle_timeout_s (5 s): skipped too.
+    stamp.touch()
+    old = time.time() - 6
+    os.utime(stamp, (old, old))
+    result = run_prestart_cli("--config", config, "m", "--stopped-stamp", str(stamp))
+    assert skipped in result.stderr.splitlines(), result.stderr
 
 
 def test_prestart_refuses_a_huge_model(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from sparkd.engine.prestart import (
     command,
     memory_gate,
     plan_prestart,
+    read_stopped_stamp,
     run_prestart,
+    settle_needed,
 )
 from sparkd.errors import PrestartRefused, UnknownModel
 from sparkd.monitor.memory import GIB, MIB, MemInfo, SettleRule, SettleState
@@ -207,6 +210,31 @@ def test_settle_skipped_with_zero_timeout() -> None:
     lines, _ = _run(_plan(timeout_s=0), system)
     assert system.sleeps == []
     assert _line(lines, "settle:") == "prestart qwen: settle: skipped (daemon.settle_timeout_s = 0)"
+
+
+def test_settle_skipped_when_no_engine_stopped_lately() -> None:
+    system = FakeSystem(returning=[0, 3 * GIB])
+    plan = replace(_plan(), settle_skip="no sparkd engine stopped in the last 30 s")
+    lines, refused = _run(plan, system)
+    assert refused is None and system.sleeps == []
+    assert _line(lines, "settle:") == (
+        "prestart qwen: settle: skipped (no sparkd engine stopped in the last 30 s)")
+
+
+def test_settle_needed_only_after_an_engine_stopped_lately(tmp_path: Path) -> None:
+    # No engine stopped since boot (no stamp): nothing gives memory back.
+    assert read_stopped_stamp(tmp_path / "engine-stopped") is None
+    assert settle_needed(None, now=100.0, timeout_s=30) is None
+    # One stopped (or crashed) 2 s ago: its memory may still be coming back.
+    assert settle_needed(98.0, now=100.0, timeout_s=30) == "an engine stopped 2.0 s ago"
+    # ...31 s ago it is long back; a clock that stepped back settles.
+    assert settle_needed(69.0, now=100.0, timeout_s=30) is None
+    assert settle_needed(105.0, now=100.0, timeout_s=30) == "an engine stopped 0.0 s ago"
+    stamp = tmp_path / "engine-stopped"
+    stamp.touch()
+    stopped_at = read_stopped_stamp(stamp)
+    assert stopped_at is not None and settle_needed(stopped_at, now=time.time(),
+                                                    timeout_s=30) is not None
 
 
 def test_gate_refuses_with_the_exact_message() -> None:
