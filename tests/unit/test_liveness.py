@@ -303,7 +303,8 @@ def test_engine_metrics_are_read_and_summed_over_series() -> None:
 
 
 def test_missing_or_garbled_metrics_are_none_not_zero() -> None:
-    assert engine_sample("sim", VLLM, 0) == EngineSample(0, None, None)
+    assert engine_sample("external", VLLM, 0) == EngineSample(0, None, None)
+    assert engine_sample("sim", VLLM, 1.0) == EngineSample(1.0, 2000.0, 3.0)  # vLLM's names
     assert engine_sample("vllm", SGLANG, 0) == EngineSample(0, None, None)
     assert engine_sample("vllm", "vllm:generation_tokens_total{ 12\n", 0) == EngineSample(
         0, None, None)
