@@ -47,14 +47,12 @@ def fixture(case: str) -> dict[str, Any]:
 
 
 def gpu_series(case: str) -> list[GpuSample]:
-    """Each captured sample through sparkd's NVML reader; memory utilization (which the reader
-    does not keep) from the same replayed `nvmlDeviceGetUtilizationRates` answer."""
+    """Each captured sample through sparkd's NVML reader, as the daemon's watch feeds them."""
     out = []
     for sample in fixture(case)["samples"]:
-        nvml = FixtureNvml(sample["captured"])
-        (gpu,) = read(nvml).gpus
-        rates = nvml.nvmlDeviceGetUtilizationRates(nvml.nvmlDeviceGetHandleByIndex(0))
-        out.append(GpuSample(sample["t"], gpu.utilization_pct, rates.memory, gpu.power_w))
+        (gpu,) = read(FixtureNvml(sample["captured"])).gpus
+        out.append(GpuSample(sample["t"], gpu.utilization_pct, gpu.memory_utilization_pct,
+                             gpu.power_w))
     return out
 
 

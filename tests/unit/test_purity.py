@@ -24,6 +24,7 @@ PURE = (
     "sparkd.monitor.memory",
     "sparkd.monitor.psi",
     "sparkd.monitor.liveness",
+    "sparkd.monitor.floor",
     "sparkd.store.plan",
     "sparkd.config",
     "sparkd.control.codec",
