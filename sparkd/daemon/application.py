@@ -33,7 +33,7 @@ from sparkd.engine.health import models_listed, probe
 from sparkd.engine.unit import is_engine_unit
 from sparkd.errors import ConfigError, SparkdError, SystemdError
 from sparkd.journal import event, setup_logging
-from sparkd.monitor.floor import read_available, read_cgroup_memory
+from sparkd.monitor.floor import read_available, read_engine_memory
 from sparkd.monitor.memory import read_meminfo
 from sparkd.monitor.nvml import NvmlMonitor, NvmlSnapshot
 from sparkd.monitor.psi import read_pressure
@@ -133,7 +133,7 @@ class Daemon:
             path_exists=Path.exists,
             read_pressure=read_pressure,
             read_available=read_available,
-            engine_memory=read_cgroup_memory,
+            engine_memory=read_engine_memory,
             scrape_metrics=lambda url: scrape_metrics(session, url),
             verify_files=preflight_verify_async,
             clock=time.monotonic,

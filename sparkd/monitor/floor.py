@@ -22,6 +22,7 @@ has one.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -29,6 +30,7 @@ from typing import Final
 KIB: Final = 1024
 GIB: Final = 1 << 30
 _KEY: Final = "MemAvailable:"
+PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 
 
 class FloorReadError(ValueError):
@@ -151,4 +153,18 @@ def read_cgroup_memory(pid: int, *, proc: str = "/proc", root: str = CGROUP_ROOT
         with open(f"{root}{path}/memory.current", encoding="ascii") as f:
             return int(f.read().strip())
     except (OSError, ValueError):
+        return None
+
+
+def read_engine_memory(pid: int, *, proc: str = "/proc", root: str = CGROUP_ROOT) -> int | None:
+    """What an engine holds: its cgroup's memory.current (every process of the unit, page
+    cache it caused included), or where that cannot be read (no memory controller delegated)
+    the main process's resident set from /proc/PID/statm; None when the process is gone."""
+    current = read_cgroup_memory(pid, proc=proc, root=root)
+    if current is not None:
+        return current
+    try:
+        with open(f"{proc}/{pid}/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * PAGE
+    except (OSError, ValueError, IndexError):
         return None

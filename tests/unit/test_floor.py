@@ -22,6 +22,7 @@ from sparkd.monitor.floor import (
     floor_step,
     read_available,
     read_cgroup_memory,
+    read_engine_memory,
 )
 from sparkd.monitor.memory import parse_meminfo
 
@@ -119,6 +120,16 @@ def test_cgroup_memory_is_read_through_proc(tmp_path: Path) -> None:
     (unit / "memory.current").write_text("123456789\n")
     assert read_cgroup_memory(42, proc=str(proc), root=str(root)) == 123456789
     assert read_cgroup_memory(43, proc=str(proc), root=str(root)) is None  # gone
+
+
+def test_without_a_memory_controller_the_resident_set_is_read(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    (proc / "42").mkdir(parents=True)
+    (proc / "42" / "cgroup").write_text("0::/system.slice/x.service\n")
+    (proc / "42" / "statm").write_text("1000 300 20 1 0 50 0\n")
+    assert read_engine_memory(42, proc=str(proc), root=str(tmp_path / "none")) == (
+        300 * os.sysconf("SC_PAGE_SIZE"))
+    assert read_engine_memory(43, proc=str(proc), root=str(tmp_path)) is None
 
 
 def test_own_cgroup_memory_on_this_machine() -> None:
