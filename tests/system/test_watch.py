@@ -99,8 +99,9 @@ def test_a_ramping_engine_is_stopped_at_the_floor(container: Container) -> None:
     box.exec(["true"])
     assert time.monotonic() - began < 2.0
     st = status(box) or {}
-    assert st.get("last_failure_model") == "ramp"
-    assert "memory floor" in str(st.get("last_failure_reason"))
+    failure = st.get("last_failure") or {}
+    assert failure.get("model") == "ramp"
+    assert "memory floor" in str(failure.get("reason"))
     assert box.exec(["systemctl", "is-active", "sparkd"]).stdout.strip() == "active"
 
 
