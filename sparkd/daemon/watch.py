@@ -22,7 +22,15 @@ from sparkd.config import DaemonConfig
 from sparkd.engine.unit import STOP_WAIT_S, engine_url
 from sparkd.journal import event
 from sparkd.monitor import liveness as lv
-from sparkd.monitor.floor import GIB, EngineMemory, FloorCount, FloorRule, culprit, floor_step
+from sparkd.monitor.floor import (
+    GIB,
+    EngineMemory,
+    FloorCount,
+    FloorRule,
+    culprit,
+    floor_step,
+    next_reading_in,
+)
 from sparkd.monitor.memory import format_size
 from sparkd.monitor.nvml import NvmlSnapshot
 from sparkd.monitor.psi import Pressure
@@ -105,15 +113,14 @@ class MachineWatch:
             else:
                 self.baseline[name] = (now, current)
 
-    async def floor_sample(self, sup: Supervisor) -> None:
-        """One reading of MemAvailable; a stop of the engine that grows when the rule trips."""
-        if self.read_available is None:
-            return
+    async def floor_sample(self, sup: Supervisor) -> float:
+        """One reading of MemAvailable; a stop of the engine that grows when the rule trips.
+        Returns the seconds until the next reading (next_reading_in)."""
         d = sup.config.daemon
         rule = FloorRule(int(d.memory_floor_gib * GIB), d.memory_floor_samples)
-        if rule.disabled:
+        if self.read_available is None or rule.disabled:
             self.floor = FloorCount()
-            return
+            return next_reading_in(0, rule, d.memory_floor_interval_s)
         try:
             available = self.read_available()
         except (OSError, ValueError) as exc:
@@ -121,12 +128,13 @@ class MachineWatch:
                 self._floor_read_failed = True
                 event(log, "memory_floor_unread", "the memory floor cannot read MemAvailable: "
                       "%s", exc, level=logging.ERROR)
-            return
+            return d.memory_floor_interval_s
         self._floor_read_failed = False
         now = sup.deps.clock()
         self.floor = floor_step(self.floor, rule, available, now)
         if self.floor.trip:
             await self._stop_grower(sup, rule, available, now)
+        return next_reading_in(available, rule, d.memory_floor_interval_s)
 
     async def _stop_grower(self, sup: Supervisor, rule: FloorRule, available: int,
                            now: float) -> None:
@@ -249,11 +257,14 @@ def _evidence(verdict: lv.Verdict) -> str:
 
 
 async def floor_loop(sup: Supervisor) -> None:
-    """The memory floor's own timer: MemAvailable every `memory_floor_interval_s`."""
+    """The memory floor's own timer: MemAvailable every `memory_floor_interval_s` near the
+    floor, less often far above it (next_reading_in)."""
+    delay = sup.config.daemon.memory_floor_interval_s
     while True:
-        await asyncio.sleep(sup.config.daemon.memory_floor_interval_s)
+        await asyncio.sleep(delay)
+        delay = sup.config.daemon.memory_floor_interval_s
         try:
-            await sup.watch.floor_sample(sup)
+            delay = await sup.watch.floor_sample(sup)
         except Exception as exc:  # never let the floor die quietly
             log.warning("memory floor check failed: %s", exc)
 

@@ -80,6 +80,27 @@ def floor_step(count: FloorCount, rule: FloorRule, available: int, t: float) -> 
     return FloorCount(under=under, first_under_t=first)
 
 
+# The fastest memory is assumed to go: above the page supply measured on the development
+# machines (0.7 GiB/s in a 2-core VM, bench/RESULTS.md) and a CUDA engine's KV-cache
+# allocation on unified memory (several GiB/s). Far above the floor, the next reading can wait
+# as long as this ramp would take to reach it.
+FASTEST_RAMP_BYTES_PER_S: Final = 8 * GIB
+SLOWEST_PERIOD_S: Final = 1.0
+
+
+def next_reading_in(available: int, rule: FloorRule, period_s: float) -> float:
+    """Seconds until the next reading: `period_s` near the floor; further from it, as long as
+    the fastest ramp would need to reach it, up to SLOWEST_PERIOD_S. Never longer than
+    `period_s` once under the floor (the count must run at the configured pace)."""
+    if rule.disabled:
+        return max(period_s, SLOWEST_PERIOD_S)
+    headroom = available - rule.floor_bytes
+    if headroom <= 0:
+        return period_s
+    return min(max(period_s, headroom / FASTEST_RAMP_BYTES_PER_S), max(period_s,
+                                                                         SLOWEST_PERIOD_S))
+
+
 @dataclass(frozen=True, slots=True)
 class EngineMemory:
     current: int | None  # cgroup memory.current now; None: not readable

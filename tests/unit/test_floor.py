@@ -20,6 +20,7 @@ from sparkd.monitor.floor import (
     cgroup_of,
     culprit,
     floor_step,
+    next_reading_in,
     read_available,
     read_cgroup_memory,
     read_engine_memory,
@@ -142,3 +143,13 @@ def test_own_cgroup_memory_on_this_machine() -> None:
         assert value is not None and value > 0
     else:
         assert value is None
+
+
+def test_readings_come_faster_as_memory_nears_the_floor() -> None:
+    rule = FloorRule(4 * GIB, samples=2)
+    assert next_reading_in(100 * GIB, rule, 0.1) == 1.0  # far above: once a second
+    assert next_reading_in(8 * GIB, rule, 0.1) == 0.5  # 4 GiB of headroom at 8 GiB/s
+    assert next_reading_in(4 * GIB + GIB // 2, rule, 0.1) == 0.1  # near: the configured pace
+    assert next_reading_in(GIB, rule, 0.1) == 0.1  # under: counting
+    assert next_reading_in(100 * GIB, rule, 2.0) == 2.0  # never faster than configured
+    assert next_reading_in(0, FloorRule(0), 0.1) == 1.0  # off: the loop idles
