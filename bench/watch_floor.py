@@ -15,8 +15,8 @@ Three parts:
       (the `memory_floor_stopped` event: from its first reading under the floor to the stop
       job's end);
    b. sparkd's CPU and RSS over 60 s idle (the default model serving), with the watch at its
-      defaults (floor read every 0.1 s, /metrics scraped every health tick) and with it off
-      (memory_floor_gib = 0, period 10 s, liveness_strikes = 0).
+      defaults (the floor read every 0.1 s near it, up to 1 s apart far above it; /metrics
+      scraped every health tick) and with it off (memory_floor_gib = 0, liveness_strikes = 0).
 """
 
 from __future__ import annotations
