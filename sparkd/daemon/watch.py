@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from sparkd.config import DaemonConfig
+from sparkd.daemon import health
 from sparkd.engine.unit import STOP_WAIT_S, engine_url
 from sparkd.journal import event
 from sparkd.monitor import liveness as lv
@@ -225,8 +226,6 @@ class MachineWatch:
                       window.strikes.count or d.liveness_strikes, d.liveness_strikes,
                       level=logging.WARNING, SPARKD_MODEL=name)
             if window.strikes.restart and sup.swap_run is None:
-                from sparkd.daemon import health
-
                 self.live.pop(name, None)
                 await health.restart_stalled(sup, name, view, verdict, d.liveness_strikes)
 
