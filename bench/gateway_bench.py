@@ -46,6 +46,14 @@ sys.path.insert(0, str(REPO))
 
 from sparkd.control.protocol import Request  # noqa: E402
 from sparkd.control.server import ControlServer  # noqa: E402
+from sparkd.control.status import (  # noqa: E402
+    DaemonRecord,
+    EngineRecord,
+    Event,
+    HealthRecord,
+    Status,
+)
+from sparkd.engine.unit import unit_name  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from machine import describe  # noqa: E402
@@ -259,17 +267,26 @@ async def under_load(targets: list[Proc], *, slices: int, slice_s: float, conns:
 
 @contextlib.asynccontextmanager
 async def fake_daemon(sock: Path, engine_port: int) -> AsyncIterator[None]:
-    status = {"schema": 1, "active_model": MODEL, "swap": None, "engines": [{
-        "model": MODEL, "engine": "sim", "port": engine_port, "active_state": "active",
-        "health": {"ok": True}}]}
+    # What the daemon says, built with the schema's own constructors.
+    status = Status(
+        daemon=DaemonRecord(state="running", status_line=f"{MODEL}: serving, healthy", pid=1,
+                            version="bench", uptime_s=1.0, started_at=0.0, config="bench",
+                            systemd_version=252),
+        desired_model=MODEL, active_model=MODEL, last_good_model=MODEL,
+        engines=(EngineRecord(
+            model=MODEL, engine="sim", variant="plain", unit=unit_name(MODEL),
+            port=engine_port, load_state="loaded", active_state="active",
+            sub_state="running", main_pid=1, n_restarts=0, result="success",
+            health=HealthRecord(ok=True, status=200, error=None, latency_ms=1.0)),),
+    )
 
     async def handle(_request: Request) -> Any:
-        return status
+        return status.to_json()
 
     done = asyncio.Event()
 
     async def stream(_request: Request) -> AsyncIterator[Any]:
-        yield {"event": "snapshot", "status": status}
+        yield Event(event="snapshot", status=status).to_json()
         await done.wait()
 
     server = ControlServer(sock, group="root", handler=handle, streams={"subscribe": stream})

@@ -15,6 +15,9 @@ PACKAGES=(
   systemd-container libsystemd-dev pkg-config gcc
   python3 python3-dev python3-pip python3-venv
   dbus systemd dpkg-dev fakeroot curl openssl iproute2 util-linux
+  # scripts/build-llama-server.sh: the real llama-server the tests run, built from source;
+  # strace slows its model load down in one test (tests/integration/test_llama_server.py)
+  cmake g++ make strace
 )
 APT_STAMP=/var/lib/apt/periodic/sparkd-bootstrap-update-success
 VENV=.venv

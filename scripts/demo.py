@@ -68,11 +68,12 @@ def main() -> int:
         run(box, f"systemctl cat {ENGINE} | grep -E '^(Exec|Environment|Timeout|Restart|"
                  "CPUWeight|IOWeight|OOMScoreAdjust|User|DeviceAllow|ProtectSystem)'")
 
-        say("A vLLM model gets VLLM_FLASHINFER_MOE_BACKEND=latency pinned (no daemon needed)")
+        say("A vLLM model gets its MoE backend pinned in the form its release reads: "
+            "the variable before 0.17, --moe-backend after (no daemon needed)")
         box.sh("printf '[models.qwen]\\nengine = \"vllm\"\\nport = 8201\\nmemory_gib = 70\\n"
                "binary = \"/usr/bin/true\"\\n' > /root/vllm-example.toml")
-        run(box, "sparkctl units --config /root/vllm-example.toml | grep -E '^(Environment=VLLM|"
-                 "ExecStart=)'")
+        run(box, "sparkctl units --config /root/vllm-example.toml | grep -E '^(# Engine|"
+                 "# WARNING|Environment=VLLM|ExecStart=)'")
 
         say("Before the engine started, prestart dropped the page cache and gated on memory")
         run(box, f"journalctl -b -u {ENGINE} -o cat --no-pager | grep prestart")

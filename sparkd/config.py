@@ -8,16 +8,16 @@ dotted key, what was expected and what was found; an unknown key is an error wit
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, NoReturn, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar, cast
 
+from sparkd.config_checks import ACCOUNT_NAME_RE as ACCOUNT_NAME_RE  # re-exported
+from sparkd.config_checks import Validator, suggest
 from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
 from sparkd.engine.unit import unit_name
 from sparkd.errors import ConfigError
@@ -61,9 +61,6 @@ MODEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A Hub repository: "hf://ORG/REPO", or the bare id "ORG/REPO" (sparkd.store.hub).
 SOURCE_RE: Final = re.compile(r"(hf://)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-# A user or group name systemd's User=/Group= and the group database take without complaint
-# (the portable POSIX subset, at most 31 characters).
-ACCOUNT_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,30}")
 # An external model's URL: http(s), no whitespace or control characters.
 URL_RE: Final = re.compile(r"https?://[^\x00-\x20\x7f]+")
 # Characters systemd reads as prefixes of an Exec*= command (systemd.service(5), "Command
@@ -74,10 +71,11 @@ EXEC_PREFIXES: Final = "@-:+!|"
 SHARED_DIRS: Final = frozenset({"/", "/run", "/var/run", "/var", "/tmp", "/var/tmp", "/dev",
                                 "/dev/shm"})
 #: The largest number any key takes unless its own range says less.
-NUMBER_MAX: Final = 1e9
 DAY_S: Final = 86400.0
 WEEK_S: Final = 7 * DAY_S
 MEMORY_MAX_GIB: Final = 1048576.0  # 1 PiB: far above any one machine, far below overflow
+# An engine release: vLLM/SGLang "0.34.0", "0.5.23.post1"; a llama.cpp build "11434"/"b11434".
+ENGINE_VERSION_RE: Final = re.compile(r"[vb]?\d+(\.\d+)*([.-]?(post|rc|dev)\d+)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +163,15 @@ class GatewayConfig:
     allow_remote_images: bool = False
     upstream_timeout_s: float = 600.0
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    # The door (issue 10, docs/gateway.md "The door"): who may come in, under which names,
+    # and how long and how much a connection may hold. Parsed by _parse_gateway_door.
+    keys_file: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    max_connections: int = 4096
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    idle_timeout_s: float = 60.0
+    body_memory_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +221,9 @@ class ModelConfig:
     # and whether a bad file found before a start is fetched again instead of refusing it.
     files: tuple[str, ...] = ()
     repair: bool = False
+    # The engine's version, pinned (None: detected from the installed engine). Picks the
+    # flags and environment sparkd renders (sparkd.engine.versions).
+    engine_version: str | None = None
 
     @property
     def unit_name(self) -> str:
@@ -301,7 +311,7 @@ def parse_config(text: str, *, source: Path) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    v = _Validator(source)
+    v = Validator(source)
     # Every error, not the first: each section and each model is checked on its own, and
     # the error lists them all (one line each, each naming file, key and fix).
     errors: list[str] = []
@@ -333,7 +343,7 @@ def parse_config(text: str, *, source: Path) -> Config:
     if default is not None and default not in broken:
         if default not in models:
             checked(lambda: v.fail("daemon.default_model", "the name of a configured model"
-                                   + _suggest(default, list(models)), default), None)
+                                   + suggest(default, list(models)), default), None)
         elif not models[default].supervised:
             checked(lambda: v.fail("daemon.default_model",
                                    'a model sparkd runs (not engine = "external")', default),
@@ -343,7 +353,7 @@ def parse_config(text: str, *, source: Path) -> Config:
     return Config(source=source, daemon=daemon, gateway=gateway, models=models, text=text)
 
 
-def _parse_named_model(v: _Validator, name: str, table: Any, daemon: DaemonConfig,
+def _parse_named_model(v: Validator, name: str, table: Any, daemon: DaemonConfig,
                        ports: dict[int, str]) -> ModelConfig:
     """One model's section, its ports checked against (and added to) those taken."""
     key = f"models.{name}"
@@ -374,7 +384,7 @@ _CLASSIFIER_KEYS: Final = tuple(ClassifierConfig.__dataclass_fields__)
 _SPECULATIVE_KEYS: Final = tuple(SpeculativeConfig.__dataclass_fields__)
 
 
-def _parse_daemon(v: _Validator, t: dict[str, Any]) -> DaemonConfig:
+def _parse_daemon(v: Validator, t: dict[str, Any]) -> DaemonConfig:
     v.known_keys(t, "daemon", _DAEMON_KEYS)
     d = DaemonConfig()
     control_socket = v.abspath(t, "daemon.control_socket", d.control_socket)
@@ -447,7 +457,7 @@ def _parse_daemon(v: _Validator, t: dict[str, Any]) -> DaemonConfig:
     )
 
 
-def _parse_gateway(v: _Validator, t: dict[str, Any]) -> GatewayConfig:
+def _parse_gateway(v: Validator, t: dict[str, Any]) -> GatewayConfig:
     v.known_keys(t, "gateway", _GATEWAY_KEYS)
     d = GatewayConfig()
     listen = v.string(t, "gateway.listen", d.listen)
@@ -486,10 +496,75 @@ def _parse_gateway(v: _Validator, t: dict[str, Any]) -> GatewayConfig:
             code_system_prompts=v.opt_strings(c, "gateway.classifier.code_system_prompts"),
             code_patterns=patterns,
         ),
+        **_parse_gateway_door(v, t, listen),
     )
 
 
-def _parse_speculative(v: _Validator, key: str, t: dict[str, Any]) -> SpeculativeConfig:
+HOST_NAME_RE: Final = re.compile(
+    r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?)*\Z")
+DOOR_TIMEOUT_MAX_S: Final = 3600.0
+
+
+def listen_is_loopback(listen: str) -> bool:
+    """Whether gateway.listen is reachable from this machine only (127.0.0.0/8, ::1,
+    localhost)."""
+    import ipaddress
+
+    host = listen.rpartition(":")[0].strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _without_userinfo(url: str | None) -> str | None:
+    """A URL as an error may show it: credentials in it (user:password@) are not."""
+    return None if url is None else re.sub(r"^([^/]*//)[^/@]*@", r"\1***@", url)
+
+
+def _seconds(v: Validator, t: dict[str, Any], key: str, default: float) -> float:
+    value = v.number(t, key, default, lo=0.5)
+    if not value <= DOOR_TIMEOUT_MAX_S:  # also NaN
+        v.fail(key, f"a number of seconds from 0.5 to {DOOR_TIMEOUT_MAX_S:g}", value)
+    return value
+
+
+def _parse_gateway_door(v: Validator, t: dict[str, Any], listen: str) -> dict[str, Any]:
+    """The [gateway] keys of the door (issue 10), kept together."""
+    d = GatewayConfig()
+    keys_file = v.opt_string(t, "gateway.keys_file")
+    if keys_file is not None and not keys_file.startswith("/"):
+        v.fail("gateway.keys_file", "an absolute path", keys_file)
+    if keys_file is None and not listen_is_loopback(listen):
+        raise ConfigError(
+            f"{v.source}: gateway.listen: {listen!r} is reachable from other machines, and"
+            " no API keys are configured: set gateway.keys_file (create a key with"
+            " `sparkd gateway-key add NAME`; docs/gateway.md, \"API keys\"), or listen on"
+            ' "127.0.0.1:PORT"')
+    hosts = v.opt_strings(t, "gateway.allowed_hosts") or ()
+    for i, name in enumerate(hosts):
+        if not HOST_NAME_RE.match(name.lower().rstrip(".")):
+            v.fail(f"gateway.allowed_hosts[{i}]", "a host name such as \"spark.lan\"", name)
+    max_body = v.integer(t, "gateway.max_body_bytes", d.max_body_bytes, lo=1024, hi=1 << 31)
+    memory = v.integer(t, "gateway.body_memory_bytes", d.body_memory_bytes,
+                       lo=1024, hi=1 << 34)
+    if memory < max_body:
+        v.fail("gateway.body_memory_bytes", f"at least gateway.max_body_bytes ({max_body})",
+               memory)
+    return {
+        "keys_file": None if keys_file is None else Path(keys_file),
+        "allowed_hosts": tuple(h.lower().rstrip(".") for h in hosts),
+        "max_connections": v.integer(t, "gateway.max_connections", d.max_connections,
+                                     lo=16, hi=1_000_000),
+        **{key: _seconds(v, t, f"gateway.{key}", getattr(d, key))
+           for key in ("header_timeout_s", "body_timeout_s", "idle_timeout_s")},
+        "body_memory_bytes": memory,
+    }
+
+
+def _parse_speculative(v: Validator, key: str, t: dict[str, Any]) -> SpeculativeConfig:
     v.known_keys(t, key, _SPECULATIVE_KEYS)
     for required in ("method", "draft_model"):
         if required not in t:
@@ -505,7 +580,7 @@ def _parse_speculative(v: _Validator, key: str, t: dict[str, Any]) -> Speculativ
     for workload in routes_raw:
         if workload not in WORKLOADS:
             v.fail(f"{key}.routes", "workload classes among " + ", ".join(WORKLOADS)
-                   + _suggest(workload, list(WORKLOADS)), workload)
+                   + suggest(workload, list(WORKLOADS)), workload)
         routes[workload] = cast(
             Variant, v.choice(routes_raw, f"{key}.routes.{workload}", VARIANTS, "plain")
         )
@@ -530,7 +605,7 @@ def _parse_speculative(v: _Validator, key: str, t: dict[str, Any]) -> Speculativ
     )
 
 
-def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConfig) -> ModelConfig:
+def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfig) -> ModelConfig:
     key = f"models.{name}"
     v.known_keys(t, key, _MODEL_KEYS)
     if "engine" not in t:
@@ -539,9 +614,11 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
     url = v.opt_string(t, f"{key}.url")
     if engine == "external":
         if url is None or not URL_RE.fullmatch(url):
-            v.fail(f"{key}.url", "an http:// or https:// URL (external models need one)", url)
+            v.fail(f"{key}.url", "an http:// or https:// URL (external models need one)",
+                   _without_userinfo(url))
     elif url is not None:
-        v.fail(f"{key}.url", 'no url (only engine = "external" models have one)', url)
+        v.fail(f"{key}.url", 'no url (only engine = "external" models have one)',
+               _without_userinfo(url))
     if engine != "external" and "port" not in t:
         v.fail(f"{key}.port", "an integer from 1 to 65535", "nothing")
     port = v.integer(t, f"{key}.port", 0, lo=1 if engine != "external" else 0, hi=65535)
@@ -588,6 +665,14 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
     if source is not None and not SOURCE_RE.fullmatch(source):
         v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
                source)
+    engine_version = v.opt_string(t, f"{key}.engine_version")
+    if engine_version is not None and (
+        engine not in ("vllm", "sglang", "llamacpp")
+        or not ENGINE_VERSION_RE.fullmatch(engine_version)
+    ):
+        v.fail(f"{key}.engine_version", 'a release of the engine such as "0.34.0" (vllm), '
+               '"0.5.23" (sglang) or "11434" (a llama.cpp build); vllm, sglang and llamacpp '
+               "only", engine_version)
     return ModelConfig(
         name=name,
         engine=engine,
@@ -608,141 +693,5 @@ def _parse_model(v: _Validator, name: str, t: dict[str, Any], daemon: DaemonConf
         idle_unload_minutes=idle,
         files=tuple(files),
         repair=v.boolean(t, f"{key}.repair", False),  # noqa: FBT003
+        engine_version=engine_version,
     )
-
-
-def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f' (did you mean "{close[0]}"?)' if close else ""
-
-
-def _plain(number: float) -> str:
-    """A bound as people write it: 604800, 0.1, 1000000000."""
-    return str(int(number)) if float(number).is_integer() else repr(float(number))
-
-
-def _show(value: object) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "nothing"
-    return repr(value)
-
-
-class _Validator:
-    """Typed getters that raise ConfigError naming the file and dotted key."""
-
-    def __init__(self, source: Path) -> None:
-        self.source = source
-
-    def fail(self, key: str, expected: str, found: object) -> NoReturn:
-        shown = found if found == "nothing" else _show(found)
-        raise ConfigError(f"{self.source}: {key}: expected {expected}, got {shown}")
-
-    def known_keys(self, t: Mapping[str, Any], prefix: str, allowed: tuple[str, ...]) -> None:
-        for k in t:
-            if k not in allowed:
-                where = f"{prefix}.{k}" if prefix else k
-                raise ConfigError(
-                    f"{self.source}: {where}: unknown key{_suggest(k, list(allowed))}; "
-                    f"known keys here: {', '.join(allowed)}"
-                )
-
-    def table(self, t: Mapping[str, Any], key: str, *, path: str | None = None) -> dict[str, Any]:
-        value = t.get(key.rpartition(".")[2], {})
-        if not isinstance(value, dict):
-            self.fail(path or key, "a table", value)
-        return cast(dict[str, Any], value)
-
-    def _get(self, t: Mapping[str, Any], key: str) -> Any:
-        return t.get(key.rpartition(".")[2])
-
-    def _typed(
-        self, t: Mapping[str, Any], key: str, default: Any, check: Callable[[Any], bool], what: str
-    ) -> Any:
-        value = self._get(t, key)
-        if value is None:
-            return default
-        if not check(value):
-            self.fail(key, what, value)
-        return value
-
-    def string(self, t: Mapping[str, Any], key: str, default: str) -> str:
-        return cast(str, self._typed(t, key, default, lambda x: isinstance(x, str), "a string"))
-
-    def opt_string(self, t: Mapping[str, Any], key: str) -> str | None:
-        return cast(
-            "str | None", self._typed(t, key, None, lambda x: isinstance(x, str), "a string")
-        )
-
-    def opt_strings(self, t: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
-        value = self._get(t, key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            self.fail(key, "a list of strings", value)
-        return tuple(value)
-
-    def boolean(self, t: Mapping[str, Any], key: str, default: bool) -> bool:  # noqa: FBT001
-        return cast(
-            bool, self._typed(t, key, default, lambda x: isinstance(x, bool), "true or false")
-        )
-
-    def integer(self, t: Mapping[str, Any], key: str, default: int, *, lo: int, hi: int) -> int:
-        what = f"an integer from {lo} to {hi}"
-        return cast(
-            int,
-            self._typed(
-                t,
-                key,
-                default,
-                lambda x: isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi,
-                what,
-            ),
-        )
-
-    def number(
-        self, t: Mapping[str, Any], key: str, default: float, *, lo: float,
-        hi: float = NUMBER_MAX,
-    ) -> float:
-        """A finite number within [lo, hi]: `inf` would crash arithmetic, `1e300` would
-        render a 300-digit unit setting."""
-        what = f"a number from {_plain(lo)} to {_plain(hi)}"
-        value = self._typed(
-            t,
-            key,
-            default,
-            lambda x: (isinstance(x, int | float) and not isinstance(x, bool)
-                       and math.isfinite(x) and lo <= x <= hi),
-            what,
-        )
-        return float(value)
-
-    def account(self, t: Mapping[str, Any], key: str, default: str, kind: str) -> str:
-        """A user or group name (letters, digits, _ and -; at most 31)."""
-        value = self.string(t, key, default)
-        if not ACCOUNT_NAME_RE.fullmatch(value):
-            self.fail(key, f"a plain {kind} name (a letter or _, then letters, digits, _ or -; "
-                      "at most 31)", value)
-        return value
-
-    def choice(
-        self, t: Mapping[str, Any], key: str, options: tuple[str, ...], default: str
-    ) -> str:
-        value = self._get(t, key)
-        if value is None:
-            return default
-        if value not in options:
-            hint = _suggest(value, list(options)) if isinstance(value, str) else ""
-            self.fail(key, "one of " + ", ".join(options) + hint, value)
-        return cast(str, value)
-
-    def abspath(self, t: Mapping[str, Any], key: str, default: Path) -> Path:
-        value = self.opt_string(t, key)
-        if value is None:
-            return default
-        if not value.startswith("/"):
-            self.fail(key, "an absolute path", value)
-        return Path(value)

@@ -69,7 +69,8 @@ class JournalHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            message = self.format(record)
+            # Lone surrogates (from a client's text) are not UTF-8: escaped, never lost.
+            message = self.format(record).encode("utf-8", "backslashreplace").decode("utf-8")
             fields = {
                 "MESSAGE": message,
                 "PRIORITY": str(_PRIORITY.get(record.levelno, 6)),

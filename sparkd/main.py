@@ -23,6 +23,7 @@ EXIT_CONFIG_INVALID = 2
         "wait-healthy": "sparkd.engine.health:wait_healthy_command",
         "sim-engine": "sparkd.sim.engine:command",
         "gateway": "sparkd.gateway.command:command",
+        "gateway-key": "sparkd.gateway.keys_command:command",
     },
 )
 @click.version_option(package_name="sparkd")
@@ -37,6 +38,9 @@ def check_config(config_file: Path) -> None:
     try:
         config = load_config(config_file)
         render_check(config)
+        from sparkd.gateway.auth import check_keys
+
+        check_keys(config)
     except ConfigError as exc:
         click.echo(exc.message, err=True)
         sys.exit(EXIT_CONFIG_INVALID)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sparkd.control.protocol import MAX_LINE, encode, error_from_reply
-from sparkd.errors import DaemonUnreachable
+from sparkd.errors import DaemonUnreachable, SchemaError
 
 
 async def call(path: Path, method: str, params: dict[str, Any] | None = None) -> Any:
@@ -26,7 +26,7 @@ async def call(path: Path, method: str, params: dict[str, Any] | None = None) ->
             await writer.wait_closed()
 
 
-async def subscribe(path: Path) -> AsyncIterator[dict[str, Any]]:
+async def subscribe(path: Path) -> AsyncIterator[Any]:
     """The daemon's event stream: {"event": "snapshot", "status": {...}} first, then one
     message per event, each with the full status. Ends when the daemon closes it."""
     reader, writer = await _connect(path)
@@ -37,9 +37,7 @@ async def subscribe(path: Path) -> AsyncIterator[dict[str, Any]]:
             line = await reader.readline()
             if not line:
                 return
-            result = _result(line, path)
-            if isinstance(result, dict):
-                yield result
+            yield _result(line, path)
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):
@@ -56,7 +54,12 @@ async def _connect(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
 def _result(line: bytes, path: Path) -> Any:
     if not line:
         raise DaemonUnreachable(f"sparkd closed {path} without answering")
-    reply = json.loads(line)
+    try:
+        reply = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise SchemaError(f"a reply from sparkd on {path} is not JSON: {exc}") from None
+    if not isinstance(reply, dict):
+        raise SchemaError(f"a reply from sparkd on {path} is not a JSON object")
     if reply.get("ok"):
         return reply.get("result")
     raise error_from_reply(reply.get("error"))

@@ -116,6 +116,14 @@ class EngineRecord(_Json):
     health_failures: int = 0
     fingerprints: tuple[FingerprintRecord, ...] = ()
     note: str | None = None  # why a speculative variant is not running, say
+    # The engine release the unit was rendered for (models.NAME.engine_version, else the one
+    # found installed), and, outside sparkd's table (sparkd/engine/versions.py), which rules
+    # were used instead.
+    engine_version: str | None = None
+    engine_version_warning: str | None = None
+    # The MoE backend the engine's log says it chose (--moe-backend words; None: it said
+    # nothing).
+    moe_backend: str | None = None
 
     @property
     def healthy(self) -> bool:

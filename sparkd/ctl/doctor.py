@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from sparkd.config import Config
+from sparkd.config import Config, ModelConfig
 from sparkd.control.client import START_HINT
 from sparkd.ctl.exits import ExitStatus, run
 from sparkd.gateway.rewrite import resolve_policy
@@ -64,6 +64,8 @@ class Facts:
     gateway_unit: tuple[str, str] | None = None
     # Why the config file is refused (the checks then ran on the accepted copy)
     file_refused: str | None = None
+    # model -> the engine version found installed (sparkd.engine.versions.detect_versions)
+    engine_versions: dict[str, str] = field(default_factory=dict)
 
 
 def diagnose(f: Facts) -> list[Check]:
@@ -110,15 +112,7 @@ def diagnose(f: Facts) -> list[Check]:
     else:
         checks.append(Check("units", Level.OK, f"{len(f.rendered)} engine units match the config"))
     for model in c.supervised_models:
-        if model.engine == "vllm":
-            value = model.env_dict.get("VLLM_FLASHINFER_MOE_BACKEND", "latency")
-            level = Level.OK if value == "latency" else Level.WARN
-            checks.append(Check(f"moe_backend.{model.name}", level,
-                                f"{model.name}: VLLM_FLASHINFER_MOE_BACKEND={value}"
-                                + ("" if value == "latency" else
-                                   " (the throughput path froze the desktop on sm121)"),
-                                "" if value == "latency" else
-                                f"remove it from models.{model.name}.env"))
+        checks += _engine_checks(f, model)
         need = (model.memory_gib + c.daemon.memory_reserve_gib) * GIB
         if need > f.mem_total:
             checks.append(Check(f"memory.{model.name}", Level.FAIL,
@@ -174,16 +168,65 @@ def gateway_checks(unit: tuple[str, str] | None) -> list[Check]:
                   f"systemctl start {name}")]
 
 
+def _engine_checks(f: Facts, model: ModelConfig) -> list[Check]:
+    """The engine's version (known to sparkd's table or not) and, for vLLM, the MoE pin in
+    the form that version reads and what the engine's log says it chose."""
+    from sparkd.engine.fingerprints import check_moe_backend_json
+    from sparkd.engine.versions import DEFAULT_MOE_BACKEND
+    from sparkd.units.render import engine_command
+
+    if model.engine not in ("vllm", "sglang", "llamacpp"):
+        return []
+    name = model.name
+    command = engine_command(f.config, model, detected_version=f.engine_versions.get(name))
+    r = command.resolved
+    source = "unknown" if r.version is None else (
+        f"{r.version} (pinned)" if model.engine_version else f"{r.version} (detected)")
+    checks = [Check(f"engine_version.{name}", Level.OK if r.known else Level.WARN,
+                    f"{name}: {model.engine} {source}; rendered with the rules for "
+                    f"{model.engine} {r.rules.since}+" + ("" if r.known else f": {r.warning}"),
+                    "" if r.known else f'engine_version = "X.Y.Z" in models.{name} (the '
+                    "release installed)")]
+    if model.engine != "vllm":
+        return checks
+    backend = command.moe_backend
+    env_value = dict(command.env).get("VLLM_FLASHINFER_MOE_BACKEND")
+    form = (f"--moe-backend {backend}" if r.rules.moe_pin == "flag"
+            else f"VLLM_FLASHINFER_MOE_BACKEND={env_value}")
+    notes = [n for n in command.notes if n != r.warning]
+    level = Level.OK if backend == DEFAULT_MOE_BACKEND and not notes else Level.WARN
+    message = f"{name}: MoE pin {form} (what vLLM {r.version or '?'} reads)"
+    if notes:
+        message += "; " + "; ".join(notes)
+    if backend == "flashinfer_cutlass":
+        message += " (the throughput path froze the desktop on sm121)"
+    checks.append(Check(f"moe_backend.{name}", level, message,
+                        "" if level is Level.OK else
+                        f"remove it from models.{name}.env / args"))
+    engines = () if f.daemon_status is None else f.daemon_status.engines
+    prints = [fp.to_json() for e in engines if e.model == name for fp in e.fingerprints]
+    chosen = check_moe_backend_json(backend, prints)
+    if chosen.ok is not None:
+        checks.append(Check(f"moe_chosen.{name}", Level.OK if chosen.ok else Level.FAIL,
+                            f"{name}: {chosen.message}",
+                            "" if chosen.ok else f"sparkctl logs --model {name}; on sm121 "
+                            f'args = ["--moe-backend", "flashinfer_cutlass"] in models.{name}'))
+    return checks
+
+
 def gather(config: Config) -> Facts:
     """Read the machine for `diagnose` (no daemon needed; it is asked when it runs)."""
     from sparkd.control import client
     from sparkd.ctl.status import gateway_unit_state
+    from sparkd.engine.versions import detect_versions
     from sparkd.errors import SparkdError
     from sparkd.monitor.memory import read_meminfo
     from sparkd.systemd.version import installed_systemd_version
     from sparkd.units.render import render_units
 
-    rendered = render_units(config, systemd_version=installed_systemd_version())
+    versions = detect_versions(config.supervised_models)
+    rendered = render_units(config, systemd_version=installed_systemd_version(),
+                            engine_versions=versions)
     installed: dict[str, str | None] = {}
     for name in rendered:
         try:
@@ -206,6 +249,7 @@ def gather(config: Config) -> Facts:
         path_exists={n: m.path.exists() for n, m in config.models.items()},
         psi_available=Path("/proc/pressure/memory").exists(),
         gateway_unit=gateway_unit_state(),
+        engine_versions=versions,
     )
 
 

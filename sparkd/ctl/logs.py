@@ -66,6 +66,8 @@ def timeline_line(e: Mapping[str, Any]) -> str:
     who = e.get("sparkd_model") or str(e.get("systemd_unit", "")).removesuffix(".service")
     took = e.get("sparkd_duration_ms")
     tail = f"  ({float(took):.0f} ms)" if took else ""
+    if tail and tail.strip() in str(e.get("message", "")):
+        tail = ""  # the message says it already
     label = ev or "output"
     return f"{clock}  {label:<18} {who:<18} {e.get('message', '')}{tail}"
 

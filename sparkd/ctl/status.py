@@ -143,7 +143,7 @@ def render_status(status: Status, console: Console | None = None, *,
             f"{e.active_state}/{e.sub_state}")
         table.add_row(
             e.model + (" (speculative)" if e.variant == "speculative" else ""),
-            e.engine,
+            e.engine + (f" {e.engine_version}" if e.engine_version else ""),
             state,
             str(e.main_pid or "-"),
             str(e.n_restarts),
@@ -154,6 +154,8 @@ def render_status(status: Status, console: Console | None = None, *,
     for e in status.engines:
         if e.note:
             console.print(f"[yellow]{e.model} ({e.variant}):[/] {e.note}")
+        if e.engine_version_warning:
+            console.print(f"[yellow]{e.model}:[/] {e.engine_version_warning}")
         for fp in e.fingerprints:
             style = {"error": "red", "warning": "yellow"}.get(fp.severity, "dim")
             value = f" = {fp.value}" if fp.value else ""

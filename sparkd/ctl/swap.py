@@ -8,6 +8,7 @@ progress (exit 8) rather than queued, so two operators never stack surprises on 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,12 +23,31 @@ if TYPE_CHECKING:
     from sparkd.control.status import Event
 
 
+class Seconds(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2 on
+    """Seconds to wait: positive and finite (0 would make the socket non-blocking)."""
+
+    name = "seconds"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            seconds = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not (math.isfinite(seconds) and 0 < seconds <= 1e6):
+            self.fail(f"{value!r}: expected seconds above 0, at most 1000000", param, ctx)
+        return seconds
+
+
+TIMEOUT = Seconds()
+
+
 @click.command()
 @click.argument("name")
 @config_option
 @click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
 @click.option("--no-wait", is_flag=True, help="Return once sparkd has accepted the swap.")
-@click.option("--timeout", "timeout_s", type=float, default=None,
+@click.option("--timeout", "timeout_s", type=TIMEOUT, default=None,
               help="Stop waiting after this many seconds (the swap goes on in sparkd).")
 @json_option
 @click.pass_context
@@ -63,7 +83,7 @@ def swap(
 
 @click.command()
 @config_option
-@click.option("--timeout", "timeout_s", type=float, default=None,
+@click.option("--timeout", "timeout_s", type=TIMEOUT, default=None,
               help="Stop waiting after this many seconds (the swap goes on in sparkd).")
 @json_option
 @click.pass_context
@@ -110,7 +130,8 @@ def swap_and_follow(sock: Path, name: str, *, no_wait: bool, timeout_s: float | 
 
     # Subscribe before asking, so that no step of this swap can be missed.
     events = (Event.from_json(m) for m in stream(sock, "subscribe", timeout_s=timeout_s))
-    next(events)  # the snapshot: the subscription is in place
+    if next(events, None) is None:  # the snapshot: the subscription is in place
+        raise DaemonUnreachable(f"sparkd closed {sock} without sending its status")
     reply = SwapReply.from_json(call(sock, "swap", {"model": name}))
     if reply.swap is None:
         _say({"event": "noop", "model": name}, f"{name} is already serving", as_json=as_json)

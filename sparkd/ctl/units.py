@@ -30,12 +30,15 @@ def units(
     """Print (or write) the engine units sparkd generates from the config. No daemon needed."""
 
     def go() -> None:
+        from sparkd.engine.versions import detect_versions
         from sparkd.systemd.version import installed_systemd_version
         from sparkd.units.render import render_units
 
         config = load_config(config_file)
         version = systemd_version or installed_systemd_version()
-        rendered = render_units(config, systemd_version=version)
+        # Each unit's header says which engine release it was rendered for.
+        rendered = render_units(config, systemd_version=version,
+                                engine_versions=detect_versions(config.supervised_models))
         if render_to is None:
             for i, (name, text) in enumerate(sorted(rendered.items())):
                 if i:

@@ -31,6 +31,7 @@ from sparkd.daemon.supervisor import Deps, Notifier, Supervisor, read_boot_id
 from sparkd.daemon.watch import floor_loop
 from sparkd.engine.health import models_listed, probe
 from sparkd.engine.unit import is_engine_unit
+from sparkd.engine.versions import detect_versions
 from sparkd.errors import ConfigError, SparkdError, SystemdError
 from sparkd.journal import event, setup_logging
 from sparkd.monitor.floor import read_available, read_engine_memory
@@ -76,7 +77,9 @@ def apply_units(
 ) -> Mapping[str, Any]:
     result = reconcile(
         config.daemon.unit_dir,
-        render_units(config, systemd_version=systemd_version),
+        # Each engine's unit is rendered for the release installed (sparkd.engine.versions).
+        render_units(config, systemd_version=systemd_version,
+                     engine_versions=detect_versions(config.supervised_models)),
         reload=reload,
     )
     return {

@@ -3,6 +3,7 @@ controller is): each method, its parameters checked, and its reply in the schema
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from sparkd.control.protocol import Request
@@ -13,6 +14,8 @@ from sparkd.errors import BadRequest
 if TYPE_CHECKING:
     from sparkd.daemon.supervisor import Supervisor
 
+# A swap's reason is in every status and event: short, printable, plain Unicode text.
+REASON_RE = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]{1,200}")
 METHODS = ("status", "ping", "reload", "subscribe", "swap", "plan_swap", "unload")
 
 
@@ -31,7 +34,10 @@ async def answer(sup: Supervisor, request: Request) -> Any:
             return {"plan": sup.plan(model).describe()}
         if request.method == "unload":
             return await sup.unload(model)
-        run = sup.request_swap(model, reason=str(request.params.get("reason", "requested")))
+        reason = request.params.get("reason", "requested")
+        if not isinstance(reason, str) or not REASON_RE.fullmatch(reason):
+            raise BadRequest('"reason" must be printable text of at most 200 characters')
+        run = sup.request_swap(model, reason=reason)
         return SwapReply(accepted=True, noop=run is None,
                          swap=None if run is None else swap_record(run)).to_json()
     raise BadRequest(f"unknown method {request.method!r} (known: {', '.join(METHODS)})")

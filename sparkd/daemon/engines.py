@@ -25,6 +25,9 @@ class EngineView:
     healthy_since: float | None = None
     fingerprints: list[Match] = field(default_factory=list)
     note: str | None = None  # why a speculative variant is not running, say
+    # The engine release found installed (sparkd.engine.versions.detect_version); the
+    # config's models.NAME.engine_version wins.
+    engine_version: str | None = None
 
     @property
     def unit_name(self) -> str:

@@ -25,9 +25,10 @@ from sparkd.control.status import (
     SwapRecord,
 )
 from sparkd.daemon.engines import EngineView
-from sparkd.engine.fingerprints import Match
+from sparkd.engine.fingerprints import Match, chosen_moe_backend
 from sparkd.engine.probe import ProbeResult
 from sparkd.engine.swap import SwapRun
+from sparkd.engine.versions import rules_for
 from sparkd.monitor.memory import MemInfo
 from sparkd.monitor.nvml import NvmlSnapshot
 from sparkd.monitor.psi import Pressure
@@ -70,6 +71,7 @@ def fingerprint_record(m: Match) -> FingerprintRecord:
 
 def engine_record(view: EngineView) -> EngineRecord:
     u = view.unit
+    version = view.model.engine_version or view.engine_version
     return EngineRecord(
         model=view.model.name,
         engine=view.model.engine,
@@ -86,6 +88,10 @@ def engine_record(view: EngineView) -> EngineRecord:
         health_failures=view.health_failures,
         fingerprints=tuple(fingerprint_record(m) for m in view.fingerprints),
         note=view.note,
+        engine_version=version,
+        engine_version_warning=rules_for(view.model.engine, version).warning
+        if view.model.engine in ("vllm", "sglang", "llamacpp") else None,
+        moe_backend=chosen_moe_backend(view.fingerprints),
     )
 
 

@@ -45,6 +45,7 @@ from sparkd.engine.plan import Snapshot, SwapPlan, SwapStep, plan_swap
 from sparkd.engine.probe import ProbeResult
 from sparkd.engine.swap import StepFailed, SwapRun, execute
 from sparkd.engine.unit import STOP_WAIT_S
+from sparkd.engine.versions import detect_version
 from sparkd.errors import ConfigError, SparkdError, StateError, SwapInProgress
 from sparkd.journal import event
 from sparkd.monitor.memory import MemInfo, MemInfoError
@@ -227,7 +228,8 @@ class Supervisor:
                   report.describe_units(result))
         self.engines = {
             engine_key(m.name, v): self.engines.get(engine_key(m.name, v))
-            or EngineView(model=m, unit=UnitStatus(m.unit_for(v)), variant=v)
+            or EngineView(model=m, unit=UnitStatus(m.unit_for(v)), variant=v,
+                          engine_version=detect_version(m))  # cached since apply_units
             for m in config.supervised_models
             for v in m.variants
         }

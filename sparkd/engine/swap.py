@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from sparkd.config import Config
-from sparkd.engine.fingerprints import Match, match_lines
+from sparkd.engine.fingerprints import Match, fatal_match, match_lines
 from sparkd.engine.plan import SwapPlan, SwapStep, next_step
 from sparkd.engine.probe import ProbeResult
 from sparkd.engine.unit import STOP_WAIT_S, engine_url, start_wait_s
@@ -223,7 +223,12 @@ async def _start_model(ctx: SwapContext, model_name: str) -> str:
     matches = match_lines(lines, engine=model.engine)
     if matches:
         ctx.fingerprints_found(model_name, matches)
+    fatal = fatal_match(matches)
+    # A refused MoE backend (sparkd.engine.fingerprints) is the reason, first.
+    reason = None if fatal is None else f"{fatal.fingerprint.meaning}: {fatal.line}"
     if result == "done":
+        if reason is not None:
+            raise StepFailed(reason)
         return f"{unit} active"
     status: UnitStatus = await ctx.systemd(lambda m: m.unit_status(unit))
     why = [f"{unit} start job {result}", f"result {status.result}"]
@@ -231,7 +236,12 @@ async def _start_model(ctx: SwapContext, model_name: str) -> str:
         why.append(f"exit status {status.exec_main_status}")
     found = [f"{m.fingerprint.id}: {m.line}" for m in matches if m.fingerprint.severity != "info"]
     tail = [line for line in lines if line.strip()][-JOURNAL_TAIL_LINES:]
-    reason = start_failure_reason(lines)
+    # The real reason first: a refused MoE backend, else the memory gate's refusal or the
+    # health wait's verdict; then the job's result.
+    if fatal is not None:
+        found = [f for f in found if not f.endswith(fatal.line)]
+    else:
+        reason = start_failure_reason(lines)
     detail = ", ".join(why) if reason is None else f"{reason} ({', '.join(why)})"
     if found:
         detail += "; " + "; ".join(found)
@@ -282,6 +292,13 @@ async def _gate(ctx: SwapContext, model_name: str, timeout_s: float) -> str:
 
 
 async def _health_gate(run: SwapRun, ctx: SwapContext) -> str:
+    # A line that means the start failed (a refused MoE backend) fails the gate with that line
+    # as the reason, however the engine's /health answers.
+    model = ctx.config.models[run.plan.target]
+    fatal = fatal_match(match_lines(await ctx.journal_since(model.unit_name, run.started_at),
+                                    engine=model.engine))
+    if fatal is not None:
+        raise StepFailed(f"{fatal.fingerprint.meaning}: {fatal.line}")
     return await _gate(ctx, run.plan.target, run.plan.gate_timeout_s)
 
 

@@ -26,9 +26,18 @@ import yarl
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sparkd.config import Config, ModelConfig, Variant
+from sparkd.config import Config, GatewayConfig, ModelConfig, Variant
 from sparkd.errors import SparkdError
-from sparkd.gateway import classify, daemon_link, dispatch, prepare, routing
+from sparkd.gateway import (
+    auth,
+    classify,
+    daemon_link,
+    dispatch,
+    door,
+    prepare,
+    routes,
+    routing,
+)
 from sparkd.gateway.errors import GatewayError, error_body, upstream_error_body
 from sparkd.gateway.metrics import Metrics, child
 from sparkd.gateway.state import (
@@ -54,7 +63,8 @@ log = logging.getLogger(__name__)
 WORKLOAD_HEADER: Final = "X-Sparkd-Workload"
 REWRITES_HEADER: Final = "X-Sparkd-Rewrites"
 VARIANT_HEADER: Final = "X-Sparkd-Variant"
-# Request headers passed to the engine; the rest (hop-by-hop, Host, our own) are not.
+# Request headers passed to the engine; the rest (hop-by-hop, Host, our own) are not. With
+# gateway keys on, the client's Authorization is the gateway's key: not passed on.
 FORWARDED: Final = ("Content-Type", "Accept", "Authorization", "User-Agent", "X-Request-Id",
                     "OpenAI-Organization", "OpenAI-Project")
 # Asked of every engine: answers come back uncompressed (the client's Accept-Encoding is not
@@ -62,29 +72,50 @@ FORWARDED: Final = ("Content-Type", "Accept", "Authorization", "User-Agent", "X-
 # they were the body). An engine that compresses anyway has its Content-Encoding passed on.
 UPSTREAM_ACCEPT_ENCODING: Final = "identity"
 
+FORWARDED_WITH_KEYS: Final = tuple(h for h in FORWARDED if h != "Authorization")
 
-def build_app(settings: Settings, *, subscribe: bool = True) -> web.Application:
-    # Errors are caught per handler (`openai_errors`), not by a middleware: a middleware is
-    # a measurable share of a proxied request's cost.
-    app = web.Application(client_max_size=settings.config.gateway.max_body_bytes)
+
+def build_app(settings: Settings, *, subscribe: bool = True, keys: auth.Keys | None = None,
+              nofile: int | None = None) -> web.Application:
+    """The gateway's app. `keys`: the API keys (None: read from gateway.keys_file or the
+    unit's credential); `nofile`: the descriptor limit the connection limit keeps under
+    (None: this process's)."""
+    # Errors are caught by `openai_errors` around the one route, not by a middleware: a
+    # middleware is a measurable share of a proxied request's cost.
+    gateway = settings.config.gateway
+    app = web.Application(client_max_size=gateway.max_body_bytes)
     app[CONFIG] = SettingsHolder(settings)
     app[STATE] = GatewayState(serving=routing.serving_table(settings.config,
                                                             routing.DaemonView()))
     app[METRICS] = Metrics()
+    _install_door(app, gateway, keys, nofile)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_prepare_worker)
     if subscribe:
         app.cleanup_ctx.append(daemon_link.daemon_events)
     if any(m.idle_unload_minutes for m in settings.config.models.values()):
         app.cleanup_ctx.append(daemon_link.idle_unloader)
-    app.router.add_post("/v1/chat/completions", openai_errors(chat_completions))
-    app.router.add_post("/v1/completions", openai_errors(completions))
-    app.router.add_get("/v1/models", openai_errors(list_models))
-    app.router.add_get("/health", openai_errors(health))
-    app.router.add_get("/metrics", openai_errors(metrics))
-    app.router.add_route("*", "/v1/{tail:.*}", openai_errors(passthrough))
-    app.router.add_route("*", "/{tail:.*}", openai_errors(no_route))
+    # One route: the door matches the request target against routes.ROUTES itself, after
+    # normalizing it (aiohttp's router would match the decoded, unnormalized path).
+    app.router.add_route("*", "/{tail:.*}", openai_errors(front))
     return app
+
+
+def _install_door(app: web.Application, gateway: GatewayConfig, keys: auth.Keys | None,
+                  nofile: int | None) -> None:
+    m = app[METRICS]
+    app[door.DOOR] = door.door_for(
+        gateway, auth.load_keys(gateway.keys_file) if keys is None else keys,
+        on_close=lambda reason: child(m.connections_closed, reason).inc())
+    limit = door.connection_limit(gateway.max_connections,
+                                  door.nofile_limit() if nofile is None else nofile)
+    app[door.GUARD] = door.ConnectionGuard(
+        limit=limit, header_timeout_s=gateway.header_timeout_s,
+        idle_timeout_s=gateway.idle_timeout_s, body_timeout_s=gateway.body_timeout_s,
+        on_close=lambda reason: child(m.connections_closed, reason).inc())
+    m.connections.set_function(lambda: len(app[door.GUARD]))
+    m.body_bytes.set_function(lambda: app[door.DOOR].in_flight)
+    app.cleanup_ctx.append(door.sweeper)
 
 
 # --- background tasks (cleanup_ctx) ----------------------------------------------------------
@@ -94,7 +125,8 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=10, sock_read=app[CONFIG].current.config.gateway.upstream_timeout_s
     )
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    # As many connections to engines as the guard allows clients: descriptors stay bounded.
+    connector = aiohttp.TCPConnector(limit=app[door.GUARD].limit, keepalive_timeout=60)
     # No cookie jar: one session serves every client, so a jar would hand a cookie that one
     # client's answer set to the next client (tests/integration/test_gateway_swaps.py). It
     # is also a per-request cost.
@@ -113,10 +145,6 @@ async def _prepare_worker(app: web.Application) -> AsyncIterator[None]:
 
 
 # --- errors ----------------------------------------------------------------------------------
-
-
-
-GET_ROUTES: Final = frozenset({"/health", "/metrics", "/v1/models"})
 
 
 def openai_errors(handler: Handler) -> Handler:
@@ -154,19 +182,40 @@ def openai_errors(handler: Handler) -> Handler:
     return handle
 
 
-async def no_route(request: web.Request) -> web.StreamResponse:
-    if request.path in GET_ROUTES:
-        raise _MethodNotAllowed(request.method, request.path)
-    raise GatewayError(404, "not_found", f"no route {request.path} (the gateway serves /v1/*,"
-                       " /health and /metrics)")
-
-
-class _MethodNotAllowed(GatewayError):
-    def __init__(self, method: str, path: str) -> None:
-        super().__init__(405, "method_not_allowed", f"{method} {path}: only GET")
+class _NoRoute(GatewayError):
+    def __init__(self, refusal: routes.NoRoute) -> None:
+        super().__init__(refusal.status, refusal.code, refusal.message)
+        self.allow = refusal.allow
 
     def headers(self) -> dict[str, str]:
-        return {"Allow": "GET"}
+        return {"Allow": ", ".join(sorted(self.allow))} if self.allow else {}
+
+
+# --- the door --------------------------------------------------------------------------------
+
+
+async def front(request: web.Request) -> web.StreamResponse:
+    """Every request: its route from the allow-list (normalized target), the door's checks
+    (Host, Origin, key, rate, Content-Type), then the route's handler. Nothing reaches a
+    handler, reads a body or swaps a model before the door lets it in."""
+    found = routes.match(request.method, request.raw_path)
+    guard = request.app[door.GUARD]
+    guard.request_started(request.transport, body=request.body_exists)
+    try:
+        if isinstance(found, routes.NoRoute):
+            raise _NoRoute(found)
+        door.CURRENT.set(door.Pass(found))
+        door.admit(request, found)
+        return await HANDLERS[found.route.kind](request)
+    finally:
+        door.release(request)
+        guard.request_done(request.transport)
+
+
+def _match() -> routes.Match:
+    found = door.current().match
+    assert found is not None
+    return found
 
 
 # --- the OpenAI routes -----------------------------------------------------------------------
@@ -182,8 +231,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _openai(request: web.Request, path: str, *, chat: bool) -> web.StreamResponse:
     settings = request.app[CONFIG].current
-    prepared = await _prepare(request, await request.read(), settings, chat=chat)
+    prepared = await _prepare(request, await door.read_body(request), settings, chat=chat)
     model = settings.config.models[prepared.model]
+    door.check_model(request, model.name)
     serve = await _route(request.app, model)
     variant = _variant(request.app, model, prepared.workload, serve)
     headers = {WORKLOAD_HEADER: prepared.workload, REWRITES_HEADER: str(prepared.changes),
@@ -337,7 +387,8 @@ async def _relay(
     """Forward one request and relay the answer: SSE chunk by chunk, anything else whole."""
     app = request.app
     session, m = app[SESSION], app[METRICS]
-    headers = {k: v for k in FORWARDED if (v := request.headers.get(k)) is not None}
+    names = FORWARDED_WITH_KEYS if app[door.DOOR].keys else FORWARDED
+    headers = {k: v for k in names if (v := request.headers.get(k)) is not None}
     headers["Accept-Encoding"] = UPSTREAM_ACCEPT_ENCODING
     target = _url(url, request.query_string)
     loop = asyncio.get_running_loop()
@@ -345,10 +396,17 @@ async def _relay(
     status = 502
     try:
         try:
-            async with session.request(method, target, data=raw or None, headers=headers
-                                       ) as up:
+            # Never follow a redirect: it would re-send the body (and the client's headers)
+            # wherever the engine, or whoever answers for it, points.
+            async with session.request(method, target, data=raw or None, headers=headers,
+                                       allow_redirects=False) as up:
                 child(m.upstream_seconds, model, variant).observe(loop.time() - began)
                 status = up.status
+                if 300 <= up.status < 400:
+                    status = 502
+                    raise GatewayError(502, "upstream_redirect",
+                                       f"the engine of {model} answered HTTP {up.status} (a"
+                                       " redirect; the gateway does not follow redirects)")
                 if up.status >= 400:
                     body = upstream_error_body(up.status, _decoded(up, await up.read()))
                     retry = {"Retry-After": up.headers["Retry-After"]} if (
@@ -375,9 +433,9 @@ async def _relay(
                                f" {limit:g} s") from None
         except aiohttp.ClientError as exc:
             status = 502
-            raise GatewayError(502, "upstream_unreachable",
-                               f"the engine of {model} ({url}) failed: {exc}",
-                               retry_after_s=1) from None
+            raise GatewayError(502, "upstream_unreachable", routes.redact(
+                f"the engine of {model} ({url}) failed: {exc}", url), retry_after_s=1
+                               ) from None
     finally:
         child(m.requests, model, route, workload, variant, str(status)).inc()
 
@@ -478,12 +536,13 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     """Other /v1/* routes (embeddings, tokenize...): to the model the body names, else to the
     one loaded model."""
     settings = request.app[CONFIG].current
-    raw = await request.read()
+    raw = await door.read_body(request)
     name: str | None = None
+    allow_remote = settings.config.gateway.allow_remote_images
     if len(raw) > INLINE_MAX_BYTES:  # parsed in the worker: parsing holds the loop
         name = await request.app[WORKER].model_name(raw, settings.recipe)
     elif raw:
-        name = prepare.model_name(raw)
+        name = prepare.model_name(raw, allow_remote=allow_remote)
     if name is None:
         name = request.query.get("model")
     if isinstance(name, str):
@@ -493,22 +552,27 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
                                param="model")
     else:
         loaded = [n for n, eps in request.app[STATE].view.endpoints.items()
-                  if any(e.healthy for e in eps) and n in settings.config.models]
+                  if any(e.healthy for e in eps) and n in settings.config.models
+                  and door.model_allowed(n)]
         if not loaded:
             raise GatewayError(503, "model_not_loaded",
                                "no model is loaded to serve this route", retry_after_s=5)
         model = settings.config.models[loaded[0]]
+    door.check_model(request, model.name)
     serve = await _route(request.app, model)
     variant: Variant = "plain" if "plain" in serve.urls else next(iter(serve.urls))
-    return await _relay(request, serve.urls[variant] + request.path, raw, {},
+    return await _relay(request, serve.urls[variant] + _match().path, raw, {},
                         model=model.name, variant=variant, workload="-", route="other",
                         method=request.method)
 
 
 async def list_models(request: web.Request) -> web.Response:
     settings = request.app[CONFIG].current
-    return web.json_response(routing.models_listing(
-        settings.config, request.app[STATE].view, created=int(time.time())))
+    listing = routing.models_listing(settings.config, request.app[STATE].view,
+                                     created=int(time.time()))
+    if door.current().key is not None:  # a key limited to some models sees those
+        listing["data"] = [m for m in listing["data"] if door.model_allowed(m["id"])]
+    return web.json_response(listing)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -517,6 +581,7 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({
         "status": "ok",
         "daemon": {"connected": view.connected, "seen": view.seen,
+                   "last_error": None if view.connected else state.last_link_error,
                    "swap": None if view.swap is None else {
                        "from": view.swap.from_model, "to": view.swap.to_model,
                        "step": view.swap.step}},
@@ -529,6 +594,12 @@ async def health(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+HANDLERS: Final[Mapping[routes.Kind, Handler]] = {
+    "chat": chat_completions, "completions": completions, "models": list_models,
+    "health": health, "metrics": metrics, "passthrough": passthrough,
+}
 
 
 # --- running it ------------------------------------------------------------------------------
@@ -547,11 +618,19 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def apply_config(app: web.Application, config: Config) -> list[str]:
+def apply_config(app: web.Application, config: Config, *, keys: auth.Keys | None = None
+                 ) -> list[str]:
     """Put a new config in force without dropping a request (the gateway's SIGHUP). Returns
-    what it cannot change in place (those need a restart of the gateway)."""
+    what it cannot change in place (those need a restart of the gateway). `keys`: None reads
+    them (gateway.keys_file); a bad keys file raises ConfigError before anything changes."""
     holder, state = app[CONFIG], app[STATE]
     old = holder.current
+    if keys is None:
+        keys = auth.check_keys(config)
+    app[door.DOOR] = door.door_for(config.gateway, keys, previous=app[door.DOOR])
+    g = config.gateway
+    app[door.GUARD].configure(header_timeout_s=g.header_timeout_s,
+                              idle_timeout_s=g.idle_timeout_s, body_timeout_s=g.body_timeout_s)
     holder.current = settings_for(config, daemon_call=old.daemon_call)
     state.update(state.view, routing.serving_table(config, state.view), now=old.clock())
     return [key for key, before, after in (
@@ -560,7 +639,19 @@ def apply_config(app: web.Application, config: Config) -> list[str]:
          config.gateway.max_body_bytes),
         ("daemon.control_socket", old.config.daemon.control_socket,
          config.daemon.control_socket),
+        ("gateway.max_connections", old.config.gateway.max_connections,
+         config.gateway.max_connections),
     ) if before != after]
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    gateway = app[CONFIG].current.config.gateway
+    # handler_cancellation: a client that disconnects cancels its handler, and with it the
+    # upstream request (aiohttp >= 3.9 leaves handlers running by default). keepalive and
+    # lingering: an idle connection, or one whose body was refused, does not stay open.
+    return web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5,
+                         keepalive_timeout=gateway.idle_timeout_s, lingering_time=1.0,
+                         max_headers=100)
 
 
 async def serve(config: Config, *, ready: Callable[[], None] = lambda: None,
@@ -568,15 +659,13 @@ async def serve(config: Config, *, ready: Callable[[], None] = lambda: None,
                 on_app: Callable[[web.Application], None] = lambda app: None) -> None:
     """Listen on gateway.listen until `stop` is set."""
     host, _, port = config.gateway.listen.rpartition(":")
-    app = build_app(settings_for(config))
+    keys = auth.check_keys(config)
+    app = build_app(settings_for(config), keys=keys)
     on_app(app)
-    # handler_cancellation: a client that disconnects cancels its handler, and with it the
-    # upstream request (aiohttp >= 3.9 leaves handlers running by default).
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                           shutdown_timeout=5)
+    runner = make_runner(app)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+        await door.GuardedSite(runner, host.strip("[]"), int(port), app[door.GUARD]).start()
         tune_gc()
         event(log, "gateway_listening", "gateway listening on %s", config.gateway.listen)
         ready()

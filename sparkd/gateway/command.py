@@ -32,15 +32,17 @@ def _notify(state: str) -> None:
 def reload_config(app: web.Application, config_file: Path) -> None:
     """SIGHUP: the new config when it is valid; the one in force (and a loud error) if not."""
     from sparkd.gateway.app import apply_config
+    from sparkd.gateway.auth import check_keys
 
     try:
         config = load_config(config_file)
+        keys = check_keys(config)
+        fixed = apply_config(app, config, keys=keys)
     except ConfigError as exc:
         event(log, "gateway_config_rejected", "new config rejected, keeping the previous "
               "one: %s", exc.message, level=logging.ERROR)
         _notify("STATUS=config reload failed, previous config kept")
         return
-    fixed = apply_config(app, config)
     event(log, "gateway_config_reloaded", "config %s reloaded%s", config_file,
           f" ({', '.join(fixed)} need a restart of the gateway)" if fixed else "")
     _notify(f"STATUS=serving on {config.gateway.listen}")

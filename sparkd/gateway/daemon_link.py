@@ -58,7 +58,9 @@ async def follow_daemon(app: web.Application) -> None:
                     m.daemon_connected.set(1)
                     delay = RECONNECT_MIN_S
         except (SparkdError, OSError, ValueError) as exc:
-            log.debug("daemon event stream: %s", exc)
+            state.link_failed(f"{type(exc).__name__}: {getattr(exc, 'message', exc)}")
+        except Exception:  # a bug must not end the link for good: say so, and reconnect
+            log.exception("the gateway's link to sparkd failed; reconnecting")
         if state.view.connected:
             event(log, "gateway_daemon_lost", "lost sparkd's event stream on %s; reconnecting",
                   path, level=logging.WARNING)

@@ -48,6 +48,15 @@ class Metrics:
         self.unload_requests = Counter(
             "sparkd_gateway_unload_requests", "Idle unloads asked of the daemon", ["model"],
             registry=r)
+        # The door (sparkd/gateway/door.py).
+        self.connections_closed = Counter(
+            "sparkd_gateway_connections_closed", "Connections the gateway closed, by reason"
+            " (header_timeout, idle_timeout, body_timeout, limit_evicted, limit_refused)",
+            ["reason"], registry=r)
+        self.connections = Gauge("sparkd_gateway_connections", "Client connections open",
+                                 registry=r)
+        self.body_bytes = Gauge("sparkd_gateway_body_bytes_in_flight",
+                                "Bytes of request bodies the gateway holds", registry=r)
 
 
 _Metric = TypeVar("_Metric", Counter, Histogram)

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sparkd.gateway import classify, limits, rewrite
+from sparkd.gateway import classify, limits, media, rewrite
 from sparkd.gateway.errors import GatewayError
 
 
@@ -56,15 +56,8 @@ def prepare(raw: bytes, recipe: Recipe, *, chat: bool, user_agent: str = "",
     if stream is not None and not isinstance(stream, bool):
         raise GatewayError(400, "invalid_type", "stream: expected a boolean", param="stream")
     messages = limits.check_chat(body, recipe.limits) if chat else None
-    if chat and not recipe.allow_remote_images:
-        for url in classify.image_urls(body):
-            if classify.is_remote(url):
-                raise GatewayError(
-                    400, "remote_image_refused",
-                    "image parts must be inline data: URLs; remote image URLs are refused"
-                    " (an engine that fetches URLs is a request-forgery path, vLLM"
-                    " CVE-2025-6242; gateway.allow_remote_images turns them on)",
-                    param="messages")
+    if not recipe.allow_remote_images:  # every media kind, on every route (media.py)
+        media.refuse_remote(body)
     if workload is None:
         workload = classify.classify(body, user_agent=user_agent, rules=recipe.rules,
                                      max_chars=recipe.limits.classifier_chars).workload
@@ -83,13 +76,16 @@ def prepare(raw: bytes, recipe: Recipe, *, chat: bool, user_agent: str = "",
                     result.roles_before, result.roles_after)
 
 
-def model_name(raw: bytes) -> str | None:
+def model_name(raw: bytes, *, allow_remote: bool) -> str | None:
     """The `model` a body names, if it is a JSON object naming one (the other /v1 routes: the
-    engine reports anything else)."""
+    engine reports anything else). Unless `allow_remote`, a fetchable media reference
+    anywhere in it is refused (GatewayError 400), as on the chat routes."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
         return None
+    if not allow_remote:
+        media.refuse_remote(body)
     name = body.get("model") if isinstance(body, dict) else None
     return name if isinstance(name, str) else None
 

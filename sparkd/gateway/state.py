@@ -22,6 +22,7 @@ from sparkd.gateway.worker import PrepareWorker
 log = logging.getLogger(__name__)
 
 BAD_MESSAGES_KEPT: Final = 64
+BAD_MESSAGES_FULL: Final = "(more)"
 
 DaemonCall = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -40,16 +41,36 @@ class GatewayState:
     stats: dispatch.DecodeStats = field(default_factory=dispatch.DecodeStats)
     serving: Mapping[str, routing.Serve] = field(default_factory=dict)
     bad_messages: set[str] = field(default_factory=set)
+    link_errors: set[str] = field(default_factory=set)
+    last_link_error: str | None = None
 
     def bad_message(self, why: str) -> None:
         """A message from sparkd that does not fit the schema: an error in the journal, once
         for each distinct reason (a stream of them must not flood it), and skipped."""
-        if why in self.bad_messages:
+        where = why.split(": expected", 1)[0]  # the path, not the value: values change
+        if where in self.bad_messages:
             return
-        if len(self.bad_messages) < BAD_MESSAGES_KEPT:
-            self.bad_messages.add(why)
+        if len(self.bad_messages) >= BAD_MESSAGES_KEPT:
+            if BAD_MESSAGES_FULL not in self.bad_messages:
+                self.bad_messages.add(BAD_MESSAGES_FULL)
+                log.error("more messages from sparkd do not fit its schema; further reasons "
+                          "are not logged")
+            return
+        self.bad_messages.add(where)
         log.error("ignoring a message from sparkd that does not fit its schema (is sparkd "
                   "the same version as the gateway?): %s", why)
+
+    def link_failed(self, why: str) -> None:
+        """The event stream failed: at WARNING the first time for each kind of failure (a
+        gateway refused by sparkd, say, must not fail in silence), then at debug."""
+        kind = why.split(":", 1)[0] + why.split(":", 1)[-1][:40]
+        self.last_link_error = why
+        if kind in self.link_errors:
+            log.debug("daemon event stream: %s", why)
+            return
+        if len(self.link_errors) < BAD_MESSAGES_KEPT:
+            self.link_errors.add(kind)
+        log.warning("cannot follow sparkd's events (retrying): %s", why)
 
     def update(self, view: routing.DaemonView, serving: Mapping[str, routing.Serve], *,
                now: float) -> None:

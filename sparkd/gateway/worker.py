@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 INLINE_MAX_BYTES: Final = 16 * 1024
 _FRAME: Final = struct.Struct("!II")
 _CLOSE_TIMEOUT_S: Final = 2.0
+# Large bodies waiting for (or in) the worker at most: past it, 503 worker_busy at once, so a
+# client sending many maximal bodies neither holds the gateway's memory nor makes everyone
+# else's large request wait behind an unbounded queue.
+MAX_QUEUED: Final = 8
 
 
 def worker_argv() -> tuple[str, ...]:
@@ -61,6 +65,7 @@ class PrepareWorker:
         self._recipe: Recipe | None = None  # the recipe the running worker holds
         self._lock = asyncio.Lock()
         self._closed = False
+        self.queued = 0
 
     async def prepare(self, raw: bytes, recipe: Recipe, *, chat: bool, user_agent: str,
                       workload: Workload | None) -> Prepared:
@@ -77,9 +82,14 @@ class PrepareWorker:
 
     async def _call(self, raw: bytes, recipe: Recipe, job: tuple[Any, ...]
                     ) -> tuple[object, bytes]:
+        if self.queued >= MAX_QUEUED:
+            raise GatewayError(503, "worker_busy", f"{self.queued} large request bodies wait "
+                               "for the gateway's worker already; retry", retry_after_s=1)
+        self.queued += 1
         # Shielded: a client that goes away must not leave its answer in the pipe for the
         # next request to read. The exchange finishes (or the worker is closed) either way.
         exchange = asyncio.ensure_future(self._exchange(raw, recipe, job))
+        exchange.add_done_callback(self._dequeue)
         reply, out = await asyncio.shield(exchange)
         kind, value = reply
         if kind == "ok":
@@ -90,6 +100,9 @@ class PrepareWorker:
         log.error("the gateway's worker failed on a request: %s", value)
         raise GatewayError(500, "internal_error", "preparing the request failed (a bug: the"
                            " gateway's log has the traceback)")
+
+    def _dequeue(self, _done: asyncio.Future[Any]) -> None:
+        self.queued -= 1
 
     async def _exchange(self, raw: bytes, recipe: Recipe, values: tuple[Any, ...]
                         ) -> tuple[tuple[str, object], bytes]:
@@ -169,7 +182,7 @@ def serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
             if recipe is None:
                 raise RuntimeError("no recipe sent")
             if job == "model_name":
-                reply = ("ok", model_name(raw))
+                reply = ("ok", model_name(raw, allow_remote=recipe.allow_remote_images))
             else:
                 chat, user_agent, workload = args
                 result = prepare(raw, recipe, chat=chat, user_agent=user_agent,

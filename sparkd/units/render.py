@@ -19,11 +19,22 @@ See docs/units.md for why each setting is what it is.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import posixpath
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from sparkd.config import ACCOUNT_NAME_RE, EXEC_PREFIXES, Config, EngineKind, ModelConfig, Variant
 from sparkd.engine.unit import ENGINE_HOST, TIMEOUT_STOP_S, health_url, start_timeout_s
+from sparkd.engine.versions import (
+    DEFAULT_MOE_BACKEND,
+    MOE_BACKEND_ENV,
+    MOE_BACKEND_FLAG,
+    MOE_ENV_TO_FLAG,
+    MOE_FLAG_TO_ENV,
+    Resolved,
+    rules_for,
+)
 from sparkd.errors import ConfigError
 
 #: A line that marks a unit file as written by sparkd. The reconciler only ever rewrites or
@@ -34,13 +45,8 @@ GENERATED_MARKER: Final = "# X-Sparkd-Generated: engine-unit (sparkd rewrites or
 #: systemd learned RestartSteps= and RestartMaxDelaySec= in version 254.
 RESTART_STEPS_MIN_VERSION: Final = 254
 
-DEFAULT_BINARIES: Final[dict[EngineKind, str]] = {
-    "vllm": "vllm",
-    "sglang": "python3",
-    "llamacpp": "llama-server",
-}
+
 PYTHON_ENGINES: Final[frozenset[EngineKind]] = frozenset({"vllm", "sglang", "sim"})
-VLLM_MOE_BACKEND: Final = ("VLLM_FLASHINFER_MOE_BACKEND", "latency")
 
 RESTART_STEPS: Final = 5
 RESTART_MAX_DELAY_S: Final = 120
@@ -66,33 +72,150 @@ def is_generated(text: str) -> bool:
     return GENERATED_MARKER in text.split("\n")
 
 
-def engine_argv(config: Config, model: ModelConfig, variant: Variant = "plain") -> list[str]:
-    """The engine's command line, binary first. Raises ValueError for external models."""
-    name, path, binary = model.name, str(model.path), model.binary
-    port = str(model.port_for(variant))
-    listen = ["--host", ENGINE_HOST, "--port", port]
+@dataclass(frozen=True, slots=True)
+class EngineCommand:
+    """What a model's engine runs with, for one engine version: its command line (program
+    first) and the environment sparkd adds; `notes` say what was translated or guessed."""
+
+    argv: list[str]
+    env: list[tuple[str, str]]  # in Environment= order: sparkd's defaults, then the model's
+    resolved: Resolved
+    moe_backend: str | None  # the vLLM MoE backend asked for, in --moe-backend words
+    notes: list[str]
+    defaults: frozenset[str]  # the env keys that are sparkd's own defaults
+
+    @property
+    def entrypoint_len(self) -> int:
+        """Words before the engine's own arguments: the program and its entrypoint."""
+        return 1 + len(self.resolved.rules.entrypoint)
+
+
+def engine_command(
+    config: Config, model: ModelConfig, variant: Variant = "plain", *,
+    detected_version: str | None = None,
+) -> EngineCommand:
+    """The engine's command line and environment for the version the model's engine runs:
+    `models.NAME.engine_version` when pinned, else `detected_version`, else unknown (the
+    newest rules, with a warning in `resolved`). Raises ValueError for external models."""
+    if not model.supervised:
+        raise ValueError(f"model {model.name!r} is external: sparkd runs no engine for it")
+    version = model.engine_version if model.engine_version is not None else detected_version
+    resolved = rules_for(model.engine, version)
+    rules = resolved.rules
+    name, path = model.name, str(model.path)
+    listen = ["--host", ENGINE_HOST, "--port", str(model.port_for(variant))]
+    own_env = model.env_dict
+    notes = [resolved.warning] if resolved.warning else []
+    extra: list[str] = []
+    drop_env: set[str] = set()
+    add_env: list[tuple[str, str]] = []
+    moe: str | None = None
+    program = _program(model, rules.program, rules.entrypoint)
     if model.engine == "vllm":
-        head = [binary or DEFAULT_BINARIES["vllm"], "serve", path, "--served-model-name", name]
+        head = [program, *rules.entrypoint, path, "--served-model-name", name]
+        moe, extra, add_env, drop_env, moe_notes = _moe_pin(model, resolved, own_env)
+        notes += moe_notes
     elif model.engine == "sglang":
-        head = [binary or DEFAULT_BINARIES["sglang"], "-m", "sglang.launch_server",
-                "--model-path", path, "--served-model-name", name]
+        head = [program, *rules.entrypoint, "--model-path", path, "--served-model-name", name]
     elif model.engine == "llamacpp":
-        head = [binary or DEFAULT_BINARIES["llamacpp"], "-m", path, "--alias", name]
-    elif model.engine == "sim":
-        head = [binary or str(config.daemon.sparkd_path), "sim-engine", "--model", name,
+        head = [program, "-m", path, "--alias", name]
+        if rules.jinja_flag and not {"--jinja", "--no-jinja"} & set(model.args):
+            # The default changed between builds (llama.cpp PR 17524): say it explicitly.
+            extra = [rules.jinja_flag]
+    else:  # sim
+        head = [model.binary or str(config.daemon.sparkd_path), "sim-engine", "--model", name,
                 "--path", path]
-    else:
-        raise ValueError(f"model {name!r} is external: sparkd runs no engine for it")
-    spec = speculative_args(model) if variant == "speculative" else []
-    return [*head, *listen, *model.args, *spec]
+    spec = speculative_args(model, resolved) if variant == "speculative" else []
+    env = _environment(model, add_env, drop_env)
+    own_keys = set(own_env) - drop_env
+    return EngineCommand([*head, *listen, *extra, *model.args, *spec], env, resolved, moe,
+                         notes, frozenset(k for k, _ in env if k not in own_keys))
 
 
-def speculative_args(model: ModelConfig) -> list[str]:
+def engine_argv(
+    config: Config, model: ModelConfig, variant: Variant = "plain", *,
+    detected_version: str | None = None,
+) -> list[str]:
+    """The engine's command line, program first. Raises ValueError for external models."""
+    return engine_command(config, model, variant, detected_version=detected_version).argv
+
+
+def engine_env(
+    config: Config, model: ModelConfig, variant: Variant = "plain", *,
+    detected_version: str | None = None,
+) -> list[tuple[str, str]]:
+    """The environment sparkd gives the engine (its defaults, then the model's `env`)."""
+    return engine_command(config, model, variant, detected_version=detected_version).env
+
+
+def _program(model: ModelConfig, default: str, entrypoint: tuple[str, ...]) -> str:
+    """The program to run: the model's `binary`, else the version's default. A Python given
+    as SGLang's binary runs the `sglang` console script beside it when the version's
+    entrypoint is `sglang serve` (and the reverse for `-m sglang.launch_server`)."""
+    binary = model.binary
+    if binary is None:
+        return default
+    if model.engine == "sglang":
+        base = posixpath.basename(binary)
+        folder = posixpath.dirname(binary)
+        if entrypoint == ("serve",) and base.startswith("python"):
+            return posixpath.join(folder, "sglang") if folder else "sglang"
+        if entrypoint != ("serve",) and base == "sglang":
+            return posixpath.join(folder, "python3") if folder else "python3"
+    return binary
+
+
+def _has_flag(args: Iterable[str], flag: str) -> str | None:
+    """The value given to `flag` in args (`--flag V` or `--flag=V`), or None."""
+    words = list(args)
+    for i, a in enumerate(words):
+        if a == flag and i + 1 < len(words):
+            return words[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _moe_pin(
+    model: ModelConfig, resolved: Resolved, own_env: Mapping[str, str]
+) -> tuple[str | None, list[str], list[tuple[str, str]], set[str], list[str]]:
+    """vLLM's MoE pin in the form the version reads: (backend asked for, extra arguments,
+    environment to add, model env keys to leave out, notes)."""
+    rules = resolved.rules
+    version = resolved.version or "of unknown version"
+    from_args = _has_flag(model.args, MOE_BACKEND_FLAG)
+    from_env = own_env.get(MOE_BACKEND_ENV)
+    notes: list[str] = []
+    if from_args is not None:
+        backend: str | None = from_args.lower().replace("-", "_")
+        if rules.moe_pin == "env":
+            notes.append(f"models.{model.name}.args: {MOE_BACKEND_FLAG} is not a flag of vLLM "
+                         f"{version} (it came in 0.17.0): use env.{MOE_BACKEND_ENV}")
+        return backend, [], [], set(), notes
+    if from_env is not None:
+        backend = MOE_ENV_TO_FLAG.get(from_env)
+        if rules.moe_pin == "env" or backend is None:
+            if backend is None or from_env not in rules.moe_env_values:
+                notes.append(f"models.{model.name}.env.{MOE_BACKEND_ENV}={from_env} is not a "
+                             f"value vLLM {version} reads")
+            return backend, [], [], set(), notes
+        notes.append(f"models.{model.name}.env.{MOE_BACKEND_ENV}={from_env} rendered as "
+                     f"{MOE_BACKEND_FLAG} {backend} (vLLM {version} reads the flag"
+                     + (")" if rules.moe_env_values else "; the variable is gone since 0.24.0)"))
+        return backend, [MOE_BACKEND_FLAG, backend], [], {MOE_BACKEND_ENV}, notes
+    backend = DEFAULT_MOE_BACKEND
+    if rules.moe_pin == "env":
+        return backend, [], [(MOE_BACKEND_ENV, MOE_FLAG_TO_ENV[backend])], set(), notes
+    return backend, [MOE_BACKEND_FLAG, backend], [], set(), notes
+
+
+def speculative_args(model: ModelConfig, resolved: Resolved | None = None) -> list[str]:
     """The engine arguments that turn on speculative decoding (FACTS.md: an engine-level
     setting; no engine takes it per request)."""
     s = model.speculative
     if s is None:
         return []
+    rules = (resolved or rules_for(model.engine, model.engine_version)).rules
     if model.engine == "vllm":
         config = {"method": s.method, "model": s.draft_model,
                   "num_speculative_tokens": s.num_speculative_tokens}
@@ -106,8 +229,15 @@ def speculative_args(model: ModelConfig) -> list[str]:
             if value is not None:
                 args += [flag, str(value)]
         return args
-    if model.engine == "llamacpp":  # draft-model speculation (llama.cpp has no EAGLE)
-        return ["--model-draft", s.draft_model, "--draft-max", str(s.num_speculative_tokens)]
+    if model.engine == "llamacpp":
+        spec_type = rules.spec_types.get(s.method)
+        if spec_type is None or not (rules.draft_model_flag and rules.draft_max_flag
+                                     and rules.spec_type_flag):
+            raise ConfigError(f"models.{model.name}.speculative.method: llama.cpp "
+                              f"{rules.since}+ has no {s.method!r} speculative type (it has: "
+                              f"{', '.join(rules.spec_types) or 'none'})")
+        return [rules.draft_model_flag, s.draft_model, rules.draft_max_flag,
+                str(s.num_speculative_tokens), rules.spec_type_flag, spec_type]
     return ["--speculative"]  # the simulated engine
 
 
@@ -152,10 +282,17 @@ def quote_command(argv: Iterable[str]) -> str:
     return " ".join([first, *(quote_word(w) for w in words[1:])])
 
 
-def render_units(config: Config, *, systemd_version: int) -> dict[str, str]:
-    """File name -> unit text for every supervised model, sorted by file name."""
+def render_units(
+    config: Config, *, systemd_version: int, engine_versions: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """File name -> unit text for every supervised model, sorted by file name.
+
+    `engine_versions` maps a model name to the version of its engine found installed
+    (sparkd.engine.versions.detect_versions); a version pinned in the config wins."""
+    versions = engine_versions or {}
     units = {
-        m.unit_for(v): render_unit(config, m, systemd_version=systemd_version, variant=v)
+        m.unit_for(v): render_unit(config, m, systemd_version=systemd_version, variant=v,
+                                   detected_version=versions.get(m.name))
         for m in config.models.values()
         if m.supervised
         for v in m.variants
@@ -164,19 +301,21 @@ def render_units(config: Config, *, systemd_version: int) -> dict[str, str]:
 
 
 def render_unit(
-    config: Config, model: ModelConfig, *, systemd_version: int, variant: Variant = "plain"
+    config: Config, model: ModelConfig, *, systemd_version: int, variant: Variant = "plain",
+    detected_version: str | None = None,
 ) -> str:
     """The text of `sparkd-engine@NAME.service` (or `NAME:spec`, the speculative variant) for
     one supervised model."""
     if not model.supervised:
         raise ValueError(f"model {model.name!r} is external: sparkd renders no unit for it")
     _check_model(config, model)
+    command = engine_command(config, model, variant, detected_version=detected_version)
     sparkd = str(config.daemon.sparkd_path)
     name = model.name
     cache = f"sparkd/{name}"
     port = model.port_for(variant)
     unit = model.unit_for(variant)
-    argv = engine_argv(config, model, variant)
+    argv = command.argv
     start_timeout = start_timeout_s(model.load_timeout_s, config.daemon.settle_timeout_s)
     user = config.daemon.engine_user
     d = config.daemon
@@ -191,6 +330,7 @@ def render_unit(
         "# or, for every engine, /etc/systemd/system/sparkd-engine@.service.d/*.conf",
         "# (not `systemctl edit --full`: a full copy in /etc hides this file for good).",
         GENERATED_MARKER,
+        *_version_comment(model, command),
         "",
         "[Unit]",
         f"Description=sparkd engine {name} ({model.engine}"
@@ -214,7 +354,13 @@ def render_unit(
         f"CacheDirectory={cache}",
         f"WorkingDirectory=%C/{cache}",
     ]
-    lines += _environment(model)
+    # sparkd's defaults are written as they are (HOME holds the %C specifier on purpose);
+    # the model's values are quoted so that they reach the engine unchanged.
+    lines += [
+        f"Environment={k}={v}" if k in command.defaults
+        else f"Environment={quote_word(f'{k}={v}', expand_dollar=False)}"
+        for k, v in command.env
+    ]
     lines += [
         "# As root (+): sync, drop the page cache, wait for memory to settle, and refuse to",
         "# start when the model's memory is not available. It reads the config sparkd accepted,",
@@ -304,20 +450,41 @@ def render_unit(
     return "\n".join(lines) + "\n"
 
 
-def _environment(model: ModelConfig) -> list[str]:
-    """sparkd's defaults (unless the model sets the same key), then the model's env, sorted."""
-    home = f"%C/sparkd/{model.name}"  # a specifier on purpose: %C is /var/cache
+#: sparkd's own environment values that hold a specifier on purpose (written unquoted).
+_HOME_SPECIFIER: Final = "%C/sparkd/"
+
+
+def _environment(
+    model: ModelConfig, add: list[tuple[str, str]], drop: set[str]
+) -> list[tuple[str, str]]:
+    """sparkd's defaults (unless the model sets the same key), then the model's env, sorted;
+    `add` joins the defaults (the vLLM MoE pin where the version reads a variable), `drop`
+    leaves model keys out (a variable the version no longer reads, rendered as a flag)."""
+    home = f"{_HOME_SPECIFIER}{model.name}"  # a specifier on purpose: %C is /var/cache
     defaults = [("HOME", home), ("XDG_CACHE_HOME", home)]
     if model.engine in PYTHON_ENGINES:
         defaults.append(("PYTHONUNBUFFERED", "1"))
-    if model.engine == "vllm":
-        defaults.append(VLLM_MOE_BACKEND)
+    defaults += add
     own = model.env_dict
-    lines = [f"Environment={k}={v}" for k, v in defaults if k not in own]
-    lines += [
-        f"Environment={quote_word(f'{k}={v}', expand_dollar=False)}"
-        for k, v in sorted(own.items())
-    ]
+    pairs = [(k, v) for k, v in defaults if k not in own]
+    pairs += [(k, v) for k, v in sorted(own.items()) if k not in drop]
+    return pairs
+
+
+def _version_comment(model: ModelConfig, command: EngineCommand) -> list[str]:
+    """Header lines saying which engine version the unit was rendered for, and why."""
+    r = command.resolved
+    if model.engine == "sim":
+        return []
+    if r.version is None:
+        where = "unknown"
+    elif model.engine_version is not None:
+        where = f"{_comment(r.version)} (pinned: models.{_comment(model.name)}.engine_version)"
+    else:
+        where = f"{_comment(r.version)} (detected)"
+    lines = [f"# Engine: {model.engine} {where}; rendered with the rules for "
+             f"{model.engine} {r.rules.since}+ (sparkd/engine/versions.py)."]
+    lines += [f"# WARNING: {_comment(n)}" for n in command.notes]
     return lines
 
 

@@ -127,11 +127,17 @@ class SimEngines:
         n = len(self.engines)
         path = path if path is not None else self.workdir / f"models-{n}" / model
         port = port if port is not None else free_port()
-        log = self.workdir / f"engine-{n}.log"
         argv = [*SPARKD, "sim-engine", "--model", model, "--path", str(path), "--port", str(port)]
+        return self.start_command([*argv, *args], port=port, path=path, env=env)
+
+    def start_command(
+        self, argv: list[str], *, port: int, path: Path, env: Mapping[str, str] | None = None
+    ) -> SimEngine:
+        """Any engine's command line (a real llama-server's too), its output in a log file."""
+        log = self.workdir / f"engine-{len(self.engines)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [*argv, *args],
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -162,6 +168,40 @@ def module_sim_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim
     engines = SimEngines(tmp_path_factory.mktemp("sim-engines"))
     yield engines
     engines.stop_all()
+
+
+# --- the real llama-server ---------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+SKIP_LLAMA_ENV = "SPARKD_SKIP_LLAMA_SERVER"
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> Path:
+    """The upstream llama-server that `make llama-server` (scripts/build-llama-server.sh) built
+    and cached. Missing, the tests that need it fail, naming the fix: CI must run them.
+    SPARKD_SKIP_LLAMA_SERVER=1 skips them instead, for a machine that cannot build it."""
+    if os.environ.get(SKIP_LLAMA_ENV):
+        pytest.skip(f"{SKIP_LLAMA_ENV} is set: the real llama-server is not used")
+    script = REPO / "scripts" / "build-llama-server.sh"
+    where = subprocess.run([str(script), "--print-path"], capture_output=True, text=True,
+                           check=True, timeout=30)
+    binary = Path(where.stdout.strip())
+    if not os.access(binary, os.X_OK):
+        pytest.fail(f"{binary} is missing: run `make llama-server` (about 8 minutes on 2 cores "
+                    f"the first time), or set {SKIP_LLAMA_ENV}=1 to skip the tests that need it")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Template name (tiny_gguf.TEMPLATES: "permissive", "strict") -> a tiny random-weight
+    llama GGUF with that chat template."""
+    from tiny_gguf import TEMPLATES, write_tiny_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-gguf")
+    return {name: write_tiny_gguf(folder / f"tiny-{name}.gguf", template=name)
+            for name in TEMPLATES}
 
 
 SparkdRun = Any  # (*args: str, timeout: float = ...) -> subprocess.CompletedProcess[str]

@@ -44,6 +44,7 @@ from sparkd.control.status import (
 from sparkd.daemon.events import as_json
 from sparkd.daemon.supervisor import Supervisor
 from sparkd.errors import BadRequest
+from sparkd.gateway import door
 from sparkd.gateway.app import build_app, settings_for
 
 T = TypeVar("T")
@@ -199,7 +200,8 @@ def running_gateway(config_text: str, *, initial: Status | None = None,
         if start_daemon:
             await daemon.server.start()
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        # The production site: the connection guard watches every connection.
+        await door.GuardedSite(runner, "127.0.0.1", port, app[door.GUARD]).start()
         started.set()
         await stopping.wait()
         await runner.cleanup()

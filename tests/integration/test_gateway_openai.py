@@ -199,7 +199,7 @@ def test_errors_are_openai_style_and_never_500(gateway: Gateway) -> None:
          400, "invalid_type"),
         (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}}]}]}
-         ).encode(), 400, "remote_image_refused"),
+         ).encode(), 400, "remote_media_refused"),
     ]:
         r = post(gateway.url + "/v1/chat/completions", content=raw,
                        headers={"Content-Type": "application/json"})
@@ -220,12 +220,13 @@ def test_errors_are_openai_style_and_never_500(gateway: Gateway) -> None:
     r = post(gateway.url + "/v1/chat/completions",
              json_body={"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 200 and r.headers["X-Sparkd-Rewrites"] == "1"
-    r = post(gateway.url + "/v1/chat/completions", content=b"x" * (33 * 1024 * 1024))
+    r = post(gateway.url + "/v1/chat/completions", content=b"x" * (33 * 1024 * 1024),
+             headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     r = get(gateway.url + "/nowhere")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = post(gateway.url + "/health", json_body={})
-    assert r.status_code == 405 and r.headers["Allow"] == "GET"
+    assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD"
     assert r.json()["error"]["code"] == "method_not_allowed"
     # Still serving.
     with client(gateway) as c:

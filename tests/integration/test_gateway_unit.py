@@ -41,3 +41,17 @@ def test_gateway_user_is_in_the_control_group() -> None:
     assert "User=sparkd-gateway" in unit and "SupplementaryGroups=sparkd" in unit
     postinst = (REPO / "packaging" / "debian" / "postinst").read_text()
     assert "sparkd-gateway.service" in postinst.split("for unit in", 1)[1].split("\n", 1)[0]
+
+
+def test_gateway_unit_keeps_descriptors_and_delivers_keys_as_a_credential() -> None:
+    """The connection limit keeps under the unit's LimitNOFILE; the keys reach the gateway as
+    a systemd credential, with an empty default so a missing file does not fail the start."""
+    from sparkd.config import GatewayConfig
+    from sparkd.gateway.auth import CREDENTIAL, NO_KEYS_FILE
+    from sparkd.gateway.door import connection_limit
+
+    unit = (REPO / "units" / "sparkd-gateway.service").read_text()
+    nofile = int(unit.split("\nLimitNOFILE=", 1)[1].split("\n", 1)[0])
+    assert connection_limit(GatewayConfig().max_connections, nofile) * 2 + 64 <= nofile
+    assert f"\nLoadCredential={CREDENTIAL}:/etc/sparkd/gateway-keys.toml\n" in unit
+    assert f"\nSetCredential={CREDENTIAL}:{NO_KEYS_FILE}\n" in unit

@@ -113,6 +113,9 @@ env = {{ VLLM_FLASHINFER_MOE_BACKEND = "throughput" }}
 
 [models.mistral-7b]
 engine = "sglang"
+# A Python as binary: SGLang before 0.5.5 runs it with -m sglang.launch_server (from 0.5.5
+# sparkd runs the `sglang` script beside it, which this venv does not have).
+engine_version = "0.5.4"
 binary = {_toml(sys.executable)}
 path = "/srv/models/mistral"
 port = 8203

@@ -146,7 +146,9 @@ def test_invalid_config_on_sighup_is_rejected_and_the_old_one_kept(container: Co
         assert 'models.sim-small.port: expected an integer from 1 to 65535, got "81x"' in (
             check.stderr
         )
-        container.exec(["systemctl", "reload", "sparkd"])
+        # A refused config fails the reload itself (ExecReload= is `sparkd reload`).
+        refused = container.exec(["systemctl", "reload", "sparkd"], check=False)
+        assert refused.returncode != 0
         wait_for(
             "the rejection to show in STATUS",
             lambda: (

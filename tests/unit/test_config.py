@@ -302,3 +302,22 @@ port = 9002
         "daemon.default_modle", "gateway.hold_seconds", "models.a.memory_gb",
         "models.c.engine", "models.d.port"]
     assert all(line.startswith("/etc/sparkd.toml: ") for line in lines)
+
+
+@pytest.mark.parametrize("version", ["0.34.0", "0.5.23.post1", "11434", "b11434", "v0.11.2"])
+def test_engine_version_pin(version: str) -> None:
+    config = parse_config(MINIMAL + f'engine_version = "{version}"\n', source=SRC)
+    assert config.model("a").engine_version == version
+    assert parse_config(MINIMAL, source=SRC).model("a").engine_version is None
+
+
+@pytest.mark.parametrize("bad", ['"latest"', '"0.34 beta"', "34", '""'])
+def test_engine_version_must_be_a_release(bad: str) -> None:
+    message = err(MINIMAL + f"engine_version = {bad}\n")
+    assert "models.a.engine_version: expected a release of the engine" in message or (
+        "models.a.engine_version: expected a string" in message)
+
+
+def test_engine_version_only_for_real_engines() -> None:
+    sim = '[models.a]\nengine = "sim"\nport = 8001\nengine_version = "0.34.0"\n'
+    assert "vllm, sglang and llamacpp only" in err(sim)

@@ -9,9 +9,11 @@ import status_builders as sb
 from click.testing import CliRunner
 
 from sparkd.config import parse_config
+from sparkd.control.status import Status
 from sparkd.ctl.doctor import Facts, Level, diagnose
 from sparkd.ctl.main import cli
-from sparkd.daemon.report import gpus_record
+from sparkd.daemon.report import fingerprint_record, gpus_record
+from sparkd.engine.fingerprints import match_lines
 from sparkd.monitor.nvml import FixtureNvml, read
 
 CONFIG = """
@@ -65,9 +67,15 @@ def test_the_runbook_checks() -> None:
     assert checks["daemon"].level is Level.OK
     assert checks["units"].level is Level.OK
     assert checks["moe_backend.qwen"].level is Level.OK
+    # Version unknown: the newest rules, where the pin is the flag; doctor says which form.
+    assert checks["moe_backend.qwen"].message == (
+        "qwen: MoE pin --moe-backend flashinfer_trtllm (what vLLM ? reads)")
+    assert checks["engine_version.qwen"].level is Level.WARN
+    assert "vllm version unknown" in checks["engine_version.qwen"].message
     old = checks["moe_backend.old"]
     assert old.level is Level.WARN and "froze the desktop" in old.message
-    assert old.fix == "remove it from models.old.env"
+    assert "rendered as --moe-backend flashinfer_cutlass" in old.message
+    assert old.fix == "remove it from models.old.env / args"
     mem = checks["memory.old"]
     assert mem.level is Level.FAIL
     assert mem.message == "old needs 204.0 GiB with the reserve; the machine has 128.0 GiB"
@@ -100,3 +108,42 @@ def test_sparkctl_doctor_exit_status_and_json(tmp_path: Path) -> None:
             "systemctl start sparkd") in res.output
     res = CliRunner().invoke(cli, ["doctor", "--json", "--config", str(cfg)])
     assert '"id": "units"' in res.output
+
+
+def test_the_moe_pin_in_the_form_the_detected_version_reads() -> None:
+    """Before: doctor said VLLM_FLASHINFER_MOE_BACKEND=latency was in effect on every vLLM,
+    though 0.24+ ignores it."""
+    old = by_id(diagnose(facts(engine_versions={"qwen": "0.11.2"})))
+    assert old["moe_backend.qwen"].message == (
+        "qwen: MoE pin VLLM_FLASHINFER_MOE_BACKEND=latency (what vLLM 0.11.2 reads)")
+    assert old["engine_version.qwen"].level is Level.OK
+    new = by_id(diagnose(facts(engine_versions={"qwen": "0.34.0"})))
+    assert new["moe_backend.qwen"].message == (
+        "qwen: MoE pin --moe-backend flashinfer_trtllm (what vLLM 0.34.0 reads)")
+
+
+def test_doctor_fails_when_the_engine_chose_another_backend_or_refused() -> None:
+    def status_with(line: str) -> Status:
+        """The status the daemon reports once the engine logged `line` (its fingerprints
+        are what sparkd's matcher finds in it)."""
+        prints = tuple(fingerprint_record(m) for m in match_lines([line], engine="vllm"))
+        assert prints, line
+        return sb.status(engines=[sb.engine("qwen", 8201, engine="vllm",
+                                            fingerprints=prints)])
+
+    wrong = by_id(diagnose(facts(daemon_status=status_with(
+        "Using 'FLASHINFER_CUTLASS' NvFp4 MoE backend out of potential backends: "
+        "['FLASHINFER_CUTLASS']."), engine_versions={"qwen": "0.33.0"})))
+    assert wrong["moe_chosen.qwen"].level is Level.FAIL
+    assert wrong["moe_chosen.qwen"].message == (
+        "qwen: the pin asks for flashinfer_trtllm, the engine chose flashinfer_cutlass")
+    failed = by_id(diagnose(facts(daemon_status=status_with(
+        "ValueError: NvFp4 MoE backend 'FLASHINFER_TRTLLM' does not support the "
+        "deployment configuration since kernel does not support current device."))))
+    assert failed["moe_chosen.qwen"].level is Level.FAIL
+    assert "does not support the deployment configuration" in failed["moe_chosen.qwen"].message
+    ok = by_id(diagnose(facts(daemon_status=status_with(
+        "Using FLASHINFER_TRTLLM NvFp4 MoE backend out of potential backends: "
+        "['FLASHINFER_TRTLLM']."))))
+    assert ok["moe_chosen.qwen"].level is Level.OK
+    assert "moe_chosen.qwen" not in by_id(diagnose(facts()))  # nothing logged: nothing to say

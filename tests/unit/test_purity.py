@@ -27,6 +27,7 @@ PURE = (
     "sparkd.monitor.floor",
     "sparkd.store.plan",
     "sparkd.config",
+    "sparkd.config_checks",
     "sparkd.control.codec",
     "sparkd.control.status",
     "sparkd.daemon.engines",

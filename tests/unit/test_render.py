@@ -28,6 +28,7 @@ from sparkd.errors import ConfigError
 from sparkd.units.render import (
     GENERATED_MARKER,
     engine_argv,
+    engine_command,
     is_generated,
     quote_command,
     quote_word,
@@ -47,6 +48,7 @@ settle_timeout_s = 30
 
 [models.qwen3-30b]
 engine = "vllm"
+engine_version = "0.34.0"
 path = "/var/lib/sparkd/models/qwen3-30b"
 port = 8201
 memory_gib = 70
@@ -74,14 +76,29 @@ env = { VLLM_FLASHINFER_MOE_BACKEND = "throughput", VLLM_LOGGING_PREFIX = "[gpt-
 
 [models.mistral-7b]
 engine = "sglang"
+engine_version = "0.5.23"
 binary = "/opt/sglang/bin/python3"
 path = "/srv/models/Mistral-7B-Instruct-v0.1"
 port = 8203
 role_policy = "strict"
 args = ["--speculative-algorithm", "EAGLE3", "--mem-fraction-static", "0.8"]
 
+[models.vllm-old]
+engine = "vllm"
+engine_version = "0.11.2"
+path = "/srv/models/Qwen3-30B-A3B"
+port = 8205
+args = ["--gpu-memory-utilization", "0.85"]
+
+[models.sglang-old]
+engine = "sglang"
+engine_version = "0.5.4"
+path = "/srv/models/Mistral-7B-Instruct-v0.1"
+port = 8206
+
 [models."gemma-3-27b.q4"]
 engine = "llamacpp"
+engine_version = "11434"
 path = "/srv/models/gemma 3/gemma-3-27b-Q4_K_M.gguf"
 port = 8204
 args = ["-ngl", "99", "--ctx-size", "8192"]
@@ -244,6 +261,8 @@ def test_one_unit_per_engine_variant_sorted() -> None:
         "sparkd-engine@mistral-7b.service",
         "sparkd-engine@qwen3-30b.service",
         "sparkd-engine@qwen3-30b:spec.service",
+        "sparkd-engine@sglang-old.service",
+        "sparkd-engine@vllm-old.service",
         "sparkd-engine@sim-small.service",
         "sparkd-engine@sim-spec.service",
         "sparkd-engine@sim-spec:spec.service",
@@ -273,22 +292,107 @@ def test_engine_argv_per_engine() -> None:
     c = golden_config()
     assert engine_argv(c, c.model("qwen3-30b")) == [
         "vllm", "serve", "/var/lib/sparkd/models/qwen3-30b", "--served-model-name", "qwen3-30b",
-        "--host", "127.0.0.1", "--port", "8201",
+        "--host", "127.0.0.1", "--port", "8201", "--moe-backend", "flashinfer_trtllm",
         "--gpu-memory-utilization", "0.85", "--max-model-len", "32768",
     ]
-    assert engine_argv(c, c.model("mistral-7b"))[:9] == [
-        "/opt/sglang/bin/python3", "-m", "sglang.launch_server",
+    # SGLang 0.5.23: `sglang serve`, the console script beside the configured Python.
+    assert engine_argv(c, c.model("mistral-7b"))[:8] == [
+        "/opt/sglang/bin/sglang", "serve",
         "--model-path", "/srv/models/Mistral-7B-Instruct-v0.1",
         "--served-model-name", "mistral-7b", "--host", "127.0.0.1",
     ]
-    assert engine_argv(c, c.model("gemma-3-27b.q4"))[:4] == [
+    assert engine_argv(c, c.model("sglang-old"))[:4] == [
+        "python3", "-m", "sglang.launch_server", "--model-path"]
+    assert engine_argv(c, c.model("gemma-3-27b.q4")) == [
         "llama-server", "-m", "/srv/models/gemma 3/gemma-3-27b-Q4_K_M.gguf", "--alias",
+        "gemma-3-27b.q4", "--host", "127.0.0.1", "--port", "8204", "--jinja",
+        "-ngl", "99", "--ctx-size", "8192",
     ]
     assert engine_argv(c, c.model("sim-small")) == [
         "/usr/bin/sparkd", "sim-engine", "--model", "sim-small",
         "--path", "/var/lib/sparkd/models/sim-small", "--host", "127.0.0.1", "--port", "8101",
         "--load-seconds", "2", "--resident-mib", "128",
     ]
+
+
+@pytest.mark.parametrize(
+    ("version", "flag", "env"),
+    [
+        ("0.11.2", None, "latency"),  # only the variable exists
+        ("0.16.0", None, "latency"),
+        ("0.17.0", "flashinfer_trtllm", None),  # the flag came in 0.17.0 and wins
+        ("0.23.0", "flashinfer_trtllm", None),
+        ("0.26.0", "flashinfer_trtllm", None),  # the variable is gone (0.24.0)
+        ("0.34.0", "flashinfer_trtllm", None),
+        ("0.40.1", "flashinfer_trtllm", None),  # newer than known: the newest rules
+        ("0.10.0", None, "latency"),  # older than known: the oldest rules
+    ],
+)
+def test_vllm_moe_pin_follows_the_version(version: str, flag: str | None,
+                                          env: str | None) -> None:
+    c = golden_config()
+    model = replace(c.model("vllm-old"), engine_version=version)
+    command = engine_command(c, model)
+    argv, environment = command.argv, dict(command.env)
+    assert (argv[argv.index("--moe-backend") + 1] if "--moe-backend" in argv else None) == flag
+    assert environment.get("VLLM_FLASHINFER_MOE_BACKEND") == env
+    assert command.moe_backend == "flashinfer_trtllm"
+    assert (command.resolved.warning is not None) is (version in ("0.40.1", "0.10.0"))
+
+
+def test_model_moe_setting_is_translated_for_the_version() -> None:
+    c = golden_config()
+    base = c.model("gpt-oss-120b")  # env VLLM_FLASHINFER_MOE_BACKEND = "throughput"
+    new = engine_command(c, replace(base, engine_version="0.34.0"))
+    assert new.argv[new.argv.index("--moe-backend") + 1] == "flashinfer_cutlass"
+    assert "VLLM_FLASHINFER_MOE_BACKEND" not in dict(new.env)
+    assert any("rendered as --moe-backend flashinfer_cutlass" in n for n in new.notes)
+    old = engine_command(c, replace(base, engine_version="0.11.2"))
+    assert "--moe-backend" not in old.argv
+    assert dict(old.env)["VLLM_FLASHINFER_MOE_BACKEND"] == "throughput"
+    assert old.moe_backend == "flashinfer_cutlass"
+    # A flag in the model's own args is the model's choice: sparkd adds nothing.
+    own = replace(base, engine_version="0.34.0", env=(), args=("--moe-backend", "auto"))
+    mine = engine_command(c, own)
+    assert mine.argv.count("--moe-backend") == 1 and mine.moe_backend == "auto"
+    # ... and on a version without the flag, a note says so.
+    too_old = engine_command(c, replace(own, engine_version="0.11.2"))
+    assert any("not a flag of vLLM 0.11.2" in n for n in too_old.notes)
+
+
+def test_llamacpp_speculative_flags_follow_the_build() -> None:
+    c = golden_config()
+    spec = c.model("qwen3-30b").speculative
+    gemma = replace(c.model("gemma-3-27b.q4"), speculative=spec)
+    new = engine_argv(c, replace(gemma, engine_version="11434"), "speculative")
+    assert new[-6:] == ["--spec-draft-model", "/var/lib/sparkd/models/qwen3-30b-eagle3",
+                        "--spec-draft-n-max", "4", "--spec-type", "draft-eagle3"]
+    assert "--draft-max" not in new and "--model-draft" not in new
+    old = engine_argv(c, replace(gemma, engine_version="9093"), "speculative")
+    assert old[-2:] == ["--spec-type", "eagle3"]
+    assert spec is not None
+    eagle1 = replace(gemma, speculative=replace(spec, method="eagle"))
+    with pytest.raises(ConfigError, match="no 'eagle' speculative type"):
+        engine_argv(c, eagle1, "speculative")
+    # The Jinja default changed between builds: sparkd says it, unless the model does.
+    assert "--jinja" in engine_argv(c, gemma)
+    no = engine_argv(c, replace(gemma, args=("--no-jinja",)))
+    assert "--jinja" not in no and no.count("--no-jinja") == 1
+
+
+def test_detected_version_is_used_unless_pinned() -> None:
+    c = golden_config()
+    units = render_units(c, systemd_version=255,
+                         engine_versions={"gpt-oss-120b": "0.11.2", "qwen3-30b": "0.11.2"})
+    gpt = units["sparkd-engine@gpt-oss-120b.service"]
+    assert "# Engine: vllm 0.11.2 (detected)" in gpt
+    assert parse_environment(gpt)["VLLM_FLASHINFER_MOE_BACKEND"] == "throughput"
+    assert "--moe-backend" not in unit_values(gpt, "ExecStart")[0]
+    qwen = units["sparkd-engine@qwen3-30b.service"]  # pinned to 0.34.0: the pin wins
+    assert "# Engine: vllm 0.34.0 (pinned: models.qwen3-30b.engine_version)" in qwen
+    assert "--moe-backend flashinfer_trtllm" in unit_values(qwen, "ExecStart")[0]
+    unknown = render_units(c, systemd_version=255)["sparkd-engine@gpt-oss-120b.service"]
+    assert "# WARNING: vllm version unknown" in unknown
 
 
 def test_environment() -> None:
@@ -299,13 +403,13 @@ def test_environment() -> None:
         "HOME": "/var/cache/sparkd/qwen3-30b",
         "XDG_CACHE_HOME": "/var/cache/sparkd/qwen3-30b",
         "PYTHONUNBUFFERED": "1",
-        "VLLM_FLASHINFER_MOE_BACKEND": "latency",
         "HF_HUB_OFFLINE": "1",
     }
+    old = parse_environment(units["sparkd-engine@vllm-old.service"])
+    assert old["VLLM_FLASHINFER_MOE_BACKEND"] == "latency"
     gpt = units["sparkd-engine@gpt-oss-120b.service"]
-    assert parse_environment(gpt)["VLLM_FLASHINFER_MOE_BACKEND"] == "throughput"
+    assert "VLLM_FLASHINFER_MOE_BACKEND" not in parse_environment(gpt)
     assert parse_environment(gpt)["VLLM_LOGGING_PREFIX"] == "[gpt-oss 100% $MODEL] "
-    assert gpt.count("VLLM_FLASHINFER_MOE_BACKEND") == 1
     gemma = parse_environment(units["sparkd-engine@gemma-3-27b.q4.service"])
     assert "PYTHONUNBUFFERED" not in gemma and "VLLM_FLASHINFER_MOE_BACKEND" not in gemma
     assert parse_environment(units["sparkd-engine@sim-small.service"])["PYTHONUNBUFFERED"] == "1"
@@ -523,8 +627,12 @@ def test_render_never_raises_and_round_trips(
     parsed_env = parse_environment(text)
     for k, v in env.items():
         assert parsed_env[k] == v
-    if engine == "vllm" and "VLLM_FLASHINFER_MOE_BACKEND" not in env:
-        assert parsed_env["VLLM_FLASHINFER_MOE_BACKEND"] == "latency"
+    if engine == "vllm" and "VLLM_FLASHINFER_MOE_BACKEND" not in env and not any(
+            a == "--moe-backend" or a.startswith("--moe-backend=") for a in args):
+        # Version unknown: the newest rules, where the pin is the flag.
+        argv = parse_exec(start)
+        assert argv[argv.index("--moe-backend") + 1] == "flashinfer_trtllm"
+        assert "VLLM_FLASHINFER_MOE_BACKEND" not in parsed_env
     if engine == "sim":
         (rw,) = unit_values(text, "ReadWritePaths")
         words = split_words(expand_specifiers(rw), cunescape=False)

@@ -233,6 +233,57 @@ def test_failed_start_rolls_back_and_records_why(tmp_path: Path) -> None:
     assert status.last_swap is not None and status.last_swap.step == "rolled_back"
 
 
+REFUSAL = ("ValueError: NvFp4 MoE backend 'FLASHINFER_TRTLLM' does not support the "
+           "deployment configuration since kernel does not support current device.")
+MOE_CONFIG = CONFIG + """
+[models.moe]
+engine = "vllm"
+engine_version = "0.34.0"
+port = 9006
+path = "{state}"
+"""
+
+
+@pytest.mark.parametrize(("when", "step"), [("start_failed", "start"), ("start_done", "start"),
+                                             ("after_start", "health_gate")])
+def test_a_refused_moe_backend_fails_the_start_with_that_line(
+    tmp_path: Path, when: str, step: str
+) -> None:
+    """vLLM >= 0.22 refuses a forced MoE backend it cannot run (fingerprints.MOE_REFUSED).
+    Whether systemd saw the start fail or not, and whether the line reached the journal by
+    the end of the start or only by the health gate, the swap fails with that line as its
+    reason and rolls back."""
+    (tmp_path / "state").mkdir()
+    reads = {"n": 0}
+
+    def journal(unit: str) -> list[str]:
+        if "moe" not in unit:
+            return []
+        reads["n"] += 1
+        if when == "after_start" and reads["n"] == 1:
+            return ["INFO loading weights"]
+        return ["Traceback (most recent call last):", REFUSAL]
+
+    w = build(tmp_path, MOE_CONFIG, journal=journal,
+              systemd=FakeSystemd(fail_start={"moe"} if when == "start_failed" else set()))
+
+    async def scenario() -> Any:
+        await started(w.sup)
+        run = await swap_and_wait(w.sup, "moe")
+        await w.sup.quiesce()
+        return run
+
+    run = asyncio.run(scenario())
+    assert run.step is SwapStep.ROLLED_BACK
+    assert run.failure.startswith(f"{step}: vLLM refused the MoE backend"), run.failure
+    assert REFUSAL in run.failure and "moe_backend_refused:" not in run.failure
+    assert w.sup.state.desired_model == "a"
+    if when != "after_start":
+        (match,) = [m for m in w.sup.engines["moe"].fingerprints
+                    if m.value == "FLASHINFER_TRTLLM"]
+        assert match.backend == "flashinfer_trtllm"
+
+
 def test_one_swap_at_a_time(tmp_path: Path) -> None:
     sup, _ = make(tmp_path)
 
