@@ -114,6 +114,19 @@ class DaemonConfig:
     # A transfer slower than this over a stall window (download_stall_timeout_s) is dropped
     # and tried again: a server trickling a byte a second never stalls (0: no floor).
     download_min_rate_bytes_per_s: int = 16384
+    # Watching the machine (issue 13, docs/watch.md). The memory floor: MemAvailable under
+    # memory_floor_gib for memory_floor_samples readings in a row, one every
+    # memory_floor_interval_s, stops the engine that grows (0 GiB: off).
+    memory_floor_gib: float = 4.0
+    memory_floor_samples: int = 2
+    memory_floor_interval_s: float = 0.1
+    # Liveness beyond /health: one window of /metrics and NVML readings per liveness_window_s;
+    # liveness_strikes hung windows in a row restart the engine (0: off).
+    liveness_window_s: float = 30.0
+    liveness_strikes: int = 3
+    # Where the machine has no GPU (a CPU engine; the simulated engine in tests), nothing can
+    # corroborate a stall: true lets the stall alone count as a strike.
+    liveness_without_gpu: bool = False
 
     @property
     def accepted_config(self) -> Path:
@@ -429,6 +442,18 @@ def _parse_daemon(v: Validator, t: dict[str, Any]) -> DaemonConfig:
             t, "daemon.download_min_rate_bytes_per_s", d.download_min_rate_bytes_per_s, lo=0,
             hi=1 << 30,
         ),
+        memory_floor_gib=v.number(t, "daemon.memory_floor_gib", d.memory_floor_gib, lo=0,
+                                  hi=MEMORY_MAX_GIB),
+        memory_floor_samples=v.integer(t, "daemon.memory_floor_samples",
+                                       d.memory_floor_samples, lo=1, hi=100),
+        memory_floor_interval_s=v.number(t, "daemon.memory_floor_interval_s",
+                                         d.memory_floor_interval_s, lo=0.02, hi=10),
+        liveness_window_s=v.number(t, "daemon.liveness_window_s", d.liveness_window_s, lo=1,
+                                   hi=3600),
+        liveness_strikes=v.integer(t, "daemon.liveness_strikes", d.liveness_strikes, lo=0,
+                                   hi=100),
+        liveness_without_gpu=v.boolean(t, "daemon.liveness_without_gpu",
+                                       d.liveness_without_gpu),
     )
 
 

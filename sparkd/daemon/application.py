@@ -28,11 +28,13 @@ from sparkd.control.server import ControlServer
 from sparkd.daemon.boot import wait_for_gpu
 from sparkd.daemon.events import as_json
 from sparkd.daemon.supervisor import Deps, Notifier, Supervisor, read_boot_id
+from sparkd.daemon.watch import floor_loop
 from sparkd.engine.health import models_listed, probe
 from sparkd.engine.unit import is_engine_unit
 from sparkd.engine.versions import detect_versions
 from sparkd.errors import ConfigError, SparkdError, SystemdError
 from sparkd.journal import event, setup_logging
+from sparkd.monitor.floor import read_available, read_engine_memory
 from sparkd.monitor.memory import read_meminfo
 from sparkd.monitor.nvml import NvmlMonitor, NvmlSnapshot
 from sparkd.monitor.psi import read_pressure
@@ -56,6 +58,7 @@ T = TypeVar("T")
 EXIT_CONFIG = 2
 SYSTEMD_CALL_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S = 2.0
+METRICS_MAX_BYTES = 4 << 20
 JOURNAL_TIMEOUT_S = 10.0
 NVML_TIMEOUT_S = 5.0
 
@@ -132,6 +135,9 @@ class Daemon:
                                                            timeout_s=PROBE_TIMEOUT_S),
             path_exists=Path.exists,
             read_pressure=read_pressure,
+            read_available=read_available,
+            engine_memory=read_engine_memory,
+            scrape_metrics=lambda url: scrape_metrics(session, url),
             verify_files=preflight_verify_async,
             clock=time.monotonic,
             wall_clock=time.time,
@@ -164,6 +170,7 @@ class Daemon:
             await sup.start()
             event(log, "daemon_ready", "sparkd ready: %s", sup.status_line())
             tasks.append(asyncio.create_task(self._health_loop(sup, signals)))
+            tasks.append(asyncio.create_task(floor_loop(sup)))
             await self._stop.wait()
             event(log, "daemon_stopping", "sparkd stopping")
             await sup.shutdown()
@@ -230,6 +237,24 @@ class Daemon:
                 await sup.check_health()
             except SparkdError as exc:
                 log.warning("periodic check failed: %s", exc)
+
+
+async def scrape_metrics(session: aiohttp.ClientSession, url: str) -> str | None:
+    """An engine's /metrics text; None for no answer, a non-200 or more than 4 MiB (the
+    liveness rule reads None as unknown, never as zero)."""
+    import aiohttp
+
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
+                               allow_redirects=False) as response:
+            if response.status != 200:
+                return None
+            body = await response.content.read(METRICS_MAX_BYTES + 1)
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    if len(body) > METRICS_MAX_BYTES:
+        return None
+    return body.decode("utf-8", errors="replace")
 
 
 @click.command("daemon")

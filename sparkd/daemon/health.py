@@ -12,6 +12,7 @@ from sparkd.engine.probe import ProbeResult
 from sparkd.engine.swap import start_timeout
 from sparkd.errors import SparkdError
 from sparkd.journal import event
+from sparkd.monitor.liveness import Verdict
 from sparkd.systemd.manager import UnitStatus
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ async def check_health(sup: Supervisor) -> None:
         ):
             await restart_hung(sup, name, view, result)
     await sup.watch.sample(sup.config.daemon, sup.active_model)
+    sup.watch.record_baselines(sup)
+    await sup.watch.liveness(sup)
     sup.update_status()
 
 
@@ -90,6 +93,26 @@ async def restart_hung(sup: Supervisor, name: str, view: EngineView, result: Pro
           "row (last: %s); restarting it", name, view.unit.main_pid, view.health_failures,
           result.describe(), level=logging.ERROR, SPARKD_MODEL=name)
     view.health_failures = 0
+    job = await sup.deps.systemd(lambda m: m.restart_unit(unit))
+    sup.spawn(restart_done(sup, name, job))
+
+
+async def restart_stalled(sup: Supervisor, name: str, view: EngineView, verdict: Verdict,
+                          strikes: int) -> None:
+    """/health answers 200 but no token comes out while requests run (liveness, three
+    strikes): the same restart as a hung engine's, with the evidence in the event."""
+    unit = view.unit_name
+    ev = verdict.evidence
+    gpu = ("no GPU reading" if ev.utilization_pct is None else
+           f"GPU {ev.utilization_pct:g} % busy, memory utilization "
+           f"{'?' if ev.memory_utilization_pct is None else f'{ev.memory_utilization_pct:g}'} %, "
+           f"{'?' if ev.power_w is None else f'{ev.power_w:g}'} W")
+    event(log, "engine_hung", "%s is hung though /health answers 200: %d windows in a row of "
+          "%.0f s without a generated token while %s requests ran (%s; %s); process %d "
+          "alive; restarting it", name, strikes, ev.seconds,
+          "?" if ev.requests_running_min is None else f"{ev.requests_running_min:g}",
+          ", ".join(r.value for r in verdict.reasons), gpu, view.unit.main_pid,
+          level=logging.ERROR, SPARKD_MODEL=name, SPARKD_REASON="liveness")
     job = await sup.deps.systemd(lambda m: m.restart_unit(unit))
     sup.spawn(restart_done(sup, name, job))
 

@@ -39,7 +39,7 @@ from sparkd.daemon.control import answer
 from sparkd.daemon.engines import EngineView, engine_key, model_of_unit
 from sparkd.daemon.events import EventStream
 from sparkd.daemon.jobs import JobTracker
-from sparkd.daemon.watch import MachineWatch
+from sparkd.daemon.watch import EngineMemoryOf, MachineWatch, ReadAvailable, Scrape
 from sparkd.engine.fingerprints import Match
 from sparkd.engine.plan import Snapshot, SwapPlan, SwapStep, plan_swap
 from sparkd.engine.probe import ProbeResult
@@ -103,6 +103,10 @@ class Deps:
     clock: Callable[[], float]
     wall_clock: Callable[[], float]
     read_gpu: Callable[[], Awaitable[NvmlSnapshot]] | None = None  # None: no GPU readings
+    # The watch (sparkd.daemon.watch); None: that part is off.
+    read_available: ReadAvailable | None = None  # MemAvailable, for the memory floor
+    engine_memory: EngineMemoryOf | None = None  # main pid -> its cgroup's memory.current
+    scrape_metrics: Scrape | None = None  # an engine's /metrics text, for liveness
 
 
 class Supervisor:
@@ -138,7 +142,9 @@ class Supervisor:
         self._swap_task: asyncio.Task[SwapRun] | None = None
         self.jobs = JobTracker()
         self._background: set[asyncio.Task[Any]] = set()
-        self.watch = MachineWatch(read_gpu=deps.read_gpu, read_pressure=deps.read_pressure)
+        self.watch = MachineWatch(read_gpu=deps.read_gpu, read_pressure=deps.read_pressure,
+                                  read_available=deps.read_available,
+                                  engine_memory=deps.engine_memory, scrape=deps.scrape_metrics)
 
     # -- start-up -------------------------------------------------------------------------
 

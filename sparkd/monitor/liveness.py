@@ -77,6 +77,7 @@ class Reason(StrEnum):
     REQUESTS_NOT_STEADY = "requests_not_steady"  # running fell to 0 or rose from 0 in the window
     TOO_FEW_SAMPLES = "too_few_samples"
     WINDOW_TOO_SHORT = "window_too_short"
+    NO_GPU_ON_MACHINE = "no_gpu_on_machine"  # stall_without_gpu: the stall alone is the hang
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,9 @@ class Thresholds:
     # False where NVML's memory utilization is not known to mean DRAM traffic (GB10: nobody has
     # read it there during real work); then only power can corroborate a spin.
     use_memory_utilization: bool = True
+    # True only where the machine has no GPU at all (a CPU engine, the simulated engine in
+    # tests): then nothing can corroborate, and a stall alone is a hang (`no_gpu_on_machine`).
+    stall_without_gpu: bool = False
 
 
 # GB10 (DGX Spark): CONSTRUCTED, not read on one. One deadlocked GB10 engine read ~96 % at
@@ -217,6 +221,8 @@ def _stalled(ev: Evidence, limits: Thresholds) -> Verdict:
     util, power = ev.utilization_pct, ev.power_w
     mem = ev.memory_utilization_pct if limits.use_memory_utilization else None
     if util is None:
+        if limits.stall_without_gpu and ev.gpu_samples == 0:
+            return verdict(State.HUNG, Reason.NO_GPU_ON_MACHINE)
         return verdict(State.UNKNOWN, Reason.NO_GPU_READING)
     if util <= limits.idle_utilization_max_pct:
         return verdict(State.UNKNOWN, Reason.GPU_IDLE)
@@ -274,13 +280,15 @@ METRICS: Final[dict[str, tuple[str, str]]] = {
     "vllm": ("vllm:generation_tokens_total", "vllm:num_requests_running"),
     "sglang": ("sglang:generation_tokens_total", "sglang:num_running_reqs"),
     "llamacpp": ("llamacpp:tokens_predicted_total", "llamacpp:requests_processing"),
+    # The simulated engine exports vLLM's two series (sparkd/sim/engine.py).
+    "sim": ("vllm:generation_tokens_total", "vllm:num_requests_running"),
 }
 
 
 def engine_sample(engine: str, text: str, t: float) -> EngineSample:
     """An engine's /metrics text as a sample: each metric summed over its series (one per
-    engine index in vLLM's data-parallel mode). An engine kind without such metrics (sim,
-    external), a metric the text lacks, or text that does not parse gives None there, which
+    engine index in vLLM's data-parallel mode). An engine kind without such metrics
+    (external), a metric the text lacks, or text that does not parse gives None there, which
     `assess` reports as unknown rather than as zero."""
     names = METRICS.get(engine)
     if names is None:

@@ -37,6 +37,10 @@ class GpuReading:
     power_w: float | None
     processes: tuple[GpuProcess, ...]
     unsupported: tuple[str, ...]  # the queries that answered NOT_SUPPORTED
+    # NVML utilization.memory: the share of time device memory was read or written (liveness:
+    # ~0 beside ~100 % utilization is a spinning kernel). None: not reported. Last and
+    # defaulted, so readings built without it still construct.
+    memory_utilization_pct: int | None = None
 
     @property
     def process_bytes(self) -> int:
@@ -50,6 +54,7 @@ class GpuReading:
             "memory_total_bytes": self.memory_total,
             "memory_used_bytes": self.memory_used,
             "utilization_pct": self.utilization_pct,
+            "memory_utilization_pct": self.memory_utilization_pct,
             "temperature_c": self.temperature_c,
             "power_w": self.power_w,
             "processes": [{"pid": p.pid, "used_bytes": p.used_bytes} for p in self.processes],
@@ -122,6 +127,7 @@ def _read_gpu(nvml: Any, index: int) -> GpuReading:
             for p in procs
         ),
         unsupported=tuple(unsupported),
+        memory_utilization_pct=None if util is None else int(util.memory),
     )
 
 

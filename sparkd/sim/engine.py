@@ -4,17 +4,25 @@ It behaves like vLLM, SGLang or llama.cpp wherever sparkd can observe one, and n
 
     start ──▶ listening, loading (/health 503) ──▶ ready (/health 200, OpenAI routes served)
                   │  │                                │
-                  │  └─ --hang-on-start: stays here   └─ --crash-after F: exit 1 at F s
+                  │  └─ --hang-on-start: stays here   ├─ --crash-after F: exit 1 at F s
+                  │                                   ├─ --stall-after S: S s after ready, no
+                  │                                   │  more tokens (requests hang, /health 200)
+                  │                                   └─ --ramp-mib-per-s R: resident memory
+                  │                                      grows R MiB/s (to --ramp-max-mib)
                   └─ empty, unwritable model dir: exit 2
     SIGTERM or SIGINT in any state: exit 0 within a second.
 
 The replies are deterministic text; the speed (--tokens-per-second, --speculative) is real.
+`/metrics` exports vLLM's two liveness series (`vllm:generation_tokens_total`,
+`vllm:num_requests_running`; vllm/v1/metrics/loggers.py, commit 005a810b) in Prometheus text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import mmap
 import os
 import signal
 import sys
@@ -56,6 +64,13 @@ class EngineOptions:
     strict_alternation: bool = False
     speculative: bool = False
     tokens_per_second: float = 200.0
+    stall_after: float | None = None  # seconds after ready; None: never stalls
+    ramp_mib_per_s: float = 0.0  # 0: no ramp
+    ramp_max_mib: int = 1024
+
+
+RAMP_STEP_S: Final = 0.02  # the ramp allocates this often
+RAMP_BLOCK: Final = 8 * 1024 * 1024  # at most this much at a time
 
 
 @dataclass(slots=True)
@@ -63,6 +78,10 @@ class EngineState:
     created: int
     ready: bool = False
     resident: list[bytearray] | None = None  # held for the process's life so the RSS stays up
+    generated_tokens: int = 0  # vllm:generation_tokens_total
+    requests_running: int = 0  # vllm:num_requests_running
+    stalled: asyncio.Event | None = None  # set: no more tokens (--stall-after)
+    ramp: list[bytearray] = dataclasses.field(default_factory=list)
 
 
 class LoadFailed(Exception):
@@ -85,6 +104,7 @@ def build_app(options: EngineOptions, state: EngineState) -> web.Application:
     app[STATE] = state
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     return app
@@ -118,6 +138,22 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "loading"}, status=503)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """The two series sparkd's liveness rule reads, as vLLM names and types them."""
+    state, model = request.app[STATE], request.app[OPTIONS].model
+    text = (
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+        "# TYPE vllm:num_requests_running gauge\n"
+        f'vllm:num_requests_running{{engine="0",model_name="{model}"}} '
+        f"{float(state.requests_running)}\n"
+        "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+        "# TYPE vllm:generation_tokens_total counter\n"
+        f'vllm:generation_tokens_total{{engine="0",model_name="{model}"}} '
+        f"{float(state.generated_tokens)}\n"
+    )
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
 def _require_ready(request: web.Request) -> None:
     if not request.app[STATE].ready:
         raise ApiError(503, "The model is still loading.")
@@ -141,10 +177,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     reply = responses.plan_reply(gen)
     env = Envelope(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=options.model)
     rate = _rate(options, gen)
-    if gen.stream:
-        return await _stream(request, responses.chat_chunks(reply, gen, env), rate)
-    await _decode(reply, rate)
-    return web.json_response(responses.chat_completion(reply, gen, env))
+    state = request.app[STATE]
+    state.requests_running += 1
+    try:
+        if gen.stream:
+            return await _stream(request, responses.chat_chunks(reply, gen, env), rate)
+        await _decode(state, reply, rate)
+        return web.json_response(responses.chat_completion(reply, gen, env))
+    finally:
+        state.requests_running -= 1
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -156,10 +197,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
     reply = responses.plan_reply(gen)
     env = Envelope(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=options.model)
     rate = _rate(options, gen)
-    if gen.stream:
-        return await _stream(request, responses.text_chunks(reply, gen, env), rate)
-    await _decode(reply, rate)
-    return web.json_response(responses.text_completion(reply, gen, env))
+    state = request.app[STATE]
+    state.requests_running += 1
+    try:
+        if gen.stream:
+            return await _stream(request, responses.text_chunks(reply, gen, env), rate)
+        await _decode(state, reply, rate)
+        return web.json_response(responses.text_completion(reply, gen, env))
+    finally:
+        state.requests_running -= 1
 
 
 def _rate(options: EngineOptions, gen: Generation) -> float:
@@ -168,8 +214,23 @@ def _rate(options: EngineOptions, gen: Generation) -> float:
     )
 
 
-async def _decode(reply: Reply, rate: float) -> None:
-    await asyncio.sleep(reply.completion_tokens / rate)
+async def _decode(state: EngineState, reply: Reply, rate: float) -> None:
+    """Generate the reply's tokens at `rate`, counting them as they come (a tenth of a second
+    at a time); a stalled engine stops counting and never finishes."""
+    loop = asyncio.get_running_loop()
+    start, done, total = loop.time(), 0, reply.completion_tokens
+    while done < total:
+        await _unless_stalled(state)
+        step = min(total - done, max(1, int(rate / 10)))
+        done += step
+        await asyncio.sleep(max(0.0, start + done / rate - loop.time()))
+        state.generated_tokens += step
+
+
+async def _unless_stalled(state: EngineState) -> None:
+    """Wait forever once stalled (--stall-after): a deadlocked engine's requests hang."""
+    if state.stalled is not None and state.stalled.is_set():
+        await asyncio.Event().wait()
 
 
 async def _stream(
@@ -179,6 +240,7 @@ async def _stream(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
+    state = request.app[STATE]
     loop = asyncio.get_running_loop()
     start, tokens = loop.time(), 0
     try:
@@ -186,7 +248,9 @@ async def _stream(
             if paced:
                 # A schedule, not a sleep per token: the rate holds however long writes take.
                 tokens += 1
+                await _unless_stalled(state)
                 await asyncio.sleep(max(0.0, start + tokens / rate - loop.time()))
+                state.generated_tokens += 1
             await response.write(responses.sse_event(payload))
         await response.write(responses.SSE_DONE)
         await response.write_eof()
@@ -268,6 +332,46 @@ async def _load_and_serve(
         await asyncio.Event().wait()
     state.ready = True
     log.info("ready on %s:%d", options.host, options.port)
+    ready_at = time.monotonic()
+    await asyncio.gather(_stall_later(options, state),
+                         _ramp(options, state, ready_at))
+
+
+async def _stall_later(options: EngineOptions, state: EngineState) -> None:
+    if options.stall_after is None:
+        return
+    state.stalled = asyncio.Event()
+    await asyncio.sleep(options.stall_after)
+    state.stalled.set()
+    log.warning("stalled (simulated, --stall-after %g s): no more tokens, /health still "
+                "answers 200", options.stall_after)
+
+
+async def _ramp(options: EngineOptions, state: EngineState, began: float) -> None:
+    """Grow resident memory at --ramp-mib-per-s to --ramp-max-mib: an engine that keeps
+    allocating. A block every RAMP_STEP_S, each page written (really resident)."""
+    if options.ramp_mib_per_s <= 0:
+        return
+    log.warning("ramping resident memory at %g MiB/s to %d MiB (simulated, --ramp-mib-per-s)",
+                options.ramp_mib_per_s, options.ramp_max_mib)
+    held = 0
+    limit = options.ramp_max_mib * loading.MIB
+    while held < limit:
+        await asyncio.sleep(RAMP_STEP_S)
+        due = min(limit, int((time.monotonic() - began) * options.ramp_mib_per_s * loading.MIB))
+        # Faulting pages in holds the GIL: a block at a time in a thread, each small, so that
+        # the loop still answers SIGTERM and /health promptly when the ramp outruns the machine.
+        while held < due:
+            size = min(due - held, RAMP_BLOCK)
+            state.ramp.append(await asyncio.to_thread(_resident_block, size))
+            held += size
+    log.info("ramp done: %d MiB more resident", options.ramp_max_mib)
+
+
+def _resident_block(size: int) -> bytearray:
+    block = bytearray(size)
+    block[:: mmap.PAGESIZE] = b"\x01" * len(range(0, size, mmap.PAGESIZE))
+    return block
 
 
 def _load(options: EngineOptions, cancelled: Callable[[], bool]) -> list[bytearray]:
@@ -350,6 +454,25 @@ async def _crash_later(at: float, finish: Callable[[int], None]) -> None:
     help="Speed like EAGLE: 2.5x for free text, 0.6x for JSON and tool calls.",
 )
 @click.option(
+    "--stall-after",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds after ready when token generation stops for good while /health stays 200 "
+    "(a deadlocked engine).",
+)
+@click.option(
+    "--ramp-mib-per-s",
+    default=0.0,
+    type=click.FloatRange(min=0),
+    help="After ready, grow resident memory this fast (an engine that keeps allocating).",
+)
+@click.option(
+    "--ramp-max-mib",
+    default=1024,
+    type=click.IntRange(min=0),
+    help="Where the ramp stops.",
+)
+@click.option(
     "--tokens-per-second",
     default=200.0,
     type=click.FloatRange(min=0, min_open=True),
@@ -369,6 +492,9 @@ def command(
     strict_alternation: bool,
     speculative: bool,
     tokens_per_second: float,
+    stall_after: float | None,
+    ramp_mib_per_s: float,
+    ramp_max_mib: int,
 ) -> None:
     """The simulated engine (a test double): an OpenAI-compatible server sparkd can supervise."""
     started = time.monotonic()
@@ -388,6 +514,9 @@ def command(
         strict_alternation=strict_alternation,
         speculative=speculative,
         tokens_per_second=tokens_per_second,
+        stall_after=stall_after,
+        ramp_mib_per_s=ramp_mib_per_s,
+        ramp_max_mib=ramp_max_mib,
     )
     log.info("sparkd simulated engine (a test double) for %s from %s", options.model, options.path)
     sys.exit(asyncio.run(run_engine(options, started=started)))

@@ -47,14 +47,12 @@ def fixture(case: str) -> dict[str, Any]:
 
 
 def gpu_series(case: str) -> list[GpuSample]:
-    """Each captured sample through sparkd's NVML reader; memory utilization (which the reader
-    does not keep) from the same replayed `nvmlDeviceGetUtilizationRates` answer."""
+    """Each captured sample through sparkd's NVML reader, as the daemon's watch feeds them."""
     out = []
     for sample in fixture(case)["samples"]:
-        nvml = FixtureNvml(sample["captured"])
-        (gpu,) = read(nvml).gpus
-        rates = nvml.nvmlDeviceGetUtilizationRates(nvml.nvmlDeviceGetHandleByIndex(0))
-        out.append(GpuSample(sample["t"], gpu.utilization_pct, rates.memory, gpu.power_w))
+        (gpu,) = read(FixtureNvml(sample["captured"])).gpus
+        out.append(GpuSample(sample["t"], gpu.utilization_pct, gpu.memory_utilization_pct,
+                             gpu.power_w))
     return out
 
 
@@ -303,7 +301,8 @@ def test_engine_metrics_are_read_and_summed_over_series() -> None:
 
 
 def test_missing_or_garbled_metrics_are_none_not_zero() -> None:
-    assert engine_sample("sim", VLLM, 0) == EngineSample(0, None, None)
+    assert engine_sample("external", VLLM, 0) == EngineSample(0, None, None)
+    assert engine_sample("sim", VLLM, 1.0) == EngineSample(1.0, 2000.0, 3.0)  # vLLM's names
     assert engine_sample("vllm", SGLANG, 0) == EngineSample(0, None, None)
     assert engine_sample("vllm", "vllm:generation_tokens_total{ 12\n", 0) == EngineSample(
         0, None, None)

@@ -27,6 +27,7 @@ PURE = (
     "sparkd.monitor.memory",
     "sparkd.monitor.psi",
     "sparkd.monitor.liveness",
+    "sparkd.monitor.floor",
     "sparkd.store.plan",
     "sparkd.config",
     "sparkd.config_checks",
