@@ -93,7 +93,7 @@ def vllm_parser() -> tuple[argparse.ArgumentParser, Callable[[list[str]], str]]:
     if "_current_platform" in vars(platforms):
         current = platforms.current_platform
         if type(current).__name__ == "UnspecifiedPlatform":
-            platforms._current_platform = importlib.import_module(
+            vars(platforms)["_current_platform"] = importlib.import_module(
                 "vllm.platforms.cpu").CpuPlatform()
             FORCED.append("vllm.platforms.current_platform = CpuPlatform() (not detected)")
     # The engine is imported by name: it lives in its own venv, not in sparkd's.
