@@ -2,6 +2,10 @@
 swap (`systemctl stop A; systemctl start B; poll /health`) <= 1.1, in one run, in a booted
 systemd with two simulated models of fixed load time.
 
+With `--llamacpp` (issue 9's bar): `b` is the real llama-server (`make llama-server`) on a tiny
+generated GGUF, so the swaps go sim <-> llama.cpp and the overhead is measured against the
+real engine.
+
 sparkd's overhead = its swap time (the daemon's own `swap_done` duration) minus the engine
 stop and the engine start that its step events report. The start step is the unit's start
 job: prestart (sync, drop caches, settle, memory gate), the load and the health wait, which
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
+from pathlib import Path
 
 from container import machine, sparkd_container
 
@@ -38,6 +44,23 @@ port = 8102
 load_timeout_s = 60
 args = ["--load-seconds", "{LOAD_S}", "--resident-mib", "64", "--weights-mib", "64"]
 """
+
+GGUF = "/var/lib/sparkd/models/tiny/tiny.gguf"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def llamacpp_config() -> str:
+    binary = subprocess.run([str(REPO / "scripts" / "build-llama-server.sh"), "--print-path"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    return CONFIG.split("[models.b]")[0] + f"""[models.b]
+engine = "llamacpp"
+binary = "{binary}"
+path = "{GGUF}"
+port = 8102
+load_timeout_s = 60
+args = ["--threads", "2", "--ctx-size", "512", "--parallel", "1"]
+"""
+
 
 RUNNER = r"""
 import json, subprocess, sys, time, urllib.request
@@ -75,9 +98,13 @@ print(json.dumps(out))
 
 
 def main() -> int:
+    llamacpp = "--llamacpp" in sys.argv[1:]
     with sparkd_container() as box:
         box.exec(["systemctl", "stop", "sparkd", "sparkd-engine@*"])
-        box.exec(["tee", "/etc/sparkd.toml"], input=CONFIG)
+        if llamacpp:
+            box.exec(["mkdir", "-p", str(Path(GGUF).parent)])
+            box.exec(["/src/.venv/bin/python", "/src/tests/integration/tiny_gguf.py", GGUF])
+        box.exec(["tee", "/etc/sparkd.toml"], input=llamacpp_config() if llamacpp else CONFIG)
         box.exec(["rm", "-f", "/var/lib/sparkd/state.toml"])
         box.exec(["systemctl", "start", "sparkd"])
         box.exec(["sh", "-c", "until sparkctl status --json | grep -q 'a: serving, healthy'; "
@@ -89,8 +116,9 @@ def main() -> int:
     hand_wall = statistics.median(s["wall_ms"] for s in data["hand"])
     med = statistics.median(overhead)
     ratio = sparkd_wall / hand_wall
-    print(f"machine: {machine()}; {N} swaps each way, simulated load {LOAD_S:g} s, "
-          "in a booted systemd container")
+    what = ("a: simulated, load 2 s; b: the real llama-server (tiny GGUF)" if llamacpp else
+            f"simulated load {LOAD_S:g} s")
+    print(f"machine: {machine()}; {N} swaps each way, {what}, in a booted systemd container")
     print(f"sparkctl swap wall time   median {sparkd_wall:8.1f} ms")
     print(f"hand-run swap wall time   median {hand_wall:8.1f} ms")
     stop = statistics.median(s["stop"] for s in data["sparkd"])
