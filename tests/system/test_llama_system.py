@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,10 @@ from harness import SRC_MOUNT, Container
 pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[2]
-GGUF = "/var/lib/sparkd/models/tiny/tiny.gguf"
+# On the host's disk (the checkout's build/, bound read-only at /src in the container): the
+# container's own files live on a tmpfs upper layer, whose pages no drop can free.
+HOST_GGUF = REPO / "build" / "tiny-system.gguf"
+GGUF = f"{SRC_MOUNT}/build/tiny-system.gguf"
 
 
 def binary() -> str:
@@ -58,10 +62,10 @@ def box(container: Container) -> Iterator[Container]:
     llama = binary()
     assert Path(llama).exists(), f"{llama}: run `make llama-server`"
     container.exec(["systemctl", "stop", "sparkd", "sparkd-engine@*"])
-    container.exec(["mkdir", "-p", str(Path(GGUF).parent)])
-    python = f"{SRC_MOUNT}/.venv/bin/python"
-    container.exec([python, f"{SRC_MOUNT}/tests/integration/tiny_gguf.py", GGUF])
-    container.exec(["chmod", "0644", GGUF])
+    HOST_GGUF.parent.mkdir(exist_ok=True)
+    subprocess.run([sys.executable, str(REPO / "tests" / "integration" / "tiny_gguf.py"),
+                    str(HOST_GGUF)], check=True, capture_output=True, timeout=120)
+    HOST_GGUF.chmod(0o644)
     container.exec(["tee", "/etc/sparkd.toml"], input=config(llama), quiet=True)
     container.exec(["rm", "-f", "/var/lib/sparkd/state.toml"])
     container.exec(["systemctl", "start", "sparkd"])
@@ -92,9 +96,20 @@ def test_swap_to_the_real_llama_server_and_back(box: Container) -> None:
     status = json.loads(box.exec(["sparkctl", "status", "--json"]).stdout)
     tiny = next(e for e in status["engines"] if e["model"] == "tiny")
     assert tiny["engine_version"] == "11434"
+    # The real engine maps the GGUF: its pages are in the page cache while it serves ...
+    assert cached_bytes(box) > 0
     res = box.exec(["sparkctl", "swap", "sim"], check=False, timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr
     assert prop(box, "sparkd-engine@tiny.service", "ActiveState") == "inactive"
+    # ... and the next start's prestart dropped them (the seed's first disaster, on the real
+    # model file's pages).
+    assert cached_bytes(box) == 0
+
+
+def cached_bytes(box: Container) -> int:
+    """The GGUF's bytes in the page cache (util-linux fincore)."""
+    out = box.exec(["fincore", "--bytes", "--noheadings", "--output", "RES", GGUF]).stdout
+    return int(out.strip())
 
 
 def test_a_crash_of_the_real_engine_is_restarted_and_logged(box: Container) -> None:
