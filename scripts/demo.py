@@ -4,12 +4,15 @@ Boots a systemd container (the system tier's harness), installs the sparkd .deb 
 shipped /etc/sparkd.toml (two simulated models), and shows: the daemon and its STATUS line,
 `sparkctl status`, `sparkctl models`, a generated engine unit, the prestart log, a chat request
 to the engine, `kill -9` of sparkd (the engine keeps running and is adopted), and `kill -9` of
-the engine (systemd restarts it and sparkd reports it). Everything is cleaned up at the end.
+the engine (systemd restarts it and sparkd reports it). When `make llama-server` has built the
+real llama-server (make test does), a swap to it on a tiny generated model and a chat request
+through the gateway. Everything is cleaned up at the end.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,6 +46,43 @@ def run(box: Container, command: str, *, lines: int | None = None) -> str:
 
 def serving(box: Container) -> bool:
     return checks.serving(box, "sim-small")
+
+
+def llama_server() -> Path | None:
+    """The llama-server `make llama-server` built, when it has been built (make test does)."""
+    out = subprocess.run([str(REPO / "scripts" / "build-llama-server.sh"), "--print-path"],
+                         capture_output=True, text=True, check=False).stdout.strip()
+    return Path(out) if out and Path(out).exists() else None
+
+
+def real_engine(box: Container) -> None:
+    """The real llama-server under sparkd, when it is built: a tiny generated model (random
+    weights: its words mean nothing), swapped in and out like any other."""
+    binary = llama_server()
+    if binary is None:
+        say("(make llama-server builds the real llama.cpp engine: the demo then swaps to it)")
+        return
+    gguf = REPO / "build" / "tiny-demo.gguf"
+    subprocess.run([sys.executable, str(REPO / "tests" / "integration" / "tiny_gguf.py"),
+                    str(gguf)], check=True, capture_output=True)
+    gguf.chmod(0o644)
+    say(f"The real llama-server ({binary.parent.parent.name}) on a tiny generated GGUF: "
+        "a model added to the config, and a swap to it")
+    section = (f'\n[models.tiny]\nengine = "llamacpp"\nbinary = "{binary}"\n'
+               f'path = "/src/build/{gguf.name}"\nport = 8110\nmemory_gib = 0.1\n'
+               'args = ["--threads", "2", "--ctx-size", "512"]\n')
+    box.exec(["tee", "-a", "/etc/sparkd.toml"], input=section, quiet=True)
+    print(section)
+    run(box, "systemctl reload sparkd && echo reloaded")
+    run(box, "sparkctl swap tiny")
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
+                       "max_tokens": 8})
+    say("Through the gateway (port 8000), the real engine answers")
+    run(box, "curl -s http://127.0.0.1:8000/v1/chat/completions "
+             f"-H 'Content-Type: application/json' -d '{body}' | python3 -m json.tool",
+        lines=24)
+    run(box, "sparkctl status", lines=12)
+    run(box, "sparkctl swap sim-small")
 
 
 def main() -> int:
@@ -111,6 +151,7 @@ def main() -> int:
         run(box, "journalctl -b SPARKD_EVENT=engine_starting -o json --no-pager | python3 -c "
                  "\"import json,sys; [print({k: v for k, v in json.loads(l).items() "
                  "if k.startswith(('SPARKD_', 'MESSAGE'))}) for l in sys.stdin]\"")
+        real_engine(box)
         say("Done: the container is powered off and removed")
     return 0
 
