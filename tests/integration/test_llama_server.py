@@ -342,7 +342,8 @@ def test_speculative_variant_command_line_runs(
     # build reads, and the real server starts with them.
     plain = render(tmp_path, llama_server_binary, tiny_ggufs["permissive"], port=free_port())
     model = dataclasses.replace(plain.model, speculative=SpeculativeConfig(
-        method="eagle3", draft_model=str(tiny_ggufs["permissive"]), num_speculative_tokens=3))
+        method="eagle3", draft_model=str(tiny_ggufs["permissive"]), num_speculative_tokens=3,
+        port=free_port()))  # its own free port (port + 1 may be taken)
     argv = engine_argv(plain.config, model, "speculative")
     engine = sim_engines.start_command(argv, port=model.port_for("speculative"),
                                        path=model.path)
