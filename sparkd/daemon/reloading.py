@@ -8,7 +8,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from sparkd.config import load_config
-from sparkd.daemon import report
+from sparkd.control.status import ReloadRecord
 from sparkd.daemon.engines import stale_on_reload
 from sparkd.engine.unit import STOP_WAIT_S
 from sparkd.errors import ConfigError
@@ -30,7 +30,7 @@ async def reload(sup: Supervisor) -> dict[str, Any]:
         # Not accepted unless durable: engines' prestart reads the kept copy.
         sup.deps.accept_config(new)
     except ConfigError as exc:
-        sup.last_reload = report.Reload(ok=False, message=exc.message,
+        sup.last_reload = ReloadRecord(ok=False, message=exc.message,
                                          at=sup.deps.wall_clock())
         event(
             log,
@@ -50,7 +50,7 @@ async def reload(sup: Supervisor) -> dict[str, Any]:
         sup.state = sup.state.replace(desired_model=new.daemon.default_model)
         sup.save_state()
     await sup.converge()
-    sup.last_reload = report.Reload(ok=True, message="reloaded",
+    sup.last_reload = ReloadRecord(ok=True, message="reloaded",
                                      at=sup.deps.wall_clock())
     event(log, "config_reloaded", "config %s reloaded", path)
     sup.update_status()

@@ -5,7 +5,6 @@ machine."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from sparkd.control.status import (
     DaemonRecord,
@@ -33,13 +32,6 @@ from sparkd.monitor.memory import MemInfo
 from sparkd.monitor.nvml import NvmlSnapshot
 from sparkd.monitor.psi import Pressure
 from sparkd.state import State
-
-
-@dataclass(frozen=True, slots=True)
-class Reload:
-    ok: bool
-    message: str
-    at: float = 0.0
 
 
 def swap_record(run: SwapRun) -> SwapRecord:
@@ -147,7 +139,7 @@ def active_model(desired: str | None, engines: Mapping[str, EngineView]) -> str 
 
 
 def status_line(daemon_state: DaemonStateName, desired: str | None, run: SwapRun | None,
-                engines: Mapping[str, EngineView], last_reload: Reload | None,
+                engines: Mapping[str, EngineView], last_reload: ReloadRecord | None,
                 conditions: Iterable[str] = ()) -> str:
     """The one line `systemctl status sparkd` shows (STATUS=)."""
     if daemon_state != "running":
@@ -202,10 +194,6 @@ def build_status(
         pressure={name: pressure_record(p) for name, p in pressure.items()},
         gpu=None if gpu is None else gpus_record(gpu),
     )
-
-
-def reload_record(r: Reload | None) -> ReloadRecord | None:
-    return None if r is None else ReloadRecord(ok=r.ok, message=r.message, at=r.at)
 
 
 def describe_units(result: Mapping[str, Iterable[str]]) -> str:

@@ -31,6 +31,7 @@ from sparkd.control.status import (
     DaemonRecord,
     Event,
     EventName,
+    ReloadRecord,
     Status,
     SwapRecord,
 )
@@ -131,7 +132,7 @@ class Supervisor:
         self.started_at = deps.clock()
         self.started_wall = deps.wall_clock()
         self.state_warning: str | None = None
-        self.last_reload: report.Reload | None = None
+        self.last_reload: ReloadRecord | None = None
         self._refresh_pending: set[str] = set()
         self._refresh_task: asyncio.Task[None] | None = None
         self._status_line = ""
@@ -654,7 +655,7 @@ class Supervisor:
             config=str(self.config.source),
             systemd_version=self.systemd_version,
             state_warning=self.state_warning,
-            last_reload=report.reload_record(self.last_reload),
+            last_reload=self.last_reload,
             config_refused=self.config_refused,
             state_unsaved=self.state_unsaved,
             config_unsaved=self.config_unsaved,
