@@ -17,8 +17,6 @@ if TYPE_CHECKING:
 
     from sparkd.control.status import HealthRecord, Status
 
-GIB = 1 << 30
-
 _STATE_STYLE = {
     "active": "green",
     "activating": "yellow",
@@ -65,10 +63,6 @@ def gateway_unit_state() -> tuple[str, str] | None:
     if out.returncode != 0 or "ActiveState" not in props:
         return None
     return props["ActiveState"], props.get("Result", "")
-
-
-def _gib(n: float | None) -> str:
-    return "?" if n is None else f"{n / GIB:.1f} GiB"
 
 
 def format_age(seconds: float) -> str:
@@ -160,26 +154,6 @@ def render_status(status: Status, console: Console | None = None, *,
             style = {"error": "red", "warning": "yellow"}.get(fp.severity, "dim")
             value = f" = {fp.value}" if fp.value else ""
             console.print(f"[{style}]{e.model}: {fp.id}{value}[/] ({fp.meaning})")
-    mem = status.memory
-    if mem.error is not None:
-        console.print(f"memory: [red]{mem.error}[/]")
-    else:
-        console.print(
-            f"memory: {_gib(mem.available_bytes)} available of "
-            f"{_gib(mem.total_bytes)}, page cache {_gib(mem.page_cache_bytes)}"
-            + (f" [dim]· {mem.accounting}[/]" if mem.accounting else "")
-        )
-    if status.pressure:
-        parts = [f"{name} {p.some_avg10:.1f}%" + (
-                 "" if p.full_avg10 is None else f"/{p.full_avg10:.1f}%")
-                 for name, p in sorted(status.pressure.items())]
-        console.print("pressure (some/full avg10): " + ", ".join(parts))
-    gpu = status.gpu
-    if gpu is not None and gpu.error:
-        console.print(f"gpu: [dim]{gpu.error}[/]")
-    for g in () if gpu is None else gpu.gpus:
-        used = (f"{_gib(g.memory_used_bytes)} of {_gib(g.memory_total_bytes)}"
-                if g.memory_total_bytes is not None else "memory: unified")
-        util = "?" if g.utilization_pct is None else f"{g.utilization_pct}%"
-        console.print(f"gpu {g.index}: {g.name}, {used}, busy {util}, "
-                      f"{len(g.processes)} process(es) using {_gib(g.process_bytes)}")
+    from sparkd.ctl.machine_view import render_machine
+
+    render_machine(status, console)

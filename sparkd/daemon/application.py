@@ -27,6 +27,7 @@ from sparkd.config import Config
 from sparkd.control.server import ControlServer
 from sparkd.daemon.boot import wait_for_gpu
 from sparkd.daemon.events import as_json
+from sparkd.daemon.metrics import MetricsServer
 from sparkd.daemon.supervisor import Deps, Notifier, Supervisor, read_boot_id
 from sparkd.daemon.watch import floor_loop
 from sparkd.engine.health import models_listed, probe
@@ -155,6 +156,8 @@ class Daemon:
             streams={"subscribe": lambda _request: as_json(sup.subscribe())},
         )
         tasks: list[asyncio.Task[None]] = []
+        listen = self.config.daemon.metrics_listen
+        metrics = MetricsServer(listen, sup.status) if listen else None
         try:
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
             loop.add_signal_handler(signal.SIGINT, self._stop.set)
@@ -164,6 +167,8 @@ class Daemon:
             if interval:
                 tasks.append(asyncio.create_task(self._watchdog(interval)))
             await server.start()
+            if metrics is not None:
+                await metrics.start()
             await wait_for_gpu(unit_state=self.unit_state, read_gpu=self.read_gpu,
                                device_present=lambda: Path("/dev/nvidiactl").exists(),
                                sleep=asyncio.sleep, clock=time.monotonic)
@@ -181,6 +186,8 @@ class Daemon:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             await server.close()
+            if metrics is not None:
+                await metrics.close()
             signals.close()
             await asyncio.get_running_loop().run_in_executor(self._executor, self._manager.close)
             self._executor.shutdown(wait=True)

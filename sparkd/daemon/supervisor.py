@@ -40,6 +40,7 @@ from sparkd.daemon.control import answer
 from sparkd.daemon.engines import EngineView, engine_key, model_of_unit
 from sparkd.daemon.events import EventStream
 from sparkd.daemon.jobs import JobTracker
+from sparkd.daemon.machine import machine_record
 from sparkd.daemon.watch import EngineMemoryOf, MachineWatch, ReadAvailable, Scrape
 from sparkd.engine.fingerprints import Match
 from sparkd.engine.plan import Snapshot, SwapPlan, SwapStep, plan_swap
@@ -494,6 +495,7 @@ class Supervisor:
         self.save_state()
         self.swap_run = None
         self.last_swap = run
+        self.watch.actions.swap_ended(run.step.value)
         self.publish("swap_done" if run.succeeded else "swap_failed",
                      swap=report.swap_record(run))
         self.update_status()
@@ -663,7 +665,7 @@ class Supervisor:
         return report.build_status(
             daemon=daemon, state=self.state, engines=self.engines, swap_run=self.swap_run,
             last_swap=self.last_swap, memory=memory, pressure=self.watch.pressure,
-            gpu=self.watch.gpu)
+            gpu=self.watch.gpu, machine=machine_record(self))
 
     async def handle(self, request: Request) -> Any:
         return await answer(self, request)

@@ -31,10 +31,12 @@ PURE = (
     "sparkd.store.plan",
     "sparkd.config",
     "sparkd.config_checks",
+    "sparkd.metrics_config",
     "sparkd.control.codec",
     "sparkd.control.status",
     "sparkd.daemon.engines",
     "sparkd.daemon.report",
+    "sparkd.daemon.actions",
 )
 ADAPTERS = ("aiohttp", "pystemd", "pynvml", "pyudev", "click", "rich", "sdnotify",
             "huggingface_hub", "psutil")
