@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def engine_memory(sup: Supervisor) -> dict[str, int]:
     """Each running engine's memory (its cgroup's memory.current), by model; engines whose
     memory cannot be read are left out."""
-    read = sup.deps.engine_memory
+    read = sup.watch.engine_memory
     if read is None:
         return {}
     out: dict[str, int] = {}

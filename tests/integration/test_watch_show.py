@@ -49,7 +49,7 @@ async def scrape(url: str) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], 
 def test_the_metrics_endpoint_serves_the_daemons_status(tmp_path: Path) -> None:
     w = build(tmp_path, CONFIG)
     w.systemd.set("a", "active", "running", pid=41)
-    w.sup.deps.engine_memory = {41: 5 * GIB}.get
+    w.sup.watch.engine_memory = {41: 5 * GIB}.get
     port = free_port()
 
     async def scenario() -> None:

@@ -51,7 +51,7 @@ def test_a_floor_stop_shows_in_the_machine_record_and_survives_the_codec(
     w.systemd.set("a", "active", "running", pid=41)
     w.systemd.set("b", "active", "running", pid=42)
     memory = {41: 30 * GIB, 42: 10 * GIB}
-    w.sup.deps.engine_memory = w.sup.watch.engine_memory = memory.get
+    w.sup.watch.engine_memory = memory.get
     w.sup.watch.read_available = lambda: 2 * GIB
 
     async def scenario() -> Status:
@@ -269,3 +269,49 @@ def test_top_lets_the_daemons_absence_through() -> None:
     console = Console(file=io.StringIO(), force_terminal=True)
     with pytest.raises(DaemonUnreachable):
         watch(gone, console, interval_s=0.1, count=None, gateway=lambda: None)
+
+
+NVML = Path(__file__).resolve().parents[1] / "fixtures" / "nvml"
+
+
+@pytest.mark.parametrize(("fixture", "util", "mem_util", "power", "temp"), [
+    ("h200-decode.json", 1.0, 0.99, 564.29, 47),  # captured: a memory-bound decode loop
+    ("h200-spin.json", None, None, None, None),    # captured: a spinning kernel
+])
+def test_gpu_metrics_from_captured_nvml_answers(fixture: str, util: float | None,
+                                                mem_util: float | None, power: float | None,
+                                                temp: int | None) -> None:
+    """The reader, the report and the metrics over NVML's real answers (an H200 capture):
+    what NVML said is what Prometheus gets, scaled to ratios."""
+    import json
+
+    from sparkd.daemon.report import gpus_record
+    from sparkd.monitor.nvml import FixtureNvml, read
+
+    doc = json.loads((NVML / fixture).read_text())
+    snap = read(FixtureNvml(doc["samples"][len(doc["samples"]) // 2]["captured"]))
+    g = snap.gpus[0]
+    m = scrape_of(sb.status(gpu=gpus_record(snap)))
+    labels = (("gpu", "0"), ("name", "NVIDIA H200"))
+    assert g.utilization_pct is not None and g.memory_utilization_pct is not None
+    assert m[("sparkd_gpu_utilization_ratio", labels)] == g.utilization_pct / 100
+    assert m[("sparkd_gpu_memory_utilization_ratio", labels)] == g.memory_utilization_pct / 100
+    assert m[("sparkd_gpu_power_watts", labels)] == g.power_w
+    assert m[("sparkd_gpu_temperature_celsius", labels)] == g.temperature_c
+    if util is not None:  # the middle sample of the decode capture, read by hand
+        assert (g.utilization_pct / 100, g.memory_utilization_pct / 100, g.power_w,
+                g.temperature_c) == (util, mem_util, power, temp)
+
+
+def test_a_gb10_shaped_reading_has_no_gpu_memory_metric_and_shows_unified() -> None:
+    import json
+
+    from sparkd.daemon.report import gpus_record
+    from sparkd.monitor.nvml import FixtureNvml, read
+
+    doc = json.loads((NVML / "gb10-constructed.json").read_text())
+    gpus = gpus_record(read(FixtureNvml(doc["captured"])))
+    status = sb.status(memory=sb.memory(), gpu=gpus)
+    assert "memory: unified (see above), busy 87%, memory busy 0%, 61 °C, 48.2 W" in (
+        text_of(status))
+    assert not any("memory_used" in name for name, _ in scrape_of(status))
