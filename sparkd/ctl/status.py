@@ -32,7 +32,9 @@ _STATE_STYLE = {
 @json_option
 @click.pass_context
 def status(ctx: click.Context, config_file: Path, *, as_json: bool) -> None:
-    """Show the daemon, the engines, their health and the machine's memory.
+    """Show the daemon, the engines, their health and the machine: a memory bar with the
+    floor, pressure, the GPU, the desktop and the watch's last actions (`sparkctl top`
+    refreshes it live).
 
     Exit 0 when the daemon answered, 3 when it is not running, 4 when you may not ask it.
     """
