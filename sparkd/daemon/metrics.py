@@ -186,3 +186,19 @@ class MetricsServer:
         runner, self._runner = self._runner, None
         if isinstance(runner, web.AppRunner):
             await runner.cleanup()
+
+
+async def follow(current: MetricsServer | None, listen: str,
+                 status: Callable[[], Status]) -> MetricsServer | None:
+    """The endpoint `listen` asks for (at start, and when a reload changed it): the one
+    running when the address did not change, else the old one closed and a new one started
+    ("": none). Returns the server now running, if any."""
+    if current is not None and current.listen == listen:
+        return current
+    if current is not None:
+        await current.close()
+        event(log, "metrics_closed", "Prometheus metrics no longer on %s", current.listen)
+    if not listen:
+        return None
+    server = MetricsServer(listen, status)
+    return server if await server.start() else None

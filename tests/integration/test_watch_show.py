@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sparkd.control.server import ControlServer
 from sparkd.ctl.exits import ExitStatus
-from sparkd.daemon.metrics import MetricsServer
+from sparkd.daemon.metrics import MetricsServer, follow
 from sparkd.monitor.floor import GIB
 
 CONFIG = """
@@ -218,3 +218,25 @@ def test_top_without_a_daemon_exits_3(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 3
     assert out.stderr.startswith("sparkctl: sparkd is not running"), out.stderr
+
+
+def test_a_reloaded_address_moves_the_endpoint(tmp_path: Path) -> None:
+    """What the daemon does when a reload changes daemon.metrics_listen: the same address
+    keeps the running endpoint, another one moves it, "" closes it."""
+    w = build(tmp_path, CONFIG)
+    a, b = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+
+    async def scenario() -> None:
+        first = await follow(None, a, w.sup.status)
+        assert first is not None
+        assert await follow(first, a, w.sup.status) is first
+        second = await follow(first, b, w.sup.status)
+        assert second is not None and second is not first
+        await scrape(f"http://{b}/metrics")
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await scrape(f"http://{a}/metrics")
+        assert await follow(second, "", w.sup.status) is None
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await scrape(f"http://{b}/metrics")
+
+    asyncio.run(scenario())
