@@ -41,13 +41,17 @@ def answers(box: Container, listen: str) -> bool:
                     quiet=True).returncode == 0
 
 
-def test_the_installed_daemon_exports_and_shows_the_machine(container: Container) -> None:
-    box = container
+def start_with(box: Container, listen: str) -> None:
     box.exec(["systemctl", "stop", "sparkd", "sparkd-engine@*"])
-    box.exec(["tee", "/etc/sparkd.toml"], input=CONFIG.format(listen="127.0.0.1:9471"))
+    box.exec(["tee", "/etc/sparkd.toml"], input=CONFIG.format(listen=listen))
     box.exec(["rm", "-f", "/var/lib/sparkd/state.toml"])
     box.exec(["systemctl", "start", "sparkd"])
     wait_for("small to serve", lambda: serving(box, "small"), timeout=90)
+
+
+def test_the_installed_daemon_exports_and_shows_the_machine(container: Container) -> None:
+    box = container
+    start_with(box, "127.0.0.1:9471")
 
     m = scrape(box, "127.0.0.1:9471")
     assert m[("sparkd_engine_state", (("model", "small"), ("state", "active"),
@@ -79,18 +83,23 @@ def test_the_installed_daemon_exports_and_shows_the_machine(container: Container
 
 def test_top_exits_3_when_sparkd_stops(container: Container) -> None:
     box = container
-    wait_for("small to serve", lambda: serving(box, "small"), timeout=90)
-    # top in the container's background; sparkd stopped under it; how top ended.
-    box.sh("rm -f /root/top.*; (sparkctl top --interval 0.3 >/root/top.out 2>/root/top.err; "
-           "echo $? >/root/top.rc) >/dev/null 2>&1 & sleep 2; systemctl stop sparkd")
+    start_with(box, "")
+    # top as a unit of its own in the container (a background job of `sh -c` would not outlive
+    # the exec); sparkd stopped under it once it showed a frame; how top ended.
+    box.exec(["rm", "-f", "/root/top.out", "/root/top.err", "/root/top.rc"])
+    box.exec(["systemd-run", "--unit=sparkctl-top", "--setenv=COLUMNS=160", "sh", "-c",
+              "sparkctl top --interval 0.3 >/root/top.out 2>/root/top.err; "
+              "echo $? >/root/top.rc"])
+
+    def read(name: str) -> str:
+        return box.exec(["cat", f"/root/{name}"], check=False, quiet=True).stdout
+
     try:
-        wait_for("top to end", lambda: box.exec(["test", "-s", "/root/top.rc"], check=False,
-                                                quiet=True).returncode == 0, timeout=30)
-        rc = int(box.exec(["cat", "/root/top.rc"]).stdout)
-        err = box.exec(["cat", "/root/top.err"]).stdout
-        out = box.exec(["cat", "/root/top.out"]).stdout
+        wait_for("top's first frame", lambda: "small: serving, healthy" in read("top.out"),
+                 timeout=30)
+        box.exec(["systemctl", "stop", "sparkd"])
+        wait_for("top to end", lambda: read("top.rc").strip() != "", timeout=30)
     finally:
         box.exec(["systemctl", "start", "sparkd"])
-    assert rc == 3, err
-    assert err.startswith("sparkctl: sparkd went away: "), err
-    assert "small: serving, healthy" in out
+    assert int(read("top.rc")) == 3, read("top.err")
+    assert read("top.err").startswith("sparkctl: sparkd went away: "), read("top.err")
