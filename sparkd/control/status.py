@@ -33,6 +33,7 @@ EventName = Literal["snapshot", "changed", "swap_step", "swap_done", "swap_faile
 SWAP_EVENTS: Final = frozenset({"swap_step", "swap_done", "swap_failed"})
 DaemonStateName = Literal["starting", "running", "stopping"]
 VariantName = Literal["plain", "speculative"]
+DesktopStateName = Literal["present", "headless", "unknown"]
 
 
 class _Json:
@@ -234,13 +235,13 @@ class MachineRecord(_Json):
     never zero."""
 
     # The memory floor (daemon.memory_floor_gib; None: off) and each running engine's memory
-    # (its cgroup's memory.current), by model.
+    # (its cgroup's memory.current), by engine: the unit's instance name (the model's name,
+    # or its speculative variant's).
     floor_bytes: int | None = None
     engine_memory_bytes: Mapping[str, int] = field(default_factory=dict)
     # The timer-lateness probe's p99 over its window, ms (None: no fresh report).
     lateness_p99_ms: float | None = None
-    # "present", "headless" or "unknown".
-    desktop: str = "unknown"
+    desktop: DesktopStateName = "unknown"
     # The last watch actions, oldest first (a few), and how many of each kind since start.
     actions: tuple[WatchActionRecord, ...] = ()
     action_counts: Mapping[str, int] = field(default_factory=dict)

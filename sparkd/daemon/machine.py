@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 
 
 def engine_memory(sup: Supervisor) -> dict[str, int]:
-    """Each running engine's memory (its cgroup's memory.current), by model; engines whose
-    memory cannot be read are left out."""
+    """Each running engine's memory (its cgroup's memory.current), by engine key (the unit's
+    instance name); engines whose memory cannot be read are left out."""
     read = sup.watch.engine_memory
     if read is None:
         return {}

@@ -52,10 +52,10 @@ def families(status: Status) -> Iterator[GaugeMetricFamily | CounterMetricFamily
                        "daemon.memory_floor_gib: under it the engine that grows is stopped")
             g.add_metric([], machine.floor_bytes)
             yield g
-        g = _gauge("sparkd_engine_memory_bytes",
-                   "Each running engine's cgroup memory.current", ["model"])
-        for model, used in sorted(machine.engine_memory_bytes.items()):
-            g.add_metric([model], used)
+        g = _gauge("sparkd_engine_memory_bytes", "Each running engine's cgroup "
+                   "memory.current, by engine (the unit's instance name)", ["engine"])
+        for engine, used in sorted(machine.engine_memory_bytes.items()):
+            g.add_metric([engine], used)
         yield g
         if machine.lateness_p99_ms is not None:
             g = _gauge("sparkd_timer_lateness_p99_seconds",

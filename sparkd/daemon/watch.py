@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from sparkd.config import DaemonConfig
+from sparkd.control.status import DesktopStateName
 from sparkd.daemon import health
 from sparkd.daemon.actions import WatchActions
 from sparkd.engine.unit import STOP_WAIT_S, engine_url
@@ -81,7 +82,7 @@ class MachineWatch:
         # The desktop watch's readings, shown by status: the lateness probe's p99 (None: no
         # fresh report) and the desktop's presence (present, headless, unknown).
         self.lateness_p99_ms: float | None = None
-        self.desktop = "unknown"
+        self.desktop: DesktopStateName = "unknown"
 
     async def sample(self, config: DaemonConfig, serving: Callable[[], str | None]) -> None:
         if self.read_gpu is not None:

@@ -61,7 +61,7 @@ def test_the_metrics_endpoint_serves_the_daemons_status(tmp_path: Path) -> None:
             assert content_type == CONTENT_TYPE_LATEST  # the text format the parser reads
             assert m[("sparkd_memory_available_bytes", ())] == 12 * GIB  # fakes' meminfo
             assert m[("sparkd_memory_floor_bytes", ())] == 4 * GIB
-            assert m[("sparkd_engine_memory_bytes", (("model", "a"),))] == 5 * GIB
+            assert m[("sparkd_engine_memory_bytes", (("engine", "a"),))] == 5 * GIB
             assert m[("sparkd_engine_state", (("model", "a"), ("state", "active"),
                                               ("variant", "plain")))] == 1
             assert m[("sparkd_swaps_total", (("result", "done"),))] == 0  # adopted, no swap

@@ -57,7 +57,7 @@ def test_the_installed_daemon_exports_and_shows_the_machine(container: Container
     assert m[("sparkd_engine_state", (("model", "small"), ("state", "active"),
                                       ("variant", "plain")))] == 1
     assert m[("sparkd_engine_healthy", (("model", "small"), ("variant", "plain")))] == 1
-    assert m[("sparkd_engine_memory_bytes", (("model", "small"),))] >= 64 << 20
+    assert m[("sparkd_engine_memory_bytes", (("engine", "small"),))] >= 64 << 20
     assert m[("sparkd_memory_floor_bytes", ())] == 4 << 30
     assert m[("sparkd_memory_available_bytes", ())] > 0
     assert m[("sparkd_swaps_total", (("result", "done"),))] == 1  # small's start

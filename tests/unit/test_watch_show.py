@@ -183,7 +183,7 @@ def test_the_metrics_of_a_status() -> None:
     assert m[("sparkd_memory_available_bytes", ())] == 40 * GIB
     assert m[("sparkd_page_cache_bytes", ())] == 20 * GIB
     assert m[("sparkd_memory_floor_bytes", ())] == 4 * GIB
-    assert m[("sparkd_engine_memory_bytes", (("model", "a"),))] == 60 * GIB
+    assert m[("sparkd_engine_memory_bytes", (("engine", "a"),))] == 60 * GIB
     assert m[("sparkd_pressure_ratio", (("kind", "full"), ("resource", "memory"),
                                         ("window", "10s")))] == 0.1
     gpu = (("gpu", "0"), ("name", "NVIDIA GB10"))
@@ -315,3 +315,13 @@ def test_a_gb10_shaped_reading_has_no_gpu_memory_metric_and_shows_unified() -> N
     assert "memory: unified (see above), busy 87%, memory busy 0%, 61 °C, 48.2 W" in (
         text_of(status))
     assert not any("memory_used" in name for name, _ in scrape_of(status))
+
+
+def test_a_desktop_state_outside_the_three_is_refused_by_name() -> None:
+    from sparkd.errors import SchemaError
+
+    doc = sb.status(machine=sb.machine(desktop="present")).to_json()
+    assert Status.from_json(doc).machine == sb.machine(desktop="present")
+    doc["machine"]["desktop"] = "absent"
+    with pytest.raises(SchemaError, match=r"status\.machine\.desktop"):
+        Status.from_json(doc)
