@@ -20,6 +20,8 @@ from sparkd.config_checks import ACCOUNT_NAME_RE as ACCOUNT_NAME_RE  # re-export
 from sparkd.config_checks import Validator, suggest
 from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
 from sparkd.engine.unit import unit_name
+from sparkd.engine.version_form import FORMS as VERSION_FORMS
+from sparkd.engine.version_form import parse_version
 from sparkd.errors import ConfigError
 
 T = TypeVar("T")
@@ -75,7 +77,6 @@ DAY_S: Final = 86400.0
 WEEK_S: Final = 7 * DAY_S
 MEMORY_MAX_GIB: Final = 1048576.0  # 1 PiB: far above any one machine, far below overflow
 # An engine release: vLLM/SGLang "0.34.0", "0.5.23.post1"; a llama.cpp build "11434"/"b11434".
-ENGINE_VERSION_RE: Final = re.compile(r"[vb]?\d+(\.\d+)*([.-]?(post|rc|dev)\d+)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -666,13 +667,14 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
         v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
                source)
     engine_version = v.opt_string(t, f"{key}.engine_version")
-    if engine_version is not None and (
-        engine not in ("vllm", "sglang", "llamacpp")
-        or not ENGINE_VERSION_RE.fullmatch(engine_version)
-    ):
-        v.fail(f"{key}.engine_version", 'a release of the engine such as "0.34.0" (vllm), '
-               '"0.5.23" (sglang) or "11434" (a llama.cpp build); vllm, sglang and llamacpp '
-               "only", engine_version)
+    if engine_version is not None:
+        if engine not in VERSION_FORMS:
+            v.fail(f"{key}.engine_version", "nothing (vllm, sglang and llamacpp only)",
+                   engine_version)
+        try:
+            parse_version(engine, engine_version)
+        except ValueError:
+            v.fail(f"{key}.engine_version", VERSION_FORMS[engine], engine_version)
     return ModelConfig(
         name=name,
         engine=engine,

@@ -150,9 +150,11 @@ def read_compute_capability(nvml: Any | None = None) -> ComputeCapability:
     platforms/interface.py `is_device_capability_family(capability, device_id=0)`)."""
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml
         except ImportError as exc:
             return ComputeCapability(None, f"pynvml is not installed: {exc}")
+        nvml = pynvml
+    assert nvml is not None
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as exc:
