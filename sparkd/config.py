@@ -641,9 +641,9 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
                    " the gateway)", a)
     speculative = None
     if "speculative" in t:
-        if engine not in ("vllm", "sglang", "sim"):
-            v.fail(f"{key}.speculative", "no speculative table (vllm, sglang and sim only)",
-                   engine)
+        if engine not in ("vllm", "sglang", "llamacpp", "sim"):
+            v.fail(f"{key}.speculative", "no speculative table (sparkd runs no engine for an "
+                   "external model)", engine)
         speculative = _parse_speculative(
             v, f"{key}.speculative", v.table(t, f"{key}.speculative")
         )

