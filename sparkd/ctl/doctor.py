@@ -73,6 +73,8 @@ class Facts:
         default_factory=lambda: ComputeCapability(None, "not read"))
     # Why the units could not be rendered from the config (then `rendered` is empty)
     render_error: str | None = None
+    # What `sparkd check-config` finds in the engines' command lines (sparkd.engine.linecheck)
+    line_errors: list[str] = field(default_factory=list)
 
 
 def diagnose(f: Facts) -> list[Check]:
@@ -127,6 +129,11 @@ def diagnose(f: Facts) -> list[Check]:
                             f"{apply} (sparkd rewrites them)"))
     else:
         checks.append(Check("units", Level.OK, f"{len(f.rendered)} engine units match the config"))
+    if f.line_errors:
+        checks.append(Check("engine_lines", Level.FAIL, "the engines' real parsers refuse: "
+                            + "; ".join(e.removeprefix(f"{c.source}: ")
+                                        for e in f.line_errors),
+                            f"sparkd check-config --config {c.source}"))
     for model in c.supervised_models:
         checks += _engine_checks(f, model)
         need = (model.memory_gib + c.daemon.memory_reserve_gib) * GIB
@@ -191,8 +198,7 @@ def _engine_checks(f: Facts, model: ModelConfig) -> list[Check]:
     """The engine's version (known to sparkd's table or not) and, for vLLM, the MoE pin in
     the form that version reads, whether it can run on this GPU, and what the engine's log
     says it chose."""
-    from sparkd.engine.linecheck import version_hint
-    from sparkd.engine.versions import TABLE
+    from sparkd.engine.linecheck import outside_fix
     from sparkd.errors import ConfigError
     from sparkd.units.render import engine_command
 
@@ -213,14 +219,8 @@ def _engine_checks(f: Facts, model: ModelConfig) -> list[Check]:
                         f"{name}: {model.engine} {r.version} ({how}); rendered with the rules "
                         f"for {model.engine} {r.rules.since}+")]
     else:
-        rule_sets, newest = TABLE[model.engine]
-        if r.version is None:
-            fix = version_hint(model, None)
-        else:
-            fix = (f"install a release sparkd knows ({model.engine} {rule_sets[0].since} to "
-                   f"{newest}), or check the rendered line against the engine's --help: "
-                   f"sparkctl units")
-        checks = [Check(f"engine_version.{name}", Level.WARN, f"{name}: {r.warning}", fix)]
+        checks = [Check(f"engine_version.{name}", Level.WARN, f"{name}: {r.warning}",
+                        outside_fix(model, r.version, detected, f.config.source))]
     if model.engine == "vllm":
         checks += _moe_checks(f, model, command)
     return checks
@@ -270,9 +270,9 @@ def _moe_checks(f: Facts, model: ModelConfig, command: EngineCommand) -> list[Ch
                f"{THROUGHPUT_MOE_BACKEND} here)")
     elif cap.value is None and rules.moe_refuses and backend == DEFAULT_MOE_BACKEND:
         level = Level.WARN
-        message += (f"; the GPU's compute capability could not be read ({cap.error}), so "
-                    "this is the seed's latency pin, which vLLM 0.17+ refuses on a GPU other "
-                    "than 10.x")
+        message += (f"; the GPU's compute capability could not be read ({cap.error}): "
+                    + ("the seed's latency pin, which" if whose == "sparkd" else "this pin")
+                    + " vLLM 0.17+ refuses on a GPU other than 10.x")
         fix = "make NVML work (nvidia-smi must answer), then run sparkctl doctor again"
     elif cap.value is None:
         message += f"; the GPU's compute capability could not be read ({cap.error})"
@@ -307,6 +307,7 @@ def gather(config: Config) -> Facts:
     """Read the machine for `diagnose` (no daemon needed; it is asked when it runs)."""
     from sparkd.control import client
     from sparkd.ctl.status import gateway_unit_state
+    from sparkd.engine.linecheck import check_lines
     from sparkd.engine.versions import detect_versions
     from sparkd.errors import ConfigError, SparkdError
     from sparkd.monitor.memory import read_meminfo
@@ -322,6 +323,10 @@ def gather(config: Config) -> Facts:
                                 engine_versions=versions, capability=capability.value)
     except ConfigError as exc:
         rendered, render_error = {}, exc.message
+    try:
+        line_errors = check_lines(config, versions, capability.value).errors
+    except ConfigError as exc:
+        line_errors = [exc.message]
     installed: dict[str, str | None] = {}
     for name in rendered:
         try:
@@ -347,6 +352,7 @@ def gather(config: Config) -> Facts:
         engine_versions=versions,
         capability=capability,
         render_error=render_error,
+        line_errors=line_errors,
     )
 
 

@@ -19,6 +19,7 @@ from sparkd.engine.versions import (
     MOE_BACKEND_FLAG,
     MOE_ENV_TO_FLAG,
     MOE_FLAG_TO_ENV,
+    TABLE,
     model_version,
     rules_for,
 )
@@ -49,6 +50,19 @@ def version_hint(model: ModelConfig, detected: str | None) -> str:
                "detected)"
     return (f'engine_version = "RELEASE" in models.{model.name}, RELEASE being '
             f"{FORMS[model.engine]}: the release installed")
+
+
+def outside_fix(model: ModelConfig, version: str | None, detected: str | None,
+                source: object) -> str:
+    """The fix for a release outside the versions table: pin it when it is not known (in the
+    engine's own form, the detected value when there is one); a release sparkd does not know
+    is not fixed by pinning it."""
+    if version is None:
+        return version_hint(model, detected)
+    rule_sets, newest = TABLE[model.engine]
+    return (f"install a release sparkd knows ({model.engine} {rule_sets[0].since} to {newest}), "
+            f"or check the rendered line against the engine's --help: sparkctl units --config "
+            f"{source}")
 
 
 def check_lines(
@@ -87,7 +101,8 @@ def _check_model(config: Config, model: ModelConfig, detected: str | None,
         return
     if not resolved.known:
         report.warnings.append(f"{where}: {resolved.warning}; its command line is not checked "
-                               f"against the engine's parser; fix: {version_hint(model, detected)}")
+                               "against the engine's parser; fix: "
+                               + outside_fix(model, version, detected, config.source))
         return
     assert version is not None
     release = fixture_for(model.engine, version)

@@ -376,3 +376,19 @@ def test_a_llamacpp_speculative_variant_is_accepted_and_checked(tmp_path: Path) 
     assert res.exit_code == 2
     assert "models.qwen.speculative.method: llama.cpp 11434+ has no 'eagle' speculative " \
         "type (it has: eagle3)" in res.output
+
+
+def test_sparkctl_doctor_shows_what_the_parsers_refuse(tmp_path: Path) -> None:
+    """Before: doctor said nothing of a removed llama.cpp flag in a model's args."""
+    from sparkd.ctl.main import cli as sparkctl_cli
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\ncontrol_socket = "{tmp_path}/none.sock"\n'
+                   f'unit_dir = "{tmp_path}/units"\n'
+                   + config_text({"engine": "llamacpp", "engine_version": "b11434",
+                                  "args": ["--draft-max", "4"]}))
+    res = CliRunner().invoke(sparkctl_cli, ["doctor", "--config", str(cfg)])
+    assert res.exit_code == 1
+    assert ("FAIL  the engines' real parsers refuse: models.qwen.args: --draft-max: removed in "
+            "llamacpp 11434; fix: use --spec-draft-n-max instead") in res.output
+    assert f"fix: sparkd check-config --config {cfg}" in res.output
