@@ -392,3 +392,15 @@ def test_sparkctl_doctor_shows_what_the_parsers_refuse(tmp_path: Path) -> None:
     assert ("FAIL  the engines' real parsers refuse: models.qwen.args: --draft-max: removed in "
             "llamacpp 11434; fix: use --spec-draft-n-max instead") in res.output
     assert f"fix: sparkd check-config --config {cfg}" in res.output
+
+
+def test_the_fallback_line_of_vllm_0_12_to_0_16_is_fingerprinted() -> None:
+    """vllm 0.12.0-0.16.0 quantization/utils/flashinfer_utils.py, the latency variable on a
+    GPU that is not 10.x: no backend chosen from it (the pin falls back by itself there)."""
+    from sparkd.engine.fingerprints import chosen_moe_backend, match_lines
+
+    line = ("INFO 12-03 10:00:00 [flashinfer_utils.py:291] Flashinfer TRTLLM MOE backend is "
+            "only supported on SM100 and later, using CUTLASS backend instead")
+    found = match_lines([line], engine="vllm")
+    assert [m.fingerprint.id for m in found] == ["moe_latency_fallback"]
+    assert chosen_moe_backend(found) is None
