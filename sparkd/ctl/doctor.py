@@ -210,6 +210,9 @@ def _engine_checks(f: Facts, model: ModelConfig) -> list[Check]:
         command = engine_command(f.config, model, detected_version=detected,
                                  capability=f.capability.value)
     except ConfigError as exc:
+        # Said once: by the units check, or by the parsers' check, when they say it.
+        if exc.message == f.render_error or any(f"models.{name}." in e for e in f.line_errors):
+            return []
         return [Check(f"engine_line.{name}", Level.FAIL, exc.message,
                       f"sparkd check-config --config {f.config.source}")]
     r = command.resolved

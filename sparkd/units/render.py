@@ -215,10 +215,10 @@ def _moe_pin(
         backend = MOE_ENV_TO_FLAG.get(from_env)
         if backend is None:
             raise ConfigError(
-                f"{where}.env.{MOE_BACKEND_ENV}: expected one of "
-                f"{', '.join(MOE_ENV_TO_FLAG)} (or, on vLLM 0.17+, {MOE_BACKEND_FLAG} in "
-                f"args), got \"{_comment(from_env)}\"; fix: set one of them, or remove the "
-                "key and sparkd pins the backend for this GPU")
+                f"{where}.env.{MOE_BACKEND_ENV}: expected a value of some vLLM release "
+                f"({', '.join(MOE_ENV_TO_FLAG)}: which ones this release takes, `sparkd "
+                f"check-config` says), got \"{_comment(from_env)}\"; fix: set one, or remove "
+                "the key and sparkd pins the backend for this GPU")
         if rules.moe_pin == "env":
             if from_env not in rules.moe_env_values:
                 notes.append(f"models.{model.name}.env.{MOE_BACKEND_ENV}={from_env} is not a "

@@ -404,3 +404,20 @@ def test_the_fallback_line_of_vllm_0_12_to_0_16_is_fingerprinted() -> None:
     found = match_lines([line], engine="vllm")
     assert [m.fingerprint.id for m in found] == ["moe_latency_fallback"]
     assert chosen_moe_backend(found) is None
+
+
+def test_sparkctl_doctor_on_a_mistyped_pin_says_it_without_repeating(tmp_path: Path) -> None:
+    from sparkd.ctl.main import cli as sparkctl_cli
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\ncontrol_socket = "{tmp_path}/none.sock"\n'
+                   f'unit_dir = "{tmp_path}/units"\n'
+                   + config_text({"engine_version": "0.11.2",
+                                  "env": {"VLLM_FLASHINFER_MOE_BACKEND": "bogus"}}))
+    res = CliRunner().invoke(sparkctl_cli, ["doctor", "--json", "--config", str(cfg)])
+    assert res.exit_code == 1
+    checks = {c["id"]: c for c in json.loads(res.output)}
+    assert checks["units"]["level"] == "fail"  # no unit can be rendered from it
+    assert '"bogus" is not a value vLLM 0.11.2 takes (it takes: throughput, latency)' in \
+        checks["engine_lines"]["message"]
+    assert "engine_line.qwen" not in checks and "None" not in res.output
