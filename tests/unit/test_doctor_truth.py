@@ -315,6 +315,17 @@ def test_the_printed_fixes_work_when_run(tmp_path: Path) -> None:
         if check.fix.startswith("sparkd "):
             code, out = _run_fix(check.fix)
             assert code == 2 and '"bogus" is not a value vLLM 0.34.0 takes' in out, check
+    # A release outside the table: the command the fix names runs and shows the line.
+    from sparkd.ctl.main import cli as sparkctl_cli
+
+    cfg.write_text(config_text({"engine_version": "9.9.9"}))
+    f = facts({"engine_version": "9.9.9"}, GB10)
+    f = dataclasses.replace(f, config=dataclasses.replace(f.config, source=cfg))
+    fix = by_id(diagnose(f))["engine_version.qwen"].fix
+    command = shlex.split(fix.rsplit(": ", 1)[1])
+    assert command[:2] == ["sparkctl", "units"]
+    res = CliRunner().invoke(sparkctl_cli, command[1:])
+    assert res.exit_code == 0 and "ExecStart=vllm serve /m/qwen" in res.output
 
 
 # --- engine_version in the config -------------------------------------------------------------

@@ -32,7 +32,6 @@ PURE = (
     "sparkd.config",
     "sparkd.config_checks",
     "sparkd.engine.version_form",
-    "sparkd.engine.versions",
     "sparkd.control.codec",
     "sparkd.control.status",
     "sparkd.daemon.engines",
