@@ -18,10 +18,9 @@ from typing import Any, Final, Literal, TypeVar, cast
 
 from sparkd.config_checks import ACCOUNT_NAME_RE as ACCOUNT_NAME_RE  # re-exported
 from sparkd.config_checks import Validator, suggest
+from sparkd.engine.config_rules import check_engine
 from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
 from sparkd.engine.unit import unit_name
-from sparkd.engine.version_form import FORMS as VERSION_FORMS
-from sparkd.engine.version_form import parse_version
 from sparkd.errors import ConfigError
 
 T = TypeVar("T")
@@ -667,14 +666,7 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
         v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
                source)
     engine_version = v.opt_string(t, f"{key}.engine_version")
-    if engine_version is not None:
-        if engine not in VERSION_FORMS:
-            v.fail(f"{key}.engine_version", "nothing (vllm, sglang and llamacpp only)",
-                   engine_version)
-        try:
-            parse_version(engine, engine_version)
-        except ValueError:
-            v.fail(f"{key}.engine_version", VERSION_FORMS[engine], engine_version)
+    check_engine(v, key, engine, engine_version, dict(env))
     return ModelConfig(
         name=name,
         engine=engine,

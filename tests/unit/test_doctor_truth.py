@@ -167,20 +167,28 @@ def test_doctor_says_when_the_capability_could_not_be_read() -> None:
 
 
 def test_a_mistyped_pin_is_an_error_and_nothing_renders_none(tmp_path: Path) -> None:
+    """Before: "bogus" on 0.34 rendered the variable (0.34 does not read it) and no flag,
+    check-config said OK and doctor printed `--moe-backend None`. Now the config is refused
+    (check-config, and sparkd at start or reload: it runs on the accepted copy), naming the
+    key, the values that release takes and the fix."""
     cfg = tmp_path / "c.toml"
-    cfg.write_text(config_text({"engine_version": "0.34.0",
-                                "env": {"VLLM_FLASHINFER_MOE_BACKEND": "bogus"}}))
+    for version, takes in (("0.34.0", "latency, throughput, masked_gemm"),
+                           ("0.11.2", "latency, throughput")):
+        cfg.write_text(config_text({"engine_version": version,
+                                    "env": {"VLLM_FLASHINFER_MOE_BACKEND": "bogus"}}))
+        res = CliRunner().invoke(sparkd_cli, ["check-config", "--config", str(cfg)])
+        assert res.exit_code == 2
+        assert res.output == (
+            f"{cfg}: models.qwen.env.VLLM_FLASHINFER_MOE_BACKEND: expected a value vLLM "
+            f"{version} takes ({takes}), or no key (sparkd then pins the backend for this "
+            'GPU), got "bogus"\n')
+    # A release that does not take a value others do: refused too.
+    cfg.write_text(config_text({"engine_version": "0.11.2",
+                                "env": {"VLLM_FLASHINFER_MOE_BACKEND": "masked_gemm"}}))
     res = CliRunner().invoke(sparkd_cli, ["check-config", "--config", str(cfg)])
-    assert res.exit_code == 2
-    assert (f'{cfg}: models.qwen.env.VLLM_FLASHINFER_MOE_BACKEND: "bogus" is not a value '
-            "vLLM 0.34.0 takes (it takes: latency, throughput, masked_gemm)") in res.output
-    assert "fix: set one of them, or remove the key" in res.output
-    checks = diagnose(facts({"engine_version": "0.34.0",
-                             "env": {"VLLM_FLASHINFER_MOE_BACKEND": "bogus"}}, GB10))
-    assert all("None" not in c.message + c.fix for c in checks)
-    line = by_id(checks)["engine_line.qwen"]
-    assert line.level is Level.FAIL and "bogus" in line.message
-    # 0.11.2 and a --moe-backend flag (not a flag there): no "=None" either.
+    assert res.exit_code == 2 and "vLLM 0.11.2 takes (latency, throughput)" in res.output
+    # Never a pin of None in what doctor prints: 0.11.2 with a --moe-backend flag (not a flag
+    # there; before: "VLLM_FLASHINFER_MOE_BACKEND=None").
     old = diagnose(facts({"engine_version": "0.11.2", "args": [
         "--moe-backend", "flashinfer_cutlass"]}, GB10))
     moe = by_id(old)["moe_backend.qwen"]
@@ -188,14 +196,20 @@ def test_a_mistyped_pin_is_an_error_and_nothing_renders_none(tmp_path: Path) -> 
     assert moe.message.startswith("qwen: MoE pin --moe-backend flashinfer_cutlass")
 
 
-def test_a_value_another_release_takes_is_an_error_for_this_one(tmp_path: Path) -> None:
-    config = parse_config(config_text({"engine_version": "0.11.2", "env": {
-        "VLLM_FLASHINFER_MOE_BACKEND": "masked_gemm"}}), source=Path("/c.toml"))
-    report = check_lines(config)
+def test_a_value_the_detected_release_does_not_take_is_an_error() -> None:
+    """Not pinned: the config cannot know the release; check-config checks it against the
+    detected one."""
+    config = parse_config(config_text({"env": {"VLLM_FLASHINFER_MOE_BACKEND": "masked_gemm"}}),
+                          source=Path("/c.toml"))
+    report = check_lines(config, {"qwen": "0.11.2"})
     assert report.errors == [
         '/c.toml: models.qwen.env.VLLM_FLASHINFER_MOE_BACKEND: "masked_gemm" is not a value '
         "vLLM 0.11.2 takes (it takes: throughput, latency); fix: set one of them, or remove "
         "the key (sparkd then pins the MoE backend for this GPU)"]
+    # ... and doctor, told the detected release, fails the pin without a "None".
+    moe = by_id(diagnose(facts({"env": {"VLLM_FLASHINFER_MOE_BACKEND": "masked_gemm"}}, GB10,
+                               engine_versions={"qwen": "0.11.2"})))["moe_backend.qwen"]
+    assert moe.level is Level.FAIL and "None" not in moe.message
 
 
 # --- the user's own args against the real parsers ---------------------------------------------
@@ -306,15 +320,17 @@ def test_the_printed_fixes_work_when_run(tmp_path: Path) -> None:
     assert moe.level is Level.FAIL and moe.fix.startswith("remove the pin from models.qwen.args")
     fixed = by_id(diagnose(facts({"engine_version": "0.34.0"}, GB10)))
     assert all(c.level is not Level.FAIL for c in fixed.values()), fixed
-    # A mistyped pin: the fix is a check-config command that runs and names the problem.
-    bad = {"engine_version": "0.34.0", "env": {"VLLM_FLASHINFER_MOE_BACKEND": "bogus"}}
+    # A pin the release cannot read: the fix is a check-config command that runs and names
+    # the problem.
+    bad = {"engine_version": "0.11.2", "args": ["--moe-backend", "flashinfer_cutlass"]}
     cfg.write_text(config_text(bad))
     f = facts(bad, GB10)
     f = dataclasses.replace(f, config=dataclasses.replace(f.config, source=cfg))
-    for check in diagnose(f):
-        if check.fix.startswith("sparkd "):
-            code, out = _run_fix(check.fix)
-            assert code == 2 and '"bogus" is not a value vLLM 0.34.0 takes' in out, check
+    fixes = [c.fix for c in diagnose(f) if c.fix.startswith("sparkd ")]
+    assert fixes
+    for fix in fixes:
+        code, out = _run_fix(fix)
+        assert code == 2 and "--moe-backend: not a flag of vllm 0.11.2" in out, fix
     # A release outside the table: the command the fix names runs and shows the line.
     from sparkd.ctl.main import cli as sparkctl_cli
 
@@ -417,18 +433,14 @@ def test_the_fallback_line_of_vllm_0_12_to_0_16_is_fingerprinted() -> None:
     assert chosen_moe_backend(found) is None
 
 
-def test_sparkctl_doctor_on_a_mistyped_pin_says_it_without_repeating(tmp_path: Path) -> None:
-    from sparkd.ctl.main import cli as sparkctl_cli
-
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[daemon]\ncontrol_socket = "{tmp_path}/none.sock"\n'
-                   f'unit_dir = "{tmp_path}/units"\n'
-                   + config_text({"engine_version": "0.11.2",
-                                  "env": {"VLLM_FLASHINFER_MOE_BACKEND": "bogus"}}))
-    res = CliRunner().invoke(sparkctl_cli, ["doctor", "--json", "--config", str(cfg)])
-    assert res.exit_code == 1
-    checks = {c["id"]: c for c in json.loads(res.output)}
-    assert checks["units"]["level"] == "fail"  # no unit can be rendered from it
-    assert '"bogus" is not a value vLLM 0.11.2 takes (it takes: throughput, latency)' in \
-        checks["engine_lines"]["message"]
-    assert "engine_line.qwen" not in checks and "None" not in res.output
+def test_doctor_says_a_pin_the_detected_release_refuses_once() -> None:
+    """The parsers' check (engine_lines) says it, with the check-config command; no third
+    check repeats it."""
+    f = facts({"env": {"VLLM_FLASHINFER_MOE_BACKEND": "masked_gemm"}}, GB10,
+              engine_versions={"qwen": "0.11.2"},
+              line_errors=['/etc/sparkd.toml: models.qwen.env.VLLM_FLASHINFER_MOE_BACKEND: '
+                           '"masked_gemm" is not a value vLLM 0.11.2 takes'])
+    checks = by_id(diagnose(f))
+    assert checks["engine_lines"].level is Level.FAIL
+    assert checks["engine_lines"].fix == "sparkd check-config --config /etc/sparkd.toml"
+    assert "engine_line.qwen" not in checks
