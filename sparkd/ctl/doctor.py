@@ -255,7 +255,11 @@ def _moe_checks(f: Facts, model: ModelConfig, command: EngineCommand) -> list[Ch
         form = f"{MOE_BACKEND_ENV}={MOE_FLAG_TO_ENV.get(backend, backend)}"
     whose = {"args": f"models.{name}.args", "env": f"models.{name}.env"}.get(
         command.moe_from or "", "sparkd")
-    message = f"{name}: MoE pin {form} (set by {whose}; the form {release} reads)"
+    unread = rules.moe_pin == "env" and (
+        command.moe_from == "args"
+        or model.env_dict.get(MOE_BACKEND_ENV) not in (None, *rules.moe_env_values))
+    message = (f"{name}: MoE pin {form} (set by {whose}; "
+               + (f"which {release} does not read)" if unread else f"the form {release} reads)"))
     notes = [n for n in command.notes if n != r.warning]
     if notes:
         message += "; " + "; ".join(notes)
