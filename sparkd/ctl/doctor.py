@@ -283,6 +283,9 @@ def _moe_checks(f: Facts, model: ModelConfig, command: EngineCommand) -> list[Ch
         fix = "make NVML work (nvidia-smi must answer), then run sparkctl doctor again"
     elif cap.value is None:
         message += f"; the GPU's compute capability could not be read ({cap.error})"
+    elif backend == DEFAULT_MOE_BACKEND and cap.value[0] != 10 and not rules.moe_refuses:
+        message += (f"; the latency kernels do not run on this GPU ({gpu}): releases before "
+                    "0.17 fall back to CUTLASS by themselves (docs/units.md \"The MoE pin\")")
     elif backend == THROUGHPUT_MOE_BACKEND and ours == THROUGHPUT_MOE_BACKEND:
         level = Level.WARN
         message += (f"; the latency (TensorRT-LLM) MoE kernels do not run on this GPU ({gpu}; "
