@@ -58,6 +58,9 @@ def by_id(checks: list[Check]) -> dict[str, Check]:
 
 def test_the_h200_fixture_is_a_real_capture() -> None:
     assert H200.value == (9, 0) and H200.error is None and str(H200) == "9.0"
+    # ... and agrees with the device facts captured on the same machine separately
+    device = json.loads((NVML / "h200-device.json").read_text())["devices"][0]
+    assert tuple(device["cuda_compute_capability"]) == H200.value
 
 
 def test_no_nvml_is_an_unknown_capability_with_the_reason() -> None:
