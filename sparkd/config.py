@@ -18,6 +18,7 @@ from typing import Any, Final, Literal, TypeVar, cast
 
 from sparkd.config_checks import ACCOUNT_NAME_RE as ACCOUNT_NAME_RE  # re-exported
 from sparkd.config_checks import Validator, suggest
+from sparkd.engine.config_rules import check_engine
 from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
 from sparkd.engine.unit import unit_name
 from sparkd.errors import ConfigError
@@ -75,7 +76,6 @@ DAY_S: Final = 86400.0
 WEEK_S: Final = 7 * DAY_S
 MEMORY_MAX_GIB: Final = 1048576.0  # 1 PiB: far above any one machine, far below overflow
 # An engine release: vLLM/SGLang "0.34.0", "0.5.23.post1"; a llama.cpp build "11434"/"b11434".
-ENGINE_VERSION_RE: Final = re.compile(r"[vb]?\d+(\.\d+)*([.-]?(post|rc|dev)\d+)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,9 +640,9 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
                    " the gateway)", a)
     speculative = None
     if "speculative" in t:
-        if engine not in ("vllm", "sglang", "sim"):
-            v.fail(f"{key}.speculative", "no speculative table (vllm, sglang and sim only)",
-                   engine)
+        if engine not in ("vllm", "sglang", "llamacpp", "sim"):
+            v.fail(f"{key}.speculative", "no speculative table (sparkd runs no engine for an "
+                   "external model)", engine)
         speculative = _parse_speculative(
             v, f"{key}.speculative", v.table(t, f"{key}.speculative")
         )
@@ -666,13 +666,7 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
         v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
                source)
     engine_version = v.opt_string(t, f"{key}.engine_version")
-    if engine_version is not None and (
-        engine not in ("vllm", "sglang", "llamacpp")
-        or not ENGINE_VERSION_RE.fullmatch(engine_version)
-    ):
-        v.fail(f"{key}.engine_version", 'a release of the engine such as "0.34.0" (vllm), '
-               '"0.5.23" (sglang) or "11434" (a llama.cpp build); vllm, sglang and llamacpp '
-               "only", engine_version)
+    check_engine(v, key, engine, engine_version, dict(env))
     return ModelConfig(
         name=name,
         engine=engine,

@@ -36,7 +36,7 @@ from sparkd.errors import ConfigError, SparkdError, SystemdError
 from sparkd.journal import event, setup_logging
 from sparkd.monitor.floor import read_available, read_engine_memory
 from sparkd.monitor.memory import read_meminfo
-from sparkd.monitor.nvml import NvmlMonitor, NvmlSnapshot
+from sparkd.monitor.nvml import NvmlMonitor, NvmlSnapshot, compute_capability
 from sparkd.monitor.psi import read_pressure
 from sparkd.options import config_option
 from sparkd.state import StateStore
@@ -79,7 +79,8 @@ def apply_units(
         config.daemon.unit_dir,
         # Each engine's unit is rendered for the release installed (sparkd.engine.versions).
         render_units(config, systemd_version=systemd_version,
-                     engine_versions=detect_versions(config.supervised_models)),
+                     engine_versions=detect_versions(config.supervised_models),
+                     capability=compute_capability().value),
         reload=reload,
     )
     return {

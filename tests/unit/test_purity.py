@@ -31,6 +31,8 @@ PURE = (
     "sparkd.store.plan",
     "sparkd.config",
     "sparkd.config_checks",
+    "sparkd.engine.version_form",
+    "sparkd.engine.config_rules",
     "sparkd.control.codec",
     "sparkd.control.status",
     "sparkd.daemon.engines",
