@@ -95,6 +95,11 @@ class DeviceWatch:
             return f"swaps paused: on battery ({self.power.reason}), engines stopped"
         return None
 
+    def conditions(self) -> list[str]:
+        """For the STATUS= line: degraded, else why swaps are paused."""
+        said = self.degraded() or self.swaps_paused()
+        return [said] if said else []
+
     def record(self) -> DeviceRecord:
         return {"degraded": self.degraded(), "swaps_paused": self.swaps_paused(),
                 "on_battery": self.on_battery()}

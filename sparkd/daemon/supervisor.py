@@ -615,7 +615,7 @@ class Supervisor:
             out.append("state not saved")
         if self.config_unsaved:
             out.append("accepted config not saved")
-        out += [c for c in (self.devices.degraded(), self.devices.swaps_paused()) if c]
+        out += self.devices.conditions()
         return out
 
     def update_status(self) -> None:

@@ -5,15 +5,22 @@ makes sparkd degraded with no restarts; a model volume gone pauses swaps with th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import io
+import json
 import logging
 import time
 from pathlib import Path
 
 import pytest
 from fakes import World, build, run, started
+from rich.console import Console
 from udev_builders import H200, h200, supply
 
 from sparkd.config import parse_config
+from sparkd.control.status import Status
+from sparkd.ctl.doctor import Level, device_checks
+from sparkd.ctl.status import render_status
 from sparkd.errors import ConfigError, SwapRefused
 from sparkd.journal import FIELDS_ATTR
 from sparkd.monitor.devices import DeviceEvent
@@ -229,3 +236,40 @@ def test_config_keys_are_checked(tmp_path: Path, line: str, message: str) -> Non
 def test_config_defaults() -> None:
     c = parse_config("", source=Path("/etc/sparkd.toml"))
     assert (c.daemon.on_battery, c.daemon.on_battery_grace_s) == ("stop", 30.0)
+
+
+def test_status_and_doctor_show_what_the_watch_holds(tmp_path: Path) -> None:
+    """The status the real Supervisor sends, with the GPU gone and a volume gone, read back
+    through the schema and rendered by sparkctl status and doctor."""
+    w, _, machine = world(tmp_path)
+    sup = w.sup
+
+    async def scenario() -> Status:
+        sup.devices.scan(sup, [DeviceEvent("scan", "pci", H200["sys_path"], "nvidia", {}),
+                               MAINS_ON])
+        sup.devices.watch_volumes(sup)
+        await started(sup)
+        sup.devices.on_event(sup, MAINS_OFF)
+        machine.mountinfo = MOUNTINFO.splitlines()[0] + "\n"
+        sup.devices.check_volumes(sup)
+        sup.devices.on_event(sup, h200("unbind"))
+        await sup.quiesce()
+        sup.devices.close()
+        return Status.from_json(json.loads(json.dumps(sup.status().to_json())))
+
+    status = run(scenario())
+    out = io.StringIO()
+    render_status(status, Console(file=out, width=200, color_system=None))
+    text = out.getvalue()
+    assert ("degraded: NVIDIA device 0000:00:06.0 unbound from its driver (pci); engines "
+            "stopped until it is back") in text
+    assert "on battery: mains supply AC offline" in text
+    assert ("swaps refused: swaps paused: the volume at /srv/models holding a, b is gone "
+            "(unmounted)") in text
+    d = status.daemon
+    checks = {c.id: c for c in device_checks(d)}
+    assert checks["gpu_present"].level is Level.FAIL
+    assert checks["power"].level is Level.WARN
+    assert "swaps" not in checks  # said by the GPU's check already
+    volume_only = dataclasses.replace(d, degraded=None, on_battery=None)
+    assert device_checks(volume_only)[0].id == "swaps"

@@ -21,6 +21,7 @@ from sparkd.monitor.devices import (
     Power,
     PowerAction,
     PowerTrack,
+    Supply,
     gpu_step,
     machine_power,
     mount_of,
@@ -49,10 +50,10 @@ def test_the_adapter_reads_a_pyudev_device_as_the_rules_do() -> None:
 # -- power --------------------------------------------------------------------------------
 
 
-def table(*events: DeviceEvent) -> dict[str, object]:
-    supplies: dict[str, object] = {}
+def table(*events: DeviceEvent) -> dict[str, Supply]:
+    supplies: dict[str, Supply] = {}
     for ev in events:
-        supplies = supplies_step(supplies, ev)  # type: ignore[arg-type]
+        supplies = supplies_step(supplies, ev)
     return supplies
 
 
@@ -80,13 +81,12 @@ def table(*events: DeviceEvent) -> dict[str, object]:
 def test_machine_power(events: tuple[tuple[str, dict[str, str]], ...], power: Power,
                        reason: str) -> None:
     supplies = table(*(supply(name, **props) for name, props in events))
-    assert machine_power(supplies) == (power, reason)  # type: ignore[arg-type]
+    assert machine_power(supplies) == (power, reason)
 
 
 def test_a_removed_supply_leaves_the_table() -> None:
     supplies = table(supply("AC", type="Mains", online="0"), supply("AC", action="remove"))
-    assert machine_power(supplies) == (Power.UNKNOWN,  # type: ignore[arg-type]
-                                       "no mains or UPS supply seen")
+    assert machine_power(supplies) == (Power.UNKNOWN, "no mains or UPS supply seen")
 
 
 def test_power_stops_after_the_grace_and_starts_what_it_stopped() -> None:
