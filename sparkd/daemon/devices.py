@@ -38,6 +38,7 @@ from sparkd.monitor.devices import (
     parse_mountinfo,
     power_due,
     power_step,
+    rewatch,
     supplies_step,
     volume_step,
     volumes_to_watch,
@@ -128,7 +129,7 @@ class DeviceWatch:
             log.warning("cannot read the mounts: %s", exc)
             return
         paths = {m.name: os.path.realpath(m.path) for m in sup.config.supervised_models}
-        self.volumes = volumes_to_watch(paths, mounts)
+        self.volumes = rewatch(self.volumes, volumes_to_watch(paths, mounts), set(paths))
 
     def on_event(self, sup: Supervisor, ev: DeviceEvent) -> None:
         if ev.subsystem == "power_supply":

@@ -34,7 +34,10 @@ def event_of(device: Any, action: str | None = None) -> DeviceEvent:
     parent pci device's is used (the nvidia driver binds the pci device)."""
     driver = device.driver
     if driver is None and device.subsystem == "drm":
-        parent = device.find_parent("pci")
+        try:
+            parent = device.find_parent("pci")
+        except (LookupError, OSError):  # pyudev's DeviceNotFoundError is a LookupError
+            parent = None
         driver = parent.driver if parent is not None else None
     props = {k: v for k, v in device.properties.items() if k.startswith(KEPT_PREFIXES)}
     return DeviceEvent(action or device.action or "scan", device.subsystem or "",

@@ -309,6 +309,19 @@ def volumes_to_watch(model_paths: Mapping[str, str], mounts: Iterable[Mount]) ->
     return VolumeTrack({p: tuple(ms) for p, ms in watched.items()})
 
 
+def rewatch(before: VolumeTrack, now: VolumeTrack, models: set[str]) -> VolumeTrack:
+    """The volumes to watch after a reload: those found now, and those gone before that still
+    hold a configured model (unmounted, their models' paths now look like the root's)."""
+    watched = dict(now.watched)
+    gone: dict[str, str] = {}
+    for point, why in before.gone.items():
+        still = tuple(m for m in before.watched.get(point, ()) if m in models)
+        if still:
+            watched[point] = tuple(sorted(set(watched.get(point, ())) | set(still)))
+            gone[point] = why
+    return VolumeTrack(watched, gone)
+
+
 VolumeChange = tuple[str, str | None]  # (mount point, why it is gone; None: back)
 
 

@@ -29,6 +29,7 @@ from sparkd.monitor.devices import (
     parse_mountinfo,
     power_due,
     power_step,
+    rewatch,
     supplies_step,
     volume_step,
     volumes_to_watch,
@@ -227,3 +228,15 @@ def test_an_unmount_is_seen() -> None:
     track = volumes_to_watch({"qwen": "/srv/models/qwen"}, mounts)
     track, changes = volume_step(track, mounts[:2], {})
     assert changes == [("/srv/models", "unmounted")]
+
+
+def test_a_reload_keeps_a_gone_volume_gone() -> None:
+    mounts = parse_mountinfo(MOUNTINFO)
+    track = volumes_to_watch({"qwen": "/srv/models/qwen", "llama": "/srv/models/llama"}, mounts)
+    track, _ = volume_step(track, mounts[:2], {})
+    # Reloaded while unmounted: the paths now look like the root's; qwen was removed.
+    now = volumes_to_watch({"llama": "/srv/models/llama"}, mounts[:2])
+    after = rewatch(track, now, {"llama"})
+    assert after.watched == {"/srv/models": ("llama",)}
+    assert after.reason() == "the volume at /srv/models holding llama is gone (unmounted)"
+    assert rewatch(track, now, set()).watched == {}
