@@ -210,7 +210,6 @@ class Daemon:
                   "model volumes are not watched", exc, level=logging.WARNING)
             sup.devices.watch_volumes(sup)  # unmounts are still seen on the health timer
             return None
-        sup.devices.watching = True
         return udev
 
     async def unit_state(self, unit: str) -> tuple[str, str]:

@@ -67,7 +67,6 @@ class DeviceWatch:
                  block_present: BlockPresent | None = None) -> None:
         self.read_mounts = read_mounts  # None: no volume watch
         self.block_present = block_present
-        self.watching = False  # a udev monitor feeds it (set by the composition root)
         self.supplies: dict[str, Supply] = {}
         self.power = PowerTrack()
         self.gpu = GpuTrack()
