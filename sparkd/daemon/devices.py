@@ -129,6 +129,7 @@ class DeviceWatch:
             return
         paths = {m.name: os.path.realpath(m.path) for m in sup.config.supervised_models}
         self.volumes = rewatch(self.volumes, volumes_to_watch(paths, mounts), set(paths))
+        self.check_volumes(sup)  # the block devices there now: those that can be lost
 
     def on_event(self, sup: Supervisor, ev: DeviceEvent) -> None:
         if ev.subsystem == "power_supply":

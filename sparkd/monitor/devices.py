@@ -288,6 +288,9 @@ class VolumeTrack:
 
     watched: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     gone: Mapping[str, str] = field(default_factory=dict)  # mount point -> why
+    # Block devices seen present: only one that was there can be lost (a container whose
+    # /sys lacks the host's disks must not read every volume as gone).
+    seen: frozenset[str] = frozenset()
 
     def reason(self) -> str | None:
         if not self.gone:
@@ -319,7 +322,7 @@ def rewatch(before: VolumeTrack, now: VolumeTrack, models: set[str]) -> VolumeTr
         if still:
             watched[point] = tuple(sorted(set(watched.get(point, ())) | set(still)))
             gone[point] = why
-    return VolumeTrack(watched, gone)
+    return VolumeTrack(watched, gone, before.seen)
 
 
 VolumeChange = tuple[str, str | None]  # (mount point, why it is gone; None: back)
@@ -329,21 +332,22 @@ def volume_step(track: VolumeTrack, mounts: Iterable[Mount],
                 block_present: Mapping[str, bool]) -> tuple[VolumeTrack, list[VolumeChange]]:
     """The volumes after one look at the mounts and at whether each mount's block device still
     exists (`block_present`: devnum -> present; a devnum not in it, such as an NFS or tmpfs
-    mount's, has no block device to lose). Returns the changes: (mount point, why it is gone,
-    or None when it is back)."""
+    mount's, has no block device to lose, nor has one never seen present). Returns the
+    changes: (mount point, why it is gone, or None when it is back)."""
     visible: dict[str, Mount] = {}
     for m in mounts:
         visible[m.point] = m  # the last mount on a point is the one seen
+    seen = track.seen | {devnum for devnum, here in block_present.items() if here}
     gone: dict[str, str] = {}
     for point in track.watched:
-        seen = visible.get(point)
-        if seen is None:
+        mount = visible.get(point)
+        if mount is None:
             gone[point] = "unmounted"
-        elif block_present.get(seen.devnum, True) is False:
-            gone[point] = f"block device {seen.source} ({seen.devnum}) removed"
+        elif mount.devnum in seen and block_present.get(mount.devnum) is False:
+            gone[point] = f"block device {mount.source} ({mount.devnum}) removed"
     changes: list[VolumeChange] = [
         (p, why) for p, why in sorted(gone.items()) if p not in track.gone]
     changes += [(p, None) for p in sorted(track.gone) if p not in gone]
     # A volume stays gone with the first reason seen for it.
-    return VolumeTrack(track.watched, {p: track.gone.get(p, why) for p, why in gone.items()}), \
-        changes
+    return VolumeTrack(track.watched, {p: track.gone.get(p, why) for p, why in gone.items()},
+                       seen), changes

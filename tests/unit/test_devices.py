@@ -240,3 +240,13 @@ def test_a_reload_keeps_a_gone_volume_gone() -> None:
     assert after.watched == {"/srv/models": ("llama",)}
     assert after.reason() == "the volume at /srv/models holding llama is gone (unmounted)"
     assert rewatch(track, now, set()).watched == {}
+
+
+def test_a_block_device_never_seen_cannot_be_lost() -> None:
+    """A container whose /sys lacks the host's disks: the volume is judged by its mount."""
+    mounts = parse_mountinfo(MOUNTINFO)
+    track = volumes_to_watch({"qwen": "/srv/models/qwen"}, mounts)
+    track, changes = volume_step(track, mounts, {"259:2": False})
+    assert changes == [] and track.reason() is None
+    track, changes = volume_step(track, mounts[:2], {})
+    assert changes == [("/srv/models", "unmounted")]
