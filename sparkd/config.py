@@ -18,10 +18,12 @@ from typing import Any, Final, Literal, TypeVar, cast
 
 from sparkd.config_checks import ACCOUNT_NAME_RE as ACCOUNT_NAME_RE  # re-exported
 from sparkd.config_checks import Validator, suggest
+from sparkd.config_devices import device_keys
 from sparkd.engine.config_rules import check_engine
 from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
 from sparkd.engine.unit import unit_name
 from sparkd.errors import ConfigError
+from sparkd.monitor.devices import OnBattery
 
 T = TypeVar("T")
 
@@ -32,13 +34,8 @@ CONFIG_ENV: Final = "SPARKD_CONFIG"
 EngineKind = Literal["vllm", "sglang", "llamacpp", "sim", "external"]
 ENGINE_KINDS: Final[tuple[EngineKind, ...]] = ("vllm", "sglang", "llamacpp", "sim", "external")
 RolePolicy = Literal["passthrough", "merge", "strict", "strict-tools", "auto"]
-ROLE_POLICIES: Final[tuple[RolePolicy, ...]] = (
-    "passthrough",
-    "merge",
-    "strict",
-    "strict-tools",
-    "auto",
-)
+ROLE_POLICIES: Final[tuple[RolePolicy, ...]] = ("passthrough", "merge", "strict",
+                                                 "strict-tools", "auto")
 
 SpeculativeMethod = Literal["eagle", "eagle3"]
 SPECULATIVE_METHODS: Final[tuple[SpeculativeMethod, ...]] = ("eagle", "eagle3")
@@ -127,6 +124,9 @@ class DaemonConfig:
     # Where the machine has no GPU (a CPU engine; the simulated engine in tests), nothing can
     # corroborate a stall: true lets the stall alone count as a strike.
     liveness_without_gpu: bool = False
+    # udev (docs/watch.md): on battery this long, "stop" the engines cleanly (or "ignore").
+    on_battery: OnBattery = "stop"
+    on_battery_grace_s: float = 30.0
 
     @property
     def accepted_config(self) -> Path:
@@ -454,6 +454,7 @@ def _parse_daemon(v: Validator, t: dict[str, Any]) -> DaemonConfig:
                                    hi=100),
         liveness_without_gpu=v.boolean(t, "daemon.liveness_without_gpu",
                                        d.liveness_without_gpu),
+        **device_keys(v, t, d),
     )
 
 

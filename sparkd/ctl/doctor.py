@@ -25,7 +25,7 @@ from sparkd.monitor.nvml import ComputeCapability
 from sparkd.options import config_option, json_option
 
 if TYPE_CHECKING:
-    from sparkd.control.status import Status
+    from sparkd.control.status import DaemonRecord, Status
     from sparkd.units.render import EngineCommand
 
 GIB = 1 << 30
@@ -112,6 +112,7 @@ def diagnose(f: Facts) -> list[Check]:
                 checks.append(Check(f"durable.{what.replace(' ', '_')}", Level.FAIL,
                                     f"the {what} is not on disk: {unsaved}",
                                     "free space in the state directory (df -h /var/lib/sparkd)"))
+        checks += device_checks(d)
         failure = f.daemon_status.last_failure
         if failure:
             checks.append(Check("last_failure", Level.WARN,
@@ -398,3 +399,20 @@ def doctor(ctx: click.Context, config_file: Path, *, as_json: bool) -> None:
             ctx.exit(ExitStatus.FAILURE)
 
     run(ctx, go)
+
+
+def device_checks(d: DaemonRecord) -> list[Check]:
+    """What the udev watch holds (docs/watch.md): the GPU gone, on battery, swaps paused."""
+    checks = []
+    if d.degraded:
+        checks.append(Check("gpu_present", Level.FAIL, f"degraded: {d.degraded}",
+                            "nvidia-smi; journalctl -k | grep -i -e nvrm -e xid (sparkd "
+                            "starts the model again when the device is bound)"))
+    if d.on_battery:
+        checks.append(Check("power", Level.WARN, f"on battery: {d.on_battery}",
+                            "restore mains; daemon.on_battery says what sparkd does"))
+    if d.swaps_paused and not d.degraded and not d.on_battery:
+        checks.append(Check("swaps", Level.WARN, d.swaps_paused,
+                            "mount the model volume again (findmnt; journalctl "
+                            "SPARKD_EVENT=volume_gone)"))
+    return checks

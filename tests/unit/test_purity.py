@@ -28,6 +28,8 @@ PURE = (
     "sparkd.monitor.psi",
     "sparkd.monitor.liveness",
     "sparkd.monitor.floor",
+    "sparkd.monitor.devices",
+    "sparkd.config_devices",
     "sparkd.store.plan",
     "sparkd.config",
     "sparkd.config_checks",
