@@ -18,10 +18,13 @@ from typing import Any, Final, Literal, TypeVar, cast
 
 from sparkd.config_checks import ACCOUNT_NAME_RE as ACCOUNT_NAME_RE  # re-exported
 from sparkd.config_checks import Validator, suggest
+from sparkd.config_devices import device_keys
+from sparkd.engine.config_rules import check_engine
 from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
 from sparkd.engine.unit import unit_name
 from sparkd.errors import ConfigError
 from sparkd.metrics_config import parse_metrics_listen
+from sparkd.monitor.devices import OnBattery
 
 T = TypeVar("T")
 
@@ -32,13 +35,8 @@ CONFIG_ENV: Final = "SPARKD_CONFIG"
 EngineKind = Literal["vllm", "sglang", "llamacpp", "sim", "external"]
 ENGINE_KINDS: Final[tuple[EngineKind, ...]] = ("vllm", "sglang", "llamacpp", "sim", "external")
 RolePolicy = Literal["passthrough", "merge", "strict", "strict-tools", "auto"]
-ROLE_POLICIES: Final[tuple[RolePolicy, ...]] = (
-    "passthrough",
-    "merge",
-    "strict",
-    "strict-tools",
-    "auto",
-)
+ROLE_POLICIES: Final[tuple[RolePolicy, ...]] = ("passthrough", "merge", "strict",
+                                                 "strict-tools", "auto")
 
 SpeculativeMethod = Literal["eagle", "eagle3"]
 SPECULATIVE_METHODS: Final[tuple[SpeculativeMethod, ...]] = ("eagle", "eagle3")
@@ -76,7 +74,6 @@ DAY_S: Final = 86400.0
 WEEK_S: Final = 7 * DAY_S
 MEMORY_MAX_GIB: Final = 1048576.0  # 1 PiB: far above any one machine, far below overflow
 # An engine release: vLLM/SGLang "0.34.0", "0.5.23.post1"; a llama.cpp build "11434"/"b11434".
-ENGINE_VERSION_RE: Final = re.compile(r"[vb]?\d+(\.\d+)*([.-]?(post|rc|dev)\d+)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +126,9 @@ class DaemonConfig:
     # Where the machine has no GPU (a CPU engine; the simulated engine in tests), nothing can
     # corroborate a stall: true lets the stall alone count as a strike.
     liveness_without_gpu: bool = False
+    # udev (docs/watch.md): on battery this long, "stop" the engines cleanly (or "ignore").
+    on_battery: OnBattery = "stop"
+    on_battery_grace_s: float = 30.0
 
     @property
     def accepted_config(self) -> Path:
@@ -453,6 +453,7 @@ def _parse_daemon(v: Validator, t: dict[str, Any]) -> DaemonConfig:
                                    hi=100),
         liveness_without_gpu=v.boolean(t, "daemon.liveness_without_gpu",
                                        d.liveness_without_gpu),
+        **device_keys(v, t, d),
     )
 
 
@@ -639,9 +640,9 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
                    " the gateway)", a)
     speculative = None
     if "speculative" in t:
-        if engine not in ("vllm", "sglang", "sim"):
-            v.fail(f"{key}.speculative", "no speculative table (vllm, sglang and sim only)",
-                   engine)
+        if engine not in ("vllm", "sglang", "llamacpp", "sim"):
+            v.fail(f"{key}.speculative", "no speculative table (sparkd runs no engine for an "
+                   "external model)", engine)
         speculative = _parse_speculative(
             v, f"{key}.speculative", v.table(t, f"{key}.speculative")
         )
@@ -665,13 +666,7 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
         v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
                source)
     engine_version = v.opt_string(t, f"{key}.engine_version")
-    if engine_version is not None and (
-        engine not in ("vllm", "sglang", "llamacpp")
-        or not ENGINE_VERSION_RE.fullmatch(engine_version)
-    ):
-        v.fail(f"{key}.engine_version", 'a release of the engine such as "0.34.0" (vllm), '
-               '"0.5.23" (sglang) or "11434" (a llama.cpp build); vllm, sglang and llamacpp '
-               "only", engine_version)
+    check_engine(v, key, engine, engine_version, dict(env))
     return ModelConfig(
         name=name,
         engine=engine,

@@ -155,6 +155,12 @@ class DaemonRecord(_Json):
     # A durable write that failed (until one succeeds): the state, the accepted config.
     state_unsaved: str | None = None
     config_unsaved: str | None = None
+    # The udev watch (docs/watch.md): the NVIDIA device gone (engines held stopped), why swaps
+    # are refused now (a model volume gone, the GPU gone, engines stopped on battery), and why
+    # the machine is on battery.
+    degraded: str | None = None
+    swaps_paused: str | None = None
+    on_battery: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

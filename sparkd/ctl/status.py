@@ -119,6 +119,11 @@ def render_status(status: Status, console: Console | None = None, *,
     for what, unsaved in (("state", d.state_unsaved), ("accepted config", d.config_unsaved)):
         if unsaved:
             console.print(f"[red]the {what} is not on disk:[/] {unsaved}")
+    for style, what, text in (("bold red", "degraded", d.degraded),
+                              ("yellow", "on battery", d.on_battery),
+                              ("yellow", "swaps refused", d.swaps_paused)):
+        if text:  # the udev watch (docs/watch.md)
+            console.print(f"[{style}]{what}:[/] {text}")
     if gateway is not None:
         state, result = gateway
         style = "green" if state == "active" else "bold red"

@@ -67,6 +67,7 @@ async def check_health(sup: Supervisor) -> None:
             and sup.swap_run is None
         ):
             await restart_hung(sup, name, view, result)
+    sup.devices.check_volumes(sup)  # an unmount sends no uevent
     await sup.watch.sample(sup.config.daemon, sup.active_model)
     sup.watch.record_baselines(sup)
     await sup.watch.liveness(sup)

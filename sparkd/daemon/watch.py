@@ -19,9 +19,10 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from sparkd.config import DaemonConfig
-from sparkd.control.status import DesktopStateName
+from sparkd.control.status import DesktopStateName, MachineRecord
 from sparkd.daemon import health
 from sparkd.daemon.actions import WatchActions
+from sparkd.daemon.machine import machine_record
 from sparkd.engine.unit import STOP_WAIT_S, engine_url
 from sparkd.journal import event
 from sparkd.monitor import liveness as lv
@@ -105,6 +106,10 @@ class MachineWatch:
         elif stalled < limit / 2 and self._pressure_warned:
             self._pressure_warned = False
             event(log, "desktop_pressure_cleared", "memory pressure back to %.1f %%", stalled)
+
+    def machine_record(self, sup: Supervisor) -> MachineRecord:
+        """The status's `machine` record (sparkd.daemon.machine)."""
+        return machine_record(sup)
 
     # -- the memory floor -------------------------------------------------------------------
 
