@@ -226,7 +226,9 @@ class WatchActionRecord(_Json):
     """Something the watch did (sparkd.daemon.actions). `kind`: memory_floor_stop (an
     engine stopped at the memory floor, journal event memory_floor), liveness_restart (no
     token while requests ran, engine_hung with SPARKD_REASON=liveness), hung_restart (/health
-    failing, engine_hung); other watches add their own. `detail`: its numbers in words."""
+    failing, engine_hung), power_stop and gpu_stop (the udev watch stopped it: on battery, the
+    NVIDIA device gone; engines_held); other watches add their own. `detail`: its numbers in
+    words."""
 
     kind: str
     model: str

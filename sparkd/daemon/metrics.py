@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 # systemd ActiveState values: sparkd_engine_state has one series per state, 1 for the current.
 ENGINE_STATES = ("active", "activating", "deactivating", "reloading", "inactive", "failed")
 SWAP_ENDS = ("done", "refused", "rolled_back", "rollback_failed")
-WATCH_ACTIONS = ("memory_floor_stop", "liveness_restart", "hung_restart")
+WATCH_ACTIONS = ("memory_floor_stop", "liveness_restart", "hung_restart", "power_stop",
+                 "gpu_stop")
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:

@@ -13,6 +13,7 @@ from fakes import build, run, started
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 from rich.console import Console
+from udev_builders import H200, h200
 
 from sparkd.config import parse_config
 from sparkd.control.status import Status
@@ -20,6 +21,7 @@ from sparkd.ctl.machine_view import floor_cell, memory_segments, render_machine
 from sparkd.ctl.status import render_status
 from sparkd.daemon.metrics import StatusCollector
 from sparkd.errors import ConfigError
+from sparkd.monitor.devices import DeviceEvent
 from sparkd.monitor.floor import GIB
 
 CONFIG = """
@@ -325,3 +327,26 @@ def test_a_desktop_state_outside_the_three_is_refused_by_name() -> None:
     doc["machine"]["desktop"] = "absent"
     with pytest.raises(SchemaError, match=r"status\.machine\.desktop"):
         Status.from_json(doc)
+
+
+def test_a_udev_stop_is_a_watch_action(tmp_path: Path) -> None:
+    """The NVIDIA device unbound: the udev watch stops the engine, and status and the
+    metrics say so."""
+    w = build(tmp_path, CONFIG)
+    w.systemd.set("a", "active", "running", pid=41)
+
+    async def scenario() -> Status:
+        w.sup.devices.scan(w.sup, [DeviceEvent("scan", "pci", H200["sys_path"], "nvidia", {})])
+        await started(w.sup)
+        w.sup.devices.on_event(w.sup, h200("unbind", drop=("DRIVER",)))
+        await w.sup.quiesce()
+        status = w.sup.status()
+        w.sup.devices.close()
+        return status
+
+    status = run(scenario())
+    assert status.machine is not None
+    assert [(a.kind, a.model) for a in status.machine.actions] == [("gpu_stop", "a")]
+    assert status.machine.actions[0].detail.startswith("stopped: NVIDIA device 0000:00:06.0 "
+                                                       "unbound from its driver")
+    assert scrape_of(status)[("sparkd_watch_actions_total", (("kind", "gpu_stop"),))] == 1
