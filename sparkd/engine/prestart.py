@@ -179,7 +179,7 @@ def memory_gate(plan: PrestartPlan, mem: MemInfo, *, kept: int = 0) -> GateVerdi
         f"{gib(available)} GiB available"
     )
     if kept:
-        needs += (f" (MemAvailable {gib(mem.available)} GiB less {gib(kept)} GiB of "
+        needs += (f" (MemAvailable {gib(mem.available)} GiB less {format_size(kept)} of "
                   f"{plan.model}'s files kept in the page cache)")
     if plan.need_bytes > available:
         return GateVerdict(

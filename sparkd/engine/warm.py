@@ -97,7 +97,7 @@ def decide_keep(
     """Keep the target's `target_cached` bytes when `available` less them still covers `need`."""
     left = available - target_cached
     sums = (
-        f"MemAvailable {gib(available)} GiB - {gib(target_cached)} GiB of {model}'s files "
+        f"MemAvailable {gib(available)} GiB - {format_size(target_cached)} of {model}'s files "
         f"cached = {gib(left)} GiB"
     )
     wanted = f"{memory_gib:.1f} GiB + {reserve_gib:.1f} GiB reserve"

@@ -57,12 +57,13 @@ def models(tmp_path: Path) -> tuple[Path, Path]:
     page cache, as after a swap from `target` to `other`."""
     target = _write(tmp_path / "target" / "model.safetensors", SIZE)
     other = _write(tmp_path / "other" / "model.gguf", SIZE)
-    for path in (target, other):
-        evict(path)
-        _read(path)
-    if fincore(target) < SIZE // 2 or fincore(other) < SIZE // 2:
-        pytest.skip("this filesystem does not keep what was read in the page cache")
-    return target, other
+    # Read again when something else on this (shared) machine dropped the page cache meanwhile.
+    for _ in range(3):
+        for path in (target, other):
+            _read(path)
+        if fincore(target) >= KEPT and fincore(other) >= KEPT:
+            return target, other
+    raise AssertionError(f"{tmp_path}: what was read does not stay in the page cache")
 
 
 def _plan(target: Path, other: Path, memory_gib: float) -> PrestartPlan:
