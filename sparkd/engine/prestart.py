@@ -250,7 +250,7 @@ def run_prestart(plan: PrestartPlan, system: PrestartSystem, emit: Emit) -> Pres
         size = format_size(sum(f.size for f in target))
         if cached > 0:
             log(f"page cache: {format_size(cached)} of {plan.model}'s {size} of files cached: "
-                "evicting the other models' files, keeping them where memory allows")
+                f"evicting the other models' files, keeping {plan.model}'s where memory allows")
         else:
             log(f"page cache: none of {plan.model}'s {size} of files cached: "
                 "dropping the whole page cache")

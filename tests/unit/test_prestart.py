@@ -381,7 +381,7 @@ def test_warm_keeps_the_targets_pages_and_evicts_the_other_models() -> None:
     ]
     assert _line(lines, "page cache:") == (
         "prestart qwen: page cache: 40.0 GiB of qwen's 70.0 GiB of files cached: evicting the "
-        "other models' files, keeping them where memory allows"
+        "other models' files, keeping qwen's where memory allows"
     )
     assert _line(lines, "evict:") == (
         "prestart qwen: evict: posix_fadvise(DONTNEED) on 1 file (20.0 GiB) of the other models "
