@@ -15,6 +15,7 @@ PURE = (
     "sparkd.engine.unit",
     "sparkd.engine.probe",
     "sparkd.engine.fingerprints",
+    "sparkd.engine.warm",
     "sparkd.gateway.rewrite",
     "sparkd.gateway.classify",
     "sparkd.gateway.limits",
