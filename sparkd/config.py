@@ -23,6 +23,7 @@ from sparkd.engine.config_rules import check_engine
 from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
 from sparkd.engine.unit import unit_name
 from sparkd.errors import ConfigError
+from sparkd.metrics_config import parse_metrics_listen
 from sparkd.monitor.devices import OnBattery
 
 T = TypeVar("T")
@@ -103,6 +104,7 @@ class DaemonConfig:
     # Memory pressure (PSI `full` avg10, percent of time every task stalled) above which the
     # desktop is starving: sparkd says so (event `desktop_pressure`, sparkctl status).
     pressure_warn_pct: float = 10.0
+    metrics_listen: str = ""  # Prometheus metrics, HOST:PORT on loopback ("": off)
     # sparkd.store (issue 4): files fetched at once, seconds without a byte before a transfer
     # counts as stalled, tries per file before a pull gives up on it.
     download_concurrency: int = 4
@@ -358,12 +360,8 @@ def _parse_named_model(v: Validator, name: str, table: Any, daemon: DaemonConfig
     """One model's section, its ports checked against (and added to) those taken."""
     key = f"models.{name}"
     if not MODEL_NAME_RE.fullmatch(name):
-        v.fail(
-            key,
-            "a model name of letters, digits, '_', '.' or '-' (at most 64, "
-            "starting with a letter or digit)",
-            name,
-        )
+        v.fail(key, "a model name of letters, digits, '_', '.' or '-' (at most 64, "
+               "starting with a letter or digit)", name)
     if not isinstance(table, dict):
         v.fail(key, "a table", table)
     model = _parse_model(v, name, table, daemon)
@@ -429,6 +427,7 @@ def _parse_daemon(v: Validator, t: dict[str, Any]) -> DaemonConfig:
         ),
         pressure_warn_pct=v.number(t, "daemon.pressure_warn_pct", d.pressure_warn_pct, lo=0,
                                    hi=100),
+        metrics_listen=parse_metrics_listen(v, t, d.metrics_listen),
         download_concurrency=v.integer(
             t, "daemon.download_concurrency", d.download_concurrency, lo=1, hi=64
         ),

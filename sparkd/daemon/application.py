@@ -25,6 +25,7 @@ import click
 from sparkd.accepted import load_or_fall_back, save_accepted
 from sparkd.config import Config
 from sparkd.control.server import ControlServer
+from sparkd.daemon import metrics
 from sparkd.daemon.boot import wait_for_gpu
 from sparkd.daemon.events import as_json
 from sparkd.daemon.supervisor import Deps, Notifier, Supervisor, read_boot_id
@@ -103,6 +104,8 @@ class Daemon:
         self._nvml_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
         self._nvml = NvmlMonitor()
         self._stop = asyncio.Event()
+        self._metrics: metrics.MetricsServer | None = None  # daemon.metrics_listen
+        self._metrics_asked: str | None = None  # the address last asked for
         self.notifier: Notifier = SdNotifier()
 
     async def systemd(self, fn: Callable[[SystemdManager], T]) -> T:
@@ -169,6 +172,7 @@ class Daemon:
             if interval:
                 tasks.append(asyncio.create_task(self._watchdog(interval)))
             await server.start()
+            await self._follow_metrics(sup)
             await wait_for_gpu(unit_state=self.unit_state, read_gpu=self.read_gpu,
                                device_present=lambda: Path("/dev/nvidiactl").exists(),
                                sleep=asyncio.sleep, clock=time.monotonic)
@@ -190,6 +194,8 @@ class Daemon:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             await server.close()
+            if self._metrics is not None:
+                await self._metrics.close()
             signals.close()
             if udev is not None:
                 udev.close()
@@ -243,6 +249,14 @@ class Daemon:
             return []
         return out.decode(errors="replace").splitlines()
 
+    async def _follow_metrics(self, sup: Supervisor) -> None:
+        """The metrics endpoint the config asks for: at start, and on the health tick after
+        a reload (SIGHUP or the control socket's) changed daemon.metrics_listen."""
+        listen = sup.config.daemon.metrics_listen
+        if listen != self._metrics_asked:
+            self._metrics_asked = listen
+            self._metrics = await metrics.follow(self._metrics, listen, sup.status)
+
     async def _reload(self, sup: Supervisor) -> None:
         with contextlib.suppress(SparkdError):
             await sup.reload()
@@ -258,6 +272,7 @@ class Daemon:
             # Unit state comes from signals; this only picks up a message sd-bus may have
             # buffered without the fd becoming readable again. No D-Bus traffic.
             signals.drain()
+            await self._follow_metrics(sup)
             try:
                 await sup.check_health()
             except SparkdError as exc:

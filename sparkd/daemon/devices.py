@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, TypedDict
 
+from sparkd.daemon.engines import engine_key
 from sparkd.engine.unit import STOP_WAIT_S
 from sparkd.errors import SparkdError
 from sparkd.journal import event
@@ -261,6 +262,9 @@ class DeviceWatch:
             self.resume = True
         event(log, "engines_held", "%s: stopping %s", reason, ", ".join(units) or "nothing",
               level=logging.WARNING, SPARKD_REASON=why)
+        for v in running:  # shown by status and counted by the metrics (sparkd.daemon.actions)
+            sup.watch.actions.record(f"{why}_stop", engine_key(v.model.name, v.variant),
+                                     sup.deps.wall_clock(), f"stopped: {reason}")
         jobs = await sup.deps.systemd(lambda m: [m.stop_unit(u) for u in units])
         results = [await sup.wait_job(job, STOP_WAIT_S) for job in jobs]
         await sup.refresh_units([k for k, v in sup.engines.items() if v.unit_name in units])

@@ -499,8 +499,8 @@ class Supervisor:
                 changes["desired_model"] = run.plan.rollback_to
         self.state = self.state.replace(**changes)
         self.save_state()
-        self.swap_run = None
-        self.last_swap = run
+        self.swap_run, self.last_swap = None, run
+        self.watch.actions.swap_ended(run.step.value)
         self.publish("swap_done" if run.succeeded else "swap_failed",
                      swap=report.swap_record(run))
         self.update_status()
@@ -672,7 +672,7 @@ class Supervisor:
         return report.build_status(
             daemon=daemon, state=self.state, engines=self.engines, swap_run=self.swap_run,
             last_swap=self.last_swap, memory=memory, pressure=self.watch.pressure,
-            gpu=self.watch.gpu)
+            gpu=self.watch.gpu, machine=self.watch.machine_record(sup=self))
 
     async def handle(self, request: Request) -> Any:
         return await answer(self, request)

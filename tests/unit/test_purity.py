@@ -34,12 +34,14 @@ PURE = (
     "sparkd.store.plan",
     "sparkd.config",
     "sparkd.config_checks",
+    "sparkd.metrics_config",
     "sparkd.engine.version_form",
     "sparkd.engine.config_rules",
     "sparkd.control.codec",
     "sparkd.control.status",
     "sparkd.daemon.engines",
     "sparkd.daemon.report",
+    "sparkd.daemon.actions",
 )
 ADAPTERS = ("aiohttp", "pystemd", "pynvml", "pyudev", "click", "rich", "sdnotify",
             "huggingface_hub", "psutil")
