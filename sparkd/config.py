@@ -18,6 +18,7 @@ from typing import Any, Final, Literal, TypeVar, cast
 
 from sparkd.config_checks import ACCOUNT_NAME_RE as ACCOUNT_NAME_RE  # re-exported
 from sparkd.config_checks import Validator, suggest
+from sparkd.desktop_config import DESKTOP_KEYS, DesktopConfig, parse_desktop
 from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
 from sparkd.engine.unit import unit_name
 from sparkd.errors import ConfigError
@@ -127,6 +128,7 @@ class DaemonConfig:
     # Where the machine has no GPU (a CPU engine; the simulated engine in tests), nothing can
     # corroborate a stall: true lets the stall alone count as a strike.
     liveness_without_gpu: bool = False
+    desktop: DesktopConfig = field(default_factory=DesktopConfig)  # desktop_* keys
 
     @property
     def accepted_config(self) -> Path:
@@ -377,7 +379,8 @@ def _parse_named_model(v: Validator, name: str, table: Any, daemon: DaemonConfig
     return model
 
 
-_DAEMON_KEYS: Final = tuple(DaemonConfig.__dataclass_fields__)
+_DAEMON_KEYS: Final = (*(k for k in DaemonConfig.__dataclass_fields__ if k != "desktop"),
+                       *DESKTOP_KEYS)
 _GATEWAY_KEYS: Final = tuple(GatewayConfig.__dataclass_fields__)
 _MODEL_KEYS: Final = tuple(k for k in ModelConfig.__dataclass_fields__ if k != "name")
 _CLASSIFIER_KEYS: Final = tuple(ClassifierConfig.__dataclass_fields__)
@@ -450,10 +453,9 @@ def _parse_daemon(v: Validator, t: dict[str, Any]) -> DaemonConfig:
                                          d.memory_floor_interval_s, lo=0.02, hi=10),
         liveness_window_s=v.number(t, "daemon.liveness_window_s", d.liveness_window_s, lo=1,
                                    hi=3600),
-        liveness_strikes=v.integer(t, "daemon.liveness_strikes", d.liveness_strikes, lo=0,
-                                   hi=100),
-        liveness_without_gpu=v.boolean(t, "daemon.liveness_without_gpu",
-                                       d.liveness_without_gpu),
+        liveness_strikes=v.integer(t, "daemon.liveness_strikes", d.liveness_strikes, lo=0, hi=100),
+        liveness_without_gpu=v.boolean(t, "daemon.liveness_without_gpu", d.liveness_without_gpu),
+        desktop=parse_desktop(v, t),
     )
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from sparkd.config import DaemonConfig
 from sparkd.daemon import health
+from sparkd.daemon.desktop import DesktopWatch
 from sparkd.engine.unit import STOP_WAIT_S, engine_url
 from sparkd.journal import event
 from sparkd.monitor import liveness as lv
@@ -75,6 +76,7 @@ class MachineWatch:
         self.stopping: set[str] = set()  # engines the floor is stopping
         self._floor_read_failed = False
         self.live: dict[str, LiveWindow] = {}
+        self.desktop = DesktopWatch()  # the desktop ladder (sparkd.daemon.desktop)
 
     async def sample(self, config: DaemonConfig, serving: Callable[[], str | None]) -> None:
         if self.read_gpu is not None:

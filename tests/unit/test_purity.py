@@ -28,6 +28,9 @@ PURE = (
     "sparkd.monitor.psi",
     "sparkd.monitor.liveness",
     "sparkd.monitor.floor",
+    "sparkd.monitor.desktop",
+    "sparkd.monitor.lateness",  # the probe process: standard library only
+    "sparkd.desktop_config",
     "sparkd.store.plan",
     "sparkd.config",
     "sparkd.config_checks",
