@@ -6,11 +6,13 @@ weights restored. Every step is a journal event with the reasons."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sparkd.atomic import atomic_write
 from sparkd.engine.fingerprints import chosen_moe_backend
 from sparkd.engine.unit import STOP_WAIT_S
 from sparkd.engine.versions import DEFAULT_MOE_BACKEND
@@ -24,6 +26,10 @@ if TYPE_CHECKING:
     from sparkd.desktop_config import DesktopConfig
 
 log = logging.getLogger(__name__)
+
+#: The weights before the ladder lowered them, kept across sparkd restarts (the runtime drop-in
+#: outlives sparkd, not the boot: a file of another boot is ignored).
+SAVED_FILE = "desktop-ladder.json"
 
 #: The MoE backend vLLM's "latency" setting names (sparkd.engine.versions' default pin).
 LATENCY_MOE_BACKEND = DEFAULT_MOE_BACKEND
@@ -56,6 +62,8 @@ class DesktopWatch:
         self.lateness_ms: float | None = None
         self.last: dk.Decision | None = None
         self._lateness_error = False
+        self._failed = False
+        self._loaded = False
 
     def _lateness(self, sup: Supervisor, cfg: DesktopConfig) -> float | None:
         try:
@@ -90,6 +98,47 @@ class DesktopWatch:
                               moe_backend=chosen_moe_backend(view.fingerprints))
 
     async def tick(self, sup: Supervisor) -> None:
+        """One health tick's worth: readings, the rule, the step. A failure is said (once in
+        a row) and never stops the health check that called it."""
+        try:
+            await self._tick(sup)
+            self._failed = False
+        except Exception as exc:
+            if not self._failed:
+                self._failed = True
+                event(log, "desktop_ladder_failed", "desktop ladder: %s", exc,
+                      level=logging.ERROR)
+
+    def _load(self, sup: Supervisor) -> None:
+        """The weights an earlier sparkd of this boot lowered and did not restore."""
+        self._loaded = True
+        path = sup.config.daemon.state_dir / SAVED_FILE
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("boot_id") != sup.deps.boot_id:
+                return
+            self.saved = {unit: ResourceWeights(*map(int, values))
+                          for unit, values in raw["saved"].items()}
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            event(log, "desktop_saved_unread", "desktop ladder: %s is unreadable (%s); "
+                  "weights it lowered before this sparkd started stay lowered until the "
+                  "next boot", path, exc, level=logging.WARNING)
+            return
+        if self.saved:
+            self.state = dk.LadderState(level=1)  # lowered: the next calm period restores
+
+    def _keep(self, sup: Supervisor) -> None:
+        data = {"boot_id": sup.deps.boot_id,
+                "saved": {unit: [w.cpu_weight, w.io_weight, w.memory_high]
+                          for unit, w in self.saved.items()}}
+        atomic_write(sup.config.daemon.state_dir / SAVED_FILE,
+                     (json.dumps(data) + "\n").encode())
+
+    async def _tick(self, sup: Supervisor) -> None:
+        if not self._loaded:
+            self._load(sup)
         cfg = sup.config.daemon.desktop
         if not cfg.ladder:
             if self.saved:
@@ -134,8 +183,9 @@ class DesktopWatch:
             saved = self.saved.get(unit) or await sup.deps.systemd(
                 lambda m: m.resource_weights(unit))
             low = lowered(saved, cfg)
-            await sup.deps.systemd(lambda m: m.set_resource_weights(unit, low))
             self.saved[unit] = saved
+            self._keep(sup)  # before the change: a crash after it still knows what to restore
+            await sup.deps.systemd(lambda m: m.set_resource_weights(unit, low))
             event(log, "desktop_ladder", "desktop ladder: %s (%s); %s: CPUWeight %s -> %s, "
                   "IOWeight %s -> %s%s", reasons, decision.why, unit, _w(saved.cpu_weight),
                   low.cpu_weight, _w(saved.io_weight), low.io_weight,
@@ -179,6 +229,7 @@ class DesktopWatch:
                       "failed: %s", unit, exc, level=logging.ERROR)
                 continue
             del self.saved[unit]
+            self._keep(sup)
             event(log, "desktop_restored", "desktop ladder: %s; %s: CPUWeight %s, IOWeight %s "
                   "restored", why, unit, _w(saved.cpu_weight), _w(saved.io_weight),
                   SPARKD_STEP="restore")

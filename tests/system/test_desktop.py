@@ -21,7 +21,7 @@ from harness import Container
 pytestmark = pytest.mark.system
 
 PY = "import sys; sys.path.insert(0, '/usr/lib/sparkd/python'); "
-BURN = 8 * (os.cpu_count() or 2)  # processes: far more than cores, whatever the nice level
+BURN = 32 * (os.cpu_count() or 2)  # processes: far more than cores, whatever the nice level
 THRESHOLD_MS = 20.0  # the default daemon.desktop_lateness_p99_ms
 
 CONFIG = """
@@ -45,7 +45,7 @@ args = ["--load-seconds", "1", "--weights-mib", "8", "--burn-processes", "{burn}
 
 # A desktop's frame: FRAME_WORK_S of CPU every FRAME_S; lateness is how far past its period
 # each frame ended. Prints the p99 and the median in ms.
-FRAME_S, FRAME_WORK_S, FRAMES = 0.02, 0.004, 300
+FRAME_S, FRAME_WORK_S, FRAMES = 0.02, 0.006, 300
 STAND_IN = f"""
 import time
 late = []
@@ -89,8 +89,11 @@ def stand_in_p99(box: Container) -> tuple[float, float]:
 
 def test_set_unit_properties_changes_the_weights(container: Container) -> None:
     box = container
-    box.exec(["systemd-run", "--unit=weighted", "-pCPUWeight=50", "-pIOWeight=50",
-              "sleep", "600"])
+    # A unit file under /run/systemd/system, as sparkd's engine units are (not transient).
+    box.exec(["tee", "/run/systemd/system/weighted.service"],
+             input="[Service]\nExecStart=/usr/bin/sleep 600\nCPUWeight=50\nIOWeight=50\n")
+    box.exec(["systemctl", "daemon-reload"])
+    box.exec(["systemctl", "start", "weighted.service"])
     try:
         code = (PY + "from sparkd.systemd.bus import PystemdManager; "
                 "from sparkd.systemd.manager import ResourceWeights; m = PystemdManager(); "
@@ -103,19 +106,24 @@ def test_set_unit_properties_changes_the_weights(container: Container) -> None:
         shown = box.exec(["systemctl", "show", "-p", "CPUWeight", "-p", "IOWeight",
                           "weighted.service"]).stdout.split()
         assert sorted(shown) == ["CPUWeight=3", "IOWeight=7"]
-        # runtime=true: a drop-in under /run, gone at the next boot
+        # runtime=true: a drop-in under /run (gone at the next boot), none under /etc
         assert "CPUWeight=3" in box.exec(["sh", "-c", "cat /run/systemd/system.control/"
                                           "weighted.service.d/*"]).stdout
+        assert box.exec(["test", "-e", "/etc/systemd/system.control/weighted.service.d"],
+                        check=False).returncode != 0
         restore = (PY + "from sparkd.systemd.bus import PystemdManager; "
                    "from sparkd.systemd.manager import ResourceWeights, UNSET; "
                    "PystemdManager().set_resource_weights('weighted.service', "
                    "ResourceWeights(50, UNSET, UNSET))")
         box.exec(["python3", "-c", restore])
         shown = box.exec(["systemctl", "show", "-p", "CPUWeight", "-p", "IOWeight",
-                          "weighted.service"]).stdout.split()
+                          "weighted.service"]).stdout.splitlines()
         assert sorted(shown) == ["CPUWeight=50", "IOWeight=[not set]"]
     finally:
         box.exec(["systemctl", "stop", "weighted.service"], check=False)
+        box.exec(["rm", "-rf", "/run/systemd/system/weighted.service",
+                  "/run/systemd/system.control/weighted.service.d"], check=False)
+        box.exec(["systemctl", "daemon-reload"], check=False)
 
 
 def test_the_lateness_probe_runs_in_user_slice_and_reports(container: Container) -> None:
@@ -127,7 +135,7 @@ def test_the_lateness_probe_runs_in_user_slice_and_reports(container: Container)
         ["test", "-s", "/run/sparkd-lateness/lateness"], check=False).returncode == 0,
         timeout=30)
     report = json.loads(box.exec(["cat", "/run/sparkd-lateness/lateness"]).stdout)
-    assert report["period_ms"] == 20 and report["samples"] > 0
+    assert report["period_ms"] == 25 and report["samples"] > 0
     assert report["p99_ms"] <= report["max_ms"]
 
 

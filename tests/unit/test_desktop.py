@@ -339,3 +339,64 @@ def test_lowered_never_raises_a_weight() -> None:
     from sparkd.daemon.desktop import lowered
     cfg = DesktopConfig(cpu_weight=10, io_weight=10)
     assert lowered(ResourceWeights(5, UNSET, UNSET), cfg) == ResourceWeights(5, 10, UNSET)
+
+
+def test_a_systemd_failure_is_said_and_the_health_check_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    lateness = tmp_path / "lateness"
+    w = build(tmp_path, CONFIG.replace("{presence}", "present")
+              .replace("{lateness}", str(lateness)).replace("desktop_over_s = 10",
+                                                            "desktop_over_s = 0"))
+    w.systemd.set("big", "active", "running", pid=42)
+    write_report(lateness, render([0.2] * 100, 0.02, 10))
+
+    def refuse(name: str, weights: ResourceWeights) -> None:
+        raise RuntimeError("Access denied")
+
+    w.systemd.set_resource_weights = refuse  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await started(w.sup)
+        await w.sup.check_health()
+        await w.sup.check_health()
+        await w.sup.quiesce()
+
+    with caplog.at_level(logging.INFO):
+        run(scenario())
+    failed = [r.getMessage() for r in caplog.records if "desktop ladder: Access" in
+              r.getMessage()]
+    assert failed == ["desktop ladder: Access denied"]  # said once, not on every tick
+
+
+def test_a_restarted_sparkd_still_restores_what_the_one_before_lowered(tmp_path: Path) -> None:
+    lateness = tmp_path / "lateness"
+    text = CONFIG.replace("{presence}", "present").replace("{lateness}", str(lateness))
+    first = build(tmp_path, text)
+    clock = Clock()
+    first.sup.deps.clock = clock
+    first.systemd.set("big", "active", "running", pid=42)
+    write_report(lateness, render([0.2] * 100, 0.02, 10))
+
+    async def lower() -> None:
+        await started(first.sup)
+        for _ in range(2):
+            await first.sup.watch.desktop.tick(first.sup)
+            clock.t += 10
+        await first.sup.quiesce()
+
+    run(lower())
+    assert first.systemd.weights[BIG] == ResourceWeights(1, 1, UNSET)
+    # A new sparkd (same boot, same units) on the same state directory.
+    second = build(tmp_path, text, systemd=first.systemd)
+    second.sup.deps.clock = clock
+    write_report(lateness, render([0.001] * 100, 0.02, 10))
+
+    async def calm() -> None:
+        await started(second.sup)
+        for _ in range(5):
+            await second.sup.watch.desktop.tick(second.sup)
+            clock.t += 10
+        await second.sup.quiesce()
+
+    run(calm())
+    assert first.systemd.weights[BIG] == ResourceWeights(50, 50, UNSET)
