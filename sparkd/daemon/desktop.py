@@ -156,6 +156,8 @@ class DesktopWatch:
                                engine=self._engine(sup))
         decision = dk.decide(self.state, readings, cfg.limits(),
                              latency_backend=LATENCY_MOE_BACKEND)
+        if decision.action is dk.Action.STEP and sup.swap_run is not None:
+            return  # no step while a swap runs: the count stays, the step comes after it
         self.state = decision.state
         if decision.action is dk.Action.NONE:
             if decision.reasons or self.last is None:

@@ -400,3 +400,27 @@ def test_a_restarted_sparkd_still_restores_what_the_one_before_lowered(tmp_path:
 
     run(calm())
     assert first.systemd.weights[BIG] == ResourceWeights(50, 50, UNSET)
+
+
+def test_no_step_while_a_swap_runs(tmp_path: Path) -> None:
+    lateness = tmp_path / "lateness"
+    w = build(tmp_path, CONFIG.replace("{presence}", "present")
+              .replace("{lateness}", str(lateness)))
+    clock = Clock()
+    w.sup.deps.clock = clock
+    w.systemd.set("big", "active", "running", pid=42)
+    write_report(lateness, render([0.2] * 100, 0.02, 10))
+
+    async def scenario() -> None:
+        await started(w.sup)
+        w.sup.swap_run = object()  # type: ignore[assignment]  # a swap in progress
+        for _ in range(3):
+            await w.sup.watch.desktop.tick(w.sup)
+            clock.t += 10
+        assert BIG not in w.systemd.weights
+        w.sup.swap_run = None
+        await w.sup.watch.desktop.tick(w.sup)  # over for 30 s already: the step comes now
+        await w.sup.quiesce()
+
+    run(scenario())
+    assert w.systemd.weights[BIG].cpu_weight == 1
