@@ -19,6 +19,7 @@ from typing import Any, Final, Literal, TypeVar, cast
 from sparkd.config_checks import ACCOUNT_NAME_RE as ACCOUNT_NAME_RE  # re-exported
 from sparkd.config_checks import Validator, suggest
 from sparkd.config_devices import device_keys
+from sparkd.desktop_config import DESKTOP_KEYS, DesktopConfig, parse_desktop
 from sparkd.engine.config_rules import check_engine
 from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
 from sparkd.engine.unit import unit_name
@@ -129,6 +130,7 @@ class DaemonConfig:
     # udev (docs/watch.md): on battery this long, "stop" the engines cleanly (or "ignore").
     on_battery: OnBattery = "stop"
     on_battery_grace_s: float = 30.0
+    desktop: DesktopConfig = field(default_factory=DesktopConfig)  # desktop_* keys
 
     @property
     def accepted_config(self) -> Path:
@@ -375,7 +377,8 @@ def _parse_named_model(v: Validator, name: str, table: Any, daemon: DaemonConfig
     return model
 
 
-_DAEMON_KEYS: Final = tuple(DaemonConfig.__dataclass_fields__)
+_DAEMON_KEYS: Final = (*(k for k in DaemonConfig.__dataclass_fields__ if k != "desktop"),
+                       *DESKTOP_KEYS)
 _GATEWAY_KEYS: Final = tuple(GatewayConfig.__dataclass_fields__)
 _MODEL_KEYS: Final = tuple(k for k in ModelConfig.__dataclass_fields__ if k != "name")
 _CLASSIFIER_KEYS: Final = tuple(ClassifierConfig.__dataclass_fields__)
@@ -454,6 +457,7 @@ def _parse_daemon(v: Validator, t: dict[str, Any]) -> DaemonConfig:
         liveness_without_gpu=v.boolean(t, "daemon.liveness_without_gpu",
                                        d.liveness_without_gpu),
         **device_keys(v, t, d),
+        desktop=parse_desktop(v, t),
     )
 
 

@@ -71,6 +71,7 @@ async def check_health(sup: Supervisor) -> None:
     await sup.watch.sample(sup.config.daemon, sup.active_model)
     sup.watch.record_baselines(sup)
     await sup.watch.liveness(sup)
+    await sup.watch.ladder.tick(sup)
     sup.update_status()
 
 

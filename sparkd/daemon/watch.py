@@ -22,6 +22,7 @@ from sparkd.config import DaemonConfig
 from sparkd.control.status import DesktopStateName, MachineRecord
 from sparkd.daemon import health
 from sparkd.daemon.actions import WatchActions
+from sparkd.daemon.desktop import DesktopWatch
 from sparkd.daemon.machine import machine_record
 from sparkd.engine.unit import STOP_WAIT_S, engine_url
 from sparkd.journal import event
@@ -80,10 +81,20 @@ class MachineWatch:
         self.live: dict[str, LiveWindow] = {}
         # What the watch did, for status and metrics (sparkd.daemon.actions).
         self.actions = WatchActions()
-        # The desktop watch's readings, shown by status: the lateness probe's p99 (None: no
-        # fresh report) and the desktop's presence (present, headless, unknown).
-        self.lateness_p99_ms: float | None = None
-        self.desktop: DesktopStateName = "unknown"
+        self.ladder = DesktopWatch()  # the desktop ladder (sparkd.daemon.desktop)
+
+    @property
+    def lateness_p99_ms(self) -> float | None:
+        """The lateness probe's p99 as the ladder last read it (None: no fresh report)."""
+        return self.ladder.lateness_ms
+
+    @property
+    def desktop(self) -> DesktopStateName:
+        """The desktop's presence as the ladder last judged it, for status."""
+        presence = self.ladder.presence
+        if presence is None:
+            return "unknown"
+        return "present" if presence.present else "headless"
 
     async def sample(self, config: DaemonConfig, serving: Callable[[], str | None]) -> None:
         if self.read_gpu is not None:

@@ -42,6 +42,9 @@ class GpuReading:
     # ~0 beside ~100 % utilization is a spinning kernel). None: not reported. Last and
     # defaulted, so readings built without it still construct.
     memory_utilization_pct: int | None = None
+    # Pids of the graphics (not compute) processes on the GPU: a display server among them
+    # means a desktop (sparkd.monitor.desktop). Empty where NVML does not say.
+    graphics_pids: tuple[int, ...] = ()
 
     @property
     def process_bytes(self) -> int:
@@ -129,6 +132,7 @@ def _read_gpu(nvml: Any, index: int) -> GpuReading:
         ),
         unsupported=tuple(unsupported),
         memory_utilization_pct=None if util is None else int(util.memory),
+        graphics_pids=_graphics_pids(nvml, handle),
     )
 
 
@@ -176,6 +180,15 @@ def compute_capability() -> ComputeCapability:
     """This machine's GPU compute capability, read once per process (it does not change
     while the machine runs): the daemon renders every unit with it."""
     return read_compute_capability()
+
+
+def _graphics_pids(nvml: Any, handle: Any) -> tuple[int, ...]:
+    """nvmlDeviceGetGraphicsRunningProcesses (pynvml); () when NVML or a replayed fixture
+    does not answer it."""
+    try:
+        return tuple(int(p.pid) for p in nvml.nvmlDeviceGetGraphicsRunningProcesses(handle))
+    except (nvml.NVMLError, AttributeError, KeyError):
+        return ()
 
 
 # -- capture and replay ---------------------------------------------------------------------

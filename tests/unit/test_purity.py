@@ -31,6 +31,9 @@ PURE = (
     "sparkd.monitor.floor",
     "sparkd.monitor.devices",
     "sparkd.config_devices",
+    "sparkd.monitor.desktop",
+    "sparkd.monitor.lateness",  # the probe process: standard library only
+    "sparkd.desktop_config",
     "sparkd.store.plan",
     "sparkd.config",
     "sparkd.config_checks",

@@ -21,6 +21,7 @@ from sparkd.ctl.machine_view import floor_cell, memory_segments, render_machine
 from sparkd.ctl.status import render_status
 from sparkd.daemon.metrics import StatusCollector
 from sparkd.errors import ConfigError
+from sparkd.monitor.desktop import Presence
 from sparkd.monitor.devices import DeviceEvent
 from sparkd.monitor.floor import GIB
 
@@ -73,7 +74,9 @@ def test_a_floor_stop_shows_in_the_machine_record_and_survives_the_codec(
     assert "MemAvailable 2.0 GiB under the floor of 4.0 GiB, it held 20.0 GiB" in (
         machine.actions[0].detail)
     assert machine.action_counts == {"memory_floor_stop": 1}
-    assert machine.desktop == "unknown" and machine.lateness_p99_ms is None
+    # The ladder judged the desktop on the health tick: fake logind has no graphical session
+    # and there is no GPU; no lateness probe reports in this test.
+    assert machine.desktop == "headless" and machine.lateness_p99_ms is None
     # What the daemon sends is what sparkctl reads back.
     assert Status.from_json(status.to_json()) == status
 
@@ -91,8 +94,8 @@ def test_swaps_are_counted_by_how_they_ended(tmp_path: Path) -> None:
 
 def test_the_lateness_and_desktop_readings_are_passed_on(tmp_path: Path) -> None:
     w = build(tmp_path, CONFIG)
-    w.sup.watch.lateness_p99_ms = 3.25
-    w.sup.watch.desktop = "present"
+    w.sup.watch.ladder.lateness_ms = 3.25
+    w.sup.watch.ladder.presence = Presence(present=True, why="a wayland session")
     machine = w.sup.status().machine
     assert machine is not None
     assert (machine.lateness_p99_ms, machine.desktop) == (3.25, "present")
