@@ -128,11 +128,16 @@ FINGERPRINTS: Final[tuple[Fingerprint, ...]] = (
         source="vllm 0.22.1-0.33.0 fused_moe/oracle/*.py _make_log_unsupported; 0.34.0 "
                "fused_moe/oracle/base.py make_log_unsupported", backend=_flag_word),
     # vllm 0.11.2 modelopt.py: "Non-gated MoE is not supported for min-latency mode,falling
-    # back to high-throughput mode" (the latency pin replaced by CUTLASS).
-    _fp("moe_latency_fallback", r"not supported for min-latency mode, ?falling back to "
-        r"high-throughput mode", "warning",
+    # back to high-throughput mode" (the latency pin replaced by CUTLASS); vllm 0.12.0-0.16.0
+    # quantization/utils/flashinfer_utils.py get_flashinfer_moe_backend(): "Flashinfer TRTLLM
+    # MOE backend is only supported on SM100 and later, using CUTLASS backend instead" (the
+    # variable's latency on a GPU that is not 10.x; sparkd's policy expects it there).
+    _fp("moe_latency_fallback", r"(?:not supported for min-latency mode, ?falling back to "
+        r"high-throughput mode|TRTLLM MOE backend is only supported on SM100 and later, using "
+        r"CUTLASS backend instead)", "warning",
         "vLLM replaced the latency (TensorRT-LLM) MoE kernels with CUTLASS", ("vllm",),
-        source="vllm 0.11.2 model_executor/layers/quantization/modelopt.py"),
+        source="vllm 0.11.2 model_executor/layers/quantization/modelopt.py; 0.12.0-0.16.0 "
+               "quantization/utils/flashinfer_utils.py"),
     # vLLM reads only the VLLM_* variables its envs.py knows and warns about the rest: 0.26.0
     # envs.py validate_environ, 0.33.0/0.34.0 platforms/interface.py validate_environ:
     # "Unknown vLLM environment variable detected: %s".

@@ -1,0 +1,45 @@
+"""PURE: the checks of a model's config that need engine knowledge, for sparkd.config (which
+calls them while parsing, so a file that fails them is refused and sparkd runs on the last
+accepted copy, at start and on reload alike)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+from packaging.version import Version
+
+from sparkd.config_checks import Validator
+from sparkd.engine.version_form import FORMS, parse_version
+
+#: Every value of VLLM_FLASHINFER_MOE_BACKEND some vLLM release takes: vllm 0.11.2 envs.py
+#: throughput, latency; 0.12.0-0.23.0 envs.py add masked_gemm (0.24+ read the flag, which
+#: sparkd renders from these three).
+MOE_ENV_VALUES: Final = ("latency", "throughput", "masked_gemm")
+MOE_ENV_VALUES_0_11: Final = ("latency", "throughput")
+MOE_ENV: Final = "VLLM_FLASHINFER_MOE_BACKEND"
+
+
+def check_engine(v: Validator, key: str, engine: str, version: str | None,
+                 env: Mapping[str, str]) -> None:
+    """`engine_version` in the engine's own form; a vLLM MoE pin variable with a value some
+    release takes."""
+    if version is not None:
+        if engine not in FORMS:
+            v.fail(f"{key}.engine_version", "nothing (vllm, sglang and llamacpp only)", version)
+        try:
+            parse_version(engine, version)
+        except ValueError:
+            v.fail(f"{key}.engine_version", FORMS[engine], version)
+    value = env.get(MOE_ENV)
+    if engine != "vllm" or value is None:
+        return
+    takes: tuple[str, ...] = MOE_ENV_VALUES
+    which = "a vLLM release takes"
+    if version is not None:
+        old = parse_version("vllm", version) < Version("0.12.0rc0")
+        takes = MOE_ENV_VALUES_0_11 if old else MOE_ENV_VALUES
+        which = f"vLLM {version} takes"
+    if value not in takes:
+        v.fail(f"{key}.env.{MOE_ENV}", f"a value {which} ({', '.join(takes)}), or no key "
+               "(sparkd then pins the backend for this GPU)", value)
