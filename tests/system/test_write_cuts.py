@@ -5,9 +5,9 @@ write_cuts.py says what one cut does and checks). After every cut the state is t
 new value byte for byte, the accepted copy is one whole config, and sparkd comes up serving:
 the gateway answers a chat completion for the model the state names.
 
-$SPARKD_WRITE_CUTS cuts (default 20: 155 s at load 5.6-8 on the shared 2-core machine; a
-cut, writer start to sparkd quiet after the boot, cost 4.1-4.8 s at the start of that run, when
-the load was lowest, so about 90 s on a quiet machine: an estimate, not measured quiet).
+$SPARKD_WRITE_CUTS cuts (default 20: 155 s at load 5.6-8 on the shared 2-core machine, 122 s
+at load 4.4-4.7, a cut 3.3-6.4 s: writer start, cut, boot to the first chat completion, sparkd
+quiet again; under 3 minutes, and less on a quiet machine, not measured quiet).
 $SPARKD_WRITE_CUTS_SEED picks the random moments.
 
 The recorded run, `bench/power_cut_writes.py --cuts 200` (bench/RESULTS.md, issue 12),
