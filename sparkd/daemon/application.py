@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from sparkd.accepted import load_or_fall_back, save_accepted
+from sparkd.accepted import load_or_fall_back, remove_stale_copies, save_accepted
 from sparkd.config import Config
 from sparkd.control.server import ControlServer
 from sparkd.daemon import metrics
@@ -126,6 +126,10 @@ class Daemon:
 
     async def _run(self, session: aiohttp.ClientSession) -> int:
         loop = asyncio.get_running_loop()
+        # sparkd is the copy's only writer: a temp file of its beside it is from a write that a
+        # crash or power cut stopped (the state's are removed by StateStore.load).
+        for tmp in remove_stale_copies(self.config):
+            log.info("removed %s, the temp file of an accepted-config write cut short", tmp)
         deps = Deps(
             systemd=self.systemd,
             apply_units=apply_units,
