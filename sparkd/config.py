@@ -638,6 +638,10 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
             # Engines listen on loopback only: the gateway is the one door.
             v.fail(f"{key}.args", "no --host (engines listen on 127.0.0.1 only; clients use"
                    " the gateway)", a)
+        if a == "--port" or a.startswith("--port="):
+            # The engines keep the last --port: the health gate would wait on `port`.
+            v.fail(f"{key}.args", f"no --port (set {key}.port instead: sparkd passes it and "
+                   "checks the engine's health there)", a)
     speculative = None
     if "speculative" in t:
         if engine not in ("vllm", "sglang", "llamacpp", "sim"):

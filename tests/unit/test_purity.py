@@ -32,6 +32,7 @@ PURE = (
     "sparkd.config",
     "sparkd.config_checks",
     "sparkd.engine.version_form",
+    "sparkd.engine.argforms",
     "sparkd.engine.config_rules",
     "sparkd.control.codec",
     "sparkd.control.status",
