@@ -670,7 +670,8 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
         v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
                source)
     engine_version = v.opt_string(t, f"{key}.engine_version")
-    check_engine(v, key, engine, engine_version, dict(env))
+    check_engine(v, key, engine, engine_version, dict(env),
+                 speculative.method if speculative else None)
     return ModelConfig(
         name=name,
         engine=engine,

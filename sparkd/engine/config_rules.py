@@ -18,12 +18,18 @@ from sparkd.engine.version_form import FORMS, parse_version
 MOE_ENV_VALUES: Final = ("latency", "throughput", "masked_gemm")
 MOE_ENV_VALUES_0_11: Final = ("latency", "throughput")
 MOE_ENV: Final = "VLLM_FLASHINFER_MOE_BACKEND"
+#: The speculative methods llama.cpp has: EAGLE3 alone at b9093 and b11434
+#: (common/speculative.cpp; sparkd.engine.versions spec_types, where the flag's words are).
+LLAMACPP_METHODS: Final = ("eagle3",)
 
 
 def check_engine(v: Validator, key: str, engine: str, version: str | None,
-                 env: Mapping[str, str]) -> None:
+                 env: Mapping[str, str], method: str | None = None) -> None:
     """`engine_version` in the engine's own form; a vLLM MoE pin variable with a value some
-    release takes."""
+    release takes; a speculative `method` the engine has (llama.cpp: eagle3)."""
+    if engine == "llamacpp" and method is not None and method not in LLAMACPP_METHODS:
+        v.fail(f"{key}.speculative.method", ", ".join(f'"{m}"' for m in LLAMACPP_METHODS) + " "
+               "(llama.cpp speculates with EAGLE3 only: common/speculative.cpp)", method)
     if version is not None:
         if engine not in FORMS:
             v.fail(f"{key}.engine_version", "nothing (vllm, sglang and llamacpp only)", version)

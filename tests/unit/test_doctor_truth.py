@@ -409,8 +409,8 @@ def test_a_llamacpp_speculative_variant_is_accepted_and_checked(tmp_path: Path) 
                                 "speculative": {**spec, "method": "eagle"}}))
     res = CliRunner().invoke(sparkd_cli, ["check-config", "--config", str(cfg)])
     assert res.exit_code == 2
-    assert "models.qwen.speculative.method: llama.cpp 11434+ has no 'eagle' speculative " \
-        "type (it has: eagle3)" in res.output
+    assert f'{cfg}: models.qwen.speculative.method: expected "eagle3" (llama.cpp speculates ' \
+        'with EAGLE3 only: common/speculative.cpp), got "eagle"' in res.output
 
 
 def test_sparkctl_doctor_shows_what_the_parsers_refuse(tmp_path: Path) -> None:

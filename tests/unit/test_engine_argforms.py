@@ -99,3 +99,16 @@ def test_port_in_args_is_refused(engine: str, args: list[str]) -> None:
         parse_config(config_text({"engine": engine, "args": args}), source=Path("/c.toml"))
     assert "/c.toml: models.m.args: expected no --port (set models.m.port instead" in \
         exc.value.message
+
+
+def test_a_llama_cpp_speculative_method_it_lacks_is_refused_with_the_file() -> None:
+    """Before: accepted by the config, then a render error without the file's name (and
+    doctor's units and engine_lines checks said it twice)."""
+    text = config_text({"engine": "llamacpp", "engine_version": "9093",
+                        "speculative": {"method": "eagle", "draft_model": "/m/d.gguf"}})
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, source=Path("/c.toml"))
+    assert exc.value.message == (
+        '/c.toml: models.m.speculative.method: expected "eagle3" (llama.cpp speculates with '
+        'EAGLE3 only: common/speculative.cpp), got "eagle"')
+    parse_config(text.replace('"eagle"', '"eagle3"'), source=Path("/c.toml"))
