@@ -112,3 +112,28 @@ def test_a_llama_cpp_speculative_method_it_lacks_is_refused_with_the_file() -> N
         '/c.toml: models.m.speculative.method: expected "eagle3" (llama.cpp speculates with '
         'EAGLE3 only: common/speculative.cpp), got "eagle"')
     parse_config(text.replace('"eagle"', '"eagle3"'), source=Path("/c.toml"))
+
+
+@pytest.mark.parametrize(("line", "backend"), [
+    ("INFO [modelopt.py:1] Using FlashInfer CUTLASS kernels", "flashinfer_cutlass"),
+    ("INFO [modelopt.py:1] Using FlashInfer TensorRT-LLM kernels", "flashinfer_trtllm"),
+    ("INFO Using FlashInfer FP8 MoE CUTLASS backend for SM90/SM100", "flashinfer_cutlass"),
+    ("INFO Using FlashInfer FP8 MoE TRTLLM backend for SM100", "flashinfer_trtllm"),
+    ("INFO Using FLASHINFER_TRTLLM NvFp4 MoE backend out of potential backends: [x].",
+     "flashinfer_trtllm"),
+    ("INFO Using 'FLASHINFER_CUTLASS' NvFp4 MoE backend out of potential backends: [x].",
+     "flashinfer_cutlass"),
+])
+def test_doctor_reads_the_chosen_backend_as_the_daemon_does(line: str, backend: str) -> None:
+    """Doctor compares the pin with the fingerprints sparkctl status carries (their id, value
+    and line); before, vLLM 0.11's 'CUTLASS' was read with another fingerprint's words and
+    doctor failed a matching pin ("the pin asks for flashinfer_cutlass, the engine chose
+    cutlass")."""
+    from sparkd.daemon.report import fingerprint_record
+    from sparkd.engine.fingerprints import check_moe_backend, check_moe_backend_json, match_lines
+
+    matches = match_lines([line], engine="vllm")
+    assert [m.backend for m in matches] == [backend]
+    records = [fingerprint_record(m).to_json() for m in matches]
+    assert check_moe_backend_json(backend, records) == check_moe_backend(backend, matches)
+    assert check_moe_backend_json(backend, records).ok is True
