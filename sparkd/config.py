@@ -671,7 +671,7 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
                source)
     engine_version = v.opt_string(t, f"{key}.engine_version")
     check_engine(v, key, engine, engine_version, dict(env),
-                 speculative.method if speculative else None)
+                 speculative.method if speculative else None, args)
     return ModelConfig(
         name=name,
         engine=engine,

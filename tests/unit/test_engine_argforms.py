@@ -137,3 +137,20 @@ def test_doctor_reads_the_chosen_backend_as_the_daemon_does(line: str, backend: 
     records = [fingerprint_record(m).to_json() for m in matches]
     assert check_moe_backend_json(backend, records) == check_moe_backend(backend, matches)
     assert check_moe_backend_json(backend, records).ok is True
+
+
+@pytest.mark.parametrize(("engine", "word"), [
+    ("vllm", "--served-model-name"), ("vllm", "--served_model_name=x"), ("vllm", "--model"),
+    ("sglang", "--model-path"), ("sglang", "--model"), ("sglang", "--served-model-name"),
+    ("llamacpp", "-m"), ("llamacpp", "--model"), ("llamacpp", "--alias"), ("llamacpp", "-a"),
+])
+def test_args_that_replace_the_weights_or_the_name_are_refused(engine: str, word: str) -> None:
+    """The engines keep the last value: the engine would load other weights than the path
+    prestart and doctor check, or answer to a name the gateway does not route by."""
+    with pytest.raises(ConfigError) as exc:
+        parse_config(config_text({"engine": engine, "args": [word, "x"]}),
+                     source=Path("/c.toml"))
+    assert exc.value.message.startswith(
+        f"/c.toml: models.m.args: expected no {word.split('=')[0].replace('_', '-')} (sparkd "
+        "passes the weights, models.m.path, and the name the gateway routes by, m: change "
+        "those instead), got"), exc.value.message
