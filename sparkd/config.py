@@ -634,12 +634,13 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         v.fail(f"{key}.args", "a list of strings", args)
     for a in args:
-        if a == "--host" or a.startswith("--host="):
+        if len(a.split("=")[0]) > 3 and "--host".startswith(a.split("=")[0]):  # --hos too
             # Engines listen on loopback only: the gateway is the one door.
             v.fail(f"{key}.args", "no --host (engines listen on 127.0.0.1 only; clients use"
                    " the gateway)", a)
-        if a == "--port" or a.startswith("--port="):
-            # The engines keep the last --port: the health gate would wait on `port`.
+        if len(a.split("=")[0]) > 3 and "--port".startswith(a.split("=")[0]):
+            # The engines keep the last --port (argparse takes --por as --port): the health
+            # gate would wait on `port`.
             v.fail(f"{key}.args", f"no --port (set {key}.port instead: sparkd passes it and "
                    "checks the engine's health there)", a)
     speculative = None

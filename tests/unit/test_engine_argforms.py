@@ -154,3 +154,16 @@ def test_args_that_replace_the_weights_or_the_name_are_refused(engine: str, word
         f"/c.toml: models.m.args: expected no {word.split('=')[0].replace('_', '-')} (sparkd "
         "passes the weights, models.m.path, and the name the gateway routes by, m: change "
         "those instead), got"), exc.value.message
+
+
+@pytest.mark.parametrize("word", ["--hos", "--ho=0.0.0.0", "--hos=0.0.0.0", "--por", "--po"])
+def test_an_abbreviated_host_or_port_is_refused(word: str) -> None:
+    """argparse (vLLM's FlexibleArgumentParser does not turn allow_abbrev off) takes a unique
+    prefix for the flag: `--hos 0.0.0.0` would open the engine to the network."""
+    with pytest.raises(ConfigError) as exc:
+        parse_config(config_text({"args": [word, "0.0.0.0"]}), source=Path("/c.toml"))
+    assert exc.value.message.startswith("/c.toml: models.m.args: expected no --"), \
+        exc.value.message
+    # Flags that only start like them stay allowed.
+    parse_config(config_text({"args": ["--hf-token", "x", "--h", "--pooler-config", "{}"]}),
+                 source=Path("/c.toml"))
