@@ -42,8 +42,12 @@ def check_engine(v: Validator, key: str, engine: str, version: str | None,
     read = {"vllm": vllm_word, "llamacpp": llama_word}.get(engine, str)
     for word in args:
         flag = read(word).split("=", 1)[0]
-        if flag in OWN_FLAGS.get(engine, ()):
-            v.fail(f"{key}.args", f"no {flag} (sparkd passes the weights, {key}.path, and "
+        # argparse (vLLM, SGLang) also takes a unique prefix: --served-model.
+        prefix = engine != "llamacpp" and flag.startswith("--") and len(flag) > 3
+        own = [f for f in OWN_FLAGS.get(engine, ())
+               if f == flag or (prefix and f.startswith(flag))]
+        if own:
+            v.fail(f"{key}.args", f"no {own[0]} (sparkd passes the weights, {key}.path, and "
                    f"the name the gateway routes by, {key.split('.', 1)[-1]}: change those "
                    "instead)", word)
     if engine == "llamacpp" and method is not None and method not in LLAMACPP_METHODS:

@@ -143,6 +143,7 @@ def test_doctor_reads_the_chosen_backend_as_the_daemon_does(line: str, backend: 
     ("vllm", "--served-model-name"), ("vllm", "--served_model_name=x"), ("vllm", "--model"),
     ("sglang", "--model-path"), ("sglang", "--model"), ("sglang", "--served-model-name"),
     ("llamacpp", "-m"), ("llamacpp", "--model"), ("llamacpp", "--alias"), ("llamacpp", "-a"),
+    ("sglang", "--served-model-name=x"), ("vllm", "--served-model"), ("sglang", "--model-pa"),
 ])
 def test_args_that_replace_the_weights_or_the_name_are_refused(engine: str, word: str) -> None:
     """The engines keep the last value: the engine would load other weights than the path
@@ -150,8 +151,10 @@ def test_args_that_replace_the_weights_or_the_name_are_refused(engine: str, word
     with pytest.raises(ConfigError) as exc:
         parse_config(config_text({"engine": engine, "args": [word, "x"]}),
                      source=Path("/c.toml"))
+    flag = word.split("=")[0].replace("_", "-")
+    flag = {"--served-model": "--served-model-name", "--model-pa": "--model-path"}.get(flag, flag)
     assert exc.value.message.startswith(
-        f"/c.toml: models.m.args: expected no {word.split('=')[0].replace('_', '-')} (sparkd "
+        f"/c.toml: models.m.args: expected no {flag} (sparkd "
         "passes the weights, models.m.path, and the name the gateway routes by, m: change "
         "those instead), got"), exc.value.message
 
