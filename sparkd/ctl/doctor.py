@@ -237,6 +237,7 @@ def _moe_checks(f: Facts, model: ModelConfig, command: EngineCommand) -> list[Ch
     from sparkd.engine.fingerprints import check_moe_backend_json
     from sparkd.engine.versions import (
         DEFAULT_MOE_BACKEND,
+        LATENCY_MOE_MAJOR,
         MOE_BACKEND_ENV,
         MOE_FLAG_TO_ENV,
         THROUGHPUT_MOE_BACKEND,
@@ -301,7 +302,16 @@ def _moe_checks(f: Facts, model: ModelConfig, command: EngineCommand) -> list[Ch
     engines = () if f.daemon_status is None else f.daemon_status.engines
     prints = [fp.to_json() for e in engines if e.model == name for fp in e.fingerprints]
     chosen = check_moe_backend_json(backend, prints)
-    if chosen.ok is not None:
+    fell_back = any(p.get("id") == "moe_latency_fallback" for p in prints) or (
+        cap.value is not None and cap.value[0] != LATENCY_MOE_MAJOR)
+    if chosen.ok is False and chosen.chosen == THROUGHPUT_MOE_BACKEND and fell_back \
+            and backend == DEFAULT_MOE_BACKEND and not rules.moe_refuses:
+        # What the moe_backend check above calls expected: a release before 0.17 replaces
+        # the latency kernels with CUTLASS by itself where they do not run.
+        checks.append(Check(f"moe_chosen.{name}", Level.OK, f"{name}: MoE backend "
+                            f"{THROUGHPUT_MOE_BACKEND}: {release} fell back to it from the "
+                            f"latency pin by itself on this GPU ({gpu})"))
+    elif chosen.ok is not None:
         if chosen.ok:
             chosen_fix = ""
         elif refused_here(rules, backend, cap.value) or backend == ours:

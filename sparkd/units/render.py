@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from sparkd.config import ACCOUNT_NAME_RE, EXEC_PREFIXES, Config, EngineKind, ModelConfig, Variant
+from sparkd.engine.argforms import vllm_word
 from sparkd.engine.unit import (
     ENGINE_HOST,
     ENGINE_STOPPED_STAMP,
@@ -181,14 +182,16 @@ def _program(model: ModelConfig, default: str, entrypoint: tuple[str, ...]) -> s
 
 
 def _has_flag(args: Iterable[str], flag: str) -> str | None:
-    """The value given to `flag` in args (`--flag V` or `--flag=V`), or None."""
-    words = list(args)
+    """The value given to `flag` in args (`--flag V` or `--flag=V`), or None. Given more than
+    once, the last: argparse keeps the last value, and so do the engines."""
+    words = [vllm_word(a) for a in args]
+    found: str | None = None
     for i, a in enumerate(words):
         if a == flag and i + 1 < len(words):
-            return words[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
+            found = words[i + 1]
+        elif a.startswith(flag + "="):
+            found = a.split("=", 1)[1]
+    return found
 
 
 def _moe_pin(

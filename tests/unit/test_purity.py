@@ -39,6 +39,7 @@ PURE = (
     "sparkd.config_checks",
     "sparkd.metrics_config",
     "sparkd.engine.version_form",
+    "sparkd.engine.argforms",
     "sparkd.engine.config_rules",
     "sparkd.control.codec",
     "sparkd.control.status",
