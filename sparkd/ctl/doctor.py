@@ -289,7 +289,8 @@ def _moe_checks(f: Facts, model: ModelConfig, command: EngineCommand) -> list[Ch
         message += (f"; the latency kernels do not run on this GPU ({gpu}): releases before "
                     "0.17 fall back to CUTLASS by themselves (docs/units.md \"The MoE pin\")")
     elif backend == THROUGHPUT_MOE_BACKEND and ours == THROUGHPUT_MOE_BACKEND:
-        level = Level.WARN
+        # The best this GPU and release allow (docs/units.md "The MoE pin"): said, not a
+        # warning, since no fix exists for the operator to apply.
         message += (f"; the latency (TensorRT-LLM) MoE kernels do not run on this GPU ({gpu}; "
                     "vLLM runs them only on 10.x), so the throughput path it is: the "
                     "desktop watch guards the desktop (docs/watch.md)")

@@ -28,6 +28,13 @@ OWN_FLAGS: Final[Mapping[str, tuple[str, ...]]] = {
     "sglang": ("--model", "--model-path", "--served-model-name"),
     "llamacpp": ("-m", "--model", "-a", "--alias"),
 }
+#: A file of more flags, read by the engine itself (vLLM `--config` YAML: vllm
+#: engine/arg_utils.py / utils FlexibleArgumentParser; SGLang `--config`, in both recorded
+#: parsers): what it sets (host, port, the MoE backend, the weights) no check of sparkd's sees.
+CONFIG_FILE_FLAGS: Final[Mapping[str, tuple[str, ...]]] = {
+    "vllm": ("--config",),
+    "sglang": ("--config",),
+}
 #: The speculative methods llama.cpp has: EAGLE3 alone at b9093 and b11434
 #: (common/speculative.cpp; sparkd.engine.versions spec_types, where the flag's words are).
 LLAMACPP_METHODS: Final = ("eagle3",)
@@ -46,6 +53,12 @@ def check_engine(v: Validator, key: str, engine: str, version: str | None,
         prefix = engine != "llamacpp" and flag.startswith("--") and len(flag) > 3
         own = [f for f in OWN_FLAGS.get(engine, ())
                if f == flag or (prefix and f.startswith(flag))]
+        hidden = [f for f in CONFIG_FILE_FLAGS.get(engine, ())
+                  if f == flag or (prefix and f.startswith(flag))]
+        if hidden:
+            v.fail(f"{key}.args", f"no {hidden[0]} (a file of flags the engine reads "
+                   "behind every check of sparkd's: its host, port, MoE backend or weights "
+                   f"would go unchecked; write those flags in {key}.args instead)", word)
         if own:
             v.fail(f"{key}.args", f"no {own[0]} (sparkd passes the weights, {key}.path, and "
                    f"the name the gateway routes by, {key.split('.', 1)[-1]}: change those "

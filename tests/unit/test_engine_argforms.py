@@ -170,3 +170,23 @@ def test_an_abbreviated_host_or_port_is_refused(word: str) -> None:
     # Flags that only start like them stay allowed.
     parse_config(config_text({"args": ["--hf-token", "x", "--h", "--pooler-config", "{}"]}),
                  source=Path("/c.toml"))
+
+
+@pytest.mark.parametrize(("engine", "word"), [
+    ("vllm", "--config"), ("vllm", "--config=/etc/x.yaml"), ("sglang", "--config"),
+    ("vllm", "--conf"),
+])
+def test_a_file_of_flags_is_refused(engine: str, word: str) -> None:
+    """vLLM's and SGLang's `--config FILE` reads more flags from a file: host, port, MoE
+    backend or weights set there would pass every check sparkd makes (the second review)."""
+    with pytest.raises(ConfigError) as exc:
+        parse_config(config_text({"engine": engine, "args": [word, "/etc/x.yaml"]}),
+                     source=Path("/c.toml"))
+    assert exc.value.message.startswith(
+        "/c.toml: models.m.args: expected no --config (a file of flags the engine reads"), \
+        exc.value.message
+
+
+def test_llamacpp_has_no_config_file_flag_to_refuse() -> None:
+    parse_config(config_text({"engine": "llamacpp", "args": ["--ctx-size", "4096"]}),
+                 source=Path("/c.toml"))
