@@ -55,6 +55,10 @@ class EngineFacts:
     name: str
     kind: str  # vllm, sglang, llamacpp, sim, external
     moe_backend: str | None  # what its start log says it chose (fingerprints); None: not said
+    #: Why the latency MoE kernels cannot run for this engine here (None: they can): vLLM runs
+    #: them only on compute capability 10.x; elsewhere a release before 0.17 falls back to
+    #: CUTLASS and a later one refuses the start (docs/units.md "The MoE pin").
+    latency_blocked: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,8 @@ def not_applicable(step: Step, engine: EngineFacts, latency_backend: str) -> str
             return f"{engine.name}'s log names no MoE backend (a dense model?)"
         if engine.moe_backend == latency_backend:
             return f"{engine.name} already runs the latency MoE backend {latency_backend}"
+        if engine.latency_blocked is not None:
+            return engine.latency_blocked
     return None
 
 

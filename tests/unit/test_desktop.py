@@ -424,3 +424,75 @@ def test_no_step_while_a_swap_runs(tmp_path: Path) -> None:
 
     run(scenario())
     assert w.systemd.weights[BIG].cpu_weight == 1
+
+
+# -- the latency MoE step ---------------------------------------------------------------------
+
+# vLLM 0.33's line for the backend it chose (sparkd.engine.fingerprints cites it).
+CUTLASS_LINE = ("INFO Using 'FLASHINFER_CUTLASS' NvFp4 MoE backend out of potential backends: "
+                "['FLASHINFER_TRTLLM', 'FLASHINFER_CUTLASS'].")
+LATENCY_CONFIG = CONFIG.replace('memory_gib = 1\n', 'memory_gib = 1\nengine_version = "0.34.0"\n')
+
+
+def _climb(tmp_path: Path, capability: tuple[int, int] | None,
+           caplog: pytest.LogCaptureFixture) -> tuple[object, list[str]]:
+    from sparkd.daemon.desktop import DesktopWatch
+    from sparkd.engine.fingerprints import match_lines
+
+    lateness = tmp_path / "lateness"
+    w = build(tmp_path, LATENCY_CONFIG.replace("{presence}", "present")
+              .replace("{lateness}", str(lateness)))
+    w.sup.watch.ladder = DesktopWatch(capability=lambda: capability)
+    clock = Clock()
+    w.sup.deps.clock = clock
+    w.systemd.set("big", "active", "running", pid=42)
+    write_report(lateness, render([0.045] * 100, 0.02, 10))
+
+    async def scenario() -> None:
+        await started(w.sup)
+        # What the daemon reads from the engine's start log (adopted here: no start to read).
+        w.sup.engines["big"].fingerprints = match_lines([CUTLASS_LINE], engine="vllm")
+        for _ in range(3):  # over from the first tick: weights at 10 s, latency_moe at 20 s
+            await w.sup.watch.ladder.tick(w.sup)
+            await w.sup.quiesce()
+            clock.t += 10
+            write_report(lateness, render([0.045] * 100, 0.02, 10))
+
+    with caplog.at_level(logging.INFO):
+        run(scenario())
+    return w, [r.getMessage() for r in caplog.records if "desktop ladder" in r.getMessage()]
+
+
+def test_the_latency_step_restarts_vllm_with_the_latency_pin_where_its_kernels_run(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """On a 10.x GPU (where vLLM runs the TensorRT-LLM MoE kernels) an engine that chose
+    CUTLASS is rendered again with `--moe-backend flashinfer_trtllm` last (vLLM keeps the last
+    value) and restarted; before, the step only said it was not done."""
+    from sparkd.units.render import render_units
+
+    w, messages = _climb(tmp_path, (10, 0), caplog)
+    assert any("restarting it with flashinfer_trtllm" in m for m in messages), messages
+    assert ("restart", BIG) in w.systemd.calls  # type: ignore[attr-defined]
+    config, _ = w.applied[-1]  # type: ignore[attr-defined]
+    assert config.models["big"].args[-2:] == ("--moe-backend", "flashinfer_trtllm")
+    unit = render_units(config, systemd_version=252, capability=(10, 0))[BIG]
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.endswith("--moe-backend flashinfer_trtllm")
+    actions = [a.kind for a in w.sup.watch.actions.recent]  # type: ignore[attr-defined]
+    assert "desktop_latency_moe" in actions
+
+
+@pytest.mark.parametrize(("capability", "why"), [
+    ((12, 1), "the latency MoE kernels do not run on this GPU (compute capability 12.1; vLLM "
+              "runs them only on 10.x): vLLM 0.34.0 refuses that start"),
+    ((9, 0), "compute capability 9.0"),
+    (None, "the GPU's compute capability could not be read"),
+])
+def test_the_latency_step_is_skipped_where_vllm_would_refuse_or_fall_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, capability: tuple[int, int] | None,
+        why: str) -> None:
+    """A GB10 (12.1), an H200 (9.0) or an unknown GPU: no restart that vLLM 0.17+ would refuse
+    (the engine would be down, not faster); the skip says why."""
+    w, messages = _climb(tmp_path, capability, caplog)
+    assert not any(c[0] == "restart" for c in w.systemd.calls)  # type: ignore[attr-defined]
+    assert any("step latency_moe skipped" in m and why in m for m in messages), messages
