@@ -27,6 +27,7 @@ from sparkd.config import Config
 from sparkd.control.server import ControlServer
 from sparkd.daemon.boot import wait_for_gpu
 from sparkd.daemon.events import as_json
+from sparkd.daemon.resume import Resumer, can_connect, endpoint_address, models_with_partials
 from sparkd.daemon.supervisor import Deps, Notifier, Supervisor, read_boot_id
 from sparkd.daemon.watch import floor_loop
 from sparkd.engine.health import models_listed, probe
@@ -121,6 +122,7 @@ class Daemon:
 
     async def _run(self, session: aiohttp.ClientSession) -> int:
         loop = asyncio.get_running_loop()
+        resumer = Resumer()
         deps = Deps(
             systemd=self.systemd,
             apply_units=apply_units,
@@ -138,7 +140,7 @@ class Daemon:
             read_available=read_available,
             engine_memory=read_engine_memory,
             scrape_metrics=lambda url: scrape_metrics(session, url),
-            verify_files=preflight_verify_async,
+            verify_files=resumer.guard(preflight_verify_async),
             clock=time.monotonic,
             wall_clock=time.time,
             accept_config=save_accepted,
@@ -169,6 +171,8 @@ class Daemon:
                                sleep=asyncio.sleep, clock=time.monotonic)
             await sup.start()
             event(log, "daemon_ready", "sparkd ready: %s", sup.status_line())
+            if sup.unclean_boot:  # partial downloads: resumed behind the serving model
+                tasks.append(asyncio.create_task(self._resume(sup, resumer)))
             tasks.append(asyncio.create_task(self._health_loop(sup, signals)))
             tasks.append(asyncio.create_task(floor_loop(sup)))
             await self._stop.wait()
@@ -217,6 +221,17 @@ class Daemon:
             log.warning("reading the journal of %s failed: %s", unit, exc)
             return []
         return out.decode(errors="replace").splitlines()
+
+    async def _resume(self, sup: Supervisor, resumer: Resumer) -> None:
+        from sparkd.store import hub
+
+        host, port = endpoint_address(hub.endpoint())
+        await resumer.run(
+            sup.config, skip={m for m in (sup.state.desired_model, sup.active_model()) if m},
+            verify=preflight_verify_async,
+            find=lambda config, skip: asyncio.to_thread(models_with_partials, config, skip),
+            connect=lambda: can_connect(host, port), sleep=asyncio.sleep,
+            clock=time.monotonic)
 
     async def _reload(self, sup: Supervisor) -> None:
         with contextlib.suppress(SparkdError):

@@ -35,6 +35,7 @@ PURE = (
     "sparkd.control.status",
     "sparkd.daemon.engines",
     "sparkd.daemon.report",
+    "sparkd.daemon.resume",
 )
 ADAPTERS = ("aiohttp", "pystemd", "pynvml", "pyudev", "click", "rich", "sdnotify",
             "huggingface_hub", "psutil")
