@@ -42,7 +42,7 @@ help:
 	@echo "make deb               $(DEB)"
 	@echo "make lintian           lintian on the .deb: no error, no warning"
 	@echo "make demo              scripts/demo.py"
-	@echo "make engine-fixtures   tests/fixtures/engines/ from the real vLLM/SGLang parsers (downloads)"
+	@echo "make engine-fixtures   sparkd/engine/fixtures/ from the real vLLM/SGLang parsers (downloads)"
 	@echo "make clean             build outputs and caches (keeps $(VENV) and the wheel cache)"
 	@echo "make distclean         clean, and $(VENV) and the wheel cache .whl/"
 

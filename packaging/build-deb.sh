@@ -188,7 +188,7 @@ fi
 install -d "$STAGE/DEBIAN"
 INSTALLED_SIZE=$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)
 # procps: /bin/kill, which the units' ExecReload= runs (a minimal Debian has none).
-DEPENDS="python3 (>= $PY_MINOR), python3 (<< $PY_NEXT), ${SHLIBS_DEPENDS:-libc6, libsystemd0}, procps"
+DEPENDS="python3 (>= $PY_MINOR), python3 (<< $PY_NEXT), ${SHLIBS_DEPENDS:-libc6, libsystemd0}, procps, libudev1"
 sed -e "s#@VERSION@#$VERSION#" -e "s#@ARCH@#$ARCH#" -e "s#@INSTALLED_SIZE@#$INSTALLED_SIZE#" \
   -e "s#@DEPENDS@#$DEPENDS#" -e "s#@MAINTAINER@#$MAINTAINER#" \
   packaging/debian/control.in >"$STAGE/DEBIAN/control"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate tests/fixtures/engines/: the real argument parsers of each supported vLLM and
+"""Regenerate sparkd/engine/fixtures/: the real argument parsers of each supported vLLM and
 SGLang version, recorded as JSON (`make engine-fixtures`).
 
 For each (engine, version) in `sparkd.engine.versions.FIXTURE_VERSIONS` this script
@@ -46,7 +46,7 @@ from sparkd.engine.versions import FIXTURE_VERSIONS  # noqa: E402
 from sparkd.units.render import engine_command  # noqa: E402
 
 PROBE = ROOT / "scripts" / "engine_probe.py"
-OUT = ROOT / "tests" / "fixtures" / "engines"
+OUT = ROOT / "sparkd" / "engine" / "fixtures"
 
 # Import names whose distribution is named otherwise.
 PACKAGE_OF = {

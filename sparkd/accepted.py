@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparkd.atomic import atomic_write
+from sparkd.atomic import atomic_write, remove_stale_temps
 from sparkd.config import Config, DaemonConfig, load_config
 from sparkd.errors import ConfigError
 
@@ -30,6 +30,12 @@ def save_accepted(config: Config) -> Path:
     except OSError as exc:
         raise ConfigError(f"cannot keep the accepted config at {path}: {exc}") from exc
     return path
+
+
+def remove_stale_copies(config: Config) -> list[Path]:
+    """Temp files of accepted-config writes that a crash or power cut stopped before their
+    rename (the daemon's start calls this: it is the only writer of the copy)."""
+    return remove_stale_temps(config.daemon.accepted_config)
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,26 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     fsync_dir(directory)
 
 
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temp files (`.NAME.tmp-PID`, PID not this process's) that atomic_write calls
+    for `path` left when a crash or a power cut stopped them between creating the temp file and
+    the rename: the file itself is whole (old or new), but every such cut would leave one more
+    temp file beside it. Only for a path that one process writes (sparkd's state and accepted
+    config, at sparkd's start): another writer's temp file in flight would go too. A temp file
+    that cannot be removed stays (it harms nothing). Returns what was removed."""
+    own = f".{path.name}.tmp-{os.getpid()}"
+    removed: list[Path] = []
+    try:
+        stale = [p for p in path.parent.glob(f".{path.name}.tmp-*") if p.name != own]
+    except OSError:
+        return removed
+    for tmp in stale:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 def fsync_dir(directory: Path) -> None:
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -18,9 +18,14 @@ from typing import Any, Final, Literal, TypeVar, cast
 
 from sparkd.config_checks import ACCOUNT_NAME_RE as ACCOUNT_NAME_RE  # re-exported
 from sparkd.config_checks import Validator, suggest
+from sparkd.config_devices import device_keys
+from sparkd.desktop_config import DESKTOP_KEYS, DesktopConfig, parse_desktop
+from sparkd.engine.config_rules import check_engine
 from sparkd.engine.unit import Variant as Variant  # re-exported: the config speaks of variants
 from sparkd.engine.unit import unit_name
 from sparkd.errors import ConfigError
+from sparkd.metrics_config import parse_metrics_listen
+from sparkd.monitor.devices import OnBattery
 
 T = TypeVar("T")
 
@@ -31,13 +36,8 @@ CONFIG_ENV: Final = "SPARKD_CONFIG"
 EngineKind = Literal["vllm", "sglang", "llamacpp", "sim", "external"]
 ENGINE_KINDS: Final[tuple[EngineKind, ...]] = ("vllm", "sglang", "llamacpp", "sim", "external")
 RolePolicy = Literal["passthrough", "merge", "strict", "strict-tools", "auto"]
-ROLE_POLICIES: Final[tuple[RolePolicy, ...]] = (
-    "passthrough",
-    "merge",
-    "strict",
-    "strict-tools",
-    "auto",
-)
+ROLE_POLICIES: Final[tuple[RolePolicy, ...]] = ("passthrough", "merge", "strict",
+                                                 "strict-tools", "auto")
 
 SpeculativeMethod = Literal["eagle", "eagle3"]
 SPECULATIVE_METHODS: Final[tuple[SpeculativeMethod, ...]] = ("eagle", "eagle3")
@@ -75,7 +75,6 @@ DAY_S: Final = 86400.0
 WEEK_S: Final = 7 * DAY_S
 MEMORY_MAX_GIB: Final = 1048576.0  # 1 PiB: far above any one machine, far below overflow
 # An engine release: vLLM/SGLang "0.34.0", "0.5.23.post1"; a llama.cpp build "11434"/"b11434".
-ENGINE_VERSION_RE: Final = re.compile(r"[vb]?\d+(\.\d+)*([.-]?(post|rc|dev)\d+)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +105,7 @@ class DaemonConfig:
     # Memory pressure (PSI `full` avg10, percent of time every task stalled) above which the
     # desktop is starving: sparkd says so (event `desktop_pressure`, sparkctl status).
     pressure_warn_pct: float = 10.0
+    metrics_listen: str = ""  # Prometheus metrics, HOST:PORT on loopback ("": off)
     # sparkd.store (issue 4): files fetched at once, seconds without a byte before a transfer
     # counts as stalled, tries per file before a pull gives up on it.
     download_concurrency: int = 4
@@ -127,6 +127,10 @@ class DaemonConfig:
     # Where the machine has no GPU (a CPU engine; the simulated engine in tests), nothing can
     # corroborate a stall: true lets the stall alone count as a strike.
     liveness_without_gpu: bool = False
+    # udev (docs/watch.md): on battery this long, "stop" the engines cleanly (or "ignore").
+    on_battery: OnBattery = "stop"
+    on_battery_grace_s: float = 30.0
+    desktop: DesktopConfig = field(default_factory=DesktopConfig)  # desktop_* keys
 
     @property
     def accepted_config(self) -> Path:
@@ -358,12 +362,8 @@ def _parse_named_model(v: Validator, name: str, table: Any, daemon: DaemonConfig
     """One model's section, its ports checked against (and added to) those taken."""
     key = f"models.{name}"
     if not MODEL_NAME_RE.fullmatch(name):
-        v.fail(
-            key,
-            "a model name of letters, digits, '_', '.' or '-' (at most 64, "
-            "starting with a letter or digit)",
-            name,
-        )
+        v.fail(key, "a model name of letters, digits, '_', '.' or '-' (at most 64, "
+               "starting with a letter or digit)", name)
     if not isinstance(table, dict):
         v.fail(key, "a table", table)
     model = _parse_model(v, name, table, daemon)
@@ -377,7 +377,8 @@ def _parse_named_model(v: Validator, name: str, table: Any, daemon: DaemonConfig
     return model
 
 
-_DAEMON_KEYS: Final = tuple(DaemonConfig.__dataclass_fields__)
+_DAEMON_KEYS: Final = (*(k for k in DaemonConfig.__dataclass_fields__ if k != "desktop"),
+                       *DESKTOP_KEYS)
 _GATEWAY_KEYS: Final = tuple(GatewayConfig.__dataclass_fields__)
 _MODEL_KEYS: Final = tuple(k for k in ModelConfig.__dataclass_fields__ if k != "name")
 _CLASSIFIER_KEYS: Final = tuple(ClassifierConfig.__dataclass_fields__)
@@ -429,6 +430,7 @@ def _parse_daemon(v: Validator, t: dict[str, Any]) -> DaemonConfig:
         ),
         pressure_warn_pct=v.number(t, "daemon.pressure_warn_pct", d.pressure_warn_pct, lo=0,
                                    hi=100),
+        metrics_listen=parse_metrics_listen(v, t, d.metrics_listen),
         download_concurrency=v.integer(
             t, "daemon.download_concurrency", d.download_concurrency, lo=1, hi=64
         ),
@@ -454,6 +456,8 @@ def _parse_daemon(v: Validator, t: dict[str, Any]) -> DaemonConfig:
                                    hi=100),
         liveness_without_gpu=v.boolean(t, "daemon.liveness_without_gpu",
                                        d.liveness_without_gpu),
+        **device_keys(v, t, d),
+        desktop=parse_desktop(v, t),
     )
 
 
@@ -634,15 +638,20 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         v.fail(f"{key}.args", "a list of strings", args)
     for a in args:
-        if a == "--host" or a.startswith("--host="):
+        if len(a.split("=")[0]) > 3 and "--host".startswith(a.split("=")[0]):  # --hos too
             # Engines listen on loopback only: the gateway is the one door.
             v.fail(f"{key}.args", "no --host (engines listen on 127.0.0.1 only; clients use"
                    " the gateway)", a)
+        if len(a.split("=")[0]) > 3 and "--port".startswith(a.split("=")[0]):
+            # The engines keep the last --port (argparse takes --por as --port): the health
+            # gate would wait on `port`.
+            v.fail(f"{key}.args", f"no --port (set {key}.port instead: sparkd passes it and "
+                   "checks the engine's health there)", a)
     speculative = None
     if "speculative" in t:
-        if engine not in ("vllm", "sglang", "sim"):
-            v.fail(f"{key}.speculative", "no speculative table (vllm, sglang and sim only)",
-                   engine)
+        if engine not in ("vllm", "sglang", "llamacpp", "sim"):
+            v.fail(f"{key}.speculative", "no speculative table (sparkd runs no engine for an "
+                   "external model)", engine)
         speculative = _parse_speculative(
             v, f"{key}.speculative", v.table(t, f"{key}.speculative")
         )
@@ -666,13 +675,8 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
         v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
                source)
     engine_version = v.opt_string(t, f"{key}.engine_version")
-    if engine_version is not None and (
-        engine not in ("vllm", "sglang", "llamacpp")
-        or not ENGINE_VERSION_RE.fullmatch(engine_version)
-    ):
-        v.fail(f"{key}.engine_version", 'a release of the engine such as "0.34.0" (vllm), '
-               '"0.5.23" (sglang) or "11434" (a llama.cpp build); vllm, sglang and llamacpp '
-               "only", engine_version)
+    check_engine(v, key, engine, engine_version, dict(env),
+                 speculative.method if speculative else None, args)
     return ModelConfig(
         name=name,
         engine=engine,

@@ -30,8 +30,10 @@ def plain(number: float) -> str:
 
 
 def show(value: object) -> str:
+    """A found value for an error message; control characters as \\xNN, never raw (a
+    terminal would act on them)."""
     if isinstance(value, str):
-        return f'"{value}"'
+        return '"' + "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value) + '"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:

@@ -69,11 +69,24 @@ def reload(config_file: Path) -> None:
 
 
 def render_check(config: Config) -> None:
-    """What parsing cannot check: the units systemd would refuse (binaries, ...)."""
+    """What parsing cannot check: the units systemd would refuse (binaries, ...), and every
+    model's engine command line against the real parser of its release
+    (sparkd.engine.linecheck): errors raise, warnings are printed."""
+    from sparkd.engine.linecheck import check_lines
+    from sparkd.engine.versions import detect_versions
+    from sparkd.monitor.nvml import compute_capability
     from sparkd.systemd.version import installed_systemd_version
     from sparkd.units.render import render_units
 
-    render_units(config, systemd_version=installed_systemd_version())
+    versions = detect_versions(config.supervised_models)
+    capability = compute_capability().value
+    report = check_lines(config, versions, capability)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if report.errors:
+        raise ConfigError("\n".join(report.errors))
+    render_units(config, systemd_version=installed_systemd_version(),
+                 engine_versions=versions, capability=capability)
 
 
 def main() -> None:

@@ -2,7 +2,9 @@
 
 `parse_state` and `render_state` are pure; `StateStore` owns the file. A state file that does
 not parse is renamed aside (`state.toml.corrupt-<UTC time>`), reported, and sparkd starts from
-the config's default model: the evidence is kept and there is no crash loop.
+the config's default model: the evidence is kept and there is no crash loop. The file is
+written by `atomic_write` (temp file, fsync, rename, directory fsync): after a power cut it is
+the old or the new state, never a mix (tests/unit/test_crash_consistency.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import tomli_w
 
-from sparkd.atomic import atomic_write
+from sparkd.atomic import atomic_write, remove_stale_temps
 from sparkd.errors import StateError
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,10 @@ class StateStore:
         self._now = now
 
     def load(self) -> tuple[State, str | None]:
-        """The stored state and, when the file was unusable, a message saying where it went."""
+        """The stored state and, when the file was unusable, a message saying where it went.
+        Temp files of writes that a crash or power cut stopped before their rename go."""
+        for tmp in remove_stale_temps(self.path):
+            log.info("removed %s, the temp file of a state write cut short", tmp)
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:

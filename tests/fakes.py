@@ -19,7 +19,7 @@ from sparkd.monitor.memory import MemInfo
 from sparkd.state import StateStore
 from sparkd.store.plan import VerifyReport
 from sparkd.store.preflight import preflight_verify_async
-from sparkd.systemd.manager import JobDone, SystemdManager, UnitStatus
+from sparkd.systemd.manager import JobDone, ResourceWeights, SystemdManager, UnitStatus
 
 T = TypeVar("T")
 GIB = 1 << 30
@@ -37,6 +37,8 @@ class FakeSystemd:
         self.supervisor: Supervisor | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._jobs = itertools.count(100)
+        # unit -> its weights (the desktop ladder); as rendered (sparkd.units.render) by default
+        self.weights: dict[str, ResourceWeights] = {}
 
     def set(self, model: str, active: str, sub: str, pid: int = 0, restarts: int = 0,
             result: str = "success") -> None:
@@ -78,6 +80,16 @@ class FakeSystemd:
 
     def unit_status(self, name: str) -> UnitStatus:
         return self.units.get(name, UnitStatus(name, "loaded"))
+
+    def resource_weights(self, name: str) -> ResourceWeights:
+        return self.weights.get(name, ResourceWeights(cpu_weight=50, io_weight=50))
+
+    def set_resource_weights(self, name: str, weights: ResourceWeights) -> None:
+        self.calls.append(("set_resource_weights", name))
+        self.weights[name] = weights
+
+    def session_types(self) -> list[str] | None:
+        return None  # no logind
 
 
 @dataclass

@@ -12,10 +12,16 @@ from sparkd.control.status import (
     EngineRecord,
     Event,
     EventName,
+    GpuRecord,
+    GpusRecord,
     HealthRecord,
+    MachineRecord,
+    MemoryRecord,
+    PressureRecord,
     Status,
     SwapRecord,
     VariantName,
+    WatchActionRecord,
 )
 from sparkd.engine.unit import unit_name
 
@@ -56,3 +62,40 @@ def status(*, engines: tuple[EngineRecord, ...] | list[EngineRecord] = (),
 
 def event(name: EventName, status: Status, *, swap: SwapRecord | None = None) -> Event:
     return Event(event=name, status=status, swap=swap)
+
+
+GIB = 1 << 30
+
+
+def memory(total_gib: float = 128, available_gib: float = 40, cache_gib: float = 20,
+           **changes: Any) -> MemoryRecord:
+    record = MemoryRecord(total_bytes=int(total_gib * GIB),
+                          available_bytes=int(available_gib * GIB),
+                          page_cache_bytes=int(cache_gib * GIB),
+                          accounting="unified: /proc/meminfo (NVML memory info not supported)")
+    return dataclasses.replace(record, **changes)
+
+
+def pressure(some: float = 1.0, full: float | None = 0.5) -> PressureRecord:
+    return PressureRecord(some_avg10=some, some_avg60=some, full_avg10=full, full_avg60=full)
+
+
+def gpu(**changes: Any) -> GpusRecord:
+    """One GB10-shaped GPU (memory info not supported: unified memory)."""
+    record = GpuRecord(index=0, name="NVIDIA GB10", uuid="GPU-0", memory_total_bytes=None,
+                       memory_used_bytes=None, utilization_pct=87, temperature_c=61,
+                       power_w=48.25, processes=(), process_bytes=0,
+                       unsupported=("memory",), memory_utilization_pct=3)
+    return GpusRecord(driver="580.95.05", error=None, unified_memory=True,
+                      gpus=(dataclasses.replace(record, **changes),))
+
+
+def action(kind: str = "memory_floor_stop", model: str = "a", at: float = 0.0,
+           detail: str = "stopped") -> WatchActionRecord:
+    return WatchActionRecord(kind=kind, model=model, at=at, detail=detail)
+
+
+def machine(**changes: Any) -> MachineRecord:
+    record = MachineRecord(floor_bytes=4 * GIB, engine_memory_bytes={"a": 60 * GIB},
+                           lateness_p99_ms=None, desktop="unknown")
+    return dataclasses.replace(record, **changes)

@@ -33,6 +33,7 @@ EventName = Literal["snapshot", "changed", "swap_step", "swap_done", "swap_faile
 SWAP_EVENTS: Final = frozenset({"swap_step", "swap_done", "swap_failed"})
 DaemonStateName = Literal["starting", "running", "stopping"]
 VariantName = Literal["plain", "speculative"]
+DesktopStateName = Literal["present", "headless", "unknown"]
 
 
 class _Json:
@@ -154,6 +155,12 @@ class DaemonRecord(_Json):
     # A durable write that failed (until one succeeds): the state, the accepted config.
     state_unsaved: str | None = None
     config_unsaved: str | None = None
+    # The udev watch (docs/watch.md): the NVIDIA device gone (engines held stopped), why swaps
+    # are refused now (a model volume gone, the GPU gone, engines stopped on battery), and why
+    # the machine is on battery.
+    degraded: str | None = None
+    swaps_paused: str | None = None
+    on_battery: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +209,8 @@ class GpuRecord(_Json):
     processes: tuple[GpuProcessRecord, ...]
     process_bytes: int
     unsupported: tuple[str, ...]
+    # NVML utilization.memory: the share of time device memory was read or written.
+    memory_utilization_pct: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +219,42 @@ class GpusRecord(_Json):
     error: str | None
     unified_memory: bool
     gpus: tuple[GpuRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WatchActionRecord(_Json):
+    """Something the watch did (sparkd.daemon.actions). `kind`: memory_floor_stop (an
+    engine stopped at the memory floor, journal event memory_floor), liveness_restart (no
+    token while requests ran, engine_hung with SPARKD_REASON=liveness), hung_restart (/health
+    failing, engine_hung), power_stop and gpu_stop (the udev watch stopped it: on battery, the
+    NVIDIA device gone; engines_held); other watches add their own. `detail`: its numbers in
+    words."""
+
+    kind: str
+    model: str
+    at: float  # Unix time
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class MachineRecord(_Json):
+    """What the watch sees of the machine beyond `memory`, `pressure` and `gpu`
+    (docs/watch.md "Shown and exported"). Every field is optional: None is "not read",
+    never zero."""
+
+    # The memory floor (daemon.memory_floor_gib; None: off) and each running engine's memory
+    # (its cgroup's memory.current), by engine: the unit's instance name (the model's name,
+    # or its speculative variant's).
+    floor_bytes: int | None = None
+    engine_memory_bytes: Mapping[str, int] = field(default_factory=dict)
+    # The timer-lateness probe's p99 over its window, ms (None: no fresh report).
+    lateness_p99_ms: float | None = None
+    desktop: DesktopStateName = "unknown"
+    # The last watch actions, oldest first (a few), and how many of each kind since start.
+    actions: tuple[WatchActionRecord, ...] = ()
+    action_counts: Mapping[str, int] = field(default_factory=dict)
+    # Swaps since start by how they ended (done, refused, rolled_back, rollback_failed).
+    swaps: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +273,7 @@ class Status(_Json):
     pressure: Mapping[str, PressureRecord] = field(default_factory=dict)
     gpu: GpusRecord | None = None  # None before the first NVML read
     schema: int = SCHEMA
+    machine: MachineRecord | None = None  # None: a daemon before issue 13's display
 
     @classmethod
     def from_json(cls, data: object, path: str = "status") -> Status:

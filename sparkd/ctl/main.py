@@ -17,6 +17,7 @@ from sparkd.lazy import LazyGroup
     cls=LazyGroup,
     lazy={
         "status": "sparkd.ctl.status:status",
+        "top": "sparkd.ctl.top:top",
         "units": "sparkd.ctl.units:units",
         "swap": "sparkd.ctl.swap:swap",
         "recover": "sparkd.ctl.swap:recover",

@@ -17,8 +17,6 @@ if TYPE_CHECKING:
 
     from sparkd.control.status import HealthRecord, Status
 
-GIB = 1 << 30
-
 _STATE_STYLE = {
     "active": "green",
     "activating": "yellow",
@@ -34,7 +32,9 @@ _STATE_STYLE = {
 @json_option
 @click.pass_context
 def status(ctx: click.Context, config_file: Path, *, as_json: bool) -> None:
-    """Show the daemon, the engines, their health and the machine's memory.
+    """Show the daemon, the engines, their health and the machine: a memory bar with the
+    floor, pressure, the GPU, the desktop and the watch's last actions (`sparkctl top`
+    refreshes it live).
 
     Exit 0 when the daemon answered, 3 when it is not running, 4 when you may not ask it.
     """
@@ -65,10 +65,6 @@ def gateway_unit_state() -> tuple[str, str] | None:
     if out.returncode != 0 or "ActiveState" not in props:
         return None
     return props["ActiveState"], props.get("Result", "")
-
-
-def _gib(n: float | None) -> str:
-    return "?" if n is None else f"{n / GIB:.1f} GiB"
 
 
 def format_age(seconds: float) -> str:
@@ -123,6 +119,11 @@ def render_status(status: Status, console: Console | None = None, *,
     for what, unsaved in (("state", d.state_unsaved), ("accepted config", d.config_unsaved)):
         if unsaved:
             console.print(f"[red]the {what} is not on disk:[/] {unsaved}")
+    for style, what, text in (("bold red", "degraded", d.degraded),
+                              ("yellow", "on battery", d.on_battery),
+                              ("yellow", "swaps refused", d.swaps_paused)):
+        if text:  # the udev watch (docs/watch.md)
+            console.print(f"[{style}]{what}:[/] {text}")
     if gateway is not None:
         state, result = gateway
         style = "green" if state == "active" else "bold red"
@@ -160,26 +161,6 @@ def render_status(status: Status, console: Console | None = None, *,
             style = {"error": "red", "warning": "yellow"}.get(fp.severity, "dim")
             value = f" = {fp.value}" if fp.value else ""
             console.print(f"[{style}]{e.model}: {fp.id}{value}[/] ({fp.meaning})")
-    mem = status.memory
-    if mem.error is not None:
-        console.print(f"memory: [red]{mem.error}[/]")
-    else:
-        console.print(
-            f"memory: {_gib(mem.available_bytes)} available of "
-            f"{_gib(mem.total_bytes)}, page cache {_gib(mem.page_cache_bytes)}"
-            + (f" [dim]· {mem.accounting}[/]" if mem.accounting else "")
-        )
-    if status.pressure:
-        parts = [f"{name} {p.some_avg10:.1f}%" + (
-                 "" if p.full_avg10 is None else f"/{p.full_avg10:.1f}%")
-                 for name, p in sorted(status.pressure.items())]
-        console.print("pressure (some/full avg10): " + ", ".join(parts))
-    gpu = status.gpu
-    if gpu is not None and gpu.error:
-        console.print(f"gpu: [dim]{gpu.error}[/]")
-    for g in () if gpu is None else gpu.gpus:
-        used = (f"{_gib(g.memory_used_bytes)} of {_gib(g.memory_total_bytes)}"
-                if g.memory_total_bytes is not None else "memory: unified")
-        util = "?" if g.utilization_pct is None else f"{g.utilization_pct}%"
-        console.print(f"gpu {g.index}: {g.name}, {used}, busy {util}, "
-                      f"{len(g.processes)} process(es) using {_gib(g.process_bytes)}")
+    from sparkd.ctl.machine_view import render_machine
+
+    render_machine(status, console)

@@ -31,6 +31,7 @@ def units(
 
     def go() -> None:
         from sparkd.engine.versions import detect_versions
+        from sparkd.monitor.nvml import compute_capability
         from sparkd.systemd.version import installed_systemd_version
         from sparkd.units.render import render_units
 
@@ -38,7 +39,8 @@ def units(
         version = systemd_version or installed_systemd_version()
         # Each unit's header says which engine release it was rendered for.
         rendered = render_units(config, systemd_version=version,
-                                engine_versions=detect_versions(config.supervised_models))
+                                engine_versions=detect_versions(config.supervised_models),
+                                capability=compute_capability().value)
         if render_to is None:
             for i, (name, text) in enumerate(sorted(rendered.items())):
                 if i:

@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from sparkd.accepted import load_or_fall_back, save_accepted
+from sparkd.accepted import load_or_fall_back, remove_stale_copies, save_accepted
 from sparkd.config import Config
 from sparkd.control.server import ControlServer
+from sparkd.daemon import metrics
 from sparkd.daemon.boot import wait_for_gpu
 from sparkd.daemon.events import as_json
 from sparkd.daemon.resume import Resumer, can_connect, endpoint_address, models_with_partials
 from sparkd.daemon.supervisor import Deps, Notifier, Supervisor, read_boot_id
+from sparkd.daemon.udev import UdevMonitor, block_present
 from sparkd.daemon.watch import floor_loop
 from sparkd.engine.health import models_listed, probe
 from sparkd.engine.unit import is_engine_unit
@@ -37,7 +39,7 @@ from sparkd.errors import ConfigError, SparkdError, SystemdError
 from sparkd.journal import event, setup_logging
 from sparkd.monitor.floor import read_available, read_engine_memory
 from sparkd.monitor.memory import read_meminfo
-from sparkd.monitor.nvml import NvmlMonitor, NvmlSnapshot
+from sparkd.monitor.nvml import NvmlMonitor, NvmlSnapshot, compute_capability
 from sparkd.monitor.psi import read_pressure
 from sparkd.options import config_option
 from sparkd.state import StateStore
@@ -80,7 +82,8 @@ def apply_units(
         config.daemon.unit_dir,
         # Each engine's unit is rendered for the release installed (sparkd.engine.versions).
         render_units(config, systemd_version=systemd_version,
-                     engine_versions=detect_versions(config.supervised_models)),
+                     engine_versions=detect_versions(config.supervised_models),
+                     capability=compute_capability().value),
         reload=reload,
     )
     return {
@@ -102,6 +105,8 @@ class Daemon:
         self._nvml_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
         self._nvml = NvmlMonitor()
         self._stop = asyncio.Event()
+        self._metrics: metrics.MetricsServer | None = None  # daemon.metrics_listen
+        self._metrics_asked: str | None = None  # the address last asked for
         self.notifier: Notifier = SdNotifier()
 
     async def systemd(self, fn: Callable[[SystemdManager], T]) -> T:
@@ -122,6 +127,10 @@ class Daemon:
 
     async def _run(self, session: aiohttp.ClientSession) -> int:
         loop = asyncio.get_running_loop()
+        # sparkd is the copy's only writer: a temp file of its beside it is from a write that a
+        # crash or power cut stopped (the state's are removed by StateStore.load).
+        for tmp in remove_stale_copies(self.config):
+            log.info("removed %s, the temp file of an accepted-config write cut short", tmp)
         resumer = Resumer()
         deps = Deps(
             systemd=self.systemd,
@@ -144,6 +153,8 @@ class Daemon:
             clock=time.monotonic,
             wall_clock=time.time,
             accept_config=save_accepted,
+            read_mounts=lambda: Path("/proc/self/mountinfo").read_text(),
+            block_present=block_present,
         )
         sup = Supervisor(self.config, deps, config_file=self.config_file,
                          config_refused=self.config_refused)
@@ -157,6 +168,7 @@ class Daemon:
             streams={"subscribe": lambda _request: as_json(sup.subscribe())},
         )
         tasks: list[asyncio.Task[None]] = []
+        udev: UdevMonitor | None = None
         try:
             loop.add_signal_handler(signal.SIGTERM, self._stop.set)
             loop.add_signal_handler(signal.SIGINT, self._stop.set)
@@ -166,10 +178,15 @@ class Daemon:
             if interval:
                 tasks.append(asyncio.create_task(self._watchdog(interval)))
             await server.start()
+            await self._follow_metrics(sup)
             await wait_for_gpu(unit_state=self.unit_state, read_gpu=self.read_gpu,
                                device_present=lambda: Path("/dev/nvidiactl").exists(),
                                sleep=asyncio.sleep, clock=time.monotonic)
+            udev = self._udev(sup)  # before the start: it knows what is already wrong
             await sup.start()
+            if udev is not None:
+                udev.start(loop)
+                sup.devices.evaluate_power(sup)
             event(log, "daemon_ready", "sparkd ready: %s", sup.status_line())
             if sup.unclean_boot:  # partial downloads: resumed behind the serving model
                 tasks.append(asyncio.create_task(self._resume(sup, resumer)))
@@ -185,12 +202,30 @@ class Daemon:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             await server.close()
+            if self._metrics is not None:
+                await self._metrics.close()
             signals.close()
+            if udev is not None:
+                udev.close()
+            sup.devices.close()
             await asyncio.get_running_loop().run_in_executor(self._executor, self._manager.close)
             self._executor.shutdown(wait=True)
             await loop.run_in_executor(self._nvml_executor, self._nvml.close)
             self._nvml_executor.shutdown(wait=True)
         return 0
+
+    def _udev(self, sup: Supervisor) -> UdevMonitor | None:
+        """The udev monitor (power supplies, the NVIDIA device, block devices) and what it
+        sees now; None, said once, where none can be opened (no netlink, no libudev)."""
+        try:
+            udev = UdevMonitor(lambda ev: sup.devices.on_event(sup, ev))
+            sup.devices.scan(sup, udev.scan())
+        except (ImportError, OSError) as exc:
+            event(log, "udev_unavailable", "no udev events (%s): power, GPU removal and "
+                  "model volumes are not watched", exc, level=logging.WARNING)
+            sup.devices.watch_volumes(sup)  # unmounts are still seen on the health timer
+            return None
+        return udev
 
     async def unit_state(self, unit: str) -> tuple[str, str]:
         def read(m: SystemdManager) -> tuple[str, str]:
@@ -233,6 +268,14 @@ class Daemon:
             connect=lambda: can_connect(host, port), sleep=asyncio.sleep,
             clock=time.monotonic)
 
+    async def _follow_metrics(self, sup: Supervisor) -> None:
+        """The metrics endpoint the config asks for: at start, and on the health tick after
+        a reload (SIGHUP or the control socket's) changed daemon.metrics_listen."""
+        listen = sup.config.daemon.metrics_listen
+        if listen != self._metrics_asked:
+            self._metrics_asked = listen
+            self._metrics = await metrics.follow(self._metrics, listen, sup.status)
+
     async def _reload(self, sup: Supervisor) -> None:
         with contextlib.suppress(SparkdError):
             await sup.reload()
@@ -248,6 +291,7 @@ class Daemon:
             # Unit state comes from signals; this only picks up a message sd-bus may have
             # buffered without the fd becoming readable again. No D-Bus traffic.
             signals.drain()
+            await self._follow_metrics(sup)
             try:
                 await sup.check_health()
             except SparkdError as exc:

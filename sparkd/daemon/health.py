@@ -67,9 +67,11 @@ async def check_health(sup: Supervisor) -> None:
             and sup.swap_run is None
         ):
             await restart_hung(sup, name, view, result)
+    sup.devices.check_volumes(sup)  # an unmount sends no uevent
     await sup.watch.sample(sup.config.daemon, sup.active_model)
     sup.watch.record_baselines(sup)
     await sup.watch.liveness(sup)
+    await sup.watch.ladder.tick(sup)
     sup.update_status()
 
 
@@ -92,6 +94,9 @@ async def restart_hung(sup: Supervisor, name: str, view: EngineView, result: Pro
     event(log, "engine_hung", "%s is hung: process %d alive, %d health checks failed in a "
           "row (last: %s); restarting it", name, view.unit.main_pid, view.health_failures,
           result.describe(), level=logging.ERROR, SPARKD_MODEL=name)
+    sup.watch.actions.record("hung_restart", name, sup.deps.wall_clock(),
+                             f"restarted: {view.health_failures} health checks failed "
+                             f"({result.describe()})")
     view.health_failures = 0
     job = await sup.deps.systemd(lambda m: m.restart_unit(unit))
     sup.spawn(restart_done(sup, name, job))
@@ -113,6 +118,9 @@ async def restart_stalled(sup: Supervisor, name: str, view: EngineView, verdict:
           "?" if ev.requests_running_min is None else f"{ev.requests_running_min:g}",
           ", ".join(r.value for r in verdict.reasons), gpu, view.unit.main_pid,
           level=logging.ERROR, SPARKD_MODEL=name, SPARKD_REASON="liveness")
+    sup.watch.actions.record("liveness_restart", name, sup.deps.wall_clock(),
+                             f"restarted: no token in {ev.seconds:.0f} s while requests ran, "
+                             f"{strikes} strikes ({gpu})")
     job = await sup.deps.systemd(lambda m: m.restart_unit(unit))
     sup.spawn(restart_done(sup, name, job))
 

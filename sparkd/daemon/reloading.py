@@ -45,6 +45,7 @@ async def reload(sup: Supervisor) -> dict[str, Any]:
     for key, why in stale_on_reload(sup.engines, new):
         await stop_for_reload(sup, key, why)
     sup.config = new
+    sup.devices.watch_volumes(sup)  # the models' paths may have moved
     await sup.apply_config()
     if sup.state.desired_model not in new.models:
         sup.state = sup.state.replace(desired_model=new.daemon.default_model)

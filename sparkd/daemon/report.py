@@ -16,6 +16,7 @@ from sparkd.control.status import (
     GpuRecord,
     GpusRecord,
     HealthRecord,
+    MachineRecord,
     MemoryRecord,
     PressureRecord,
     ReloadRecord,
@@ -123,6 +124,7 @@ def gpus_record(snap: NvmlSnapshot) -> GpusRecord:
             processes=tuple(GpuProcessRecord(pid=p.pid, used_bytes=p.used_bytes)
                             for p in g.processes),
             process_bytes=g.process_bytes, unsupported=g.unsupported,
+            memory_utilization_pct=g.memory_utilization_pct,
         ) for g in snap.gpus),
     )
 
@@ -179,6 +181,7 @@ def build_status(
     memory: MemoryRecord,
     pressure: Mapping[str, Pressure],
     gpu: NvmlSnapshot | None,
+    machine: MachineRecord | None = None,
 ) -> Status:
     return Status(
         daemon=daemon,
@@ -193,6 +196,7 @@ def build_status(
         memory=memory,
         pressure={name: pressure_record(p) for name, p in pressure.items()},
         gpu=None if gpu is None else gpus_record(gpu),
+        machine=machine,
     )
 
 

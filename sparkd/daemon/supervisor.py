@@ -37,6 +37,7 @@ from sparkd.control.status import (
 )
 from sparkd.daemon import health, reloading, report, speculative
 from sparkd.daemon.control import answer
+from sparkd.daemon.devices import BlockPresent, DeviceWatch, ReadMounts
 from sparkd.daemon.engines import EngineView, engine_key, model_of_unit
 from sparkd.daemon.events import EventStream
 from sparkd.daemon.jobs import JobTracker
@@ -47,7 +48,7 @@ from sparkd.engine.probe import ProbeResult
 from sparkd.engine.swap import StepFailed, SwapRun, execute
 from sparkd.engine.unit import STOP_WAIT_S
 from sparkd.engine.versions import detect_version
-from sparkd.errors import ConfigError, SparkdError, StateError, SwapInProgress
+from sparkd.errors import ConfigError, SparkdError, StateError, SwapInProgress, SwapRefused
 from sparkd.journal import event
 from sparkd.monitor.memory import MemInfo, MemInfoError
 from sparkd.monitor.nvml import NvmlSnapshot
@@ -108,6 +109,8 @@ class Deps:
     read_available: ReadAvailable | None = None  # MemAvailable, for the memory floor
     engine_memory: EngineMemoryOf | None = None  # main pid -> its cgroup's memory.current
     scrape_metrics: Scrape | None = None  # an engine's /metrics text, for liveness
+    read_mounts: ReadMounts | None = None  # /proc/self/mountinfo, for the model volumes
+    block_present: BlockPresent | None = None  # "MAJ:MIN" -> the block device is there
 
 
 class Supervisor:
@@ -146,6 +149,8 @@ class Supervisor:
         self.watch = MachineWatch(read_gpu=deps.read_gpu, read_pressure=deps.read_pressure,
                                   read_available=deps.read_available,
                                   engine_memory=deps.engine_memory, scrape=deps.scrape_metrics)
+        self.devices = DeviceWatch(read_mounts=deps.read_mounts,
+                                   block_present=deps.block_present)
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -408,6 +413,8 @@ class Supervisor:
                 f"swap {run.id} ({run.plan.from_model or 'nothing'} -> {run.plan.target}) is "
                 f"in progress, at step {run.step.value}; try again when it has finished"
             )
+        if (paused := self.devices.swaps_paused()) is not None:
+            raise SwapRefused(paused)
         plan = self.plan(target)
         if plan.noop:
             if self.state.swap_to is not None:
@@ -492,8 +499,8 @@ class Supervisor:
                 changes["desired_model"] = run.plan.rollback_to
         self.state = self.state.replace(**changes)
         self.save_state()
-        self.swap_run = None
-        self.last_swap = run
+        self.swap_run, self.last_swap = None, run
+        self.watch.actions.swap_ended(run.step.value)
         self.publish("swap_done" if run.succeeded else "swap_failed",
                      swap=report.swap_record(run))
         self.update_status()
@@ -608,6 +615,7 @@ class Supervisor:
             out.append("state not saved")
         if self.config_unsaved:
             out.append("accepted config not saved")
+        out += self.devices.conditions()
         return out
 
     def update_status(self) -> None:
@@ -659,11 +667,12 @@ class Supervisor:
             config_refused=self.config_refused,
             state_unsaved=self.state_unsaved,
             config_unsaved=self.config_unsaved,
+            **self.devices.record(),  # degraded, swaps_paused, on_battery
         )
         return report.build_status(
             daemon=daemon, state=self.state, engines=self.engines, swap_run=self.swap_run,
             last_swap=self.last_swap, memory=memory, pressure=self.watch.pressure,
-            gpu=self.watch.gpu)
+            gpu=self.watch.gpu, machine=self.watch.machine_record(sup=self))
 
     async def handle(self, request: Request) -> Any:
         return await answer(self, request)

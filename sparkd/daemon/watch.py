@@ -19,7 +19,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from sparkd.config import DaemonConfig
+from sparkd.control.status import DesktopStateName, MachineRecord
 from sparkd.daemon import health
+from sparkd.daemon.actions import WatchActions
+from sparkd.daemon.desktop import DesktopWatch
+from sparkd.daemon.machine import machine_record
 from sparkd.engine.unit import STOP_WAIT_S, engine_url
 from sparkd.journal import event
 from sparkd.monitor import liveness as lv
@@ -75,6 +79,22 @@ class MachineWatch:
         self.stopping: set[str] = set()  # engines the floor is stopping
         self._floor_read_failed = False
         self.live: dict[str, LiveWindow] = {}
+        # What the watch did, for status and metrics (sparkd.daemon.actions).
+        self.actions = WatchActions()
+        self.ladder = DesktopWatch()  # the desktop ladder (sparkd.daemon.desktop)
+
+    @property
+    def lateness_p99_ms(self) -> float | None:
+        """The lateness probe's p99 as the ladder last read it (None: no fresh report)."""
+        return self.ladder.lateness_ms
+
+    @property
+    def desktop(self) -> DesktopStateName:
+        """The desktop's presence as the ladder last judged it, for status."""
+        presence = self.ladder.presence
+        if presence is None:
+            return "unknown"
+        return "present" if presence.present else "headless"
 
     async def sample(self, config: DaemonConfig, serving: Callable[[], str | None]) -> None:
         if self.read_gpu is not None:
@@ -97,6 +117,10 @@ class MachineWatch:
         elif stalled < limit / 2 and self._pressure_warned:
             self._pressure_warned = False
             event(log, "desktop_pressure_cleared", "memory pressure back to %.1f %%", stalled)
+
+    def machine_record(self, sup: Supervisor) -> MachineRecord:
+        """The status's `machine` record (sparkd.daemon.machine)."""
+        return machine_record(sup)
 
     # -- the memory floor -------------------------------------------------------------------
 
@@ -162,6 +186,10 @@ class MachineWatch:
               SPARKD_AVAILABLE_BYTES=str(available), SPARKD_FLOOR_BYTES=str(rule.floor_bytes),
               SPARKD_ENGINE_BYTES=str(found.memory),
               SPARKD_GROWTH_BYTES="" if found.growth is None else str(found.growth))
+        self.actions.record("memory_floor_stop", found.engine, sup.deps.wall_clock(),
+                            f"stopped: MemAvailable {format_size(available)} under the floor of "
+                            f"{format_size(rule.floor_bytes)}, it held "
+                            f"{format_size(found.memory)}")
         self.stopping.add(found.engine)
         unit = view.unit_name
         try:

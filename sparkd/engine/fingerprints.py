@@ -128,11 +128,16 @@ FINGERPRINTS: Final[tuple[Fingerprint, ...]] = (
         source="vllm 0.22.1-0.33.0 fused_moe/oracle/*.py _make_log_unsupported; 0.34.0 "
                "fused_moe/oracle/base.py make_log_unsupported", backend=_flag_word),
     # vllm 0.11.2 modelopt.py: "Non-gated MoE is not supported for min-latency mode,falling
-    # back to high-throughput mode" (the latency pin replaced by CUTLASS).
-    _fp("moe_latency_fallback", r"not supported for min-latency mode, ?falling back to "
-        r"high-throughput mode", "warning",
+    # back to high-throughput mode" (the latency pin replaced by CUTLASS); vllm 0.12.0-0.16.0
+    # quantization/utils/flashinfer_utils.py get_flashinfer_moe_backend(): "Flashinfer TRTLLM
+    # MOE backend is only supported on SM100 and later, using CUTLASS backend instead" (the
+    # variable's latency on a GPU that is not 10.x; sparkd's policy expects it there).
+    _fp("moe_latency_fallback", r"(?:not supported for min-latency mode, ?falling back to "
+        r"high-throughput mode|TRTLLM MOE backend is only supported on SM100 and later, using "
+        r"CUTLASS backend instead)", "warning",
         "vLLM replaced the latency (TensorRT-LLM) MoE kernels with CUTLASS", ("vllm",),
-        source="vllm 0.11.2 model_executor/layers/quantization/modelopt.py"),
+        source="vllm 0.11.2 model_executor/layers/quantization/modelopt.py; 0.12.0-0.16.0 "
+               "quantization/utils/flashinfer_utils.py"),
     # vLLM reads only the VLLM_* variables its envs.py knows and warns about the rest: 0.26.0
     # envs.py validate_environ, 0.33.0/0.34.0 platforms/interface.py validate_environ:
     # "Unknown vLLM environment variable detected: %s".
@@ -228,12 +233,13 @@ def check_moe_backend_json(expected: str | None, fingerprints: Iterable[Mapping[
                            ) -> MoeCheck:
     """`check_moe_backend` on the fingerprints as `sparkctl status` shows them
     (`Match.to_json`), for doctor."""
-    by_id = {f"{fp.id}": fp for fp in FINGERPRINTS}
     matches = []
     for j in fingerprints:
-        fp = by_id.get(str(j.get("id")))
-        if fp is not None and fp.backend is not None:
-            value = j.get("value")
-            matches.append(Match(fp, str(j.get("line", "")),
-                                 None if value is None else str(value)))
+        line, value = str(j.get("line", "")), j.get("value")
+        # Several fingerprints share an id (vLLM 0.11's lines name the kernels in their own
+        # words): the one whose pattern matches the line reads its value.
+        same = [fp for fp in FINGERPRINTS if fp.id == str(j.get("id")) and fp.backend]
+        fp = next((fp for fp in same if fp.pattern.search(line)), same[-1] if same else None)
+        if fp is not None:
+            matches.append(Match(fp, line, None if value is None else str(value)))
     return check_moe_backend(expected, matches)

@@ -12,7 +12,12 @@ page cache as used):
 1. sync, so dirty pages become droppable;
 2. drop the page cache (`3` into /proc/sys/vm/drop_caches); where that is not permitted (not
    root, read-only /proc/sys in a container), `posix_fadvise(DONTNEED)` on every regular file
-   under the model's path instead: the root-free way to evict one checkpoint;
+   under the model's path instead: the root-free way to evict one checkpoint.
+   A warm swap (sparkd.engine.warm; `--cold` turns it off) first asks how much of the model's
+   files is cached (cachestat(2), sparkd.engine.pagecache). When some is, it evicts only the
+   other configured models' files (`evict:`), settles, and keeps the model's pages when
+   MemAvailable less them still covers memory_gib + the reserve (`warm: kept ...`); otherwise
+   (`warm: not kept ...`) it drops everything as above. The gate counts kept pages as used;
 3. wait until MemAvailable stops rising (an engine that just exited is still giving memory back),
    bounded by `daemon.settle_timeout_s`; a timeout is reported and the gate decides. Skipped
    when no sparkd engine stopped (or died) within the last
@@ -42,14 +47,16 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
 import click
 
 from sparkd.config import Config, Variant, load_config
+from sparkd.engine.pagecache import PageCache, evict
 from sparkd.engine.unit import ENGINE_STOPPED_STAMP
+from sparkd.engine.warm import ModelFile, decide_keep, plan_eviction
 from sparkd.errors import ConfigError, PrestartRefused, UnknownModel
 from sparkd.monitor.memory import (
     GIB,
@@ -95,6 +102,15 @@ class PrestartSystem(Protocol):
         """Evict one file's clean pages from the page cache. Raises OSError."""
         ...
 
+    def model_files(self, root: Path) -> list[ModelFile]:
+        """regular_files with each file's identity (device, inode); [] when root does not
+        exist."""
+        ...
+
+    def cached_bytes(self, path: Path) -> int:
+        """Bytes of one file in the page cache. Raises OSError."""
+        ...
+
     def read_meminfo(self) -> MemInfo: ...
 
     def sleep(self, seconds: float) -> None: ...
@@ -115,6 +131,11 @@ class PrestartPlan:
     interval_s: float = SETTLE_INTERVAL_S
     # Why settling can be skipped (no engine stopped lately); None: settle.
     settle_skip: str | None = None
+    # Warm swaps (sparkd.engine.warm): keep the target's cached pages where memory allows,
+    # evicting the other models' files. False: the blanket drop, always (`--cold`).
+    warm: bool = True
+    # The other models in the config: (name, path), each path once, none the target's.
+    others: tuple[tuple[str, Path], ...] = ()
 
     @property
     def need_bytes(self) -> int:
@@ -128,12 +149,17 @@ class PrestartPlan:
 def plan_prestart(config: Config, name: str, variant: Variant = "plain") -> PrestartPlan:
     """What prestart will do for model `name` (its `variant`). Raises UnknownModel."""
     model = config.model(name)
+    others: dict[Path, str] = {}
+    for other in config.models.values():
+        if other.path != model.path and other.path not in others:
+            others[other.path] = other.name
     return PrestartPlan(
         model=model.name,
         model_path=model.path,
         memory_gib=model.memory_gib_for(variant),
         reserve_gib=config.daemon.memory_reserve_gib,
         settle=SettleRule(timeout_s=config.daemon.settle_timeout_s),
+        others=tuple((other, path) for path, other in others.items()),
     )
 
 
@@ -143,13 +169,19 @@ class GateVerdict:
     line: str  # the log line (admitted) or the refusal message, prefixed with "prestart NAME: "
 
 
-def memory_gate(plan: PrestartPlan, mem: MemInfo) -> GateVerdict:
-    """Admit when memory_gib + reserve fits in MemAvailable (swap never counts)."""
+def memory_gate(plan: PrestartPlan, mem: MemInfo, *, kept: int = 0) -> GateVerdict:
+    """Admit when memory_gib + reserve fits in MemAvailable (swap never counts). `kept`:
+    bytes of the target's files left in the page cache (a warm swap), counted as used: on
+    unified memory the cached copy and the loaded copy both occupy it."""
+    available = mem.available - kept
     needs = (
         f"needs {plan.memory_gib:.1f} GiB + {plan.reserve_gib:.1f} GiB reserve, "
-        f"{gib(mem.available)} GiB available"
+        f"{gib(available)} GiB available"
     )
-    if plan.need_bytes > mem.available:
+    if kept:
+        needs += (f" (MemAvailable {gib(mem.available)} GiB less {format_size(kept)} of "
+                  f"{plan.model}'s files kept in the page cache)")
+    if plan.need_bytes > available:
         return GateVerdict(
             admitted=False,
             line=f"{plan.prefix}: refused: {needs} (stop other GPU work or lower memory_gib)",
@@ -170,18 +202,22 @@ def memory_gate(plan: PrestartPlan, mem: MemInfo) -> GateVerdict:
 
 @dataclass(frozen=True, slots=True)
 class DropResult:
-    method: Literal["drop_caches", "fadvise"]
+    # drop_caches / fadvise: the whole page cache (fadvise: the target's files, where the drop
+    # is not permitted); evict: the other models' files only (a warm swap).
+    method: Literal["drop_caches", "fadvise", "evict"]
     freed: int  # bytes of page cache, before minus after (0 when it grew)
-    files: int = 0  # fadvise only: files advised
-    failed: int = 0  # fadvise only: files that could not be opened or advised
+    files: int = 0  # fadvise and evict: files advised
+    failed: int = 0  # fadvise and evict: files that could not be opened or advised
 
 
 @dataclass(frozen=True, slots=True)
 class PrestartReport:
-    drop: DropResult
+    drop: DropResult  # the last drop: the blanket one, or the eviction when the target stayed
     settle: SettleState | None  # None: settling skipped (settle_timeout_s = 0)
     meminfo: MemInfo  # the reading the gate decided on
     lines: tuple[str, ...] = ()
+    evicted: DropResult | None = None  # the other models' files, when the target was cached
+    kept: int = 0  # bytes of the target's files left in the page cache, counted as used
 
 
 def run_prestart(plan: PrestartPlan, system: PrestartSystem, emit: Emit) -> PrestartReport:
@@ -207,6 +243,69 @@ def run_prestart(plan: PrestartPlan, system: PrestartSystem, emit: Emit) -> Pres
         f"{format_size(after_sync.dirty)} after) in {took}"
     )
 
+    target: list[ModelFile] = []
+    if plan.warm:
+        target = system.model_files(plan.model_path)
+        cached = _cached(system, target)
+        size = format_size(sum(f.size for f in target))
+        if cached > 0:
+            log(f"page cache: {format_size(cached)} of {plan.model}'s {size} of files cached: "
+                f"evicting the other models' files, keeping {plan.model}'s where memory allows")
+        else:
+            log(f"page cache: none of {plan.model}'s {size} of files cached: "
+                "dropping the whole page cache")
+            target = []
+    if not target:
+        drop, after_drop = _drop_all(plan, system, after_sync, log, since)
+        settle_state, mem = _settle(plan, system, after_drop, log)
+        return _gate(plan, mem, emit, lines, drop=drop, settle=settle_state)
+
+    evicted, after_evict = _evict_others(plan, system, target, after_sync, log, since)
+    settle_state, mem = _settle(plan, system, after_evict, log)
+    keep = decide_keep(
+        model=plan.model, target_cached=_cached(system, target), available=mem.available,
+        need=plan.need_bytes, memory_gib=plan.memory_gib, reserve_gib=plan.reserve_gib,
+    )
+    log(keep.line)
+    if keep.keep:
+        return _gate(plan, mem, emit, lines, drop=evicted, settle=settle_state,
+                     evicted=evicted, kept=keep.target_cached)
+    drop, after_drop = _drop_all(plan, system, mem, log, since)
+    return _gate(plan, after_drop, emit, lines, drop=drop, settle=settle_state,
+                 evicted=evicted)
+
+
+def _gate(
+    plan: PrestartPlan, mem: MemInfo, emit: Emit, lines: list[str], *, drop: DropResult,
+    settle: SettleState | None, evicted: DropResult | None = None, kept: int = 0,
+) -> PrestartReport:
+    verdict = memory_gate(plan, mem, kept=kept)
+    if not verdict.admitted:
+        raise PrestartRefused(verdict.line)
+    lines.append(verdict.line)
+    emit(verdict.line)
+    return PrestartReport(drop=drop, settle=settle, meminfo=mem, lines=tuple(lines),
+                          evicted=evicted, kept=kept)
+
+
+def _cached(system: PrestartSystem, files: list[ModelFile]) -> int:
+    """Bytes of `files` in the page cache; a file that cannot be asked counts as none (the
+    engine's load will say what is wrong with it)."""
+    total = 0
+    for f in files:
+        try:
+            total += system.cached_bytes(f.path)
+        except OSError:
+            continue
+    return total
+
+
+def _drop_all(
+    plan: PrestartPlan, system: PrestartSystem, before: MemInfo, log: Emit,
+    since: Callable[[float], str],
+) -> tuple[DropResult, MemInfo]:
+    """The blanket drop: the whole page cache, or where that is not permitted the target's
+    files (the other models' were evicted first on a warm attempt)."""
     start = system.monotonic()
     method: Literal["drop_caches", "fadvise"] = "drop_caches"
     advised, failed, how = 0, 0, ""
@@ -217,21 +316,46 @@ def run_prestart(plan: PrestartPlan, system: PrestartSystem, emit: Emit) -> Pres
         advised, failed, how = _fadvise_fallback(plan, system, exc)
     took = since(start)
     after_drop = system.read_meminfo()
-    freed = max(0, after_sync.page_cache - after_drop.page_cache)
+    freed = max(0, before.page_cache - after_drop.page_cache)
     drop = DropResult(method, freed, advised, failed)
     log(
         f"drop_caches: {how}freed {format_size(drop.freed)} of page cache in {took} "
         f"({gib(after_drop.free)} GiB free, {format_size(after_drop.page_cache)} cached)"
     )
+    return drop, after_drop
 
-    settle_state, mem = _settle(plan, system, after_drop, log)
 
-    verdict = memory_gate(plan, mem)
-    if not verdict.admitted:
-        raise PrestartRefused(verdict.line)
-    lines.append(verdict.line)
-    emit(verdict.line)
-    return PrestartReport(drop=drop, settle=settle_state, meminfo=mem, lines=tuple(lines))
+def _evict_others(
+    plan: PrestartPlan, system: PrestartSystem, target: list[ModelFile], before: MemInfo,
+    log: Emit, since: Callable[[float], str],
+) -> tuple[DropResult, MemInfo]:
+    """posix_fadvise(DONTNEED) on every other model's files (none the target shares)."""
+    start = system.monotonic()
+    eviction = plan_eviction(
+        target, [(name, system.model_files(path)) for name, path in plan.others])
+    failures: list[tuple[Path, OSError]] = []
+    for f in eviction.files:
+        try:
+            system.fadvise_dontneed(f.path)
+        except OSError as err:
+            failures.append((f.path, err))
+    took = since(start)
+    after = system.read_meminfo()
+    advised = len(eviction.files) - len(failures)
+    result = DropResult("evict", max(0, before.page_cache - after.page_cache), advised,
+                        len(failures))
+    models = ", ".join(eviction.models) if eviction.models else "none"
+    how = (f"posix_fadvise(DONTNEED) on {advised} file{'' if advised == 1 else 's'} "
+           f"({format_size(eviction.size)}) of the other models ({models})")
+    if eviction.shared:
+        how += f", {eviction.shared} shared with {plan.model} kept"
+    if failures:
+        first_path, first_err = failures[0]
+        how += (f", {len(failures)} could not be advised (first: {first_path}: "
+                f"{type(first_err).__name__}: {first_err.strerror or first_err})")
+    log(f"evict: {how}: freed {format_size(result.freed)} of page cache in {took} "
+        f"({gib(after.free)} GiB free, {format_size(after.page_cache)} cached)")
+    return result, after
 
 
 def _fadvise_fallback(
@@ -340,6 +464,7 @@ def _signed(n: int) -> str:
 class RealSystem:
     drop_caches_path: Path = DROP_CACHES_PATH
     meminfo_path: Path = MEMINFO_PATH
+    page_cache: PageCache = field(default_factory=PageCache)
 
     def sync(self) -> None:
         os.sync()
@@ -354,7 +479,10 @@ class RealSystem:
         blobs/); symlinks to directories are not (no loops). Each file once, by inode."""
         if not root.exists():
             raise FileNotFoundError(root)
-        found: list[tuple[Path, int]] = []
+        return [(f.path, f.size) for f in self.model_files(root)]
+
+    def model_files(self, root: Path) -> list[ModelFile]:
+        found: list[ModelFile] = []
         seen: set[tuple[int, int]] = set()
         for dirpath, _dirs, names in os.walk(root):
             for name in names:
@@ -365,18 +493,20 @@ class RealSystem:
                     continue  # a dangling symlink, or gone since the walk listed it
                 if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
                     seen.add((st.st_dev, st.st_ino))
-                    found.append((path, st.st_size))
-        if root.is_file():
+                    found.append(ModelFile(path, st.st_size, (st.st_dev, st.st_ino)))
+        try:
             st = root.stat()
-            found.append((root, st.st_size))
+        except OSError:
+            return found
+        if stat.S_ISREG(st.st_mode):
+            found.append(ModelFile(root, st.st_size, (st.st_dev, st.st_ino)))
         return found
 
     def fadvise_dontneed(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict(path)
+
+    def cached_bytes(self, path: Path) -> int:
+        return self.page_cache.cached_bytes(path)
 
     def read_meminfo(self) -> MemInfo:
         return read_meminfo(self.meminfo_path)
@@ -416,13 +546,17 @@ def prepare_sim_dir(path: Path, user: str) -> str:
 @click.option("--stopped-stamp", type=click.Path(path_type=Path), hidden=True,
               default=Path(ENGINE_STOPPED_STAMP),
               help="The file engine units touch when they stop (for tests).")
-def command(config_file: Path, name: str, variant: Variant, stopped_stamp: Path) -> None:
-    """Sync, drop the page cache, wait for memory to settle, and refuse to start model NAME
+@click.option("--cold", is_flag=True,
+              help="Drop the whole page cache even when NAME's cached files could stay.")
+def command(config_file: Path, name: str, variant: Variant, stopped_stamp: Path, *,
+            cold: bool) -> None:
+    """Sync, drop the page cache (all of it, or the other models' files only when NAME's
+    cached files fit beside it), wait for memory to settle, and refuse to start model NAME
     when its memory_gib plus the reserve is not available. Runs as the engine unit's
     ExecStartPre; exit 1 refuses the start."""
     try:
         config = load_config(config_file)
-        plan = plan_prestart(config, name, variant)
+        plan = replace(plan_prestart(config, name, variant), warm=not cold)
     except (ConfigError, UnknownModel) as exc:
         _stderr(exc.message)
         sys.exit(ExitStatus.CONFIG)

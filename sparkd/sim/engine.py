@@ -347,6 +347,22 @@ async def _stall_later(options: EngineOptions, state: EngineState) -> None:
                 "answers 200", options.stall_after)
 
 
+def burn(processes: int) -> None:
+    """Fork `processes` children that spin on the CPU until this process is gone (they
+    poll their parent: an engine unit's stop or SIGKILL of the main process ends them)."""
+    parent = os.getpid()
+    for _ in range(processes):
+        if os.fork() == 0:
+            n = 0
+            while True:
+                n += 1
+                if n % 1_000_000 == 0 and os.getppid() != parent:
+                    os._exit(0)
+    if processes:
+        log.warning("burning the CPU with %d processes (simulated, --burn-processes)",
+                    processes)
+
+
 async def _ramp(options: EngineOptions, state: EngineState, began: float) -> None:
     """Grow resident memory at --ramp-mib-per-s to --ramp-max-mib: an engine that keeps
     allocating. A block every RAMP_STEP_S, each page written (really resident)."""
@@ -473,6 +489,12 @@ async def _crash_later(at: float, finish: Callable[[int], None]) -> None:
     help="Where the ramp stops.",
 )
 @click.option(
+    "--burn-processes",
+    default=0,
+    type=click.IntRange(0, 256),
+    help="Processes that spin on the CPU from the start (an engine that burns every core).",
+)
+@click.option(
     "--tokens-per-second",
     default=200.0,
     type=click.FloatRange(min=0, min_open=True),
@@ -495,6 +517,7 @@ def command(
     stall_after: float | None,
     ramp_mib_per_s: float,
     ramp_max_mib: int,
+    burn_processes: int,
 ) -> None:
     """The simulated engine (a test double): an OpenAI-compatible server sparkd can supervise."""
     started = time.monotonic()
@@ -519,4 +542,5 @@ def command(
         ramp_max_mib=ramp_max_mib,
     )
     log.info("sparkd simulated engine (a test double) for %s from %s", options.model, options.path)
+    burn(burn_processes)
     sys.exit(asyncio.run(run_engine(options, started=started)))

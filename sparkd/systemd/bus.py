@@ -18,7 +18,14 @@ from typing import Any
 from pystemd.dbuslib import DBus, apply_signature, path_decode
 
 from sparkd.errors import SystemdError
-from sparkd.systemd.manager import JobDone, SystemdEvent, UnitChanged, UnitStatus
+from sparkd.systemd.manager import (
+    UNSET,
+    JobDone,
+    ResourceWeights,
+    SystemdEvent,
+    UnitChanged,
+    UnitStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,10 @@ UNIT_IFACE = b"org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = b"org.freedesktop.systemd1.Service"
 PROPS_IFACE = b"org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = b"/org/freedesktop/systemd1/unit"
+LOGIN_DEST = b"org.freedesktop.login1"
+LOGIN_ROOT = b"/org/freedesktop/login1"
+LOGIN_MANAGER_IFACE = b"org.freedesktop.login1.Manager"
+LOGIN_SESSION_IFACE = b"org.freedesktop.login1.Session"
 
 
 def _text(value: Any) -> str:
@@ -111,6 +122,52 @@ class PystemdManager:
             result=_text(service.get(b"Result", b"success")),
             exec_main_status=int(service.get(b"ExecMainStatus", 0)),
         )
+
+    def resource_weights(self, name: str) -> ResourceWeights:
+        """The service's CPUWeight, IOWeight and MemoryHigh (org.freedesktop.systemd1.Service
+        properties, type t; UINT64_MAX when not set)."""
+        path = self._call(ROOT, MANAGER_IFACE, b"LoadUnit", b"s", name.encode())
+        props = self._call(path, PROPS_IFACE, b"GetAll", b"s", SERVICE_IFACE)
+        return ResourceWeights(cpu_weight=int(props.get(b"CPUWeight", UNSET)),
+                               io_weight=int(props.get(b"IOWeight", UNSET)),
+                               memory_high=int(props.get(b"MemoryHigh", UNSET)))
+
+    def set_resource_weights(self, name: str, weights: ResourceWeights) -> None:
+        """Manager.SetUnitProperties(name, runtime=true, [(CPUWeight, t), (IOWeight, t),
+        (MemoryHigh, t)]): what `systemctl set-property --runtime` sends (systemd's
+        src/systemctl/systemctl-set-property.c). Runtime: the change lives in
+        /run/systemd/system.control and goes at the next boot. UINT64_MAX resets a weight to
+        its default and MemoryHigh to infinity (systemd.resource-control(5))."""
+        args: list[Any] = apply_signature(b"sb", [name.encode(), True])
+        # a(sv) built by hand as pystemd's own signature_array does (pystemd 0.15.3
+        # systemd1/unit_signatures.py), whose table lacks CPUWeight and IOWeight.
+        args += [(ord(b"a"), b"(sv)")]
+        for prop, value in ((b"CPUWeight", weights.cpu_weight),
+                            (b"IOWeight", weights.io_weight),
+                            (b"MemoryHigh", weights.memory_high)):
+            args += [(ord(b"r"), b"sv"), (ord(b"s"), prop), (ord(b"v"), b"t")]
+            args += apply_signature(b"t", [value])
+            args += [(-1, None), (-1, None)]
+        args += [(-1, None)]
+        try:
+            self._conn().call_method(DEST, ROOT, MANAGER_IFACE, b"SetUnitProperties", args)
+        except Exception as exc:
+            raise SystemdError(f"SetUnitProperties({name!r}, {weights}): {exc}") from exc
+
+    def session_types(self) -> list[str] | None:
+        """The Type of every logind session (x11, wayland, tty, ...): org.freedesktop.login1
+        Manager.ListSessions() -> a(susso), then each session object's Type property
+        (org.freedesktop.login1(5)). None when logind does not answer (no logind: a
+        container, a minimal server)."""
+        try:
+            sessions = self._conn().call_method(LOGIN_DEST, LOGIN_ROOT, LOGIN_MANAGER_IFACE,
+                                                b"ListSessions", []).body
+            return [_text(self._conn().get_property(LOGIN_DEST, s[4], LOGIN_SESSION_IFACE,
+                                                    b"Type", b"s"))
+                    for s in sessions]
+        except Exception as exc:
+            log.debug("logind did not answer: %s", exc)
+            return None
 
 
 def _callback(handler: Callable[[Any], None]) -> Callable[..., None]:

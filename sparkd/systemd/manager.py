@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,20 @@ class UnitStatus:
     def running(self) -> bool:
         """Active or on its way: a unit sparkd must not start again (it adopts it)."""
         return self.active_state in ("active", "activating", "reloading")
+
+
+#: What systemd reports for a weight or a memory limit that is not set (UINT64_MAX).
+UNSET: Final = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceWeights:
+    """A service's CPUWeight=, IOWeight= and MemoryHigh= (UNSET: not set; the desktop ladder,
+    docs/watch.md)."""
+
+    cpu_weight: int = UNSET
+    io_weight: int = UNSET
+    memory_high: int = UNSET
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +76,12 @@ class SystemdManager(Protocol):
     def reset_failed_unit(self, name: str) -> None: ...
 
     def unit_status(self, name: str) -> UnitStatus: ...
+
+    def resource_weights(self, name: str) -> ResourceWeights: ...
+
+    def set_resource_weights(self, name: str, weights: ResourceWeights) -> None: ...
+
+    def session_types(self) -> list[str] | None: ...
 
 
 class SystemdSignals(Protocol):

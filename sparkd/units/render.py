@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from sparkd.config import ACCOUNT_NAME_RE, EXEC_PREFIXES, Config, EngineKind, ModelConfig, Variant
+from sparkd.engine.argforms import vllm_word
 from sparkd.engine.unit import (
     ENGINE_HOST,
     ENGINE_STOPPED_STAMP,
@@ -33,12 +34,12 @@ from sparkd.engine.unit import (
     start_timeout_s,
 )
 from sparkd.engine.versions import (
-    DEFAULT_MOE_BACKEND,
     MOE_BACKEND_ENV,
     MOE_BACKEND_FLAG,
     MOE_ENV_TO_FLAG,
     MOE_FLAG_TO_ENV,
     Resolved,
+    moe_policy,
     rules_for,
 )
 from sparkd.errors import ConfigError
@@ -89,6 +90,9 @@ class EngineCommand:
     moe_backend: str | None  # the vLLM MoE backend asked for, in --moe-backend words
     notes: list[str]
     defaults: frozenset[str]  # the env keys that are sparkd's own defaults
+    #: Where the MoE pin came from: "args" or "env" (the model's own, which always wins),
+    #: "sparkd" (sparkd's policy for this release and GPU); None: not a vLLM model.
+    moe_from: str | None = None
 
     @property
     def entrypoint_len(self) -> int:
@@ -98,11 +102,13 @@ class EngineCommand:
 
 def engine_command(
     config: Config, model: ModelConfig, variant: Variant = "plain", *,
-    detected_version: str | None = None,
+    detected_version: str | None = None, capability: tuple[int, int] | None = None,
 ) -> EngineCommand:
     """The engine's command line and environment for the version the model's engine runs:
     `models.NAME.engine_version` when pinned, else `detected_version`, else unknown (the
-    newest rules, with a warning in `resolved`). Raises ValueError for external models."""
+    newest rules, with a warning in `resolved`). `capability` is the GPU's CUDA compute
+    capability (None: not known), which decides sparkd's own vLLM MoE pin
+    (sparkd.engine.versions.moe_policy). Raises ValueError for external models."""
     if not model.supervised:
         raise ValueError(f"model {model.name!r} is external: sparkd runs no engine for it")
     version = model.engine_version if model.engine_version is not None else detected_version
@@ -116,11 +122,15 @@ def engine_command(
     drop_env: set[str] = set()
     add_env: list[tuple[str, str]] = []
     moe: str | None = None
+    moe_from: str | None = None
     program = _program(model, rules.program, rules.entrypoint)
     if model.engine == "vllm":
         head = [program, *rules.entrypoint, path, "--served-model-name", name]
-        moe, extra, add_env, drop_env, moe_notes = _moe_pin(model, resolved, own_env)
+        moe, extra, add_env, drop_env, moe_notes = _moe_pin(
+            f"{config.source}: models.{name}", model, resolved, own_env, capability)
         notes += moe_notes
+        moe_from = ("args" if _has_flag(model.args, MOE_BACKEND_FLAG) is not None
+                    else "env" if MOE_BACKEND_ENV in own_env else "sparkd")
     elif model.engine == "sglang":
         head = [program, *rules.entrypoint, "--model-path", path, "--served-model-name", name]
     elif model.engine == "llamacpp":
@@ -135,7 +145,7 @@ def engine_command(
     env = _environment(model, add_env, drop_env)
     own_keys = set(own_env) - drop_env
     return EngineCommand([*head, *listen, *extra, *model.args, *spec], env, resolved, moe,
-                         notes, frozenset(k for k, _ in env if k not in own_keys))
+                         notes, frozenset(k for k, _ in env if k not in own_keys), moe_from)
 
 
 def engine_argv(
@@ -172,21 +182,27 @@ def _program(model: ModelConfig, default: str, entrypoint: tuple[str, ...]) -> s
 
 
 def _has_flag(args: Iterable[str], flag: str) -> str | None:
-    """The value given to `flag` in args (`--flag V` or `--flag=V`), or None."""
-    words = list(args)
+    """The value given to `flag` in args (`--flag V` or `--flag=V`), or None. Given more than
+    once, the last: argparse keeps the last value, and so do the engines."""
+    words = [vllm_word(a) for a in args]
+    found: str | None = None
     for i, a in enumerate(words):
         if a == flag and i + 1 < len(words):
-            return words[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
+            found = words[i + 1]
+        elif a.startswith(flag + "="):
+            found = a.split("=", 1)[1]
+    return found
 
 
 def _moe_pin(
-    model: ModelConfig, resolved: Resolved, own_env: Mapping[str, str]
+    where: str, model: ModelConfig, resolved: Resolved, own_env: Mapping[str, str],
+    capability: tuple[int, int] | None,
 ) -> tuple[str | None, list[str], list[tuple[str, str]], set[str], list[str]]:
     """vLLM's MoE pin in the form the version reads: (backend asked for, extra arguments,
-    environment to add, model env keys to leave out, notes)."""
+    environment to add, model env keys to leave out, notes). The model's own pin (args, then
+    env) wins; else sparkd's policy for this release and GPU. A variable value no vLLM
+    release takes is a ConfigError (one a release takes but not this one: a note, and
+    `sparkd check-config` refuses it)."""
     rules = resolved.rules
     version = resolved.version or "of unknown version"
     from_args = _has_flag(model.args, MOE_BACKEND_FLAG)
@@ -200,16 +216,23 @@ def _moe_pin(
         return backend, [], [], set(), notes
     if from_env is not None:
         backend = MOE_ENV_TO_FLAG.get(from_env)
-        if rules.moe_pin == "env" or backend is None:
-            if backend is None or from_env not in rules.moe_env_values:
+        if backend is None:
+            raise ConfigError(
+                f"{where}.env.{MOE_BACKEND_ENV}: expected a value of some vLLM release "
+                f"({', '.join(MOE_ENV_TO_FLAG)}: which ones this release takes, `sparkd "
+                f"check-config` says), got \"{_comment(from_env)}\"; fix: set one, or remove "
+                "the key and sparkd pins the backend for this GPU")
+        if rules.moe_pin == "env":
+            if from_env not in rules.moe_env_values:
                 notes.append(f"models.{model.name}.env.{MOE_BACKEND_ENV}={from_env} is not a "
-                             f"value vLLM {version} reads")
+                             f"value vLLM {version} takes (it takes: "
+                             f"{', '.join(rules.moe_env_values)})")
             return backend, [], [], set(), notes
         notes.append(f"models.{model.name}.env.{MOE_BACKEND_ENV}={from_env} rendered as "
                      f"{MOE_BACKEND_FLAG} {backend} (vLLM {version} reads the flag"
                      + (")" if rules.moe_env_values else "; the variable is gone since 0.24.0)"))
         return backend, [MOE_BACKEND_FLAG, backend], [], {MOE_BACKEND_ENV}, notes
-    backend = DEFAULT_MOE_BACKEND
+    backend = moe_policy(rules, capability)
     if rules.moe_pin == "env":
         return backend, [], [(MOE_BACKEND_ENV, MOE_FLAG_TO_ENV[backend])], set(), notes
     return backend, [MOE_BACKEND_FLAG, backend], [], set(), notes
@@ -289,16 +312,20 @@ def quote_command(argv: Iterable[str]) -> str:
 
 
 def render_units(
-    config: Config, *, systemd_version: int, engine_versions: Mapping[str, str] | None = None
+    config: Config, *, systemd_version: int, engine_versions: Mapping[str, str] | None = None,
+    capability: tuple[int, int] | None = None,
 ) -> dict[str, str]:
     """File name -> unit text for every supervised model, sorted by file name.
 
     `engine_versions` maps a model name to the version of its engine found installed
-    (sparkd.engine.versions.detect_versions); a version pinned in the config wins."""
+    (sparkd.engine.versions.detect_versions); a version pinned in the config wins.
+    `capability`: the GPU's compute capability (sparkd.monitor.nvml.read_compute_capability;
+    None: unknown)."""
     versions = engine_versions or {}
     units = {
         m.unit_for(v): render_unit(config, m, systemd_version=systemd_version, variant=v,
-                                   detected_version=versions.get(m.name))
+                                   detected_version=versions.get(m.name),
+                                   capability=capability)
         for m in config.models.values()
         if m.supervised
         for v in m.variants
@@ -308,14 +335,15 @@ def render_units(
 
 def render_unit(
     config: Config, model: ModelConfig, *, systemd_version: int, variant: Variant = "plain",
-    detected_version: str | None = None,
+    detected_version: str | None = None, capability: tuple[int, int] | None = None,
 ) -> str:
     """The text of `sparkd-engine@NAME.service` (or `NAME:spec`, the speculative variant) for
     one supervised model."""
     if not model.supervised:
         raise ValueError(f"model {model.name!r} is external: sparkd renders no unit for it")
     _check_model(config, model)
-    command = engine_command(config, model, variant, detected_version=detected_version)
+    command = engine_command(config, model, variant, detected_version=detected_version,
+                             capability=capability)
     sparkd = str(config.daemon.sparkd_path)
     name = model.name
     cache = f"sparkd/{name}"

@@ -4,9 +4,9 @@ at a random moment, 200 times. After every cut, the state parses to the old or t
 and the accepted copy is one whole config text: never a mix, never empty, never garbage.
 
 A SIGKILL is not a power loss: the page cache survives it. What it cuts at every point is
-sparkd's own sequence (temp file, write, fsync, rename, directory fsync); a power cut that
-loses unsynced pages is the file system's part, tried in the system tier by killing the
-container (tests/system/test_recovery.py)."""
+sparkd's own sequence (temp file, write, fsync, rename, directory fsync). The same cuts as
+container power cuts with a boot after each: tests/system/test_write_cuts.py; what a power loss
+that drops unsynced pages can leave: tests/unit/test_crash_consistency.py."""
 
 from __future__ import annotations
 

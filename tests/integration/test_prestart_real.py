@@ -76,8 +76,9 @@ def test_prestart_admits(tmp_path: Path, model_dir: Path, run_prestart_cli: Run)
     # An engine stopped a moment ago (its unit's ExecStopPost touched the stamp): settle.
     stamp = tmp_path / "engine-stopped"
     stamp.touch()
+    # --cold: the blanket drop (the warm path is tested in test_warm_real.py).
     result = run_prestart_cli("--config", str(_config(tmp_path, model_dir, 0.001)), "m",
-                              "--stopped-stamp", str(stamp))
+                              "--stopped-stamp", str(stamp), "--cold")
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     sim_dir, *lines = result.stderr.splitlines()
@@ -172,7 +173,7 @@ def test_fadvise_fallback_evicts_the_model_files(tmp_path: Path, model_dir: Path
     system = RealSystem(drop_caches_path=tmp_path / "no-such-dir" / "drop_caches")
     plan = PrestartPlan(
         model="m", model_path=model_dir, memory_gib=0, reserve_gib=0,
-        settle=SettleRule(timeout_s=2),
+        settle=SettleRule(timeout_s=2), warm=False,
     )
     lines: list[str] = []
     report = run_prestart(plan, system, lines.append)

@@ -91,7 +91,10 @@ def test_swap_to_the_real_llama_server_and_back(box: Container) -> None:
     assert code == 200, text
     log = box.exec(["journalctl", "-b", "-u", "sparkd-engine@tiny.service", "-o", "cat",
                     "--no-pager"]).stdout
-    assert "prestart tiny: drop_caches: freed" in log
+    # The GGUF was just written on the host, so its pages may be cached: a warm start keeps them
+    # (docs/watch.md, warm swaps); nothing cached, or too little room, is the blanket drop.
+    assert ("prestart tiny: drop_caches: freed" in log
+            or "prestart tiny: warm: kept" in log), log
     assert "wait-healthy: http://127.0.0.1:8102/health: healthy" in log
     status = json.loads(box.exec(["sparkctl", "status", "--json"]).stdout)
     tiny = next(e for e in status["engines"] if e["model"] == "tiny")
@@ -102,7 +105,7 @@ def test_swap_to_the_real_llama_server_and_back(box: Container) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert prop(box, "sparkd-engine@tiny.service", "ActiveState") == "inactive"
     # ... and the next start's prestart dropped them (the seed's first disaster, on the real
-    # model file's pages).
+    # model file's pages): blanket, or evicted as another model's file by a warm start of sim.
     assert cached_bytes(box) == 0
 
 

@@ -28,6 +28,7 @@ log.setLevel(logging.INFO)
 DEFAULT = "sim-small"
 OTHER = "sim-large"
 UNITS = ("sparkd.service", "sparkd-gateway.service")
+LATENESS_UNIT = "sparkd-lateness.service"
 GATEWAY = "http://127.0.0.1:8000"
 # A stop or restart of sparkd or the gateway, with clients connected, takes at most this
 # long (issue 12: on Python 3.12+ a connected client made it wait 30 s for SIGKILL).
@@ -151,8 +152,11 @@ def test_install_enables_and_starts_sparkd_and_the_gateway(box: Container, deb_n
         assert fragment in (f"/usr/lib/systemd/system/{unit}", f"/lib/systemd/system/{unit}")
     shipped = box.exec(["dpkg", "-L", "sparkd"]).stdout.splitlines()
     assert sorted(path for path in shipped if path.endswith(".service")) == [
-        f"/usr/lib/systemd/system/{unit}" for unit in sorted(UNITS)
+        f"/usr/lib/systemd/system/{unit}" for unit in sorted((*UNITS, LATENESS_UNIT))
     ]
+    # The desktop's lateness probe: started with sparkd (Wants=), not enabled on its own.
+    assert show(box, LATENESS_UNIT, "UnitFileState", "ActiveState") == {
+        "UnitFileState": "static", "ActiveState": "active"}
     wait_for("the default model to serve", lambda: serving(box, DEFAULT))
     wait_for("the gateway to route to it", lambda: gateway_answers(box))
 

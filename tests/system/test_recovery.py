@@ -58,10 +58,13 @@ def test_power_cut_then_boot_brings_the_model_back(container: Container) -> None
     assert f"the previous boot {first_boot} ended without a clean sparkd stop" in unclean
     state = box.exec(["cat", "/var/lib/sparkd/state.toml"]).stdout
     assert f'boot_id = "{box.boot_id()}"' in state
-    # The page cache was dropped before the engine started, in this boot.
+    # Prestart made room before the engine started, in this boot: the blanket drop, or a warm
+    # start, since a's weights live on the container's tmpfs layer, which the simulated power
+    # cut keeps (a real one empties the page cache: nothing cached, the blanket drop).
     log = box.exec(["journalctl", "-b", "-u", "sparkd-engine@a.service", "-o", "cat",
                     "--no-pager"]).stdout
-    assert "prestart a: drop_caches: freed" in log
+    assert ("prestart a: drop_caches: freed" in log
+            or "prestart a: warm: kept" in log), log
 
 
 def test_desired_model_broken_after_the_outage_falls_back_to_the_last_good(

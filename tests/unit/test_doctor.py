@@ -14,7 +14,7 @@ from sparkd.ctl.doctor import Facts, Level, diagnose
 from sparkd.ctl.main import cli
 from sparkd.daemon.report import fingerprint_record, gpus_record
 from sparkd.engine.fingerprints import match_lines
-from sparkd.monitor.nvml import FixtureNvml, read
+from sparkd.monitor.nvml import ComputeCapability, FixtureNvml, read, read_compute_capability
 
 CONFIG = """
 [daemon]
@@ -38,8 +38,14 @@ path = "/m/mistral"
 """
 
 
-gb10 = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "nvml" /
-                   "gb10-constructed.json").read_text())
+NVML = Path(__file__).resolve().parents[1] / "fixtures" / "nvml"
+gb10 = json.loads((NVML / "gb10-constructed.json").read_text())
+#: A GB10's compute capability, 12.1 (FACTS.md; no GB10 was at hand to capture it from).
+GB10_CAPABILITY = ComputeCapability((12, 1))
+#: The H200's, as NVML answered on the developers' GPU machine (9.0).
+H200_CAPABILITY = read_compute_capability(FixtureNvml(json.loads(
+    (NVML / "h200-capability.json").read_text())["captured"]))
+NO_NVML = ComputeCapability(None, "NVML is not available: Driver Not Loaded")
 
 
 def facts(**changes: Any) -> Facts:
@@ -54,6 +60,7 @@ def facts(**changes: Any) -> Facts:
         drop_caches_writable=True,
         mem_total=128 << 30,
         path_exists={"qwen": True, "old": True, "mistral": False},
+        capability=GB10_CAPABILITY,
     )
     return dataclasses.replace(base, **changes)
 
@@ -66,16 +73,22 @@ def test_the_runbook_checks() -> None:
     checks = by_id(diagnose(facts()))
     assert checks["daemon"].level is Level.OK
     assert checks["units"].level is Level.OK
-    assert checks["moe_backend.qwen"].level is Level.OK
-    # Version unknown: the newest rules, where the pin is the flag; doctor says which form.
-    assert checks["moe_backend.qwen"].message == (
-        "qwen: MoE pin --moe-backend flashinfer_trtllm (what vLLM ? reads)")
+    # Version unknown: the newest rules, where the pin is the flag and a pin that cannot run
+    # is refused; on a GB10 (12.1) sparkd pins the throughput path, and says why.
+    qwen = checks["moe_backend.qwen"]
+    assert qwen.level is Level.OK
+    assert qwen.message.startswith("qwen: MoE pin --moe-backend flashinfer_cutlass (set by "
+                                   "sparkd; the form vLLM 0.24.0+ (the rules used) reads)")
+    assert "do not run on this GPU (compute capability 12.1" in qwen.message
+    assert "docs/watch.md" in qwen.message and qwen.fix == ""
     assert checks["engine_version.qwen"].level is Level.WARN
     assert "vllm version unknown" in checks["engine_version.qwen"].message
     old = checks["moe_backend.old"]
-    assert old.level is Level.WARN and "froze the desktop" in old.message
+    # The model's own throughput pin, on a GPU where the latency path cannot run: no advice
+    # to remove it (before: "froze the desktop", fix "remove it").
+    assert old.level is Level.OK and "froze the desktop" not in old.message
     assert "rendered as --moe-backend flashinfer_cutlass" in old.message
-    assert old.fix == "remove it from models.old.env / args"
+    assert "remove" not in old.fix
     mem = checks["memory.old"]
     assert mem.level is Level.FAIL
     assert mem.message == "old needs 204.0 GiB with the reserve; the machine has 128.0 GiB"
@@ -114,12 +127,17 @@ def test_the_moe_pin_in_the_form_the_detected_version_reads() -> None:
     """Before: doctor said VLLM_FLASHINFER_MOE_BACKEND=latency was in effect on every vLLM,
     though 0.24+ ignores it."""
     old = by_id(diagnose(facts(engine_versions={"qwen": "0.11.2"})))
-    assert old["moe_backend.qwen"].message == (
-        "qwen: MoE pin VLLM_FLASHINFER_MOE_BACKEND=latency (what vLLM 0.11.2 reads)")
+    assert old["moe_backend.qwen"].message.startswith(
+        "qwen: MoE pin VLLM_FLASHINFER_MOE_BACKEND=latency (set by sparkd; the form vLLM "
+        "0.11.2 reads); the latency kernels do not run on this GPU (compute capability 12.1)")
+    assert old["moe_backend.qwen"].level is Level.OK  # 0.11 does not refuse it
     assert old["engine_version.qwen"].level is Level.OK
-    new = by_id(diagnose(facts(engine_versions={"qwen": "0.34.0"})))
+    new = by_id(diagnose(facts(engine_versions={"qwen": "0.34.0"}, capability=ComputeCapability(
+        (10, 0)))))
     assert new["moe_backend.qwen"].message == (
-        "qwen: MoE pin --moe-backend flashinfer_trtllm (what vLLM 0.34.0 reads)")
+        "qwen: MoE pin --moe-backend flashinfer_trtllm (set by sparkd; the form vLLM 0.34.0 "
+        "reads)")
+    assert new["moe_backend.qwen"].level is Level.OK
 
 
 def test_doctor_fails_when_the_engine_chose_another_backend_or_refused() -> None:
@@ -133,17 +151,19 @@ def test_doctor_fails_when_the_engine_chose_another_backend_or_refused() -> None
 
     wrong = by_id(diagnose(facts(daemon_status=status_with(
         "Using 'FLASHINFER_CUTLASS' NvFp4 MoE backend out of potential backends: "
-        "['FLASHINFER_CUTLASS']."), engine_versions={"qwen": "0.33.0"})))
+        "['FLASHINFER_CUTLASS']."), engine_versions={"qwen": "0.33.0"},
+        capability=ComputeCapability((10, 0)))))
     assert wrong["moe_chosen.qwen"].level is Level.FAIL
     assert wrong["moe_chosen.qwen"].message == (
         "qwen: the pin asks for flashinfer_trtllm, the engine chose flashinfer_cutlass")
     failed = by_id(diagnose(facts(daemon_status=status_with(
         "ValueError: NvFp4 MoE backend 'FLASHINFER_TRTLLM' does not support the "
-        "deployment configuration since kernel does not support current device."))))
+        "deployment configuration since kernel does not support current device."),
+        capability=NO_NVML)))
     assert failed["moe_chosen.qwen"].level is Level.FAIL
     assert "does not support the deployment configuration" in failed["moe_chosen.qwen"].message
     ok = by_id(diagnose(facts(daemon_status=status_with(
         "Using FLASHINFER_TRTLLM NvFp4 MoE backend out of potential backends: "
-        "['FLASHINFER_TRTLLM']."))))
+        "['FLASHINFER_TRTLLM']."), capability=ComputeCapability((10, 0)))))
     assert ok["moe_chosen.qwen"].level is Level.OK
     assert "moe_chosen.qwen" not in by_id(diagnose(facts()))  # nothing logged: nothing to say

@@ -1,6 +1,7 @@
 """Every rendered vLLM and SGLang command line and environment, checked against the real
-argument parsers of each supported release (tests/fixtures/engines/, written by
-`make engine-fixtures`: scripts/engine_fixtures.py).
+argument parsers of each supported release (sparkd/engine/fixtures/, written by
+`make engine-fixtures`: scripts/engine_fixtures.py; the check is sparkd.engine.parsers, which
+`sparkd check-config` runs on the user's models too).
 
 The check replays argparse on the recorded parser: an unknown flag, a value the flag's type
 does not take, a choice the release does not offer, a missing value, and an environment
@@ -10,115 +11,18 @@ problems. `test_the_check_catches_*` prove each of those fails on a deliberately
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
 import pytest
 from test_render import golden_config
 
 from sparkd.config import VARIANTS, ModelConfig
+from sparkd.engine.parsers import check_argv, check_env, fixture, recorded
 from sparkd.engine.versions import FIXTURE_VERSIONS, rules_for
 from sparkd.units.render import EngineCommand, engine_command
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "engines"
 CHECKED = [(e, v) for e, v in FIXTURE_VERSIONS if e in ("vllm", "sglang")]
 LLAMACPP = [(e, v) for e, v in FIXTURE_VERSIONS if e == "llamacpp"]
-
-
-def fixture(engine: str, version: str) -> dict[str, Any]:
-    path = FIXTURES / f"{engine}-{version}.json"
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return data
-
-
-def _check_value(flag: str, spec: dict[str, Any], value: str) -> list[str]:
-    problems = []
-    kind = spec.get("type") or "str"
-    try:
-        if kind == "int" or kind.endswith("> int"):
-            int(value)
-        elif kind == "float" or kind.endswith("> float"):
-            float(value)
-        elif "loads" in kind and (value.lstrip().startswith("{") or "union" not in kind):
-            json.loads(value)
-        elif "human_readable_int" in kind and not ("or_auto" in kind and value == "auto"):
-            float(value.rstrip("kKmMgGtT") or "x")
-    except ValueError:
-        problems.append(f"{flag} {value!r}: not a value of type {kind}")
-    choices = spec.get("choices")
-    if choices is not None:
-        items = value.split(spec["list_sep"]) if spec.get("list_sep") else [value]
-        for item in items:
-            normal = item.lower().replace("-", "_") if "<lambda>" in kind else item
-            if normal not in choices:
-                problems.append(f"{flag} {item!r}: not one of the choices {choices}")
-    return problems
-
-
-def check_argv(fx: dict[str, Any], args: list[str]) -> list[str]:
-    """What the recorded parser would refuse in `args` (the words after the entrypoint;
-    vLLM's from `serve` on)."""
-    flags: dict[str, Any] = fx["flags"]
-    problems: list[str] = []
-    words = list(args)
-    if fx["engine"] == "vllm":
-        if not words or words[0] != "serve":
-            return [f"vLLM's command line starts with 'serve', got {words[:1]}"]
-        words = words[1:]
-        if words and not words[0].startswith("-"):
-            words = words[1:]  # the model (serve's model_tag positional)
-    i = 0
-    while i < len(words):
-        word = words[i]
-        i += 1
-        if not word.startswith("-"):
-            problems.append(f"{word!r}: an argument no flag takes")
-            continue
-        flag, eq, inline = word.partition("=")
-        spec = flags.get(flag)
-        if spec is None:
-            problems.append(f"{flag}: not a flag of {fx['engine']} {fx['version']}")
-            if not eq and i < len(words) and not words[i].startswith("-"):
-                i += 1  # its value, most likely: one problem, not two
-            continue
-        if spec.get("removed"):  # llama.cpp keeps removed flags only to exit 1 on them
-            problems.append(f"{flag}: removed in {fx['engine']} {fx['version']}")
-        if spec["kind"] in ("switch", "bool_optional", "help") or spec.get("nargs") == 0:
-            if eq:
-                problems.append(f"{flag} takes no value")
-            continue
-        nargs = spec.get("nargs")
-        values: list[str] = []
-        if eq:
-            values = [inline]
-        elif nargs in (None, 1):
-            if i >= len(words) or (words[i].startswith("--") and words[i] in flags):
-                problems.append(f"{flag}: expected a value")
-                continue
-            values = [words[i]]
-            i += 1
-        elif nargs == "?":
-            if i < len(words) and not words[i].startswith("-"):
-                values = [words[i]]
-                i += 1
-        else:  # "+", "*", N
-            while i < len(words) and not words[i].startswith("-"):
-                values.append(words[i])
-                i += 1
-            if nargs == "+" and not values:
-                problems.append(f"{flag}: expected one or more values")
-        for value in values:
-            problems += _check_value(flag, spec, value)
-    return problems
-
-
-def check_env(fx: dict[str, Any], env: list[tuple[str, str]]) -> list[str]:
-    prefix: str = fx["env"]["prefix"]
-    known = set(fx["env"]["names"])
-    return [f"{k}: not a variable {fx['engine']} {fx['version']} reads"
-            for k, _ in env if k.startswith(prefix) and k not in known]
 
 
 def engine_args(command: EngineCommand) -> list[str]:
@@ -136,6 +40,10 @@ def models_of(engine: str) -> list[ModelConfig]:
 
 
 # --- the fixtures themselves ----------------------------------------------------------------
+
+
+def test_the_recorded_parsers_are_the_table_s_fixture_versions() -> None:
+    assert recorded() == sorted(FIXTURE_VERSIONS)
 
 
 @pytest.mark.parametrize(("engine", "version"), CHECKED)

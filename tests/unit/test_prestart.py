@@ -19,6 +19,7 @@ from sparkd.engine.prestart import (
     run_prestart,
     settle_needed,
 )
+from sparkd.engine.warm import ModelFile
 from sparkd.errors import PrestartRefused, UnknownModel
 from sparkd.monitor.memory import GIB, MIB, MemInfo, SettleRule, SettleState
 
@@ -28,6 +29,14 @@ FILES = {
     MODEL_PATH / "model-00001-of-00002.safetensors": 40 * GIB,
     MODEL_PATH / "model-00002-of-00002.safetensors": 30 * GIB,
 }
+OTHER_PATH = Path("/models/llama")
+OTHER_FILES = {
+    OTHER_PATH / "llama.gguf": 20 * GIB,
+}
+
+
+def _key(path: Path) -> tuple[int, int]:
+    return (1, hash(path) & 0xFFFFFFFF)
 
 
 @dataclass
@@ -41,6 +50,10 @@ class FakeSystem:
     dirty: int = 200 * MIB
     drop_permitted: bool = True
     files: dict[Path, int] = field(default_factory=lambda: dict(FILES))
+    other_files: dict[Path, int] = field(default_factory=lambda: dict(OTHER_FILES))
+    # Bytes of each file in the page cache (part of `cache`); a file not here is taken as
+    # wholly cached by the fadvise fallback (the fallback tests' assumption).
+    cached: dict[Path, int] = field(default_factory=dict)
     fadvise_fails: set[Path] = field(default_factory=set)
     returning: list[int] = field(default_factory=list)
     now: float = 1000.0
@@ -61,6 +74,7 @@ class FakeSystem:
             raise PermissionError(13, "Permission denied")
         self.free += self.cache
         self.cache = 0
+        self.cached.clear()
         self.dropped = True
 
     def regular_files(self, root: Path) -> list[tuple[Path, int]]:
@@ -74,10 +88,18 @@ class FakeSystem:
         self.now += 0.001
         if path in self.fadvise_fails:
             raise PermissionError(13, "Permission denied")
-        evicted = min(self.cache, self.files[path])
+        evicted = min(self.cache, self.cached.pop(path, self.files.get(path, 0)))
         self.cache -= evicted
         self.free += evicted
         self.dropped = True
+
+    def model_files(self, root: Path) -> list[ModelFile]:
+        self.calls.append(f"files {root}")
+        files = self.files if root == MODEL_PATH else self.other_files
+        return [ModelFile(p, n, _key(p)) for p, n in files.items() if p.is_relative_to(root)]
+
+    def cached_bytes(self, path: Path) -> int:
+        return self.cached.get(path, 0)
 
     def read_meminfo(self) -> MemInfo:
         if self.dropped and self.returning:
@@ -109,6 +131,7 @@ def _plan(memory_gib: float = 70.0, *, reserve_gib: float = 4.0, timeout_s: floa
         memory_gib=memory_gib,
         reserve_gib=reserve_gib,
         settle=SettleRule(timeout_s=timeout_s),
+        others=(("llama", OTHER_PATH),),
     )
 
 
@@ -130,7 +153,8 @@ def test_drop_works() -> None:
     system = FakeSystem()
     lines, refused = _run(_plan(), system)
     assert refused is None
-    assert system.calls[:2] == ["sync", "drop_caches"]
+    # Nothing of qwen's is cached (the fake's default): the blanket drop, as before.
+    assert system.calls[:3] == ["sync", f"files {MODEL_PATH}", "drop_caches"]
     assert not any(c.startswith(("fadvise", "list")) for c in system.calls)
     assert _line(lines, "sync:") == (
         "prestart qwen: sync: flushed dirty pages (200 MiB before, 0 B after) in 3 ms"
@@ -140,7 +164,7 @@ def test_drop_works() -> None:
         "(110.0 GiB free, 0 B cached)"
     )
     assert [line.split(":")[1].strip() for line in lines] == [
-        "sync", "drop_caches", "settle", "memory gate"
+        "sync", "page cache", "drop_caches", "settle", "memory gate"
     ]
 
 
@@ -312,7 +336,8 @@ def test_report_values() -> None:
     assert report.drop.freed == 90 * GIB
     assert report.settle is SettleState.SETTLED
     assert report.meminfo.available == 110 * GIB
-    assert len(report.lines) == 4
+    assert len(report.lines) == 5
+    assert (report.kept, report.evicted) == (0, None)
 
 
 def test_cli_config_error_exits_2(tmp_path: Path) -> None:
@@ -331,3 +356,149 @@ def test_cli_unknown_model_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(command, ["--config", str(path), "llama"])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"unknown model 'llama' (configured in {path}: qwen)"
+
+
+# --- warm swaps ---------------------------------------------------------------------------------
+
+FIRST = MODEL_PATH / "model-00001-of-00002.safetensors"
+GGUF = OTHER_PATH / "llama.gguf"
+
+
+def _warm_system(**kwargs: object) -> FakeSystem:
+    """90 GiB cached: 40 GiB of qwen's first shard, all 20 GiB of llama's GGUF, 30 GiB else."""
+    return FakeSystem(cached={FIRST: 40 * GIB, GGUF: 20 * GIB}, **kwargs)  # type: ignore[arg-type]
+
+
+def test_warm_keeps_the_targets_pages_and_evicts_the_other_models() -> None:
+    system = _warm_system()
+    lines, refused = _run(_plan(40.0), system)
+    assert refused is None
+    assert "drop_caches" not in system.calls
+    assert [c for c in system.calls if c.startswith("fadvise")] == ["fadvise llama.gguf"]
+    assert system.cached == {FIRST: 40 * GIB}
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "sync", "page cache", "evict", "settle", "warm", "memory gate"
+    ]
+    assert _line(lines, "page cache:") == (
+        "prestart qwen: page cache: 40.0 GiB of qwen's 70.0 GiB of files cached: evicting the "
+        "other models' files, keeping qwen's where memory allows"
+    )
+    assert _line(lines, "evict:") == (
+        "prestart qwen: evict: posix_fadvise(DONTNEED) on 1 file (20.0 GiB) of the other models "
+        "(llama): freed 20.0 GiB of page cache in 1 ms (40.0 GiB free, 70.0 GiB cached)"
+    )
+    assert _line(lines, "warm:") == (
+        "prestart qwen: warm: kept 40.0 GiB of qwen's files in the page cache: MemAvailable "
+        "110.0 GiB - 40.0 GiB of qwen's files cached = 70.0 GiB covers 40.0 GiB + 4.0 GiB "
+        "reserve"
+    )
+    # The gate counts the kept pages as used (unified memory: cached and loaded copies both).
+    assert _line(lines, "memory gate:").startswith(
+        "prestart qwen: memory gate: ok: needs 40.0 GiB + 4.0 GiB reserve, 70.0 GiB available "
+        "(MemAvailable 110.0 GiB less 40.0 GiB of qwen's files kept in the page cache)"
+    )
+    report = run_prestart(_plan(40.0), _warm_system(), lambda _line: None)
+    assert report.kept == 40 * GIB
+    assert report.drop.method == "evict" and report.evicted == report.drop
+    assert report.drop.freed == 20 * GIB
+
+
+def test_warm_drops_everything_when_the_kept_pages_would_not_leave_room() -> None:
+    # 110 GiB available less 40 GiB cached = 70 GiB < 70 + 4 reserve: drop, as before.
+    system = _warm_system()
+    lines, refused = _run(_plan(70.0), system)
+    assert refused is None
+    assert system.calls.count("drop_caches") == 1 and system.cached == {}
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "sync", "page cache", "evict", "settle", "warm", "drop_caches", "memory gate"
+    ]
+    assert _line(lines, "warm:") == (
+        "prestart qwen: warm: not kept: MemAvailable 110.0 GiB - 40.0 GiB of qwen's files "
+        "cached = 70.0 GiB does not cover 70.0 GiB + 4.0 GiB reserve; dropping the whole page "
+        "cache"
+    )
+    assert _line(lines, "memory gate:").startswith(
+        "prestart qwen: memory gate: ok: needs 70.0 GiB + 4.0 GiB reserve, 110.0 GiB available "
+        "(110.0 GiB free)")
+    report = run_prestart(_plan(70.0), _warm_system(), lambda _line: None)
+    assert (report.kept, report.drop.method) == (0, "drop_caches")
+    assert report.evicted is not None and report.evicted.freed == 20 * GIB
+
+
+def test_warm_at_the_boundary() -> None:
+    # Left after the kept pages: exactly memory_gib + reserve keeps; a byte less drops.
+    system = _warm_system()
+    lines, _ = _run(_plan(66.0), system)
+    assert "prestart qwen: warm: kept" in _line(lines, "warm:")
+    plan = replace(_plan(66.0), reserve_gib=4.0 + 1 / GIB)
+    lines, _ = _run(plan, _warm_system())
+    assert "prestart qwen: warm: not kept" in _line(lines, "warm:")
+
+
+def test_nothing_of_the_target_cached_is_the_blanket_drop() -> None:
+    system = FakeSystem(cached={GGUF: 20 * GIB})
+    lines, refused = _run(_plan(), system)
+    assert refused is None
+    assert not any(c.startswith("fadvise") for c in system.calls)
+    assert system.calls.count("drop_caches") == 1
+    assert _line(lines, "page cache:") == (
+        "prestart qwen: page cache: none of qwen's 70.0 GiB of files cached: dropping the whole "
+        "page cache"
+    )
+
+
+def test_cold_plan_is_the_old_blanket_drop() -> None:
+    system = _warm_system()
+    lines, refused = _run(replace(_plan(40.0), warm=False), system)
+    assert refused is None
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "sync", "drop_caches", "settle", "memory gate"
+    ]
+    assert not any(c.startswith(("fadvise", "files")) for c in system.calls)
+    assert system.cached == {}
+
+
+def test_warm_without_drop_permission_evicts_the_target_too_when_not_kept() -> None:
+    system = _warm_system(drop_permitted=False)
+    lines, refused = _run(_plan(70.0), system)
+    assert refused is None
+    advised = [c.removeprefix("fadvise ") for c in system.calls if c.startswith("fadvise")]
+    assert advised[0] == "llama.gguf"
+    assert sorted(advised[1:]) == sorted(p.name for p in FILES)
+    assert "fell back to posix_fadvise(DONTNEED) on 3 files" in _line(lines, "drop_caches:")
+
+
+def test_gate_counts_kept_pages_as_used() -> None:
+    plan = _plan(70.0)
+    mem = MemInfo(total=128 * GIB, free=80 * GIB, available=110 * GIB, cached=30 * GIB)
+    assert memory_gate(plan, mem).admitted
+    assert memory_gate(plan, mem, kept=36 * GIB).admitted
+    refused = memory_gate(plan, mem, kept=36 * GIB + 1)
+    assert not refused.admitted
+    assert refused.line == (
+        "prestart qwen: refused: needs 70.0 GiB + 4.0 GiB reserve, 74.0 GiB available "
+        "(MemAvailable 110.0 GiB less 36.0 GiB of qwen's files kept in the page cache) "
+        "(stop other GPU work or lower memory_gib)"
+    )
+
+
+def test_plan_lists_the_other_models_each_path_once() -> None:
+    config = parse_config(CONFIG + """
+[models.llama]
+engine = "llamacpp"
+path = "/models/llama.gguf"
+port = 8202
+
+[models.qwen-again]
+engine = "vllm"
+path = "/models/qwen"
+port = 8203
+
+[models.llama-too]
+engine = "llamacpp"
+path = "/models/llama.gguf"
+port = 8204
+""", source=Path("/etc/sparkd.toml"))
+    plan = plan_prestart(config, "qwen")
+    assert plan.others == (("llama", Path("/models/llama.gguf")),)
+    assert plan.warm

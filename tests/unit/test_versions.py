@@ -19,12 +19,42 @@ from sparkd.engine.versions import (
 )
 
 
-@pytest.mark.parametrize(("text", "key"), [
+@pytest.mark.parametrize(("text", "release"), [
     ("0.34.0", (0, 34, 0)), ("b11434", (11434,)), ("11434", (11434,)),
-    ("0.5.23.post1", (0, 5, 23, 1)), ("v0.11.2", (0, 11, 2)), ("0.23.0rc1", (0, 23, 0, 1)),
+    ("0.5.23.post1", (0, 5, 23)), ("v0.11.2", (0, 11, 2)), ("0.23.0rc1", (0, 23, 0)),
+    ("0.34.0+cu130", (0, 34, 0)),
 ])
-def test_version_key(text: str, key: tuple[int, ...]) -> None:
-    assert version_key(text) == key
+def test_version_key(text: str, release: tuple[int, ...]) -> None:
+    assert version_key(text).release == release
+
+
+def test_pre_releases_sort_before_their_release_and_post_after() -> None:
+    """PEP 440 order (packaging.version): 0.11.2rc1 < 0.11.2 < 0.11.2.post1; a local
+    version (a CUDA wheel's "+cu130") is the release it builds."""
+    order = ["0.11.2.dev1", "0.11.2rc1", "0.11.2", "0.11.2+cu130", "0.11.2.post1", "0.11.3"]
+    assert sorted(order, key=version_key) == order
+    # 0.17.0rc1 is not yet 0.17.0: the rules before the --moe-backend flag.
+    assert rules_for("vllm", "0.17.0rc1").rules.since == "0.12.0"
+
+
+@pytest.mark.parametrize(("engine", "version", "since"), [
+    ("vllm", "0.34.0+cu130", "0.24.0"),
+    ("vllm", "0.26.0+cu129", "0.24.0"),
+    ("sglang", "0.5.23+cu130", "0.5.5"),
+])
+def test_a_local_version_is_its_public_release(engine: str, version: str, since: str) -> None:
+    resolved = rules_for(engine, version)
+    assert resolved.known and resolved.rules.since == since
+
+
+@pytest.mark.parametrize(("engine", "version"), [
+    ("vllm", "b11434"), ("sglang", "b9093"), ("llamacpp", "0.34"), ("llamacpp", "0.34.0"),
+    ("llamacpp", "b11434rc1"), ("vllm", "nightly"),
+])
+def test_a_version_of_another_engines_form_is_not_a_version(engine: str, version: str) -> None:
+    resolved = rules_for(engine, version)
+    assert not resolved.known
+    assert resolved.warning is not None and "is not a version" in resolved.warning
 
 
 @pytest.mark.parametrize(("engine", "version", "since", "warned"), [
