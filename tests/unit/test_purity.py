@@ -46,6 +46,7 @@ PURE = (
     "sparkd.daemon.engines",
     "sparkd.daemon.report",
     "sparkd.daemon.actions",
+    "sparkd.daemon.resume",
 )
 ADAPTERS = ("aiohttp", "pystemd", "pynvml", "pyudev", "click", "rich", "sdnotify",
             "huggingface_hub", "psutil")
