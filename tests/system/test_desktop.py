@@ -169,6 +169,15 @@ def writable_cpu_hierarchy(box: Container) -> str:
     mounts = box.exec(["sh", "-c", "grep ' /sys/fs/cgroup/cpu' /proc/self/mounts || true"]).stdout
     if not mounts.strip():
         return "no cgroup v1 cpu hierarchy mounted (cgroup v2: nothing to do)"
+    # Never without a cgroup of its own: the container's root in the hierarchy would be the
+    # host's, and its systemd would make system.slice, user.slice, ... there (seen once).
+    own = {names: path for _, names, path in (line.split(":", 2) for line in Path(
+        f"/proc/{box.pid}/cgroup").read_text().splitlines())}
+    for controller in ("cpu", "cpuacct"):
+        path = next((p for names, p in own.items() if controller in names.split(",")), "")
+        if not path.rstrip("/").endswith(f"/{box.name}") and f"/{box.name}/" not in path:
+            return (f"not remounted: the container has no {controller} cgroup of its own "
+                    f"(host path {path!r})")
     done = []
     for point in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpuacct"):
         r = box.exec(["mount", "-o", "remount,bind,rw", point], check=False)
