@@ -23,7 +23,7 @@ from sparkd.monitor.psi import RESOURCES, Pressure
 
 
 class Step(enum.StrEnum):
-    WEIGHTS = "weights"  # lower the engine unit's CPUWeight=, IOWeight= (and MemoryHigh=)
+    WEIGHTS = "weights"  # lower sparkd.slice's CPUWeight=, IOWeight= (and MemoryHigh=)
     LATENCY_MOE = "latency_moe"  # vLLM: restart with the latency MoE backend
     STOP = "stop"  # stop the engine
 
