@@ -500,3 +500,17 @@ def test_the_latency_step_is_skipped_where_vllm_would_refuse_or_fall_back(
     w, messages = _climb(tmp_path, capability, caplog)
     assert not any(c[0] == "restart" for c in w.systemd.calls)  # type: ignore[attr-defined]
     assert any("step latency_moe skipped" in m and why in m for m in messages), messages
+
+
+def test_a_desktop_nobody_could_look_for_is_unknown_not_headless(tmp_path: Path) -> None:
+    """With neither logind nor NVML readable the ladder acts as on a headless machine, but
+    status says "unknown": sparkd did not see that there is no desktop."""
+    unread = dk.desktop_presence(None, None)
+    assert not unread.present and not unread.known
+    assert dk.desktop_presence([], None).known  # logind answered: no graphical session
+    w = build(tmp_path, CONFIG.replace("{presence}", "detect")
+              .replace("{lateness}", str(tmp_path / "lateness")))
+    w.sup.watch.ladder.presence = unread
+    assert w.sup.watch.desktop == "unknown"
+    w.sup.watch.ladder.presence = dk.desktop_presence([], None)
+    assert w.sup.watch.desktop == "headless"
