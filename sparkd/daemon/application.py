@@ -218,7 +218,8 @@ class Daemon:
         """The udev monitor (power supplies, the NVIDIA device, block devices) and what it
         sees now; None, said once, where none can be opened (no netlink, no libudev)."""
         try:
-            udev = UdevMonitor(lambda ev: sup.devices.on_event(sup, ev))
+            udev = UdevMonitor(lambda ev: sup.devices.on_event(sup, ev),
+                               on_lost=lambda: sup.devices.rescan(sup, udev.scan()))
             sup.devices.scan(sup, udev.scan())
         except (ImportError, OSError) as exc:
             event(log, "udev_unavailable", "no udev events (%s): power, GPU removal and "
