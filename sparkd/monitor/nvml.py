@@ -299,10 +299,12 @@ class NvmlMonitor:
     """NVML kept initialized between readings (nvmlInit is not free). Blocking: call from a
     worker thread. Without a driver or GPU (CI, a VM) every reading carries the reason."""
 
-    #: Seconds between attempts to open NVML after it failed (the driver not up yet at boot,
-    #: a GPU lost and bound again): boot's wait_for_gpu polls every 0.5 s for 60 s, and a
-    #: failed nvmlInit where there is no driver at all costs a dlopen.
+    #: Seconds before the first attempt to open NVML again after it failed (the driver not up
+    #: yet at boot, a GPU lost and bound again): boot's wait_for_gpu polls every 0.5 s for
+    #: 60 s. Each failure in a row doubles it up to RETRY_MAX_S: an NVML that keeps failing
+    #: (a call refused in a container) is not opened and closed every 2 s.
     RETRY_S: Final = 2.0
+    RETRY_MAX_S: Final = 10.0
 
     def __init__(self, nvml: Any | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -311,6 +313,7 @@ class NvmlMonitor:
         self._error: str | None = None
         self._clock = clock
         self._failed_at: float | None = None  # when NVML last failed to open or to answer
+        self._retry_s = self.RETRY_S
 
     def _open(self) -> Any:
         if self._nvml is None:
@@ -321,14 +324,19 @@ class NvmlMonitor:
                 return None
             self._nvml = pynvml
         if not self._ready and (self._failed_at is None
-                                or self._clock() - self._failed_at >= self.RETRY_S):
+                                or self._clock() - self._failed_at >= self._retry_s):
             try:
                 self._nvml.nvmlInit()
-                self._ready, self._error, self._failed_at = True, None, None
+                self._ready, self._error = True, None
             except self._nvml.NVMLError as exc:
                 self._error = f"NVML is not available: {exc}"
-                self._failed_at = self._clock()
+                self._failed()
         return self._nvml if self._ready else None
+
+    def _failed(self) -> None:
+        if self._failed_at is not None:
+            self._retry_s = min(self._retry_s * 2, self.RETRY_MAX_S)
+        self._failed_at = self._clock()
 
     def read(self) -> NvmlSnapshot:
         nvml = self._open()
@@ -337,13 +345,14 @@ class NvmlMonitor:
         try:
             driver = _text(nvml.nvmlSystemGetDriverVersion())
             gpus = tuple(_read_gpu(nvml, i) for i in range(nvml.nvmlDeviceGetCount()))
+            self._failed_at, self._retry_s = None, self.RETRY_S
             return NvmlSnapshot(driver=driver, gpus=gpus)
         except nvml.NVMLError as exc:
             # Closed, and opened again at a later reading: after a GPU is lost and bound
             # again the old session does not recover.
             self._error = f"NVML failed: {exc}"
             self.close()
-            self._failed_at = self._clock()
+            self._failed()
             return NvmlSnapshot(driver=None, gpus=(), error=self._error)
 
     def close(self) -> None:

@@ -112,3 +112,15 @@ def test_a_failed_reading_opens_nvml_again() -> None:
     assert monitor.read().error is None
     assert nvml.inits == 2
     monitor.close()
+
+
+def test_an_nvml_that_keeps_failing_is_tried_less_often() -> None:
+    captured = {"init_error": "Driver Not Loaded", "devices": []}
+    clock = Clock()
+    nvml = CountingNvml(captured)
+    monitor = NvmlMonitor(nvml, clock=clock)
+    for _ in range(120):  # a minute of readings every 0.5 s
+        monitor.read()
+        clock.t += 0.5
+    # opened at 0, 2, 6, 14 s, then every 10 s: 24, 34, 44, 54 (8 in 60 s, not 120)
+    assert nvml.inits == 8
