@@ -309,10 +309,14 @@ async def scrape_metrics(session: aiohttp.ClientSession, url: str) -> str | None
                                allow_redirects=False) as response:
             if response.status != 200:
                 return None
-            body = await response.content.read(METRICS_MAX_BYTES + 1)
+            # Every piece to the end: content.read(n) returns what has arrived, up to n (a
+            # vLLM exposition in several pieces was read as its first one).
+            body = bytearray()
+            async for piece in response.content.iter_chunked(1 << 16):
+                body += piece
+                if len(body) > METRICS_MAX_BYTES:
+                    return None
     except (aiohttp.ClientError, TimeoutError):
-        return None
-    if len(body) > METRICS_MAX_BYTES:
         return None
     return body.decode("utf-8", errors="replace")
 
