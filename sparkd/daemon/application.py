@@ -297,6 +297,9 @@ class Daemon:
                 await sup.check_health()
             except SparkdError as exc:
                 log.warning("periodic check failed: %s", exc)
+            except Exception:  # never let the health loop die quietly (the watchdog goes on)
+                log.exception("the health tick failed; the next one runs in %g s",
+                              sup.config.daemon.health_interval_s)
 
 
 async def scrape_metrics(session: aiohttp.ClientSession, url: str) -> str | None:
