@@ -160,9 +160,10 @@ def main(argv: list[str] | None = None) -> None:
         iterations = int(args["--iterations"]) if "--iterations" in args else None
     except ValueError as exc:
         raise SystemExit(f"{USAGE}\n{exc}") from None
-    if not (1 <= period_ms <= 1000 and window_s >= period_ms / 1000 and report_s > 0):
+    if not (1 <= period_ms <= 1000 and period_ms / 1000 <= window_s <= 3600
+            and 0 < report_s <= 3600):  # NaN fails every comparison
         raise SystemExit(f"{USAGE}\n--period-ms from 1 to 1000, --window-s at least one "
-                         "period, --report-s over 0")
+                         "period and at most 3600, --report-s over 0 and at most 3600")
     run(args.get("--out", OUT), period_s=period_ms / 1000, window_s=window_s,
         report_s=report_s, iterations=iterations)
 

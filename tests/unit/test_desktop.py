@@ -273,6 +273,16 @@ def test_a_report_that_is_a_fifo_a_device_or_a_symlink_is_refused_without_blocki
     assert "root-only" not in str(caught.value)
 
 
+@pytest.mark.parametrize("args", [["--window-s", "inf"], ["--window-s", "1e12"],
+                                  ["--report-s", "nan"], ["--period-ms", "nan"]])
+def test_the_probe_refuses_windows_it_cannot_hold(args: list[str]) -> None:
+    # --window-s inf was an OverflowError traceback; 1e12 a ring that grew without end.
+    from sparkd.monitor.lateness import main
+
+    with pytest.raises(SystemExit, match="--window-s at least one period and at most 3600"):
+        main([*args, "--iterations", "1", "--out", "/nonexistent/lateness"])
+
+
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-1", "1e400"])
 def test_a_report_with_a_non_finite_or_negative_lateness_is_refused_not_read_as_ok(
         value: str) -> None:
