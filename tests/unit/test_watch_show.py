@@ -294,6 +294,22 @@ def test_top_lets_the_daemons_absence_through() -> None:
         watch(gone, console, interval_s=0.1, count=None, gateway=lambda: None)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "0.05", "100000"])
+def test_top_refuses_an_interval_that_is_no_number_of_seconds(
+        value: str, tmp_path: Path) -> None:
+    # FloatRange(min=0.1) let nan and inf through: a traceback from time.sleep after the
+    # first refresh (ValueError, OverflowError).
+    from click.testing import CliRunner
+
+    from sparkd.ctl.main import cli
+
+    cfg = tmp_path / "ctl.toml"
+    cfg.write_text(f'[daemon]\ncontrol_socket = "{tmp_path}/none.sock"\n')
+    result = CliRunner().invoke(cli, ["top", "--config", str(cfg), "--interval", value])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--interval'" in result.output
+
+
 NVML = Path(__file__).resolve().parents[1] / "fixtures" / "nvml"
 
 
