@@ -369,6 +369,12 @@ def test_the_ladder_lowers_weights_stops_and_restores_through_systemd(
     state, _ = StateStore(tmp_path / "state").load()
     assert state.desired_model is None
     assert "desktop ladder" in (state.last_failure_reason or "")
+    # The stop is a watch action: in status's last actions and sparkd_watch_actions_total
+    # (it was in neither: only the floor, liveness, hung, power and GPU stops were).
+    machine = w.sup.status().machine
+    assert machine is not None and machine.action_counts.get("desktop_stop") == 1
+    assert machine.actions[-1].kind == "desktop_stop"
+    assert machine.actions[-1].detail.startswith("stopped by the desktop ladder: lateness_p99")
 
 
 def test_a_headless_machine_never_touches_the_engine(tmp_path: Path) -> None:
