@@ -1,9 +1,10 @@
 """The desktop ladder's adapter (docs/watch.md "The desktop ladder"): on every health tick it
 gathers the readings (PSI from the watch, the lateness probe's report, logind's sessions and
 the GPU's graphics processes), asks the pure rule (sparkd.monitor.desktop.decide), and acts
-through systemd: the engine unit's weights lowered at runtime, a vLLM engine restarted with the
-latency MoE backend where those kernels run, the engine stopped, the weights restored. Every
-step is a journal event with the reasons."""
+through systemd: the engines' slice's weights lowered at runtime (sparkd.slice, a sibling of
+user.slice: an engine unit's own weight would only divide that slice among engines), a vLLM
+engine restarted with the latency MoE backend where those kernels run, the engine stopped, the
+weights restored. Every step is a journal event with the reasons."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from sparkd.monitor import desktop as dk
 from sparkd.monitor.lateness import read_report
 from sparkd.monitor.nvml import compute_capability
 from sparkd.systemd.manager import UNSET, ResourceWeights, SystemdManager
+from sparkd.units.render import ENGINE_SLICE
 
 if TYPE_CHECKING:
     from sparkd.config import Config, ModelConfig
@@ -227,18 +229,19 @@ class DesktopWatch:
         cfg = sup.config.daemon.desktop
         view = sup.engines[engine.name]
         unit = view.unit_name
+        weighed = ENGINE_SLICE  # where the weights act against user.slice (units/sparkd.slice)
         reasons = "; ".join(str(r) for r in decision.reasons)
         common: dict[str, object] = {"SPARKD_MODEL": engine.name, "SPARKD_STEP": step.value,
                   "SPARKD_REASONS": reasons}
         if step is dk.Step.WEIGHTS:
-            saved = self.saved.get(unit) or await sup.deps.systemd(
-                lambda m: m.resource_weights(unit))
+            saved = self.saved.get(weighed) or await sup.deps.systemd(
+                lambda m: m.resource_weights(weighed))
             low = lowered(saved, cfg)
-            self.saved[unit] = saved
+            self.saved[weighed] = saved
             self._keep(sup)  # before the change: a crash after it still knows what to restore
-            await sup.deps.systemd(lambda m: m.set_resource_weights(unit, low))
+            await sup.deps.systemd(lambda m: m.set_resource_weights(weighed, low))
             event(log, "desktop_ladder", "desktop ladder: %s (%s); %s: CPUWeight %s -> %s, "
-                  "IOWeight %s -> %s%s", reasons, decision.why, unit, _w(saved.cpu_weight),
+                  "IOWeight %s -> %s%s", reasons, decision.why, weighed, _w(saved.cpu_weight),
                   low.cpu_weight, _w(saved.io_weight), low.io_weight,
                   "" if saved.memory_high == UNSET else
                   f", MemoryHigh {saved.memory_high} -> {low.memory_high}",

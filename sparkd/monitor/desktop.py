@@ -23,7 +23,7 @@ from sparkd.monitor.psi import RESOURCES, Pressure
 
 
 class Step(enum.StrEnum):
-    WEIGHTS = "weights"  # lower the engine unit's CPUWeight=, IOWeight= (and MemoryHigh=)
+    WEIGHTS = "weights"  # lower sparkd.slice's CPUWeight=, IOWeight= (and MemoryHigh=)
     LATENCY_MOE = "latency_moe"  # vLLM: restart with the latency MoE backend
     STOP = "stop"  # stop the engine
 
@@ -198,6 +198,9 @@ DISPLAY_SERVERS: Final = frozenset({
 class Presence:
     present: bool
     why: str
+    #: False when neither source could be read: the ladder treats the machine as headless
+    #: (it acts on no guess), status says "unknown", not "headless".
+    known: bool = True
 
 
 def desktop_presence(session_types: Sequence[str] | None,
@@ -220,4 +223,5 @@ def desktop_presence(session_types: Sequence[str] | None,
     unread = [name for name, v in (("logind", session_types),
                                    ("NVML", graphics_process_names)) if v is None]
     return Presence(present=False, why="no graphical session and no display server"
-                    + (f" ({', '.join(unread)} unread)" if unread else ""))
+                    + (f" ({', '.join(unread)} unread)" if unread else ""),
+                    known=len(unread) < 2)

@@ -57,8 +57,10 @@ PYTHON_ENGINES: Final[frozenset[EngineKind]] = frozenset({"vllm", "sglang", "sim
 
 RESTART_STEPS: Final = 5
 RESTART_MAX_DELAY_S: Final = 120
-CPU_WEIGHT: Final = 50
-IO_WEIGHT: Final = 50
+#: The engines' slice (units/sparkd.slice, shipped by the package), a sibling of user.slice:
+#: its CPUWeight=/IOWeight= (50) are the engines' static weights against the desktop, and the
+#: ones the desktop ladder lowers at runtime (docs/units.md "Resources").
+ENGINE_SLICE: Final = "sparkd.slice"
 OOM_SCORE_ADJUST: Final = 500
 
 # Characters that need no quoting in a systemd word. Everything else is double-quoted.
@@ -431,9 +433,9 @@ def render_unit(
         *([f"LogExtraFields=SPARKD_VARIANT={variant}"] if variant == "speculative" else []),
         f"SyslogIdentifier=sparkd-engine-{name}" + ("-spec" if variant == "speculative" else ""),
         "",
-        "# Below the default weight of 100: the desktop wins when both want the CPU or disk.",
-        f"CPUWeight={CPU_WEIGHT}",
-        f"IOWeight={IO_WEIGHT}",
+        "# In sparkd's top-level slice (units/sparkd.slice: CPUWeight=50, IOWeight=50), beside",
+        "# user.slice: the engines' share competes with the desktop's at the root.",
+        f"Slice={ENGINE_SLICE}",
         "# When memory runs out, the kernel kills the engine before the desktop.",
         f"OOMScoreAdjust={OOM_SCORE_ADJUST}",
         "",

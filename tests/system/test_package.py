@@ -154,6 +154,8 @@ def test_install_enables_and_starts_sparkd_and_the_gateway(box: Container, deb_n
     assert sorted(path for path in shipped if path.endswith(".service")) == [
         f"/usr/lib/systemd/system/{unit}" for unit in sorted((*UNITS, LATENESS_UNIT))
     ]
+    # The engines' slice (beside user.slice), static: engine units' Slice= pulls it in.
+    assert "/usr/lib/systemd/system/sparkd.slice" in shipped
     # The desktop's lateness probe: started with sparkd (Wants=), not enabled on its own.
     assert show(box, LATENESS_UNIT, "UnitFileState", "ActiveState") == {
         "UnitFileState": "static", "ActiveState": "active"}
