@@ -227,8 +227,9 @@ class WatchActionRecord(_Json):
     engine stopped at the memory floor, journal event memory_floor), liveness_restart (no
     token while requests ran, engine_hung with SPARKD_REASON=liveness), hung_restart (/health
     failing, engine_hung), power_stop and gpu_stop (the udev watch stopped it: on battery, the
-    NVIDIA device gone; engines_held); other watches add their own. `detail`: its numbers in
-    words."""
+    NVIDIA device gone; engines_held), desktop_latency_moe and desktop_stop (the desktop
+    ladder restarted it with the latency MoE backend, stopped it); other watches add their
+    own. `detail`: its numbers in words."""
 
     kind: str
     model: str

@@ -93,7 +93,7 @@ def memory_bar(status: Status, width: int = BAR_WIDTH) -> Text | None:
             bar.append("|", style="bold red")
         bar.append(ch, style=style)
     bar.append("]\n")
-    legend = [(f"engine {gib(segments[0].nbytes)}", "bold magenta"),
+    legend = [(engine_legend(status, segments[0].nbytes), "bold magenta"),
               (f"other {gib(segments[1].nbytes)}", "yellow"),
               (f"page cache {gib(segments[2].nbytes)}", "cyan"),
               (f"free {gib(segments[3].nbytes)}", "green")]
@@ -103,6 +103,25 @@ def memory_bar(status: Status, width: int = BAR_WIDTH) -> Text | None:
         bar.append(" · " if i else "")
         bar.append(words, style=style)
     return bar
+
+
+RUNNING_STATES = ("active", "activating", "reloading")  # the daemon reads these engines' memory
+
+
+def engine_legend(status: Status, nbytes: int) -> str:
+    """The engines' part of the bar's legend. A running engine whose memory.current could not
+    be read is not in the machine record: its memory is in "other", and the legend says so
+    (never "engine 0.0 GiB" for an engine that holds 60)."""
+    read = status.machine.engine_memory_bytes if status.machine is not None else {}
+    running = sum(1 for e in status.engines
+                  if e.active_state in RUNNING_STATES and e.main_pid > 0)
+    unread = running - len(read)
+    if unread <= 0:
+        return f"engine {gib(nbytes)}"
+    if not read:
+        return f"engine ? ({running} running, no memory.current reading: counted in other)"
+    return (f"engine {gib(nbytes)} + {unread} running without a memory.current reading "
+            "(counted in other)")
 
 
 def pressure_line(status: Status) -> str:

@@ -10,6 +10,7 @@ Ctrl-C exits 0.
 from __future__ import annotations
 
 import io
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,10 +70,19 @@ def watch(ask: Callable[[], Status], console: Console, *, interval_s: float,
     return shown
 
 
+def _finite(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
+    """FloatRange lets NaN through (every comparison with it is false): time.sleep(nan)
+    was a ValueError traceback after the first refresh."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds (0.1 to 86400)")
+    return value
+
+
 @click.command()
 @config_option
-@click.option("--interval", "interval_s", type=click.FloatRange(min=0.1), default=2.0,
-              show_default=True, help="Seconds between refreshes.")
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0.1, max=86400),
+              default=2.0, show_default=True, callback=_finite,
+              help="Seconds between refreshes (0.1 to 86400).")
 @click.option("--count", type=click.IntRange(min=1), default=None,
               help="Stop after this many refreshes (default: until Ctrl-C).")
 @click.pass_context

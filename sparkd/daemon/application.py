@@ -218,7 +218,8 @@ class Daemon:
         """The udev monitor (power supplies, the NVIDIA device, block devices) and what it
         sees now; None, said once, where none can be opened (no netlink, no libudev)."""
         try:
-            udev = UdevMonitor(lambda ev: sup.devices.on_event(sup, ev))
+            udev = UdevMonitor(lambda ev: sup.devices.on_event(sup, ev),
+                               on_lost=lambda: sup.devices.rescan(sup, udev.scan()))
             sup.devices.scan(sup, udev.scan())
         except (ImportError, OSError) as exc:
             event(log, "udev_unavailable", "no udev events (%s): power, GPU removal and "
@@ -296,6 +297,9 @@ class Daemon:
                 await sup.check_health()
             except SparkdError as exc:
                 log.warning("periodic check failed: %s", exc)
+            except Exception:  # never let the health loop die quietly (the watchdog goes on)
+                log.exception("the health tick failed; the next one runs in %g s",
+                              sup.config.daemon.health_interval_s)
 
 
 async def scrape_metrics(session: aiohttp.ClientSession, url: str) -> str | None:
@@ -308,10 +312,14 @@ async def scrape_metrics(session: aiohttp.ClientSession, url: str) -> str | None
                                allow_redirects=False) as response:
             if response.status != 200:
                 return None
-            body = await response.content.read(METRICS_MAX_BYTES + 1)
+            # Every piece to the end: content.read(n) returns what has arrived, up to n (a
+            # vLLM exposition in several pieces was read as its first one).
+            body = bytearray()
+            async for piece in response.content.iter_chunked(1 << 16):
+                body += piece
+                if len(body) > METRICS_MAX_BYTES:
+                    return None
     except (aiohttp.ClientError, TimeoutError):
-        return None
-    if len(body) > METRICS_MAX_BYTES:
         return None
     return body.decode("utf-8", errors="replace")
 

@@ -268,6 +268,7 @@ class DesktopWatch:
                   level=logging.ERROR, common=common)
             job = await sup.deps.systemd(lambda m: m.stop_unit(unit))
             why = f"stopped by the desktop ladder: {reasons}"
+            sup.watch.actions.record("desktop_stop", engine.name, sup.deps.wall_clock(), why)
             changes: dict[str, object] = {"last_failure_model": view.model.name,
                                           "last_failure_reason": why}
             if sup.state.desired_model == view.model.name:

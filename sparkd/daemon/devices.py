@@ -120,6 +120,28 @@ class DeviceWatch:
             event(log, "power_lost", "on battery at start: %s", reason, level=logging.WARNING)
         self.watch_volumes(sup)
 
+    def rescan(self, sup: Supervisor, devices: Iterable[DeviceEvent]) -> None:
+        """After the udev monitor lost events (its socket overflowed): what is there now stands
+        in for what they said. The power supplies are read again from scratch (one removed
+        meanwhile leaves the table), a known NVIDIA device no longer listed is gone, one
+        listed is there, and the volumes are looked at."""
+        devices = list(devices)
+        event(log, "udev_events_lost", "udev events were lost (the monitor's socket "
+              "overflowed); read the %d devices there now instead", len(devices),
+              level=logging.WARNING)
+        supplies: dict[str, Supply] = {}
+        for ev in devices:
+            supplies = supplies_step(supplies, ev)
+        self.supplies = supplies
+        listed = {ev.sys_path for ev in devices}
+        for path in sorted(self.gpu.known - listed):
+            self.on_event(sup, DeviceEvent("remove", "pci", path, None))
+        for ev in devices:
+            if ev.subsystem in ("pci", "drm"):
+                self.on_event(sup, ev)
+        self.evaluate_power(sup)
+        self.check_volumes(sup)
+
     def watch_volumes(self, sup: Supervisor) -> None:
         if self.read_mounts is None:
             return

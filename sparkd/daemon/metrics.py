@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 ENGINE_STATES = ("active", "activating", "deactivating", "reloading", "inactive", "failed")
 SWAP_ENDS = ("done", "refused", "rolled_back", "rollback_failed")
 WATCH_ACTIONS = ("memory_floor_stop", "liveness_restart", "hung_restart", "power_stop",
-                 "gpu_stop")
+                 "gpu_stop", "desktop_latency_moe", "desktop_stop")
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:

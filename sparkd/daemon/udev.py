@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -57,10 +59,14 @@ class UdevMonitor:
     every later event to `on_event` on the loop thread."""
 
     def __init__(self, on_event: Callable[[DeviceEvent], None], *, source: str = "udev",
-                 subsystems: tuple[str, ...] = SUBSYSTEMS) -> None:
+                 subsystems: tuple[str, ...] = SUBSYSTEMS,
+                 on_lost: Callable[[], None] | None = None) -> None:
         import pyudev
 
         self.on_event = on_event
+        # Called (on the loop, after what could still be read) when the socket overflowed and
+        # the kernel dropped events: what they said must be read again (a scan).
+        self.on_lost = on_lost
         self.subsystems = subsystems
         self.context = pyudev.Context()
         self.monitor = pyudev.Monitor.from_netlink(self.context, source=source)
@@ -68,6 +74,8 @@ class UdevMonitor:
             self.monitor.filter_by(subsystem)
         # Receiving starts now: events from here on wait in the socket until start().
         self.monitor.start()
+        # The monitor's descriptor as a socket of its own (a dup): to read and clear SO_ERROR.
+        self._sock = socket.socket(fileno=os.dup(self.monitor.fileno()))
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def scan(self) -> list[DeviceEvent]:
@@ -84,21 +92,42 @@ class UdevMonitor:
         self._readable()  # what arrived before
 
     def _readable(self) -> None:
+        lost = False
         while True:
             try:
                 device = self.monitor.poll(timeout=0)
-            except OSError as exc:  # ENOBUFS: the socket overflowed; events were lost
+            except OSError as exc:
+                # The socket overflowed (the kernel dropped events: ENOBUFS) or failed. pyudev
+                # 0.24.5's poll raises "Error while polling fd" on POLLERR without reading the
+                # error (src/pyudev/_os/poll.py, `Poll._parse_events`), so it stays pending: every
+                # poll raised again and the loop called this reader again at once, for ever
+                # (a core spinning, no udev event seen again). Reading SO_ERROR clears it.
+                pending = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if pending == errno.ENOBUFS:
+                    lost = True  # said once, after what is still queued is read
+                    continue
+                if pending:
+                    log.warning("udev monitor: %s", os.strerror(pending))
+                    continue
                 log.warning("udev monitor: %s", exc)
-                return  # the descriptor stays readable while anything is left
+                break
             if device is None:
-                return
+                break
             try:
                 self.on_event(event_of(device))
             except Exception:  # one bad event never takes the reader down
                 log.exception("handling a udev event failed")
+        if lost:
+            log.warning("udev monitor: the socket overflowed and udev events were lost")
+            if self.on_lost is not None:
+                try:
+                    self.on_lost()
+                except Exception:
+                    log.exception("reading the devices again after lost udev events failed")
 
     def close(self) -> None:
         if self._loop is not None:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(self.monitor.fileno())
             self._loop = None
+        self._sock.close()

@@ -24,6 +24,7 @@ import ctypes.util
 import errno
 import mmap
 import os
+import stat
 from pathlib import Path
 from typing import Final, Literal
 
@@ -62,6 +63,17 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of `path`, which must be a regular file. O_NONBLOCK: a FIFO or a
+    device put in a model file's place (between the walk and this open) is refused, never
+    waited on (no effect on a regular file). Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
 class PageCache:
     """One process's view of the page cache. Remembers when cachestat(2) is not there, so a
     prestart over hundreds of files asks the kernel once."""
@@ -73,7 +85,7 @@ class PageCache:
 
     def cached_bytes(self, path: Path) -> int:
         """Bytes of `path` in the page cache. Raises OSError (cannot open, mincore failed)."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(path)
         try:
             if self.method != "mincore":
                 pages = self._cachestat(fd)
@@ -119,7 +131,7 @@ class PageCache:
 
 def evict(path: Path) -> None:
     """Drop `path`'s clean pages from the page cache. Raises OSError."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_regular(path)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:

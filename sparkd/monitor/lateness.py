@@ -75,21 +75,44 @@ def parse_report(text: str, age_s: float) -> Report:
     if not isinstance(raw, dict):
         raise ValueError("not a JSON object")
     try:
-        return Report(float(raw["p99_ms"]), float(raw["max_ms"]), int(raw["samples"]),
-                      float(raw["period_ms"]), float(raw["window_s"]), age_s)
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"missing or wrong field: {exc}") from None
+        report = Report(float(raw["p99_ms"]), float(raw["max_ms"]), int(raw["samples"]),
+                        float(raw["period_ms"]), float(raw["window_s"]), age_s)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        # the exception's text is not echoed: it could quote the file's content
+        raise ValueError(f"missing or wrong field ({type(exc).__name__})") from None
+    for name in ("p99_ms", "max_ms", "period_ms", "window_s"):
+        # json takes NaN and Infinity: a NaN p99 compares under every threshold (a false calm)
+        if not math.isfinite(getattr(report, name)) or getattr(report, name) < 0:
+            raise ValueError(f"{name} is not a finite number >= 0")
+    if report.samples < 0:
+        raise ValueError("samples is negative")
+    return report
 
 
 def read_report(path: str | os.PathLike[str], now_wall: float | None = None) -> Report | None:
     """The probe's last report; None when there is none (not started, not yet written).
-    Raises ValueError when the file holds something else."""
+    Raises ValueError when the file holds something else. Never blocks (sparkd calls it on its
+    event loop, as root, and `daemon.desktop_lateness_file` may name a path others can write):
+    a FIFO, a device or a symlink in its place is refused, not opened or followed."""
+    import errno
+    import stat
+
     try:
-        with open(path, "rb") as f:
-            mtime = os.fstat(f.fileno()).st_mtime
-            text = f.read(4096).decode()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError("it is a symlink (the probe writes a regular file)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file (the probe writes one)")
+        text = os.read(fd, 4096).decode()
+    finally:
+        os.close(fd)
+    mtime = st.st_mtime
     now = time.time() if now_wall is None else now_wall
     return parse_report(text, max(0.0, now - mtime))
 
@@ -137,9 +160,10 @@ def main(argv: list[str] | None = None) -> None:
         iterations = int(args["--iterations"]) if "--iterations" in args else None
     except ValueError as exc:
         raise SystemExit(f"{USAGE}\n{exc}") from None
-    if not (1 <= period_ms <= 1000 and window_s >= period_ms / 1000 and report_s > 0):
+    if not (1 <= period_ms <= 1000 and period_ms / 1000 <= window_s <= 3600
+            and 0 < report_s <= 3600):  # NaN fails every comparison
         raise SystemExit(f"{USAGE}\n--period-ms from 1 to 1000, --window-s at least one "
-                         "period, --report-s over 0")
+                         "period and at most 3600, --report-s over 0 and at most 3600")
     run(args.get("--out", OUT), period_s=period_ms / 1000, window_s=window_s,
         report_s=report_s, iterations=iterations)
 

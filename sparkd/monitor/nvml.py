@@ -12,7 +12,9 @@ against answers captured on a real GPU (tests/fixtures/nvml/).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -297,10 +299,21 @@ class NvmlMonitor:
     """NVML kept initialized between readings (nvmlInit is not free). Blocking: call from a
     worker thread. Without a driver or GPU (CI, a VM) every reading carries the reason."""
 
-    def __init__(self, nvml: Any | None = None) -> None:
+    #: Seconds before the first attempt to open NVML again after it failed (the driver not up
+    #: yet at boot, a GPU lost and bound again): boot's wait_for_gpu polls every 0.5 s for
+    #: 60 s. Each failure in a row doubles it up to RETRY_MAX_S: an NVML that keeps failing
+    #: (a call refused in a container) is not opened and closed every 2 s.
+    RETRY_S: Final = 2.0
+    RETRY_MAX_S: Final = 10.0
+
+    def __init__(self, nvml: Any | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._nvml = nvml
         self._ready = False
         self._error: str | None = None
+        self._clock = clock
+        self._failed_at: float | None = None  # when NVML last failed to open or to answer
+        self._retry_s = self.RETRY_S
 
     def _open(self) -> Any:
         if self._nvml is None:
@@ -310,13 +323,20 @@ class NvmlMonitor:
                 self._error = f"pynvml is not installed: {exc}"
                 return None
             self._nvml = pynvml
-        if not self._ready and self._error is None:
+        if not self._ready and (self._failed_at is None
+                                or self._clock() - self._failed_at >= self._retry_s):
             try:
                 self._nvml.nvmlInit()
-                self._ready = True
+                self._ready, self._error = True, None
             except self._nvml.NVMLError as exc:
                 self._error = f"NVML is not available: {exc}"
+                self._failed()
         return self._nvml if self._ready else None
+
+    def _failed(self) -> None:
+        if self._failed_at is not None:
+            self._retry_s = min(self._retry_s * 2, self.RETRY_MAX_S)
+        self._failed_at = self._clock()
 
     def read(self) -> NvmlSnapshot:
         nvml = self._open()
@@ -325,11 +345,18 @@ class NvmlMonitor:
         try:
             driver = _text(nvml.nvmlSystemGetDriverVersion())
             gpus = tuple(_read_gpu(nvml, i) for i in range(nvml.nvmlDeviceGetCount()))
+            self._failed_at, self._retry_s = None, self.RETRY_S
             return NvmlSnapshot(driver=driver, gpus=gpus)
         except nvml.NVMLError as exc:
-            return NvmlSnapshot(driver=None, gpus=(), error=f"NVML failed: {exc}")
+            # Closed, and opened again at a later reading: after a GPU is lost and bound
+            # again the old session does not recover.
+            self._error = f"NVML failed: {exc}"
+            self.close()
+            self._failed()
+            return NvmlSnapshot(driver=None, gpus=(), error=self._error)
 
     def close(self) -> None:
         if self._ready and self._nvml is not None:
-            self._nvml.nvmlShutdown()
             self._ready = False
+            with contextlib.suppress(self._nvml.NVMLError):
+                self._nvml.nvmlShutdown()

@@ -11,6 +11,7 @@ processed them and is not exercised here. Needs root and a writable /sys; skippe
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -71,6 +72,43 @@ def test_events_that_arrive_before_start_are_not_lost() -> None:
             monitor.close()
 
     assert run(scenario()).action == "change"
+
+
+def test_events_lost_to_an_overflowing_socket_are_said_and_rescanned(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # More uevents than the netlink socket holds (a driver reload, a hub of USB devices): the
+    # kernel drops the rest and the next read fails with ENOBUFS. Those events are gone (a
+    # "mains back" among them left the engines stopped until the next power event): the
+    # monitor says so through on_lost, once, and the reader goes on with what follows.
+    async def scenario() -> tuple[int, list[DeviceEvent]]:
+        queue: asyncio.Queue[DeviceEvent] = asyncio.Queue()
+        lost: list[int] = []
+        monitor = UdevMonitor(queue.put_nowait, source="kernel", subsystems=("mem",),
+                              on_lost=lambda: lost.append(queue.qsize()))
+        try:
+            monitor.monitor.set_receive_buffer_size(4096)  # SO_RCVBUFFORCE: root
+            for _ in range(200):  # before the reader is on the loop: they pile up
+                Path(FULL, "uevent").write_text("change")
+            await asyncio.sleep(0.1)
+            monitor.start(asyncio.get_running_loop())
+            Path(FULL, "uevent").write_text("change")  # one after: still received
+            await asyncio.sleep(0.5)
+            got = []
+            while not queue.empty():
+                got.append(queue.get_nowait())
+            return len(lost), got
+        finally:
+            monitor.close()
+
+    with caplog.at_level(logging.WARNING, logger="sparkd.daemon.udev"):
+        lost, got = run(scenario())
+    # pyudev's poll raised on the pending error without clearing it: the reader was called
+    # again and again (a core spinning, a warning each time) and no event came through.
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["udev monitor: the socket overflowed and udev events were lost"]
+    assert lost == 1
+    assert 0 < len(got) < 201  # some were received, not all
+    assert got[-1].sys_path == FULL  # the one after the overflow too
 
 
 @pytest.mark.skipif(not can_trigger(LOOP0), reason="no loop0 to cause a block uevent on")

@@ -161,3 +161,32 @@ def test_page_cache_picks_cachestat_on_this_kernel(tmp_path: Path) -> None:
     cache.cached_bytes(_write(tmp_path / "f", MIB))
     release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
     assert cache.method == ("cachestat" if release >= (6, 5) else "mincore")
+
+
+def test_a_fifo_in_place_of_a_model_file_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    # The walk keeps regular files only, but a file can be replaced between the walk and the
+    # measure or the evict (a model volume others can write). open() of a FIFO with no writer
+    # blocked prestart (the engine's start) until systemd's start timeout.
+    import threading
+
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def calls() -> None:
+        for call in (lambda: PageCache().cached_bytes(fifo), lambda: evict(fifo)):
+            try:
+                call()
+            except OSError as exc:
+                errors.append(exc)
+
+    worker = threading.Thread(target=calls, daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():  # a writer's open releases the blocked reader
+        for _ in range(2):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            worker.join(5)
+        pytest.fail("measuring or evicting a FIFO blocked")
+    assert len(errors) == 2
+    assert all("not a regular file" in str(e) for e in errors)

@@ -235,6 +235,65 @@ def test_reports_parse_or_fail_clearly(tmp_path: Path) -> None:
     assert old is not None and old.age_s == pytest.approx(30)
 
 
+def test_a_report_that_is_a_fifo_a_device_or_a_symlink_is_refused_without_blocking(
+        tmp_path: Path) -> None:
+    # desktop_lateness_file may name a path others can write (a /tmp file): sparkd reads it on
+    # its event loop, as root. A FIFO with no writer blocked open() forever (the whole daemon
+    # hung); a symlink made root read whatever it pointed at into the journal's error line.
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    box: list[BaseException | object] = []
+
+    def read() -> None:
+        try:
+            box.append(read_report(fifo))
+        except BaseException as exc:  # handed to the test thread
+            box.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # unblock the reader so the test process ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5)
+        pytest.fail("read_report blocked on a FIFO")
+    assert len(box) == 1 and isinstance(box[0], ValueError)
+    assert "not a regular file" in str(box[0])
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_report("/dev/zero")
+    secret = tmp_path / "secret"
+    secret.write_text('{"p99_ms": "root-only text"}')
+    link = tmp_path / "link"
+    link.symlink_to(secret)
+    with pytest.raises(ValueError, match="symlink") as caught:
+        read_report(link)
+    assert "root-only" not in str(caught.value)
+
+
+@pytest.mark.parametrize("args", [["--window-s", "inf"], ["--window-s", "1e12"],
+                                  ["--report-s", "nan"], ["--period-ms", "nan"]])
+def test_the_probe_refuses_windows_it_cannot_hold(args: list[str]) -> None:
+    # --window-s inf was an OverflowError traceback; 1e12 a ring that grew without end.
+    from sparkd.monitor.lateness import main
+
+    with pytest.raises(SystemExit, match="--window-s at least one period and at most 3600"):
+        main([*args, "--iterations", "1", "--out", "/nonexistent/lateness"])
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-1", "1e400"])
+def test_a_report_with_a_non_finite_or_negative_lateness_is_refused_not_read_as_ok(
+        value: str) -> None:
+    # json.loads takes NaN and Infinity; NaN > threshold is False, so a NaN p99 read as a calm
+    # desktop (and a NaN sample in the metrics).
+    text = ('{"p99_ms": ' + value
+            + ', "max_ms": 1, "samples": 10, "period_ms": 50, "window_s": 10}')
+    with pytest.raises(ValueError, match="p99_ms"):
+        parse_report(text, 0)
+
+
 # -- the adapter in the Supervisor ------------------------------------------------------------
 
 CONFIG = """
@@ -314,6 +373,12 @@ def test_the_ladder_lowers_weights_stops_and_restores_through_systemd(
     state, _ = StateStore(tmp_path / "state").load()
     assert state.desired_model is None
     assert "desktop ladder" in (state.last_failure_reason or "")
+    # The stop is a watch action: in status's last actions and sparkd_watch_actions_total
+    # (it was in neither: only the floor, liveness, hung, power and GPU stops were).
+    machine = w.sup.status().machine
+    assert machine is not None and machine.action_counts.get("desktop_stop") == 1
+    assert machine.actions[-1].kind == "desktop_stop"
+    assert machine.actions[-1].detail.startswith("stopped by the desktop ladder: lateness_p99")
 
 
 def test_a_headless_machine_never_touches_the_engine(tmp_path: Path) -> None:

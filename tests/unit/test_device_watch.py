@@ -121,6 +121,35 @@ def test_on_battery_stops_cleanly_after_the_grace_and_mains_starts_again(
         assert name in got
 
 
+def test_lost_events_are_read_again_from_a_scan(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The monitor's socket overflowed while mains came back and the NVIDIA device went: the
+    # events are gone, a scan of what is there now stands in for them (a supply no longer
+    # listed leaves the table; a known NVIDIA device not listed is gone).
+    w, _, _ = world(tmp_path, "on_battery_grace_s = 0")
+    sup = w.sup
+    gpu = DeviceEvent("scan", "pci", H200["sys_path"], "nvidia", {})
+    ups = supply("UPS1", type="UPS", online="0", status="Discharging")
+
+    async def scenario() -> None:
+        sup.devices.scan(sup, [MAINS_ON, ups, gpu])
+        await started(sup)
+        sup.devices.evaluate_power(sup)
+        await sup.quiesce()
+        assert w.systemd.units[A].active_state == "inactive"  # on battery: stopped
+        # Lost: the UPS unplugged (its remove event) and the GPU unbound.
+        sup.devices.rescan(sup, [dataclasses.replace(MAINS_ON, action="scan")])
+        await sup.quiesce()
+        assert sup.status().daemon.on_battery is None
+        assert "NVIDIA device" in (sup.status().daemon.degraded or "")
+        sup.devices.close()
+
+    with caplog.at_level(logging.INFO):
+        run(scenario())
+    assert "udev_events_lost" in events(caplog)
+    assert {"power_restored", "gpu_gone"} <= set(events(caplog))
+
+
 def test_ignore_keeps_the_engines_running(tmp_path: Path) -> None:
     w, clock, _ = world(tmp_path, 'on_battery = "ignore"\non_battery_grace_s = 0')
 

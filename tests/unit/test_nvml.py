@@ -59,3 +59,68 @@ def test_no_driver_is_reported_once_with_the_reason() -> None:
     assert first.error == second.error == "NVML is not available: NVML Shared Library Not Found"
     assert first.gpus == ()
     monitor.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_nvml_not_ready_at_boot_is_tried_again_not_given_up_for_ever() -> None:
+    # At boot the driver can come up after sparkd (wait_for_gpu polls read() every 0.5 s for
+    # 60 s to wait for it). A first nvmlInit failure was kept for the daemon's life: the
+    # wait always ran out, and no GPU reading (liveness's corroboration, desktop presence)
+    # ever came.
+    captured: dict[str, Any] = {**fixture("h200-idle.json")["captured"],
+                                "init_error": "Driver Not Loaded"}
+    clock = Clock()
+    monitor = NvmlMonitor(FixtureNvml(captured), clock=clock)
+    assert monitor.read().error == "NVML is not available: Driver Not Loaded"
+    del captured["init_error"]  # the driver is up now
+    clock.t += 0.5
+    assert monitor.read().error is not None  # not tried again at every read
+    clock.t += NvmlMonitor.RETRY_S
+    snap = monitor.read()
+    assert snap.error is None and snap.gpus[0].name == "NVIDIA H200"
+    monitor.close()
+
+
+class CountingNvml(FixtureNvml):
+    inits = 0
+
+    def nvmlInit(self) -> None:
+        self.inits += 1
+        super().nvmlInit()
+
+
+def test_a_failed_reading_opens_nvml_again() -> None:
+    # A GPU lost and bound again (a driver reload) leaves the old NVML session unusable: a
+    # reading that fails closes it, and a later one opens it again.
+    captured: dict[str, Any] = json.loads(json.dumps(fixture("h200-idle.json")["captured"]))
+    good = captured["devices"][0]["nvmlDeviceGetName"]
+    captured["devices"][0]["nvmlDeviceGetName"] = {"error": "NVMLError_GpuIsLost",
+                                                   "message": "GPU is lost"}
+    clock = Clock()
+    nvml = CountingNvml(captured)
+    monitor = NvmlMonitor(nvml, clock=clock)
+    assert monitor.read().error == "NVML failed: GPU is lost"
+    captured["devices"][0]["nvmlDeviceGetName"] = good
+    clock.t += NvmlMonitor.RETRY_S
+    assert monitor.read().error is None
+    assert nvml.inits == 2
+    monitor.close()
+
+
+def test_an_nvml_that_keeps_failing_is_tried_less_often() -> None:
+    captured = {"init_error": "Driver Not Loaded", "devices": []}
+    clock = Clock()
+    nvml = CountingNvml(captured)
+    monitor = NvmlMonitor(nvml, clock=clock)
+    for _ in range(120):  # a minute of readings every 0.5 s
+        monitor.read()
+        clock.t += 0.5
+    # opened at 0, 2, 6, 14 s, then every 10 s: 24, 34, 44, 54 (8 in 60 s, not 120)
+    assert nvml.inits == 8

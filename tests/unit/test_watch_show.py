@@ -158,6 +158,24 @@ def test_status_says_n_a_for_what_is_not_read() -> None:
     assert "engine 0.0 GiB" in text  # no machine record: an older daemon
 
 
+def test_an_engine_without_a_memory_reading_is_not_shown_as_holding_nothing() -> None:
+    # A running engine whose cgroup memory.current could not be read is left out of
+    # engine_memory_bytes; the legend said "engine 0.0 GiB" (and drew its memory as "other").
+    unread = sb.status(engines=[sb.engine("a", 9001, main_pid=41)], memory=sb.memory(),
+                       machine=sb.machine(engine_memory_bytes={}))
+    text = text_of(unread)
+    assert "engine 0.0 GiB" not in text
+    assert "engine ? (1 running, no memory.current reading: counted in other)" in text
+    partly = sb.status(engines=[sb.engine("a", 9001, main_pid=41),
+                                sb.engine("b", 9002, main_pid=42)], memory=sb.memory(),
+                       machine=sb.machine(engine_memory_bytes={"a": 60 * GIB}))
+    assert ("engine 60.0 GiB + 1 running without a memory.current reading (counted in other)"
+            in text_of(partly))
+    stopped = sb.status(engines=[sb.engine("a", 9001, active_state="inactive", main_pid=0)],
+                        memory=sb.memory(), machine=sb.machine(engine_memory_bytes={}))
+    assert "engine 0.0 GiB ·" in text_of(stopped)
+
+
 def test_render_status_includes_the_machine_part() -> None:
     out = io.StringIO()
     render_status(sb.status(memory=sb.memory(), machine=sb.machine()),
@@ -274,6 +292,22 @@ def test_top_lets_the_daemons_absence_through() -> None:
     console = Console(file=io.StringIO(), force_terminal=True)
     with pytest.raises(DaemonUnreachable):
         watch(gone, console, interval_s=0.1, count=None, gateway=lambda: None)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0.05", "100000"])
+def test_top_refuses_an_interval_that_is_no_number_of_seconds(
+        value: str, tmp_path: Path) -> None:
+    # FloatRange(min=0.1) let nan and inf through: a traceback from time.sleep after the
+    # first refresh (ValueError, OverflowError).
+    from click.testing import CliRunner
+
+    from sparkd.ctl.main import cli
+
+    cfg = tmp_path / "ctl.toml"
+    cfg.write_text(f'[daemon]\ncontrol_socket = "{tmp_path}/none.sock"\n')
+    result = CliRunner().invoke(cli, ["top", "--config", str(cfg), "--interval", value])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--interval'" in result.output
 
 
 NVML = Path(__file__).resolve().parents[1] / "fixtures" / "nvml"
