@@ -37,7 +37,9 @@ def parse_metrics_listen(v: Validator, t: dict[str, Any], default: str) -> str:
     if listen == "":
         return ""
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # ASCII digits only: int() would take full-width ones ("\uff19\uff14" binds port 94).
+    digits = port.isascii() and port.isdigit()
+    if not sep or not host or not digits or not 0 < int(port) < 65536:
         v.fail(KEY, f'HOST:PORT such as {EXAMPLE}, or "" for no metrics endpoint', listen)
     if not is_loopback(host.strip("[]")):
         v.fail(KEY, f"a loopback address such as {EXAMPLE} (the endpoint has no "

@@ -78,6 +78,7 @@ class MachineWatch:
         self.baseline: dict[str, tuple[float, int]] = {}  # engine -> (when, memory.current)
         self.stopping: set[str] = set()  # engines the floor is stopping
         self._floor_read_failed = False
+        self._floor_nothing_said = False  # memory_floor_nothing said in this run under it
         self.live: dict[str, LiveWindow] = {}
         # What the watch did, for status and metrics (sparkd.daemon.actions).
         self.actions = WatchActions()
@@ -159,6 +160,8 @@ class MachineWatch:
         self._floor_read_failed = False
         now = sup.deps.clock()
         self.floor = floor_step(self.floor, rule, available, now)
+        if self.floor.first_under_t is None:
+            self._floor_nothing_said = False  # back over the floor
         if self.floor.trip:
             await self._stop_grower(sup, rule, available, now)
         return next_reading_in(available, rule, d.memory_floor_interval_s)
@@ -174,7 +177,19 @@ class MachineWatch:
         }
         found = culprit(engines)
         if found is None:
-            return  # nothing to stop (or already stopping it): the kernel's OOM killer is left
+            # Nothing to stop (or already stopping it): the kernel's OOM killer is left. Said
+            # once per run under the floor, not on every trip.
+            if not self._floor_nothing_said and not self.stopping:
+                self._floor_nothing_said = True
+                event(log, "memory_floor_nothing", "memory floor: MemAvailable %s under the "
+                      "floor of %s, and no engine of sparkd's to stop: %s",
+                      format_size(available), format_size(rule.floor_bytes),
+                      f"{len(engines)} running, none whose memory could be read (sparkd "
+                      "cannot tell which one holds it)" if engines else "none running (what "
+                      "holds the memory is not an engine sparkd runs)", level=logging.ERROR,
+                      SPARKD_AVAILABLE_BYTES=str(available),
+                      SPARKD_FLOOR_BYTES=str(rule.floor_bytes))
+            return
         view = sup.engines[found.engine]
         since = self.baseline.get(found.engine, (now, 0))[0]
         first = self.floor.first_under_t if self.floor.first_under_t is not None else now

@@ -91,6 +91,33 @@ def test_the_floor_stops_the_engine_that_grows(tmp_path: Path,
     assert any("stopped (job done)" in r.getMessage() for r in caplog.records)
 
 
+def test_under_the_floor_with_no_engine_to_stop_is_said_once_per_run_under_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The floor tripped and nothing of sparkd's held the memory: that was silent (the second
+    review of issue 13); now one event per run under the floor, not one per trip."""
+    w, clock = world(tmp_path)
+    w.systemd.set("a", "active", "running", pid=41)
+    w.sup.watch.engine_memory = lambda pid: None  # no memory.current, no resident set
+    available = [1 * GIB]
+    w.sup.watch.read_available = lambda: available[0]
+
+    async def scenario() -> None:
+        await started(w.sup)
+        for value in [1 * GIB] * 6 + [20 * GIB] + [1 * GIB] * 2:
+            available[0] = value
+            clock.t += 0.1
+            await w.sup.watch.floor_sample(w.sup)
+        await w.sup.quiesce()
+
+    with caplog.at_level(logging.INFO):
+        run(scenario())
+    said = [r.getMessage() for r in caplog.records if "no engine of sparkd's" in r.getMessage()]
+    assert said == ["memory floor: MemAvailable 1.0 GiB under the floor of 4.0 GiB, and no "
+                    "engine of sparkd's to stop: 1 running, none whose memory could be read "
+                    "(sparkd cannot tell which one holds it)"] * 2
+    assert not any(c[0] == "stop" for c in w.systemd.calls)
+
+
 def test_a_zero_floor_stops_nothing(tmp_path: Path) -> None:
     w, _ = world(tmp_path, floor="0")
     w.systemd.set("a", "active", "running", pid=41)

@@ -255,6 +255,7 @@ def test_metrics_listen_takes_a_loopback_address_or_nothing() -> None:
     ("127.0.0.1:http", "HOST:PORT"),
     ("0.0.0.0:9471", "a loopback address such as"),
     ("192.168.1.5:9471", "SSH tunnel"),
+    ("127.0.0.1:\uff19\uff14", "HOST:PORT"),  # full-width digits: int() takes them
 ])
 def test_metrics_listen_refuses_with_file_key_and_fix(value: str, says: str) -> None:
     with pytest.raises(ConfigError) as err:
