@@ -294,11 +294,12 @@ class Supervisor:
     # -- events from systemd --------------------------------------------------------------
 
     def on_systemd_event(self, ev: SystemdEvent) -> None:
+        if isinstance(ev, JobDone):  # any engine unit's: the start stops units of no engine
+            self.jobs.finished(ev.job_id, ev.result)
         model = model_of_unit(ev.unit)
         if model is None or model not in self.engines:
             return
         if isinstance(ev, JobDone):
-            self.jobs.finished(ev.job_id, ev.result)
             level = logging.INFO if ev.result == "done" else logging.WARNING
             event(
                 log,

@@ -265,6 +265,9 @@ def test_a_restart_stops_a_running_engine_the_new_config_no_longer_describes(
     run(started(again.sup))
     assert again.systemd.calls[0] == ("stop", unit("b"))
     assert why in caplog.text
+    # The stop job's end reached the start (not the wait's timeout: b is not an engine of
+    # the new config, and the start has not made the new config's engines yet).
+    assert "stop job done" in caplog.text
     serving = "b" if "port" in why else "a"
     assert again.sup.active_model() == serving
     assert ("start", unit(serving)) in again.systemd.calls
