@@ -112,7 +112,7 @@ $(DEB): $(DEB_INPUTS) | system-deps
 	@dpkg-deb --info $@ >/dev/null
 	@dpkg-deb --contents $@ >build/deb-contents.txt
 	@for path in usr/bin/sparkd usr/bin/sparkctl usr/lib/systemd/system/sparkd.service \
-		usr/lib/systemd/system/sparkd-gateway.service \
+		usr/lib/systemd/system/sparkd-gateway.service usr/lib/systemd/system/sparkd.slice \
 		usr/share/man/man1/sparkctl.1.gz usr/share/man/man1/sparkd.1.gz \
 		usr/share/bash-completion/completions/sparkctl \
 		etc/sparkd.toml usr/lib/sparkd/python/sparkd/main.py; do \

@@ -638,10 +638,15 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         v.fail(f"{key}.args", "a list of strings", args)
     for a in args:
-        if a == "--host" or a.startswith("--host="):
+        if len(a.split("=")[0]) > 3 and "--host".startswith(a.split("=")[0]):  # --hos too
             # Engines listen on loopback only: the gateway is the one door.
             v.fail(f"{key}.args", "no --host (engines listen on 127.0.0.1 only; clients use"
                    " the gateway)", a)
+        if len(a.split("=")[0]) > 3 and "--port".startswith(a.split("=")[0]):
+            # The engines keep the last --port (argparse takes --por as --port): the health
+            # gate would wait on `port`.
+            v.fail(f"{key}.args", f"no --port (set {key}.port instead: sparkd passes it and "
+                   "checks the engine's health there)", a)
     speculative = None
     if "speculative" in t:
         if engine not in ("vllm", "sglang", "llamacpp", "sim"):
@@ -670,7 +675,8 @@ def _parse_model(v: Validator, name: str, t: dict[str, Any], daemon: DaemonConfi
         v.fail(f"{key}.source", 'a Hugging Face repository as "hf://ORG/REPO" (or "ORG/REPO")',
                source)
     engine_version = v.opt_string(t, f"{key}.engine_version")
-    check_engine(v, key, engine, engine_version, dict(env))
+    check_engine(v, key, engine, engine_version, dict(env),
+                 speculative.method if speculative else None, args)
     return ModelConfig(
         name=name,
         engine=engine,

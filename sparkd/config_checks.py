@@ -29,16 +29,23 @@ def plain(number: float) -> str:
     return str(int(number)) if float(number).is_integer() else repr(float(number))
 
 
+#: The longest found value an error message shows whole; a longer one is cut, with its length.
+SHOWN_CHARS: Final = 120
+
+
 def show(value: object) -> str:
     """A found value for an error message; control characters as \\xNN, never raw (a
-    terminal would act on them)."""
+    terminal would act on them); a long value cut to SHOWN_CHARS with its length said."""
     if isinstance(value, str):
-        return '"' + "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value) + '"'
+        cut = value[:SHOWN_CHARS]
+        text = '"' + "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in cut) + '"'
+        return text if cut == value else f"{text}... ({len(value)} characters)"
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "nothing"
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 class Validator:

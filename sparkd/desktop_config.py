@@ -33,8 +33,9 @@ class DesktopConfig:
     lateness_p99_ms: float = 20.0
     over_s: float = 10.0
     restore_s: float = 60.0
-    # The weights the first step sets on the engine unit (systemd's default is 100; sparkd
-    # renders 50), and the factor it multiplies a MemoryHigh= that is set by.
+    # The weights the first step sets on sparkd.slice, the engines' slice (systemd's default
+    # is 100; units/sparkd.slice ships 50), and the factor it multiplies a MemoryHigh= that
+    # is set by.
     cpu_weight: int = 1
     io_weight: int = 1
     memory_high_factor: float = 0.9

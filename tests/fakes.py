@@ -37,7 +37,8 @@ class FakeSystemd:
         self.supervisor: Supervisor | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._jobs = itertools.count(100)
-        # unit -> its weights (the desktop ladder); as rendered (sparkd.units.render) by default
+        # unit -> its weights (the desktop ladder); by default sparkd.slice's as shipped
+        # (units/sparkd.slice: 50, 50), none set on any other unit (engine units set none)
         self.weights: dict[str, ResourceWeights] = {}
 
     def set(self, model: str, active: str, sub: str, pid: int = 0, restarts: int = 0,
@@ -82,7 +83,9 @@ class FakeSystemd:
         return self.units.get(name, UnitStatus(name, "loaded"))
 
     def resource_weights(self, name: str) -> ResourceWeights:
-        return self.weights.get(name, ResourceWeights(cpu_weight=50, io_weight=50))
+        shipped = (ResourceWeights(cpu_weight=50, io_weight=50) if name.endswith(".slice")
+                   else ResourceWeights())
+        return self.weights.get(name, shipped)
 
     def set_resource_weights(self, name: str, weights: ResourceWeights) -> None:
         self.calls.append(("set_resource_weights", name))

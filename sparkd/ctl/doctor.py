@@ -237,6 +237,7 @@ def _moe_checks(f: Facts, model: ModelConfig, command: EngineCommand) -> list[Ch
     from sparkd.engine.fingerprints import check_moe_backend_json
     from sparkd.engine.versions import (
         DEFAULT_MOE_BACKEND,
+        LATENCY_MOE_MAJOR,
         MOE_BACKEND_ENV,
         MOE_FLAG_TO_ENV,
         THROUGHPUT_MOE_BACKEND,
@@ -288,7 +289,8 @@ def _moe_checks(f: Facts, model: ModelConfig, command: EngineCommand) -> list[Ch
         message += (f"; the latency kernels do not run on this GPU ({gpu}): releases before "
                     "0.17 fall back to CUTLASS by themselves (docs/units.md \"The MoE pin\")")
     elif backend == THROUGHPUT_MOE_BACKEND and ours == THROUGHPUT_MOE_BACKEND:
-        level = Level.WARN
+        # The best this GPU and release allow (docs/units.md "The MoE pin"): said, not a
+        # warning, since no fix exists for the operator to apply.
         message += (f"; the latency (TensorRT-LLM) MoE kernels do not run on this GPU ({gpu}; "
                     "vLLM runs them only on 10.x), so the throughput path it is: the "
                     "desktop watch guards the desktop (docs/watch.md)")
@@ -301,7 +303,16 @@ def _moe_checks(f: Facts, model: ModelConfig, command: EngineCommand) -> list[Ch
     engines = () if f.daemon_status is None else f.daemon_status.engines
     prints = [fp.to_json() for e in engines if e.model == name for fp in e.fingerprints]
     chosen = check_moe_backend_json(backend, prints)
-    if chosen.ok is not None:
+    fell_back = any(p.get("id") == "moe_latency_fallback" for p in prints) or (
+        cap.value is not None and cap.value[0] != LATENCY_MOE_MAJOR)
+    if chosen.ok is False and chosen.chosen == THROUGHPUT_MOE_BACKEND and fell_back \
+            and backend == DEFAULT_MOE_BACKEND and not rules.moe_refuses:
+        # What the moe_backend check above calls expected: a release before 0.17 replaces
+        # the latency kernels with CUTLASS by itself where they do not run.
+        checks.append(Check(f"moe_chosen.{name}", Level.OK, f"{name}: MoE backend "
+                            f"{THROUGHPUT_MOE_BACKEND}: {release} fell back to it from the "
+                            f"latency pin by itself on this GPU ({gpu})"))
+    elif chosen.ok is not None:
         if chosen.ok:
             chosen_fix = ""
         elif refused_here(rules, backend, cap.value) or backend == ours:

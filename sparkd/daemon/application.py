@@ -28,6 +28,7 @@ from sparkd.control.server import ControlServer
 from sparkd.daemon import metrics
 from sparkd.daemon.boot import wait_for_gpu
 from sparkd.daemon.events import as_json
+from sparkd.daemon.resume import Resumer, can_connect, endpoint_address, models_with_partials
 from sparkd.daemon.supervisor import Deps, Notifier, Supervisor, read_boot_id
 from sparkd.daemon.udev import UdevMonitor, block_present
 from sparkd.daemon.watch import floor_loop
@@ -130,6 +131,7 @@ class Daemon:
         # crash or power cut stopped (the state's are removed by StateStore.load).
         for tmp in remove_stale_copies(self.config):
             log.info("removed %s, the temp file of an accepted-config write cut short", tmp)
+        resumer = Resumer()
         deps = Deps(
             systemd=self.systemd,
             apply_units=apply_units,
@@ -147,7 +149,7 @@ class Daemon:
             read_available=read_available,
             engine_memory=read_engine_memory,
             scrape_metrics=lambda url: scrape_metrics(session, url),
-            verify_files=preflight_verify_async,
+            verify_files=resumer.guard(preflight_verify_async),
             clock=time.monotonic,
             wall_clock=time.time,
             accept_config=save_accepted,
@@ -186,6 +188,8 @@ class Daemon:
                 udev.start(loop)
                 sup.devices.evaluate_power(sup)
             event(log, "daemon_ready", "sparkd ready: %s", sup.status_line())
+            if sup.unclean_boot:  # partial downloads: resumed behind the serving model
+                tasks.append(asyncio.create_task(self._resume(sup, resumer)))
             tasks.append(asyncio.create_task(self._health_loop(sup, signals)))
             tasks.append(asyncio.create_task(floor_loop(sup)))
             await self._stop.wait()
@@ -252,6 +256,17 @@ class Daemon:
             log.warning("reading the journal of %s failed: %s", unit, exc)
             return []
         return out.decode(errors="replace").splitlines()
+
+    async def _resume(self, sup: Supervisor, resumer: Resumer) -> None:
+        from sparkd.store import hub
+
+        host, port = endpoint_address(hub.endpoint())
+        await resumer.run(
+            sup.config, skip={m for m in (sup.state.desired_model, sup.active_model()) if m},
+            verify=preflight_verify_async,
+            find=lambda config, skip: asyncio.to_thread(models_with_partials, config, skip),
+            connect=lambda: can_connect(host, port), sleep=asyncio.sleep,
+            clock=time.monotonic)
 
     async def _follow_metrics(self, sup: Supervisor) -> None:
         """The metrics endpoint the config asks for: at start, and on the health tick after

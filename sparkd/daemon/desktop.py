@@ -1,11 +1,14 @@
 """The desktop ladder's adapter (docs/watch.md "The desktop ladder"): on every health tick it
 gathers the readings (PSI from the watch, the lateness probe's report, logind's sessions and
 the GPU's graphics processes), asks the pure rule (sparkd.monitor.desktop.decide), and acts
-through systemd: the engine unit's weights lowered at runtime, the engine stopped, the
+through systemd: the engines' slice's weights lowered at runtime (sparkd.slice, a sibling of
+user.slice: an engine unit's own weight would only divide that slice among engines), a vLLM
+engine restarted with the latency MoE backend where those kernels run, the engine stopped, the
 weights restored. Every step is a journal event with the reasons."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -13,15 +16,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sparkd.atomic import atomic_write
+from sparkd.daemon.health import restart_done
 from sparkd.engine.fingerprints import chosen_moe_backend
 from sparkd.engine.unit import STOP_WAIT_S
-from sparkd.engine.versions import DEFAULT_MOE_BACKEND
+from sparkd.engine.versions import (
+    DEFAULT_MOE_BACKEND,
+    LATENCY_MOE_MAJOR,
+    MOE_BACKEND_ENV,
+    MOE_BACKEND_FLAG,
+    MOE_FLAG_TO_ENV,
+    rules_for,
+)
 from sparkd.journal import event
 from sparkd.monitor import desktop as dk
 from sparkd.monitor.lateness import read_report
+from sparkd.monitor.nvml import compute_capability
 from sparkd.systemd.manager import UNSET, ResourceWeights, SystemdManager
+from sparkd.units.render import ENGINE_SLICE
 
 if TYPE_CHECKING:
+    from sparkd.config import Config, ModelConfig
+    from sparkd.daemon.engines import EngineView
     from sparkd.daemon.supervisor import Supervisor
     from sparkd.desktop_config import DesktopConfig
 
@@ -53,9 +68,43 @@ def lowered(saved: ResourceWeights, cfg: DesktopConfig) -> ResourceWeights:
         memory_high=high if high == UNSET else int(high * cfg.memory_high_factor))
 
 
+def latency_blocked(kind: str, version: str | None,
+                    capability: tuple[int, int] | None) -> str | None:
+    """Why a restart with the latency MoE backend would not give the latency kernels (None:
+    it would): vLLM runs them only on compute capability 10.x (docs/units.md "The MoE pin");
+    elsewhere a release before 0.17 falls back to CUTLASS by itself and a later one refuses
+    the start, and an unknown GPU could be either."""
+    if kind != "vllm":
+        return None
+    if capability is None:
+        return ("the GPU's compute capability could not be read: a restart with "
+                f"{DEFAULT_MOE_BACKEND} could be refused by vLLM")
+    if capability[0] != LATENCY_MOE_MAJOR:
+        rules = rules_for("vllm", version).rules
+        outcome = "refuses that start" if rules.moe_refuses else "falls back to CUTLASS"
+        return (f"the latency MoE kernels do not run on this GPU (compute capability "
+                f"{capability[0]}.{capability[1]}; vLLM runs them only on "
+                f"{LATENCY_MOE_MAJOR}.x): vLLM {version or '(version unknown)'} {outcome}")
+    return None
+
+
+def with_latency_pin(model: ModelConfig, version: str | None) -> ModelConfig:
+    """The model with the latency MoE pin as its own, in the form its release reads (the
+    flag from 0.17, the variable before): a model's own pin wins over sparkd's, and a flag
+    given last wins over an earlier one (argparse), so the engine runs it."""
+    if rules_for("vllm", version).rules.moe_pin == "flag":
+        return dataclasses.replace(
+            model, args=(*model.args, MOE_BACKEND_FLAG, DEFAULT_MOE_BACKEND))
+    env = {**model.env_dict, MOE_BACKEND_ENV: MOE_FLAG_TO_ENV[DEFAULT_MOE_BACKEND]}
+    return dataclasses.replace(model, env=tuple(sorted(env.items())))
+
+
 class DesktopWatch:
-    def __init__(self, *, name_of: Callable[[int], str | None] = process_name) -> None:
+    def __init__(self, *, name_of: Callable[[int], str | None] = process_name,
+                 capability: Callable[[], tuple[int, int] | None] = lambda:
+                 compute_capability().value) -> None:
         self.name_of = name_of
+        self.capability = capability
         self.state = dk.LadderState()
         self.saved: dict[str, ResourceWeights] = {}  # engine unit -> its weights before
         self.presence: dk.Presence | None = None
@@ -95,7 +144,9 @@ class DesktopWatch:
         if view is None or not view.unit.running:
             return None
         return dk.EngineFacts(name=name or "", kind=view.model.engine,
-                              moe_backend=chosen_moe_backend(view.fingerprints))
+                              moe_backend=chosen_moe_backend(view.fingerprints),
+                              latency_blocked=latency_blocked(
+                                  view.model.engine, _version(view), self.capability()))
 
     async def tick(self, sup: Supervisor) -> None:
         """One health tick's worth: readings, the rule, the step. A failure is said (once in
@@ -178,30 +229,39 @@ class DesktopWatch:
         cfg = sup.config.daemon.desktop
         view = sup.engines[engine.name]
         unit = view.unit_name
+        weighed = ENGINE_SLICE  # where the weights act against user.slice (units/sparkd.slice)
         reasons = "; ".join(str(r) for r in decision.reasons)
         common: dict[str, object] = {"SPARKD_MODEL": engine.name, "SPARKD_STEP": step.value,
                   "SPARKD_REASONS": reasons}
         if step is dk.Step.WEIGHTS:
-            saved = self.saved.get(unit) or await sup.deps.systemd(
-                lambda m: m.resource_weights(unit))
+            saved = self.saved.get(weighed) or await sup.deps.systemd(
+                lambda m: m.resource_weights(weighed))
             low = lowered(saved, cfg)
-            self.saved[unit] = saved
+            self.saved[weighed] = saved
             self._keep(sup)  # before the change: a crash after it still knows what to restore
-            await sup.deps.systemd(lambda m: m.set_resource_weights(unit, low))
+            await sup.deps.systemd(lambda m: m.set_resource_weights(weighed, low))
             event(log, "desktop_ladder", "desktop ladder: %s (%s); %s: CPUWeight %s -> %s, "
-                  "IOWeight %s -> %s%s", reasons, decision.why, unit, _w(saved.cpu_weight),
+                  "IOWeight %s -> %s%s", reasons, decision.why, weighed, _w(saved.cpu_weight),
                   low.cpu_weight, _w(saved.io_weight), low.io_weight,
                   "" if saved.memory_high == UNSET else
                   f", MemoryHigh {saved.memory_high} -> {low.memory_high}",
                   level=logging.WARNING, common=common)
         elif step is dk.Step.LATENCY_MOE:
-            # Not acted on (docs/watch.md): sparkd has no runtime override of a model's MoE
-            # pin yet, and vLLM >= 0.17 refuses flashinfer_trtllm on a GB10 (sm121).
+            # The rule only gets here where the latency kernels run (EngineFacts'
+            # latency_blocked): the unit is rendered again with the latency pin as the model's
+            # own and restarted. The pin lasts until sparkd renders the units again (a reload,
+            # sparkd's start): restoring the weights does not undo it (one more load).
             event(log, "desktop_ladder", "desktop ladder: %s (%s); %s runs the MoE backend %s, "
-                  "not the latency one %s: a restart with it is not done (no runtime MoE "
-                  "override; vLLM refuses %s on a GB10)", reasons, decision.why, engine.name,
-                  engine.moe_backend, LATENCY_MOE_BACKEND, LATENCY_MOE_BACKEND,
+                  "not the latency one %s: restarting it with %s", reasons, decision.why,
+                  engine.name, engine.moe_backend, LATENCY_MOE_BACKEND, LATENCY_MOE_BACKEND,
                   level=logging.WARNING, common=common)
+            config = latency_config(sup.config, view.model.name, _version(view))
+            await sup.deps.systemd(lambda m: sup.deps.apply_units(
+                config, sup.systemd_version, m.daemon_reload))
+            sup.watch.actions.record("desktop_latency_moe", engine.name, sup.deps.wall_clock(),
+                                     f"restarted with {LATENCY_MOE_BACKEND}: {reasons}")
+            job = await sup.deps.systemd(lambda m: m.restart_unit(unit))
+            sup.spawn(restart_done(sup, engine.name, job))
         else:
             event(log, "desktop_ladder", "desktop ladder: %s (%s); stopping %s so that the "
                   "desktop stays usable", reasons, decision.why, engine.name,
@@ -243,3 +303,15 @@ def _setter(unit: str, weights: ResourceWeights) -> Callable[[SystemdManager], N
 
 def _w(value: int) -> str:
     return "default" if value == UNSET else str(value)
+
+
+def _version(view: EngineView) -> str | None:
+    """The release the engine's unit is rendered for: the config's pin, else the detected."""
+    return view.model.engine_version or view.engine_version
+
+
+def latency_config(config: Config, name: str, version: str | None) -> Config:
+    """`config` with model `name` pinned to the latency MoE backend (with_latency_pin)."""
+    models = dict(config.models)
+    models[name] = with_latency_pin(models[name], version)
+    return dataclasses.replace(config, models=models)

@@ -94,7 +94,9 @@ class MachineWatch:
         presence = self.ladder.presence
         if presence is None:
             return "unknown"
-        return "present" if presence.present else "headless"
+        if presence.present:
+            return "present"
+        return "headless" if presence.known else "unknown"
 
     async def sample(self, config: DaemonConfig, serving: Callable[[], str | None]) -> None:
         if self.read_gpu is not None:

@@ -233,12 +233,13 @@ def check_moe_backend_json(expected: str | None, fingerprints: Iterable[Mapping[
                            ) -> MoeCheck:
     """`check_moe_backend` on the fingerprints as `sparkctl status` shows them
     (`Match.to_json`), for doctor."""
-    by_id = {f"{fp.id}": fp for fp in FINGERPRINTS}
     matches = []
     for j in fingerprints:
-        fp = by_id.get(str(j.get("id")))
-        if fp is not None and fp.backend is not None:
-            value = j.get("value")
-            matches.append(Match(fp, str(j.get("line", "")),
-                                 None if value is None else str(value)))
+        line, value = str(j.get("line", "")), j.get("value")
+        # Several fingerprints share an id (vLLM 0.11's lines name the kernels in their own
+        # words): the one whose pattern matches the line reads its value.
+        same = [fp for fp in FINGERPRINTS if fp.id == str(j.get("id")) and fp.backend]
+        fp = next((fp for fp in same if fp.pattern.search(line)), same[-1] if same else None)
+        if fp is not None:
+            matches.append(Match(fp, line, None if value is None else str(value)))
     return check_moe_backend(expected, matches)

@@ -12,7 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sparkd.config import Config, ModelConfig
-from sparkd.engine.parsers import REPLACEMENTS, check_argv, check_env, fixture, fixture_for
+from sparkd.engine.argforms import llama_word, vllm_word
+from sparkd.engine.parsers import (
+    REPLACEMENTS,
+    check_argv,
+    check_env,
+    fixture,
+    fixture_for,
+)
 from sparkd.engine.version_form import FORMS, escaped
 from sparkd.engine.versions import (
     MOE_BACKEND_ENV,
@@ -131,12 +138,15 @@ def _is_moe_env(problem: str, model: ModelConfig) -> bool:
 
 
 def _flag_value(args: tuple[str, ...], flag: str) -> str | None:
+    """The value the engine takes for `flag`: the last one given (argparse)."""
+    found: str | None = None
+    args = tuple(vllm_word(a) for a in args)
     for i, a in enumerate(args):
         if a == flag and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
+            found = args[i + 1]
+        elif a.startswith(flag + "="):
+            found = a.split("=", 1)[1]
+    return found
 
 
 def _token(problem: str) -> str:
@@ -147,7 +157,9 @@ def _token(problem: str) -> str:
 def _explain(where: str, model: ModelConfig, version: str, problem: str,
              spec: list[str]) -> str:
     token = _token(problem)
-    in_args = any(a == token or a.startswith(token + "=") for a in model.args)
+    normal = {"llamacpp": llama_word, "vllm": vllm_word}.get(model.engine, str)
+    args = [normal(a) for a in model.args]
+    in_args = any(a == token or a.startswith(token + "=") for a in args)
     engine = f"{model.engine} {version}"
     if token in model.env_dict:
         key, fix = f"{where}.env.{token}", f"remove it from models.{model.name}.env"
@@ -159,6 +171,10 @@ def _explain(where: str, model: ModelConfig, version: str, problem: str,
             fix = (f"vLLM {version} reads the MoE pin from a variable, not a flag: remove "
                    f'it from args and set env = {{ {MOE_BACKEND_ENV} = "{value}" }} in '
                    f"models.{model.name}")
+        elif "no --flag=value form" in problem:
+            flag, value = token.split("=", 1)
+            fix = (f'write it as two words in models.{model.name}.args: "{escaped(flag)}", '
+                   f'"{escaped(value)}"')
         elif "removed in" in problem:
             fix = (f"use {REPLACEMENTS[token]} instead" if token in REPLACEMENTS
                    else f"remove it from models.{model.name}.args")

@@ -2,7 +2,8 @@
 (`make engine-fixtures`: scripts/engine_fixtures.py), and the check of a command line and
 environment against them.
 
-`check_argv` replays argparse on the recorded parser: an unknown flag, a removed flag (llama.cpp
+`check_argv` replays argparse on the recorded parser (llama.cpp's own loop for llama.cpp: no
+`--flag=value`, underscores read as dashes): an unknown flag, a removed flag (llama.cpp
 keeps those only to exit 1 on them), a value the flag's type does not take, a choice the
 release does not offer, a missing value. `check_env`: a variable in the engine's namespace
 (VLLM_*, SGLANG_*, LLAMA_*) that the release does not read. Reading a fixture is impure (a
@@ -17,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Final
 
+from sparkd.engine.argforms import llama_word, vllm_word
 from sparkd.engine.version_form import parse_version
 
 FIXTURES: Final = Path(__file__).resolve().parent / "fixtures"
@@ -102,6 +104,16 @@ def check_argv(fx: dict[str, Any], args: list[str]) -> list[str]:
         if not word.startswith("-"):
             problems.append(f"{word!r}: an argument no flag takes")
             continue
+        if fx["engine"] == "vllm":
+            word = vllm_word(word)
+        if fx["engine"] == "llamacpp":
+            word = llama_word(word)
+            if "=" in word:
+                # llama-server looks the whole word up: b9093 and b11434 common/arg.cpp
+                # throw "error: invalid argument: --ctx-size=4096" (it exits 1).
+                problems.append(f"{word}: llama-server takes no --flag=value form (it exits "
+                                f"with 'error: invalid argument: {word}')")
+                continue
         flag, eq, inline = word.partition("=")
         spec = flags.get(flag)
         if spec is None:

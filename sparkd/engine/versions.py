@@ -241,7 +241,7 @@ def rules_for(engine: str, version: str | None) -> Resolved:
         if key >= version_key(rules.since):
             chosen = rules
     line = version_key(newest).release
-    if engine != "sim" and key.release[:len(line)] > line:
+    if engine != "sim" and (key.epoch, key.release[:len(line)]) > (0, line):
         return Resolved(kind, version, chosen, f"{engine} {version} is newer than the newest "
                         f"release sparkd knows ({newest}): rendered with the rules for "
                         f"{engine} {chosen.since}+")

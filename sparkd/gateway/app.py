@@ -37,6 +37,7 @@ from sparkd.gateway import (
     prepare,
     routes,
     routing,
+    stopping,
 )
 from sparkd.gateway.errors import GatewayError, error_body, upstream_error_body
 from sparkd.gateway.metrics import Metrics, child
@@ -88,6 +89,7 @@ def build_app(settings: Settings, *, subscribe: bool = True, keys: auth.Keys | N
     app[STATE] = GatewayState(serving=routing.serving_table(settings.config,
                                                             routing.DaemonView()))
     app[METRICS] = Metrics()
+    stopping.track(app)
     _install_door(app, gateway, keys, nofile)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_prepare_worker)
@@ -153,6 +155,10 @@ def openai_errors(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def handle(request: web.Request) -> web.StreamResponse:
+        in_flight = request.app[stopping.IN_FLIGHT]  # a stop waits for it, then cancels it
+        task = asyncio.current_task()
+        if task is not None:
+            in_flight.add(task)
         try:
             return await handler(request)
         except GatewayError as exc:
@@ -178,6 +184,8 @@ def openai_errors(handler: Handler) -> Handler:
             return web.json_response(error_body(
                 500, "internal_error", "the gateway failed on this request (a bug: its log"
                 " has the traceback)"), status=500)
+        finally:
+            in_flight.discard(task)
 
     return handle
 
@@ -649,7 +657,8 @@ def make_runner(app: web.Application) -> web.AppRunner:
     # handler_cancellation: a client that disconnects cancels its handler, and with it the
     # upstream request (aiohttp >= 3.9 leaves handlers running by default). keepalive and
     # lingering: an idle connection, or one whose body was refused, does not stay open.
-    return web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5,
+    return web.AppRunner(app, access_log=None, handler_cancellation=True,
+                         shutdown_timeout=stopping.SHUTDOWN_TIMEOUT_S,
                          keepalive_timeout=gateway.idle_timeout_s, lingering_time=1.0,
                          max_headers=100)
 
@@ -671,4 +680,5 @@ async def serve(config: Config, *, ready: Callable[[], None] = lambda: None,
         ready()
         await (stop or asyncio.Event()).wait()
     finally:
+        await stopping.drain(runner, app)
         await runner.cleanup()

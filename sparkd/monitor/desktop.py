@@ -23,7 +23,7 @@ from sparkd.monitor.psi import RESOURCES, Pressure
 
 
 class Step(enum.StrEnum):
-    WEIGHTS = "weights"  # lower the engine unit's CPUWeight=, IOWeight= (and MemoryHigh=)
+    WEIGHTS = "weights"  # lower sparkd.slice's CPUWeight=, IOWeight= (and MemoryHigh=)
     LATENCY_MOE = "latency_moe"  # vLLM: restart with the latency MoE backend
     STOP = "stop"  # stop the engine
 
@@ -55,6 +55,10 @@ class EngineFacts:
     name: str
     kind: str  # vllm, sglang, llamacpp, sim, external
     moe_backend: str | None  # what its start log says it chose (fingerprints); None: not said
+    #: Why the latency MoE kernels cannot run for this engine here (None: they can): vLLM runs
+    #: them only on compute capability 10.x; elsewhere a release before 0.17 falls back to
+    #: CUTLASS and a later one refuses the start (docs/units.md "The MoE pin").
+    latency_blocked: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,8 @@ def not_applicable(step: Step, engine: EngineFacts, latency_backend: str) -> str
             return f"{engine.name}'s log names no MoE backend (a dense model?)"
         if engine.moe_backend == latency_backend:
             return f"{engine.name} already runs the latency MoE backend {latency_backend}"
+        if engine.latency_blocked is not None:
+            return engine.latency_blocked
     return None
 
 
@@ -192,6 +198,9 @@ DISPLAY_SERVERS: Final = frozenset({
 class Presence:
     present: bool
     why: str
+    #: False when neither source could be read: the ladder treats the machine as headless
+    #: (it acts on no guess), status says "unknown", not "headless".
+    known: bool = True
 
 
 def desktop_presence(session_types: Sequence[str] | None,
@@ -214,4 +223,5 @@ def desktop_presence(session_types: Sequence[str] | None,
     unread = [name for name, v in (("logind", session_types),
                                    ("NVML", graphics_process_names)) if v is None]
     return Presence(present=False, why="no graphical session and no display server"
-                    + (f" ({', '.join(unread)} unread)" if unread else ""))
+                    + (f" ({', '.join(unread)} unread)" if unread else ""),
+                    known=len(unread) < 2)

@@ -34,6 +34,7 @@ ROOT = b"/org/freedesktop/systemd1"
 MANAGER_IFACE = b"org.freedesktop.systemd1.Manager"
 UNIT_IFACE = b"org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = b"org.freedesktop.systemd1.Service"
+SLICE_IFACE = b"org.freedesktop.systemd1.Slice"
 PROPS_IFACE = b"org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = b"/org/freedesktop/systemd1/unit"
 LOGIN_DEST = b"org.freedesktop.login1"
@@ -124,10 +125,12 @@ class PystemdManager:
         )
 
     def resource_weights(self, name: str) -> ResourceWeights:
-        """The service's CPUWeight, IOWeight and MemoryHigh (org.freedesktop.systemd1.Service
-        properties, type t; UINT64_MAX when not set)."""
+        """The service's or slice's CPUWeight, IOWeight and MemoryHigh
+        (org.freedesktop.systemd1.Service or .Slice properties, type t; UINT64_MAX when not
+        set)."""
         path = self._call(ROOT, MANAGER_IFACE, b"LoadUnit", b"s", name.encode())
-        props = self._call(path, PROPS_IFACE, b"GetAll", b"s", SERVICE_IFACE)
+        iface = SLICE_IFACE if name.endswith(".slice") else SERVICE_IFACE
+        props = self._call(path, PROPS_IFACE, b"GetAll", b"s", iface)
         return ResourceWeights(cpu_weight=int(props.get(b"CPUWeight", UNSET)),
                                io_weight=int(props.get(b"IOWeight", UNSET)),
                                memory_high=int(props.get(b"MemoryHigh", UNSET)))

@@ -33,8 +33,8 @@ UNSET: Final = (1 << 64) - 1
 
 @dataclass(frozen=True, slots=True)
 class ResourceWeights:
-    """A service's CPUWeight=, IOWeight= and MemoryHigh= (UNSET: not set; the desktop ladder,
-    docs/watch.md)."""
+    """A service's or slice's CPUWeight=, IOWeight= and MemoryHigh= (UNSET: not set; the
+    desktop ladder, docs/watch.md)."""
 
     cpu_weight: int = UNSET
     io_weight: int = UNSET

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from sparkd.config import ACCOUNT_NAME_RE, EXEC_PREFIXES, Config, EngineKind, ModelConfig, Variant
+from sparkd.engine.argforms import vllm_word
 from sparkd.engine.unit import (
     ENGINE_HOST,
     ENGINE_STOPPED_STAMP,
@@ -56,8 +57,10 @@ PYTHON_ENGINES: Final[frozenset[EngineKind]] = frozenset({"vllm", "sglang", "sim
 
 RESTART_STEPS: Final = 5
 RESTART_MAX_DELAY_S: Final = 120
-CPU_WEIGHT: Final = 50
-IO_WEIGHT: Final = 50
+#: The engines' slice (units/sparkd.slice, shipped by the package), a sibling of user.slice:
+#: its CPUWeight=/IOWeight= (50) are the engines' static weights against the desktop, and the
+#: ones the desktop ladder lowers at runtime (docs/units.md "Resources").
+ENGINE_SLICE: Final = "sparkd.slice"
 OOM_SCORE_ADJUST: Final = 500
 
 # Characters that need no quoting in a systemd word. Everything else is double-quoted.
@@ -181,14 +184,16 @@ def _program(model: ModelConfig, default: str, entrypoint: tuple[str, ...]) -> s
 
 
 def _has_flag(args: Iterable[str], flag: str) -> str | None:
-    """The value given to `flag` in args (`--flag V` or `--flag=V`), or None."""
-    words = list(args)
+    """The value given to `flag` in args (`--flag V` or `--flag=V`), or None. Given more than
+    once, the last: argparse keeps the last value, and so do the engines."""
+    words = [vllm_word(a) for a in args]
+    found: str | None = None
     for i, a in enumerate(words):
         if a == flag and i + 1 < len(words):
-            return words[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
+            found = words[i + 1]
+        elif a.startswith(flag + "="):
+            found = a.split("=", 1)[1]
+    return found
 
 
 def _moe_pin(
@@ -428,9 +433,9 @@ def render_unit(
         *([f"LogExtraFields=SPARKD_VARIANT={variant}"] if variant == "speculative" else []),
         f"SyslogIdentifier=sparkd-engine-{name}" + ("-spec" if variant == "speculative" else ""),
         "",
-        "# Below the default weight of 100: the desktop wins when both want the CPU or disk.",
-        f"CPUWeight={CPU_WEIGHT}",
-        f"IOWeight={IO_WEIGHT}",
+        "# In sparkd's top-level slice (units/sparkd.slice: CPUWeight=50, IOWeight=50), beside",
+        "# user.slice: the engines' share competes with the desktop's at the root.",
+        f"Slice={ENGINE_SLICE}",
         "# When memory runs out, the kernel kills the engine before the desktop.",
         f"OOMScoreAdjust={OOM_SCORE_ADJUST}",
         "",

@@ -45,7 +45,8 @@ from sparkd.daemon.events import as_json
 from sparkd.daemon.supervisor import Supervisor
 from sparkd.errors import BadRequest
 from sparkd.gateway import door
-from sparkd.gateway.app import build_app, settings_for
+from sparkd.gateway import stopping as gateway_stopping
+from sparkd.gateway.app import build_app, make_runner, settings_for
 
 T = TypeVar("T")
 
@@ -189,8 +190,8 @@ def running_gateway(config_text: str, *, initial: Status | None = None,
     if draw is not None:
         settings = dataclasses.replace(settings, draw=draw)
     app = build_app(settings)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                           shutdown_timeout=1)
+    # The production runner: a stop here is the gateway's stop (grace, then cancellation).
+    runner = make_runner(app)
     started = threading.Event()
     stopping: asyncio.Event | None = None
 
@@ -204,6 +205,7 @@ def running_gateway(config_text: str, *, initial: Status | None = None,
         await door.GuardedSite(runner, "127.0.0.1", port, app[door.GUARD]).start()
         started.set()
         await stopping.wait()
+        await gateway_stopping.drain(runner, app)  # as the gateway's serve() stops
         await runner.cleanup()
         daemon.drop_subscribers()
         await daemon.server.close()

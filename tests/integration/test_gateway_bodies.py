@@ -29,6 +29,7 @@ from gateway_harness import Reply, get, post
 from test_gateway_swaps import gateway_to
 
 from sparkd.config import GatewayConfig
+from sparkd.gateway import stopping
 from sparkd.gateway.app import openai_errors
 from sparkd.gateway.metrics import Metrics
 from sparkd.gateway.state import METRICS
@@ -362,6 +363,7 @@ def test_a_bug_is_an_openai_500_not_a_plain_text_traceback(
     async def scenario() -> tuple[int, str, str]:
         app = web.Application()
         app[METRICS] = Metrics()
+        stopping.track(app)  # as build_app does: the route's handlers are tracked for a stop
         app.router.add_post("/v1/chat/completions", openai_errors(bug))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

@@ -59,6 +59,8 @@ SRC_MOUNT = "/src"
 LONG_LIVED_ENV = "SPARKD_TEST_LONG_LIVED"
 
 NSPAWN_STATE = Path("/run/systemd/nspawn")
+#: The v1 controllers a container may get cgroups of its own in (Container(v1_controllers=)).
+V1_CPU_CONTROLLERS = ("cpu", "cpuacct")
 CONTAINER_ENV: Mapping[str, str] = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
@@ -282,7 +284,7 @@ def reap_stale_containers() -> list[str]:
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(NSPAWN_STATE / "propagate" / name, ignore_errors=True)
         reaped.append(f"leftovers of {name} in {base}")
-    for hierarchy in _own_cgroups():
+    for hierarchy in (*_own_cgroups(), *_own_v1_cgroups(V1_CPU_CONTROLLERS)):
         for group in hierarchy.glob("sparkd-test-*"):
             if group.name not in live:
                 _remove_cgroup_tree(group)  # only empty cgroups can go: a busy one stays
@@ -321,6 +323,7 @@ class Container:
         extra_masks: Iterable[str] = (),
         extra_nspawn_args: Sequence[str] = (),
         image: Path = Path("/"),
+        v1_controllers: Iterable[str] = (),
     ) -> None:
         self.name = name or f"sparkd-test-{uuid.uuid4().hex[:8]}"
         # The overlay's lower directory: the host's / by default, or a root filesystem such
@@ -331,6 +334,10 @@ class Container:
         self.tmpfs_size = tmpfs_size
         self.extra_masks = tuple(extra_masks)
         self.extra_nspawn_args = tuple(extra_nspawn_args)
+        # cgroup v1 controller hierarchies (cpu, cpuacct) the container gets a cgroup of its
+        # own in, as in the tracking ones: nspawn mounts them read-only in the container; a
+        # test that remounts one writable (tests/system/test_desktop.py) writes only under it.
+        self.v1_controllers = tuple(v1_controllers)
         self.base: Path | None = None
         self.boots = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -435,7 +442,8 @@ class Container:
 
     def _create_cgroups(self) -> list[Path]:
         self._remove_cgroups()
-        self._cgroups = [base / self.name for base in _own_cgroups()]
+        self._cgroups = [base / self.name for base in
+                         (*_own_cgroups(), *_own_v1_cgroups(self.v1_controllers))]
         for group in self._cgroups:
             group.mkdir(exist_ok=True)
         if not self._cgroups:
@@ -869,6 +877,35 @@ def _own_cgroups() -> list[Path]:
             mount_root, mount_point = fields[3], fields[4]
             relative = path[len(mount_root) :] if path.startswith(mount_root) else path
             found.append(Path(mount_point) / relative.lstrip("/"))
+    return found
+
+
+def _own_v1_cgroups(controllers: Iterable[str]) -> list[Path]:
+    """This process's cgroup in each mounted cgroup v1 hierarchy of `controllers` (a
+    hierarchy that is not mounted, or cgroup v2 only: none)."""
+    wanted = set(controllers)
+    if not wanted:
+        return []
+    own: dict[str, str] = {}
+    with open("/proc/self/cgroup") as cgroups:
+        for line in cgroups:
+            hierarchy, names, path = line.rstrip("\n").split(":", 2)
+            for name in names.split(","):
+                if hierarchy != "0" and name in wanted:
+                    own[name] = path
+    found: list[Path] = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            separator = fields.index("-")
+            if fields[separator + 1] != "cgroup":
+                continue
+            for name in fields[separator + 3].split(","):
+                if name in own:
+                    path = own.pop(name)
+                    mount_root, mount_point = fields[3], fields[4]
+                    relative = path[len(mount_root):] if path.startswith(mount_root) else path
+                    found.append(Path(mount_point) / relative.lstrip("/"))
     return found
 
 

@@ -231,3 +231,87 @@ def test_a_cut_in_the_middle_of_a_pull_resumes_and_never_keeps_a_wrong_file(
                     ).stdout.strip() == "0"
     assert box.exec(["sparkctl", "verify", "tiny"]).returncode == 0
     box.exec(["systemctl", "stop", "fake-hub"])
+
+
+# The hub as a unit that starts at every boot before sparkd (Type=notify once it listens), in
+# the mode /var/lib/hub.mode names; it writes its endpoint where sparkd's drop-in reads it.
+HUB_AT_BOOT = HUB.replace(
+    'if sys.argv[1] == "slow":',
+    'if open("/var/lib/hub.mode").read().strip() == "slow":',
+).replace(
+    "hub.start()\n",
+    "hub.start()\n"
+    "open('/var/lib/hub.env', 'w').write(f'HF_ENDPOINT={hub.endpoint}\\nHF_TOKEN=hf_test\\n')\n"
+    "import os, socket\n"
+    "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+    "s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n",
+)
+HUB_UNIT = """[Unit]
+Description=fake hub (test)
+Before=sparkd.service
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart=/usr/bin/python3 /var/lib/hub.py
+
+[Install]
+WantedBy=multi-user.target
+"""
+HUB_DROP_IN = "[Service]\nEnvironmentFile=-/var/lib/hub.env\n"
+
+
+def journal_events(box: Container, name: str) -> list[dict[str, str]]:
+    out = box.exec(["journalctl", "-b", "-o", "json", "--no-pager", f"SPARKD_EVENT={name}"],
+                   check=False, quiet=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_a_cut_in_the_middle_of_a_pull_of_another_model_is_resumed_at_the_next_boot(
+    container: Container,
+) -> None:
+    """Issue 12: after the unclean boot, the partial download of `tiny` (not the desired
+    model) is resumed in the background from its bytes on disk while `a` serves."""
+    box = container
+    fresh(box)
+    box.exec(["tee", "/var/lib/hub.py"], input=HUB_AT_BOOT, quiet=True)
+    box.exec(["tee", "/etc/systemd/system/fake-hub-boot.service"], input=HUB_UNIT, quiet=True)
+    box.exec(["mkdir", "-p", "/etc/systemd/system/sparkd.service.d"])
+    box.exec(["tee", "/etc/systemd/system/sparkd.service.d/hub.conf"], input=HUB_DROP_IN,
+             quiet=True)
+    box.exec(["sh", "-c", "echo slow > /var/lib/hub.mode; rm -rf /var/lib/sparkd/models/tiny"
+              " /var/lib/sparkd/manifests/tiny.json; systemctl daemon-reload; "
+              "systemctl enable --now fake-hub-boot.service"])
+    env = dict(line.split("=", 1) for line in
+               box.exec(["cat", "/var/lib/hub.env"]).stdout.split())
+    box.exec(["systemd-run", "--unit=pull-tiny-2", "--collect",
+              *[f"--setenv={k}={v}" for k, v in env.items()], "sparkctl", "pull", "tiny",
+              "--json"])
+    wait_for("the pull to write 1 MiB of the shard", lambda: part_size(box) >= MIB, timeout=30)
+    box.exec(["sh", "-c", "echo fast > /var/lib/hub.mode"])
+    try:
+        cut_and_boot(box)
+        wait_for("tiny's download to be resumed",
+                 lambda: bool(journal_events(box, "boot_resume_done")), timeout=90)
+        [done] = journal_events(box, "boot_resume_done")
+        assert done["SPARKD_MODEL"] == "tiny" and int(done["SPARKD_DURATION_MS"]) >= 0
+        assert journal_events(box, "boot_resume_found")
+        # Behind the serving model: sparkd was READY first, and `a` serves.
+        ready = journal_events(box, "daemon_ready")
+        assert ready and int(ready[0]["__REALTIME_TIMESTAMP"]) <= int(
+            journal_events(box, "boot_resume_found")[0]["__REALTIME_TIMESTAMP"])
+        wait_for("a to serve", lambda: serving(box, "a"), timeout=60)
+        time.sleep(0.5)  # the hub's log is written every 0.2 s
+        # Resumed from the bytes on disk, not fetched again from the start.
+        [(start, code)] = hub_bodies(box, "model.safetensors")
+        assert code == 206 and start is not None and start >= MIB, (start, code)
+        expected = box.exec(["python3", "-c", "import hashlib; print(hashlib.sha256("
+                             "bytes(range(256)) * (6 * 4096)).hexdigest())"]).stdout.split()[0]
+        got = box.exec(["sha256sum", f"{MODEL_DIR}/model.safetensors"]).stdout.split()[0]
+        assert got == expected
+        assert part_size(box) == 0
+        assert box.exec(["sparkctl", "verify", "tiny"]).returncode == 0
+    finally:
+        box.exec(["sh", "-c", "systemctl disable --now fake-hub-boot.service; rm -f "
+                  "/etc/systemd/system/sparkd.service.d/hub.conf; systemctl daemon-reload"],
+                 check=False)

@@ -5,6 +5,8 @@ prometheus_client's parser), moves the endpoint when a reload changes the addres
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from checks import serving, wait_for
 from harness import Container
@@ -67,7 +69,10 @@ def test_the_installed_daemon_exports_and_shows_the_machine(container: Container
     shown = box.exec(["sparkctl", "status"], env={"COLUMNS": "160"}).stdout
     assert "| floor 4.0 GiB" in shown
     assert "engine " in shown and "page cache " in shown
-    assert "desktop: unknown · timer lateness n/a" in shown
+    # The lateness probe runs beside sparkd (sparkd-lateness.service); the container has no
+    # graphical session to find, and no GPU.
+    assert re.search(r"desktop: (headless|unknown) · timer lateness p99 [0-9.]+ ms", shown), \
+        shown
     assert "watch actions: none · swaps: done 1" in shown
 
     top = box.exec(["sparkctl", "top", "--count", "2", "--interval", "0.2"],

@@ -321,3 +321,13 @@ def test_engine_version_must_be_a_release(bad: str) -> None:
 def test_engine_version_only_for_real_engines() -> None:
     sim = '[models.a]\nengine = "sim"\nport = 8001\nengine_version = "0.34.0"\n'
     assert "vllm, sglang and llamacpp only" in err(sim)
+
+
+def test_a_huge_value_is_shown_cut_with_its_length() -> None:
+    """A 5,000-character engine_version was echoed whole (the second review of issue 9)."""
+    text = ('[models.m]\nengine = "vllm"\nport = 8101\npath = "/srv/m"\n'
+            f'engine_version = "{"9" * 5000}x"\n')
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, source=Path("/c.toml"))
+    assert exc.value.message.endswith('... (5001 characters)'), exc.value.message
+    assert len(exc.value.message) < 400

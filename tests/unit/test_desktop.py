@@ -252,6 +252,9 @@ path = "/m/big"
 memory_gib = 1
 """
 BIG = "sparkd-engine@big.service"
+# Where the weights step acts: the engines' slice, beside user.slice (an engine unit's own
+# weight only divides sparkd.slice among engines).
+SLICE = "sparkd.slice"
 
 
 class Clock:
@@ -270,7 +273,7 @@ def test_the_ladder_lowers_weights_stops_and_restores_through_systemd(
     clock = Clock()
     w.sup.deps.clock = clock
     w.systemd.set("big", "active", "running", pid=42)
-    w.systemd.weights[BIG] = ResourceWeights(cpu_weight=50, io_weight=50,
+    w.systemd.weights[SLICE] = ResourceWeights(cpu_weight=50, io_weight=50,
                                              memory_high=100 << 30)
 
     def late(ms: float) -> None:
@@ -286,13 +289,13 @@ def test_the_ladder_lowers_weights_stops_and_restores_through_systemd(
         late(45)
         await tick(0)
         await tick(10)  # over for 10 s: the weights
-        assert w.systemd.weights[BIG] == ResourceWeights(1, 1, int((100 << 30) * 0.9))
+        assert w.systemd.weights[SLICE] == ResourceWeights(1, 1, int((100 << 30) * 0.9))
         late(2)
         await tick(5)
         await tick(29)  # under for 29 s: not yet
-        assert w.systemd.weights[BIG].cpu_weight == 1
+        assert w.systemd.weights[SLICE].cpu_weight == 1
         await tick(1)  # 30 s: restored
-        assert w.systemd.weights[BIG] == ResourceWeights(50, 50, 100 << 30)
+        assert w.systemd.weights[SLICE] == ResourceWeights(50, 50, 100 << 30)
         late(45)
         for _ in range(4):  # weights, latency_moe (not acted on), stop
             await tick(10)
@@ -300,9 +303,10 @@ def test_the_ladder_lowers_weights_stops_and_restores_through_systemd(
     with caplog.at_level(logging.INFO):
         run(scenario())
     assert ("stop", BIG) in w.systemd.calls
+    assert BIG not in w.systemd.weights  # never the engine unit's own weight
     messages = [r.getMessage() for r in caplog.records if "desktop ladder" in r.getMessage()]
     assert messages[0] == ("desktop ladder: lateness_p99 45.0 ms > 20 ms (over for 10 s); "
-                           "sparkd-engine@big.service: CPUWeight 50 -> 1, IOWeight 50 -> 1, "
+                           "sparkd.slice: CPUWeight 50 -> 1, IOWeight 50 -> 1, "
                            f"MemoryHigh {100 << 30} -> {int((100 << 30) * 0.9)}")
     assert "restored" in messages[1]
     assert any("skipped" in m and "names no MoE backend" in m for m in messages)
@@ -331,7 +335,7 @@ def test_a_headless_machine_never_touches_the_engine(tmp_path: Path) -> None:
     run(scenario())
     assert w.sup.watch.ladder.presence is not None
     assert not w.sup.watch.ladder.presence.present  # fake logind: none; no GPU
-    assert BIG not in w.systemd.weights
+    assert not w.systemd.weights
     assert ("stop", BIG) not in w.systemd.calls
 
 
@@ -385,7 +389,7 @@ def test_a_restarted_sparkd_still_restores_what_the_one_before_lowered(tmp_path:
         await first.sup.quiesce()
 
     run(lower())
-    assert first.systemd.weights[BIG] == ResourceWeights(1, 1, UNSET)
+    assert first.systemd.weights[SLICE] == ResourceWeights(1, 1, UNSET)
     # A new sparkd (same boot, same units) on the same state directory.
     second = build(tmp_path, text, systemd=first.systemd)
     second.sup.deps.clock = clock
@@ -399,7 +403,7 @@ def test_a_restarted_sparkd_still_restores_what_the_one_before_lowered(tmp_path:
         await second.sup.quiesce()
 
     run(calm())
-    assert first.systemd.weights[BIG] == ResourceWeights(50, 50, UNSET)
+    assert first.systemd.weights[SLICE] == ResourceWeights(50, 50, UNSET)
 
 
 def test_no_step_while_a_swap_runs(tmp_path: Path) -> None:
@@ -417,10 +421,96 @@ def test_no_step_while_a_swap_runs(tmp_path: Path) -> None:
         for _ in range(3):
             await w.sup.watch.ladder.tick(w.sup)
             clock.t += 10
-        assert BIG not in w.systemd.weights
+        assert not w.systemd.weights
         w.sup.swap_run = None
         await w.sup.watch.ladder.tick(w.sup)  # over for 30 s already: the step comes now
         await w.sup.quiesce()
 
     run(scenario())
-    assert w.systemd.weights[BIG].cpu_weight == 1
+    assert w.systemd.weights[SLICE].cpu_weight == 1
+
+
+# -- the latency MoE step ---------------------------------------------------------------------
+
+# vLLM 0.33's line for the backend it chose (sparkd.engine.fingerprints cites it).
+CUTLASS_LINE = ("INFO Using 'FLASHINFER_CUTLASS' NvFp4 MoE backend out of potential backends: "
+                "['FLASHINFER_TRTLLM', 'FLASHINFER_CUTLASS'].")
+LATENCY_CONFIG = CONFIG.replace('memory_gib = 1\n', 'memory_gib = 1\nengine_version = "0.34.0"\n')
+
+
+def _climb(tmp_path: Path, capability: tuple[int, int] | None,
+           caplog: pytest.LogCaptureFixture) -> tuple[object, list[str]]:
+    from sparkd.daemon.desktop import DesktopWatch
+    from sparkd.engine.fingerprints import match_lines
+
+    lateness = tmp_path / "lateness"
+    w = build(tmp_path, LATENCY_CONFIG.replace("{presence}", "present")
+              .replace("{lateness}", str(lateness)))
+    w.sup.watch.ladder = DesktopWatch(capability=lambda: capability)
+    clock = Clock()
+    w.sup.deps.clock = clock
+    w.systemd.set("big", "active", "running", pid=42)
+    write_report(lateness, render([0.045] * 100, 0.02, 10))
+
+    async def scenario() -> None:
+        await started(w.sup)
+        # What the daemon reads from the engine's start log (adopted here: no start to read).
+        w.sup.engines["big"].fingerprints = match_lines([CUTLASS_LINE], engine="vllm")
+        for _ in range(3):  # over from the first tick: weights at 10 s, latency_moe at 20 s
+            await w.sup.watch.ladder.tick(w.sup)
+            await w.sup.quiesce()
+            clock.t += 10
+            write_report(lateness, render([0.045] * 100, 0.02, 10))
+
+    with caplog.at_level(logging.INFO):
+        run(scenario())
+    return w, [r.getMessage() for r in caplog.records if "desktop ladder" in r.getMessage()]
+
+
+def test_the_latency_step_restarts_vllm_with_the_latency_pin_where_its_kernels_run(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """On a 10.x GPU (where vLLM runs the TensorRT-LLM MoE kernels) an engine that chose
+    CUTLASS is rendered again with `--moe-backend flashinfer_trtllm` last (vLLM keeps the last
+    value) and restarted; before, the step only said it was not done."""
+    from sparkd.units.render import render_units
+
+    w, messages = _climb(tmp_path, (10, 0), caplog)
+    assert any("restarting it with flashinfer_trtllm" in m for m in messages), messages
+    assert ("restart", BIG) in w.systemd.calls  # type: ignore[attr-defined]
+    config, _ = w.applied[-1]  # type: ignore[attr-defined]
+    assert config.models["big"].args[-2:] == ("--moe-backend", "flashinfer_trtllm")
+    unit = render_units(config, systemd_version=252, capability=(10, 0))[BIG]
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.endswith("--moe-backend flashinfer_trtllm")
+    actions = [a.kind for a in w.sup.watch.actions.recent]  # type: ignore[attr-defined]
+    assert "desktop_latency_moe" in actions
+
+
+@pytest.mark.parametrize(("capability", "why"), [
+    ((12, 1), "the latency MoE kernels do not run on this GPU (compute capability 12.1; vLLM "
+              "runs them only on 10.x): vLLM 0.34.0 refuses that start"),
+    ((9, 0), "compute capability 9.0"),
+    (None, "the GPU's compute capability could not be read"),
+])
+def test_the_latency_step_is_skipped_where_vllm_would_refuse_or_fall_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, capability: tuple[int, int] | None,
+        why: str) -> None:
+    """A GB10 (12.1), an H200 (9.0) or an unknown GPU: no restart that vLLM 0.17+ would refuse
+    (the engine would be down, not faster); the skip says why."""
+    w, messages = _climb(tmp_path, capability, caplog)
+    assert not any(c[0] == "restart" for c in w.systemd.calls)  # type: ignore[attr-defined]
+    assert any("step latency_moe skipped" in m and why in m for m in messages), messages
+
+
+def test_a_desktop_nobody_could_look_for_is_unknown_not_headless(tmp_path: Path) -> None:
+    """With neither logind nor NVML readable the ladder acts as on a headless machine, but
+    status says "unknown": sparkd did not see that there is no desktop."""
+    unread = dk.desktop_presence(None, None)
+    assert not unread.present and not unread.known
+    assert dk.desktop_presence([], None).known  # logind answered: no graphical session
+    w = build(tmp_path, CONFIG.replace("{presence}", "detect")
+              .replace("{lateness}", str(tmp_path / "lateness")))
+    w.sup.watch.ladder.presence = unread
+    assert w.sup.watch.desktop == "unknown"
+    w.sup.watch.ladder.presence = dk.desktop_presence([], None)
+    assert w.sup.watch.desktop == "headless"

@@ -155,11 +155,14 @@ def test_a_pin_the_engine_refuses_here_fails_with_the_fix() -> None:
                            "--moe-backend flashinfer_cutlass here)")
 
 
-def test_the_throughput_path_on_sm12x_is_a_warning_that_names_the_watch() -> None:
+def test_the_throughput_path_on_sm12x_is_said_ok_and_names_the_watch() -> None:
+    """The best this GPU and release allow: said (with the watch that guards the desktop),
+    not a warning an operator has no fix for (the second review: every GB10 vLLM 0.17+ MoE
+    model warned)."""
     for pin in ({}, {"env": {"VLLM_FLASHINFER_MOE_BACKEND": "throughput"}}):
         moe = by_id(diagnose(facts({"engine_version": "0.34.0", **pin}, GB10)))[
             "moe_backend.qwen"]
-        assert moe.level is Level.WARN
+        assert moe.level is Level.OK
         assert "latency (TensorRT-LLM) MoE kernels do not run on this GPU" in moe.message
         assert "docs/watch.md" in moe.message and moe.fix == ""
 
@@ -409,8 +412,8 @@ def test_a_llamacpp_speculative_variant_is_accepted_and_checked(tmp_path: Path) 
                                 "speculative": {**spec, "method": "eagle"}}))
     res = CliRunner().invoke(sparkd_cli, ["check-config", "--config", str(cfg)])
     assert res.exit_code == 2
-    assert "models.qwen.speculative.method: llama.cpp 11434+ has no 'eagle' speculative " \
-        "type (it has: eagle3)" in res.output
+    assert f'{cfg}: models.qwen.speculative.method: expected "eagle3" (llama.cpp speculates ' \
+        'with EAGLE3 only: common/speculative.cpp), got "eagle"' in res.output
 
 
 def test_sparkctl_doctor_shows_what_the_parsers_refuse(tmp_path: Path) -> None:
@@ -452,3 +455,36 @@ def test_doctor_says_a_pin_the_detected_release_refuses_once() -> None:
     assert checks["engine_lines"].level is Level.FAIL
     assert checks["engine_lines"].fix == "sparkd check-config --config /etc/sparkd.toml"
     assert "engine_line.qwen" not in checks
+
+
+@pytest.mark.parametrize(("version", "lines"), [
+    ("0.11.2", ["WARNING Non-gated MoE is not supported for min-latency mode,falling back to "
+                "high-throughput mode", "INFO Using FlashInfer CUTLASS kernels"]),
+    ("0.11.2", ["INFO Using FlashInfer FP8 MoE CUTLASS backend for SM90/SM100"]),
+    ("0.16.0", ["WARNING Flashinfer TRTLLM MOE backend is only supported on SM100 and later, "
+                "using CUTLASS backend instead",
+                "INFO Using 'FLASHINFER_CUTLASS' NvFp4 MoE backend out of potential backends"]),
+])
+def test_a_release_before_0_17_falling_back_from_sparkds_pin_is_not_a_failure(
+        version: str, lines: list[str]) -> None:
+    """moe_backend says a release before 0.17 falls back to CUTLASS by itself where the
+    latency kernels do not run; before, moe_chosen then failed that very fallback ("the pin
+    asks for flashinfer_trtllm, the engine chose flashinfer_cutlass")."""
+    from sparkd.daemon.report import fingerprint_record
+    from sparkd.engine.fingerprints import match_lines
+
+    prints = tuple(fingerprint_record(m) for m in match_lines(lines, engine="vllm"))
+    status = sb.status(daemon=sb.daemon(status_line="idle"), engines=(
+        sb.engine("qwen", 8201, engine="vllm", fingerprints=prints),))
+    for gpu in (H200, GB10):
+        checks = by_id(diagnose(facts({"engine_version": version}, gpu,
+                                      daemon_status=status)))
+        assert checks["moe_backend.qwen"].level is Level.OK
+        chosen = checks["moe_chosen.qwen"]
+        assert chosen.level is Level.OK, chosen
+        assert "fell back to it from the latency pin by itself" in chosen.message
+    # On a GPU that runs the latency kernels the same log is still a failure.
+    on_b200 = by_id(diagnose(facts({"engine_version": version}, ComputeCapability((10, 0)),
+                                   daemon_status=status)))["moe_chosen.qwen"]
+    if not any("falling back" in line or "instead" in line for line in lines):
+        assert on_b200.level is Level.FAIL

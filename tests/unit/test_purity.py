@@ -39,12 +39,14 @@ PURE = (
     "sparkd.config_checks",
     "sparkd.metrics_config",
     "sparkd.engine.version_form",
+    "sparkd.engine.argforms",
     "sparkd.engine.config_rules",
     "sparkd.control.codec",
     "sparkd.control.status",
     "sparkd.daemon.engines",
     "sparkd.daemon.report",
     "sparkd.daemon.actions",
+    "sparkd.daemon.resume",
 )
 ADAPTERS = ("aiohttp", "pystemd", "pynvml", "pyudev", "click", "rich", "sdnotify",
             "huggingface_hub", "psutil")

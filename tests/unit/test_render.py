@@ -26,6 +26,7 @@ from sparkd.config import (
 )
 from sparkd.errors import ConfigError
 from sparkd.units.render import (
+    ENGINE_SLICE,
     GENERATED_MARKER,
     engine_argv,
     engine_command,
@@ -37,6 +38,7 @@ from sparkd.units.render import (
 )
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
+UNITS_DIR = Path(__file__).resolve().parent.parent.parent / "units"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 VERSIONS = (252, 255)
 
@@ -462,6 +464,22 @@ def test_unit_basics() -> None:
                  "SyslogIdentifier=sparkd-engine-qwen3-30b", "CacheDirectory=sparkd/qwen3-30b"):
         assert line in lines, line
     assert text.endswith("\n") and not text.endswith("\n\n")
+
+
+def test_engines_run_in_the_shipped_top_level_slice_which_holds_the_weights() -> None:
+    """Engine units in sparkd.slice, a sibling of user.slice under -.slice: weights divide a
+    parent's share among its children, so only there do the engines' weights compete with
+    the desktop's (in system.slice/system-sparkd\\x2dengine.slice they divided that slice
+    among engines). The static weights are the slice's, none the unit's."""
+    c = golden_config()
+    for name, text in render_units(c, systemd_version=252).items():
+        settings_ = [line for line in text.split("\n") if line and not line.startswith("#")]
+        assert f"Slice={ENGINE_SLICE}" in settings_, name
+        assert not [s for s in settings_ if s.startswith(("CPUWeight=", "IOWeight="))], name
+    assert ENGINE_SLICE.count(".") == 1 and "-" not in ENGINE_SLICE  # top level: no parent
+    shipped = (UNITS_DIR / ENGINE_SLICE).read_text().split("\n")
+    assert "[Slice]" in shipped and "[Install]" not in shipped
+    assert {"CPUWeight=50", "IOWeight=50"} <= set(shipped)
 
 
 def test_render_is_deterministic() -> None:

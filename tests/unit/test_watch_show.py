@@ -74,9 +74,9 @@ def test_a_floor_stop_shows_in_the_machine_record_and_survives_the_codec(
     assert "MemAvailable 2.0 GiB under the floor of 4.0 GiB, it held 20.0 GiB" in (
         machine.actions[0].detail)
     assert machine.action_counts == {"memory_floor_stop": 1}
-    # The ladder judged the desktop on the health tick: fake logind has no graphical session
-    # and there is no GPU; no lateness probe reports in this test.
-    assert machine.desktop == "headless" and machine.lateness_p99_ms is None
+    # The ladder looked for a desktop on the health tick: the fake systemd has no logind and
+    # there is no GPU, so nothing could say (not "headless"); no lateness probe reports here.
+    assert machine.desktop == "unknown" and machine.lateness_p99_ms is None
     # What the daemon sends is what sparkctl reads back.
     assert Status.from_json(status.to_json()) == status
 
