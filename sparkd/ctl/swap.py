@@ -105,10 +105,18 @@ def recover(ctx: click.Context, config_file: Path, *, timeout_s: float | None,
         sock = client.socket_path(config_file)
         status = client.status(sock)
         desired = status.desired_model
-        if desired is None:
-            raise NothingToRecover("sparkd has no desired model (daemon.default_model is "
-                                   "unset and nothing was swapped to): sparkctl swap NAME")
         failure = status.last_failure
+        if desired is None and failure is not None:
+            # A failed swap (the default model's start at a first boot, say) rolled back to
+            # nothing: no last good model. daemon.default_model may well be set.
+            raise NothingToRecover(
+                f"sparkd has no desired model: the last swap, to {failure.model}, failed "
+                f"({failure.reason}) with no last good model to roll back to; see sparkctl "
+                f"logs --model {failure.model}, fix the cause, then: sparkctl swap "
+                f"{failure.model}")
+        if desired is None:
+            raise NothingToRecover("sparkd has no desired model (no daemon.default_model, "
+                                   "nothing swapped to, or it was unloaded): sparkctl swap NAME")
         if not as_json:
             click.echo(f"desired model: {desired}" + (
                 f" (last failure, of {failure.model}: {failure.reason})"

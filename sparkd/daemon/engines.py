@@ -58,16 +58,18 @@ def stale_on_reload(engines: Mapping[str, EngineView], new: Config) -> list[tupl
     the engine listens on the old one). A reload stops them first."""
     stale = []
     for key, view in sorted(engines.items()):
-        if not view.unit.running:
-            continue
-        model = new.models.get(view.model.name)
-        if model is None or not model.supervised:
-            why = f"model {view.model.name} is no longer configured"
-        elif view.variant not in model.variants:
-            why = f"model {view.model.name} has no {view.variant} variant any more"
-        elif model.port_for(view.variant) != view.port:
-            why = f"its port moved from {view.port} to {model.port_for(view.variant)}"
-        else:
-            continue
-        stale.append((key, why))
+        if view.unit.running and (why := why_stale(view.model, view.variant, new)):
+            stale.append((key, why))
     return stale
+
+
+def why_stale(model: ModelConfig, variant: Variant, new: Config) -> str | None:
+    """Why an engine started as `model`'s `variant` does not fit `new` (None when it does)."""
+    now = new.models.get(model.name)
+    if now is None or not now.supervised:
+        return f"model {model.name} is no longer configured"
+    if variant not in now.variants:
+        return f"model {model.name} has no {variant} variant any more"
+    if now.port_for(variant) != model.port_for(variant):
+        return f"its port moved from {model.port_for(variant)} to {now.port_for(variant)}"
+    return None

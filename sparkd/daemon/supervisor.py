@@ -35,7 +35,7 @@ from sparkd.control.status import (
     Status,
     SwapRecord,
 )
-from sparkd.daemon import health, reloading, report, speculative
+from sparkd.daemon import health, reloading, report, speculative, start_stale
 from sparkd.daemon.control import answer
 from sparkd.daemon.devices import BlockPresent, DeviceWatch, ReadMounts
 from sparkd.daemon.engines import EngineView, engine_key, model_of_unit
@@ -163,18 +163,14 @@ class Supervisor:
             event(log, "config_refused", "%s is refused; running on the last accepted config "
                   "(%s): %s", self.config_file, self.config.source, self.config_refused,
                   level=logging.ERROR)
-        else:
+        else:  # engines the file no longer describes go before its copy replaces the old
+            await start_stale.stop_stale_at_start(self)
             self.accept_config(self.config)
         previous_boot, clean = state.boot_id, state.clean_shutdown
         if previous_boot and previous_boot != self.deps.boot_id and not clean:
             self.unclean_boot = True
-            event(
-                log,
-                "unclean_shutdown",
-                "the previous boot %s ended without a clean sparkd stop",
-                previous_boot,
-                level=logging.WARNING,
-            )
+            event(log, "unclean_shutdown", "the previous boot %s ended without a clean sparkd "
+                  "stop", previous_boot, level=logging.WARNING)
         self.state = state.replace(boot_id=self.deps.boot_id, clean_shutdown=False)
         self.systemd_version = await self.deps.systemd(lambda m: m.version())
         await self.watch.sample(self.config.daemon, self.active_model)
@@ -298,11 +294,12 @@ class Supervisor:
     # -- events from systemd --------------------------------------------------------------
 
     def on_systemd_event(self, ev: SystemdEvent) -> None:
+        if isinstance(ev, JobDone):  # any engine unit's: the start stops units of no engine
+            self.jobs.finished(ev.job_id, ev.result)
         model = model_of_unit(ev.unit)
         if model is None or model not in self.engines:
             return
         if isinstance(ev, JobDone):
-            self.jobs.finished(ev.job_id, ev.result)
             level = logging.INFO if ev.result == "done" else logging.WARNING
             event(
                 log,

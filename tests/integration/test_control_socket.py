@@ -233,6 +233,27 @@ def test_sparkctl_recover_without_a_desired_model_says_what_to_do(tmp_path: Path
     assert asked == ["status"]  # no swap was asked for
 
 
+def test_sparkctl_recover_after_a_failed_start_names_the_model_and_its_failure(
+    tmp_path: Path,
+) -> None:
+    """The default model's start failed with no last good model to roll back to (a first
+    boot, a port held by another process): sparkd has no desired model although
+    daemon.default_model is set. The message says so, not that the default is unset."""
+
+    async def rolled_back_to_nothing(request: Request) -> Any:
+        return {**STATUS, "desired_model": None, "active_model": None,
+                "last_failure": {"model": "a", "reason": "health_gate: not healthy within "
+                                 "30 s (/health: cannot connect: connection refused)"}}
+
+    with ServerThread(tmp_path / "control.sock", "sparkd-no-such-group",
+                      rolled_back_to_nothing) as s:
+        res = CliRunner().invoke(cli, ["recover", "--config", str(_config(tmp_path, s.path))])
+    assert res.exit_code == ExitStatus.FAILURE
+    assert "default_model is unset" not in res.output
+    assert "the last swap, to a, failed (health_gate: not healthy within 30 s" in res.output
+    assert "sparkctl logs --model a" in res.output and "sparkctl swap a" in res.output
+
+
 def test_sparkctl_swap_says_so_when_sparkd_closes_the_stream_mid_swap(tmp_path: Path) -> None:
     async def accepts(request: Request) -> Any:
         if request.method == "swap":

@@ -222,3 +222,28 @@ def test_lost_state_adopts_the_engine_that_serves(container: Container, damage: 
     assert "b" in events(box, "state_adopted")
     s = status(box)
     assert s is not None and s["daemon"]["state_warning"] is not None
+
+
+@pytest.mark.parametrize("edit", ["removed", "port"])
+def test_a_restart_on_an_edited_config_leaves_no_engine_it_does_not_know(
+    container: Container, edit: str
+) -> None:
+    """The edits of the two tests above, put in force by `systemctl restart sparkd` instead
+    of a reload (engines outlive sparkd): b's engine is stopped at the start, not left running
+    `not-found active` beside the default model, nor probed on its new port and restarted as
+    hung."""
+    box = container
+    fresh(box)
+    box.exec(["sparkctl", "swap", "b"], timeout=90)
+    pid = prop(box, "sparkd-engine@b.service", "MainPID")
+    new = CONFIG.split("[models.b]")[0] if edit == "removed" else CONFIG.replace(
+        "port = 8102", "port = 8112")
+    box.exec(["tee", "/etc/sparkd.toml"], input=new, quiet=True)
+    box.exec(["systemctl", "restart", "sparkd"])
+    serve, port = ("a", 8101) if edit == "removed" else ("b", 8112)
+    wait_for(f"{serve} to serve", lambda: serving(box, serve)
+             and engine_models(box, port) == [serve], timeout=90)
+    assert engine_models(box, 8102) == []
+    assert prop(box, "sparkd-engine@b.service", "MainPID") != pid
+    assert "stopped at sparkd's start" in events(box, "engine_stopped_at_start")
+    assert events(box, "engine_hung") == ""

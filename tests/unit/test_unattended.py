@@ -236,3 +236,38 @@ def test_after_an_unclean_shutdown_files_are_checked_and_repaired_from_their_sou
     assert asked == [("a", True)]  # repair = false in the config; the unclean boot repairs
     assert "after the unclean shutdown: a's files checked (and repaired from its source" in (
         caplog.text)
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    (lambda text: text.split("[models.b]")[0], "model b is no longer configured"),
+    (lambda text: text.replace("port = 9002", "port = 9012"), "port moved from 9002 to 9012"),
+])
+def test_a_restart_stops_a_running_engine_the_new_config_no_longer_describes(
+    tmp_path: Path, edit: Any, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same edits as above, put in force by `systemctl restart sparkd` (or any start
+    while the engines run, stop_engines_on_exit = false) instead of a reload: the engine the
+    accepted config started is stopped first, never left running orphaned (its unit file
+    gone, `not-found active`, its memory and port held) nor probed on its new port and
+    restarted as hung."""
+    w = world(tmp_path)
+
+    async def first() -> None:
+        await started(w.sup)
+        w.sup.request_swap("b")
+        await w.sup.quiesce()
+        await w.sup.shutdown()
+
+    run(first())
+    assert w.systemd.units[unit("b")].running
+    again = world(tmp_path, edit(CONFIG))
+    again.systemd.units = dict(w.systemd.units)
+    run(started(again.sup))
+    assert again.systemd.calls[0] == ("stop", unit("b"))
+    assert why in caplog.text
+    # The stop job's end reached the start (not the wait's timeout: b is not an engine of
+    # the new config, and the start has not made the new config's engines yet).
+    assert "stop job done" in caplog.text
+    serving = "b" if "port" in why else "a"
+    assert again.sup.active_model() == serving
+    assert ("start", unit(serving)) in again.systemd.calls
