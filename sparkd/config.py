@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
 
 from sparkd.config_checks import ACCOUNT_NAME_RE as ACCOUNT_NAME_RE  # re-exported
-from sparkd.config_checks import Validator, suggest
+from sparkd.config_checks import Validator, read_config_text, suggest
 from sparkd.config_devices import device_keys
 from sparkd.desktop_config import DESKTOP_KEYS, DesktopConfig, parse_desktop
 from sparkd.engine.config_rules import check_engine
@@ -299,15 +299,7 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 def load_config(path: Path) -> Config:
     # Absolute: the rendered units pass this path to `sparkd prestart --config`.
     path = path.absolute()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{path}: file not found (create it, or point --config/{CONFIG_ENV} at one)"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return parse_config(text, source=path)
+    return parse_config(read_config_text(path, CONFIG_ENV), source=path)
 
 
 def parse_config(text: str, *, source: Path) -> Config:

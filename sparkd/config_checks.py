@@ -48,6 +48,32 @@ def show(value: object) -> str:
     return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
 
 
+#: The largest config file sparkd reads: a real one is a few KiB; a bigger one (a mistake, or
+#: hostile) would be parsed, copied to the accepted copy and read by every engine start.
+MAX_CONFIG_BYTES: Final = 1 << 20
+
+
+def read_config_text(path: Path, env: str) -> str:
+    """The text of the config file at `path` (UTF-8, at most MAX_CONFIG_BYTES), or a
+    ConfigError naming the file and the fix; `env` is the variable that can point elsewhere."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: file not found (create it, or point --config/{env} at one)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a sparkd "
+                          "config (a real one is a few KiB); point --config at the right "
+                          "file, or cut this one down")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+
+
 class Validator:
     """Typed getters that raise ConfigError naming the file and dotted key."""
 

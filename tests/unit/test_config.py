@@ -331,3 +331,19 @@ def test_a_huge_value_is_shown_cut_with_its_length() -> None:
         parse_config(text, source=Path("/c.toml"))
     assert exc.value.message.endswith('... (5001 characters)'), exc.value.message
     assert len(exc.value.message) < 400
+
+
+def test_a_config_over_a_mib_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    """A 200 MB config of comments was parsed, accepted and copied, and read by every engine
+    start (the second review of issue 12): now refused with the file and the fix."""
+    from sparkd.config import load_config
+
+    path = tmp_path / "sparkd.toml"
+    path.write_text("# padding\n" * 200_000)  # 2 MB of comments: valid TOML
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert exc.value.message == (
+        f"{path}: larger than 1 MiB: not a sparkd config (a real one is a few KiB); point "
+        "--config at the right file, or cut this one down")
+    path.write_text("# padding\n" * 1000 + '[models.m]\nengine = "sim"\nport = 8101\n')
+    assert list(load_config(path).models) == ["m"]  # a small file reads
