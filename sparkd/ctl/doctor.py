@@ -96,6 +96,13 @@ def diagnose(f: Facts) -> list[Check]:
     else:
         line = f.daemon_status.daemon.status_line
         checks.append(Check("daemon", Level.OK, f"sparkd runs: {line}"))
+        if f.daemon_status.desired_model is None:
+            # Nothing serves: after `sparkctl unload`, or a failed start with no last good
+            # model to roll back to (last_failure, below, says which).
+            default = c.daemon.default_model
+            checks.append(Check("serving", Level.WARN, "nothing serves: no model is desired",
+                                f"sparkctl swap {default}" if default else
+                                "sparkctl swap MODEL (sparkctl models lists them)"))
         reload = f.daemon_status.daemon.last_reload
         if reload and not reload.ok:
             checks.append(Check("config_reload", Level.FAIL,

@@ -151,7 +151,9 @@ def status_line(daemon_state: DaemonStateName, desired: str | None, run: SwapRun
     elif run is not None:
         line = f"swapping {run.plan.from_model} -> {run.plan.target}: {run.step}"
     elif desired is None:
-        line = "no model configured to run"
+        # True after an unload and after a failed start with nothing to roll back to alike;
+        # the last failure (status, doctor) says which.
+        line = "nothing serves: no model is desired"
     elif desired not in engines:
         line = f"{desired}: not a supervised model"
     else:

@@ -55,6 +55,7 @@ def facts(**changes: Any) -> Facts:
         rendered={"a.service": "x"},
         installed={"a.service": "x"},
         daemon_status=sb.status(daemon=sb.daemon(status_line="qwen: serving, healthy"),
+                                active_model="qwen",
                                 gpu=gpus_record(read(FixtureNvml(gb10["captured"])))),
         daemon_error=None,
         drop_caches_writable=True,
@@ -167,3 +168,17 @@ def test_doctor_fails_when_the_engine_chose_another_backend_or_refused() -> None
         "['FLASHINFER_TRTLLM']."), capability=ComputeCapability((10, 0)))))
     assert ok["moe_chosen.qwen"].level is Level.OK
     assert "moe_chosen.qwen" not in by_id(diagnose(facts()))  # nothing logged: nothing to say
+
+
+def test_nothing_serving_is_a_warning_not_an_ok() -> None:
+    """After a failed first start with no last good model, doctor said "ok  sparkd runs: no
+    model configured to run" and exited 0 (issue 12's second review); nothing served."""
+    assert "serving" not in by_id(diagnose(facts()))
+    idle = sb.status(daemon=sb.daemon(status_line="nothing serves: no model is desired"))
+    check = by_id(diagnose(facts(daemon_status=idle)))["serving"]
+    assert (check.level, check.message) == (Level.WARN, "nothing serves: no model is desired")
+    assert check.fix == "sparkctl swap MODEL (sparkctl models lists them)"  # no default_model
+    config = parse_config(CONFIG.replace("[daemon]\n", '[daemon]\ndefault_model = "qwen"\n'),
+                          source=Path("/etc/sparkd.toml"))
+    check = by_id(diagnose(facts(daemon_status=idle, config=config)))["serving"]
+    assert check.fix == "sparkctl swap qwen"
