@@ -349,8 +349,11 @@ class Supervisor:
 
     def _observe_unit(self, model: str, before: UnitStatus, now: UnitStatus) -> None:
         if now.n_restarts > before.n_restarts and before.load_state == "loaded":
-            event(log, "engine_restarted", "systemd restarted %s (restart %d, %s)", model,
-                  now.n_restarts, now.result, level=logging.WARNING, SPARKD_MODEL=model)
+            # Result= after the restart is the new run's; why the old one ended is in `before`.
+            why = next((r for r in (before.result, now.result) if r and r != "success"), None)
+            event(log, "engine_restarted", "systemd restarted %s (restart %d%s)", model,
+                  now.n_restarts, f"; the run before ended: {why}" if why else "",
+                  level=logging.WARNING, SPARKD_MODEL=model)
         # Engine units restart on failure, so a failed one is one systemd gave up on: its
         # start limit was hit (systemd 252 reports the auto-restart's Result, e.g. exit-code;
         # later versions say start-limit-hit) or it failed in a way not worth restarting.

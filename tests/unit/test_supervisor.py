@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
@@ -283,3 +284,26 @@ def test_memory_pressure_is_reported_once_per_episode(tmp_path: Path, caplog: An
     assert warnings == ["memory pressure: every task stalled 28.5 % of the last 10 s (limit "
                         "10 %) while a serves; the desktop is starving"]
     assert w.sup.status().pressure["memory"].full_avg10 == 0.0
+
+
+def test_a_restart_by_systemd_says_why_the_run_before_ended(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """"systemd restarted a (restart 4, success)" after every crash: Result= after the
+    restart is the new run's (issue 12's second review). The reading before says why."""
+    w = world(tmp_path)
+    w.systemd.set("a", "active", "running", pid=7)
+
+    async def scenario() -> None:
+        await started(w.sup)
+        w.systemd.set("a", "activating", "auto-restart", restarts=0, result="exit-code")
+        await w.sup.refresh_units(["a"])
+        w.systemd.set("a", "active", "running", pid=8, restarts=1, result="success")
+        await w.sup.refresh_units(["a"])
+        w.systemd.set("a", "active", "running", pid=9, restarts=2, result="success")
+        await w.sup.refresh_units(["a"])  # the crash between two readings: no reason seen
+
+    with caplog.at_level(logging.WARNING):
+        run(scenario())
+    said = [r.getMessage() for r in caplog.records if "systemd restarted" in r.getMessage()]
+    assert said == ["systemd restarted a (restart 1; the run before ended: exit-code)",
+                    "systemd restarted a (restart 2)"]
