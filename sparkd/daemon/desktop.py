@@ -36,7 +36,6 @@ from sparkd.units.render import ENGINE_SLICE
 
 if TYPE_CHECKING:
     from sparkd.config import Config, ModelConfig
-    from sparkd.daemon.engines import EngineView
     from sparkd.daemon.supervisor import Supervisor
     from sparkd.desktop_config import DesktopConfig
 
@@ -146,7 +145,7 @@ class DesktopWatch:
         return dk.EngineFacts(name=name or "", kind=view.model.engine,
                               moe_backend=chosen_moe_backend(view.fingerprints),
                               latency_blocked=latency_blocked(
-                                  view.model.engine, _version(view), self.capability()))
+                                  view.model.engine, view.release, self.capability()))
 
     async def tick(self, sup: Supervisor) -> None:
         """One health tick's worth: readings, the rule, the step. A failure is said (once in
@@ -255,7 +254,7 @@ class DesktopWatch:
                   "not the latency one %s: restarting it with %s", reasons, decision.why,
                   engine.name, engine.moe_backend, LATENCY_MOE_BACKEND, LATENCY_MOE_BACKEND,
                   level=logging.WARNING, common=common)
-            config = latency_config(sup.config, view.model.name, _version(view))
+            config = latency_config(sup.config, view.model.name, view.release)
             await sup.deps.systemd(lambda m: sup.deps.apply_units(
                 config, sup.systemd_version, m.daemon_reload))
             sup.watch.actions.record("desktop_latency_moe", engine.name, sup.deps.wall_clock(),
@@ -304,11 +303,6 @@ def _setter(unit: str, weights: ResourceWeights) -> Callable[[SystemdManager], N
 
 def _w(value: int) -> str:
     return "default" if value == UNSET else str(value)
-
-
-def _version(view: EngineView) -> str | None:
-    """The release the engine's unit is rendered for: the config's pin, else the detected."""
-    return view.model.engine_version or view.engine_version
 
 
 def latency_config(config: Config, name: str, version: str | None) -> Config:

@@ -29,6 +29,7 @@ from sparkd.journal import event
 from sparkd.monitor.devices import (
     DeviceEvent,
     GpuTrack,
+    Mount,
     Power,
     PowerAction,
     PowerTrack,
@@ -142,13 +143,19 @@ class DeviceWatch:
         self.evaluate_power(sup)
         self.check_volumes(sup)
 
-    def watch_volumes(self, sup: Supervisor) -> None:
+    def _mounts(self) -> list[Mount] | None:
+        """The mounts now (None: not read here, or the read failed, which is logged)."""
         if self.read_mounts is None:
-            return
+            return None
         try:
-            mounts = parse_mountinfo(self.read_mounts())
+            return parse_mountinfo(self.read_mounts())
         except OSError as exc:
             log.warning("cannot read the mounts: %s", exc)
+            return None
+
+    def watch_volumes(self, sup: Supervisor) -> None:
+        mounts = self._mounts()
+        if mounts is None:
             return
         paths = {m.name: os.path.realpath(m.path) for m in sup.config.supervised_models}
         self.volumes = rewatch(self.volumes, volumes_to_watch(paths, mounts), set(paths))
@@ -209,12 +216,10 @@ class DeviceWatch:
     def check_volumes(self, sup: Supervisor) -> None:
         """Look at the mounts (health timer and every block event): unmounting sends no
         uevent, a removed block device does."""
-        if self.read_mounts is None or not self.volumes.watched:
+        if not self.volumes.watched:
             return
-        try:
-            mounts = parse_mountinfo(self.read_mounts())
-        except OSError as exc:
-            log.warning("cannot read the mounts: %s", exc)
+        mounts = self._mounts()
+        if mounts is None:
             return
         present = {}
         if self.block_present is not None:

@@ -34,6 +34,11 @@ class EngineView:
         return self.model.unit_for(self.variant)
 
     @property
+    def release(self) -> str | None:
+        """The engine release the unit is rendered for: the config's pin, else the detected."""
+        return self.model.engine_version or self.engine_version
+
+    @property
     def port(self) -> int:
         return self.model.port_for(self.variant)
 

@@ -64,7 +64,7 @@ def fingerprint_record(m: Match) -> FingerprintRecord:
 
 def engine_record(view: EngineView) -> EngineRecord:
     u = view.unit
-    version = view.model.engine_version or view.engine_version
+    version = view.release
     return EngineRecord(
         model=view.model.name,
         engine=view.model.engine,
