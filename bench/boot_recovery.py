@@ -23,35 +23,13 @@ import statistics
 import sys
 import time
 
-from container import machine, sparkd_container, wait_serving
+from container import CHAT_POLLER, machine, sparkd_container, wait_serving
 from harness import Container
 
 LOAD_S = 2.0  # the shipped sim-small's --load-seconds (etc/sparkd.toml)
 MODEL = "sim-small"
 OVERHEAD_BAR_S = 3.0
 
-# Inside the container: poll the gateway until a chat completion answers 200, print the wall
-# time of that answer and how many attempts it took.
-POLLER = r"""
-import json, sys, time, urllib.request, urllib.error
-body = json.dumps({"model": sys.argv[1], "max_tokens": 4,
-                   "messages": [{"role": "user", "content": "hi"}]}).encode()
-deadline = time.time() + float(sys.argv[2]); tries = 0; last = ""
-while time.time() < deadline:
-    tries += 1
-    req = urllib.request.Request("http://127.0.0.1:8000/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            if r.status == 200:
-                print(json.dumps({"t": time.time(), "tries": tries})); sys.exit(0)
-    except urllib.error.HTTPError as e:
-        last = f"HTTP {e.code}"
-    except OSError as e:
-        last = repr(e)
-    time.sleep(0.02)
-sys.exit(f"no 200 in {sys.argv[2]} s after {tries} tries; last: {last}")
-"""
 
 # What the timeline shows: systemd's messages about sparkd's units, and every line of
 # sparkd's own processes.
@@ -88,7 +66,7 @@ def one_run(box: Container, *, show: bool) -> dict[str, float]:
     t0 = time.time()
     box.boot()
     pid1_at = time.time()
-    res = box.exec(["python3", "-c", POLLER, MODEL, "120"], timeout=150, quiet=True)
+    res = box.exec(["python3", "-c", CHAT_POLLER, MODEL, "120"], timeout=150, quiet=True)
     answer = json.loads(res.stdout)
     total = answer["t"] - t0
     if show:
@@ -107,7 +85,7 @@ def main() -> int:
     with sparkd_container() as box:
         # The shipped config, the gateway up and a first chat answered: the steady state.
         box.exec(["systemctl", "start", "sparkd-gateway"])
-        box.exec(["python3", "-c", POLLER, MODEL, "60"], timeout=90, quiet=True)
+        box.exec(["python3", "-c", CHAT_POLLER, MODEL, "60"], timeout=90, quiet=True)
         runs = []
         for i in range(args.runs):
             run = one_run(box, show=args.timeline)

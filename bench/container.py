@@ -13,6 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "system"))
 
+from checks import CHAT_POLLER as CHAT_POLLER  # noqa: E402  (re-exported for the benches)
 from checks import built_deb, status, wait_for  # noqa: E402
 from harness import Container  # noqa: E402
 from machine import describe  # noqa: E402

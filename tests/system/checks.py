@@ -51,3 +51,28 @@ def serving(box: Container, model: str) -> bool:
     s = status(box)
     return (s is not None and s["swap"] is None and s["active_model"] == model
             and s["daemon"]["status_line"].startswith(f"{model}: serving, healthy"))
+
+
+# Run inside a container (`python3 -c CHAT_POLLER MODEL SECONDS`): a chat completion through
+# the gateway, retried every 20 ms until it answers 200; prints the wall time of that answer
+# and how many attempts it took as JSON, or exits non-zero with the last failure.
+CHAT_POLLER = r"""
+import json, sys, time, urllib.request, urllib.error
+body = json.dumps({"model": sys.argv[1], "max_tokens": 4,
+                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+deadline = time.time() + float(sys.argv[2]); tries = 0; last = ""
+while time.time() < deadline:
+    tries += 1
+    req = urllib.request.Request("http://127.0.0.1:8000/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            if r.status == 200:
+                print(json.dumps({"t": time.time(), "tries": tries})); sys.exit(0)
+    except urllib.error.HTTPError as e:
+        last = f"HTTP {e.code}"
+    except OSError as e:
+        last = repr(e)
+    time.sleep(0.02)
+sys.exit(f"no 200 in {sys.argv[2]} s after {tries} tries; last: {last}")
+"""

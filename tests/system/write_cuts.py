@@ -35,7 +35,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from checks import status, wait_for
+from checks import CHAT_POLLER, status, wait_for
 from harness import Container
 
 from sparkd.errors import StateError
@@ -100,27 +100,6 @@ while True:
     save_accepted(configs[k % 2])
 """
 
-# Inside the container: a chat completion through the gateway, retried until it answers 200.
-POLLER = r"""
-import json, sys, time, urllib.request, urllib.error
-body = json.dumps({"model": sys.argv[1], "max_tokens": 4,
-                   "messages": [{"role": "user", "content": "hi"}]}).encode()
-deadline = time.time() + float(sys.argv[2]); tries = 0; last = ""
-while time.time() < deadline:
-    tries += 1
-    req = urllib.request.Request("http://127.0.0.1:8000/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            if r.status == 200:
-                print(json.dumps({"t": time.time(), "tries": tries})); sys.exit(0)
-    except urllib.error.HTTPError as e:
-        last = f"HTTP {e.code}"
-    except OSError as e:
-        last = repr(e)
-    time.sleep(0.02)
-sys.exit(f"no 200 in {sys.argv[2]} s after {tries} tries; last: {last}")
-"""
 
 
 def expected_state(cut: int, k: int, boot_id: str) -> str:
@@ -239,7 +218,7 @@ def one_cut(box: Container, cut: int, rng: random.Random, summary: Summary) -> N
         desired = "a"  # a failure already: sparkd sets it aside and starts the default
     t0 = time.time()
     box.boot()
-    res = box.exec(["python3", "-c", POLLER, desired, "90"], timeout=120, check=False,
+    res = box.exec(["python3", "-c", CHAT_POLLER, desired, "90"], timeout=120, check=False,
                    quiet=True)
     if res.returncode != 0:
         summary.failures.append(f"{where}: after the boot, no chat completion for {desired}: "
