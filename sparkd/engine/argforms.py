@@ -4,6 +4,8 @@ render finding the model's own `--moe-backend`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 def llama_word(word: str) -> str:
     """A word as llama-server looks it up: a `--` argument with its underscores made dashes
@@ -24,3 +26,18 @@ def vllm_word(word: str) -> str:
     name, eq, value = word.partition("=")
     head, dot, rest = name.partition(".")
     return head.replace("_", "-") + dot + rest + eq + value
+
+
+
+def flag_value(args: Iterable[str], flag: str) -> str | None:
+    """The value given to `flag` in args (`--flag V` or `--flag=V`, read as vLLM reads the
+    words), or None. Given more than once, the last: argparse keeps the last value, and so do
+    the engines."""
+    words = [vllm_word(a) for a in args]
+    found: str | None = None
+    for i, a in enumerate(words):
+        if a == flag and i + 1 < len(words):
+            found = words[i + 1]
+        elif a.startswith(flag + "="):
+            found = a.split("=", 1)[1]
+    return found

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sparkd.config import Config, ModelConfig
-from sparkd.engine.argforms import llama_word, vllm_word
+from sparkd.engine.argforms import flag_value, llama_word, vllm_word
 from sparkd.engine.parsers import (
     REPLACEMENTS,
     check_argv,
@@ -137,18 +137,6 @@ def _is_moe_env(problem: str, model: ModelConfig) -> bool:
         model.env_dict.get(MOE_BACKEND_ENV) not in MOE_ENV_TO_FLAG
 
 
-def _flag_value(args: tuple[str, ...], flag: str) -> str | None:
-    """The value the engine takes for `flag`: the last one given (argparse)."""
-    found: str | None = None
-    args = tuple(vllm_word(a) for a in args)
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            found = args[i + 1]
-        elif a.startswith(flag + "="):
-            found = a.split("=", 1)[1]
-    return found
-
-
 def _token(problem: str) -> str:
     head = problem.split(":", 1)[0].split(" ", 1)[0]
     return head.strip("'\"")
@@ -167,7 +155,7 @@ def _explain(where: str, model: ModelConfig, version: str, problem: str,
     elif in_args:
         key = f"{where}.args"
         if token == MOE_BACKEND_FLAG and model.engine == "vllm":
-            value = MOE_FLAG_TO_ENV.get(_flag_value(model.args, token) or "", "latency")
+            value = MOE_FLAG_TO_ENV.get(flag_value(model.args, token) or "", "latency")
             fix = (f"vLLM {version} reads the MoE pin from a variable, not a flag: remove "
                    f'it from args and set env = {{ {MOE_BACKEND_ENV} = "{value}" }} in '
                    f"models.{model.name}")

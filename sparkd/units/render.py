@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from sparkd.config import ACCOUNT_NAME_RE, EXEC_PREFIXES, Config, EngineKind, ModelConfig, Variant
-from sparkd.engine.argforms import vllm_word
+from sparkd.engine.argforms import flag_value
 from sparkd.engine.unit import (
     ENGINE_HOST,
     ENGINE_STOPPED_STAMP,
@@ -131,7 +131,7 @@ def engine_command(
         moe, extra, add_env, drop_env, moe_notes = _moe_pin(
             f"{config.source}: models.{name}", model, resolved, own_env, capability)
         notes += moe_notes
-        moe_from = ("args" if _has_flag(model.args, MOE_BACKEND_FLAG) is not None
+        moe_from = ("args" if flag_value(model.args, MOE_BACKEND_FLAG) is not None
                     else "env" if MOE_BACKEND_ENV in own_env else "sparkd")
     elif model.engine == "sglang":
         head = [program, *rules.entrypoint, "--model-path", path, "--served-model-name", name]
@@ -183,19 +183,6 @@ def _program(model: ModelConfig, default: str, entrypoint: tuple[str, ...]) -> s
     return binary
 
 
-def _has_flag(args: Iterable[str], flag: str) -> str | None:
-    """The value given to `flag` in args (`--flag V` or `--flag=V`), or None. Given more than
-    once, the last: argparse keeps the last value, and so do the engines."""
-    words = [vllm_word(a) for a in args]
-    found: str | None = None
-    for i, a in enumerate(words):
-        if a == flag and i + 1 < len(words):
-            found = words[i + 1]
-        elif a.startswith(flag + "="):
-            found = a.split("=", 1)[1]
-    return found
-
-
 def _moe_pin(
     where: str, model: ModelConfig, resolved: Resolved, own_env: Mapping[str, str],
     capability: tuple[int, int] | None,
@@ -207,7 +194,7 @@ def _moe_pin(
     `sparkd check-config` refuses it)."""
     rules = resolved.rules
     version = resolved.version or "of unknown version"
-    from_args = _has_flag(model.args, MOE_BACKEND_FLAG)
+    from_args = flag_value(model.args, MOE_BACKEND_FLAG)
     from_env = own_env.get(MOE_BACKEND_ENV)
     notes: list[str] = []
     if from_args is not None:
