@@ -176,16 +176,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
     reply = responses.plan_reply(gen)
     env = Envelope(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=options.model)
-    rate = _rate(options, gen)
-    state = request.app[STATE]
-    state.requests_running += 1
-    try:
-        if gen.stream:
-            return await _stream(request, responses.chat_chunks(reply, gen, env), rate)
-        await _decode(state, reply, rate)
-        return web.json_response(responses.chat_completion(reply, gen, env))
-    finally:
-        state.requests_running -= 1
+    return await _answer(request, gen, reply, responses.chat_chunks(reply, gen, env),
+                         lambda: responses.chat_completion(reply, gen, env))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -196,14 +188,23 @@ async def completions(request: web.Request) -> web.StreamResponse:
     )
     reply = responses.plan_reply(gen)
     env = Envelope(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=options.model)
-    rate = _rate(options, gen)
+    return await _answer(request, gen, reply, responses.text_chunks(reply, gen, env),
+                         lambda: responses.text_completion(reply, gen, env))
+
+
+async def _answer(request: web.Request, gen: Generation, reply: Reply,
+                  chunks: Iterable[tuple[JSON, bool]], whole: Callable[[], JSON]
+                  ) -> web.StreamResponse:
+    """Stream `chunks` or decode and send `whole()`, counted as a running request meanwhile
+    (what the /metrics gauge reports)."""
+    rate = _rate(request.app[OPTIONS], gen)
     state = request.app[STATE]
     state.requests_running += 1
     try:
         if gen.stream:
-            return await _stream(request, responses.text_chunks(reply, gen, env), rate)
+            return await _stream(request, chunks, rate)
         await _decode(state, reply, rate)
-        return web.json_response(responses.text_completion(reply, gen, env))
+        return web.json_response(whole())
     finally:
         state.requests_running -= 1
 
