@@ -4,15 +4,19 @@ reconciled, and the desired model converged on, behind the usual gates."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
 from sparkd.config import load_config
 from sparkd.control.status import ReloadRecord
 from sparkd.daemon.engines import stale_on_reload
+from sparkd.engine.linecheck import refuse_bad_lines
 from sparkd.engine.unit import STOP_WAIT_S
+from sparkd.engine.versions import detect_versions
 from sparkd.errors import ConfigError
 from sparkd.journal import event
+from sparkd.monitor.nvml import compute_capability
 from sparkd.units.render import render_units
 
 if TYPE_CHECKING:
@@ -25,8 +29,14 @@ async def reload(sup: Supervisor) -> dict[str, Any]:
     path = sup.config_file
     try:
         new = load_config(path)
-        # Rendering checks what parsing cannot (binaries systemd would refuse, ...).
-        render_units(new, systemd_version=sup.systemd_version)
+        # What parsing cannot check, as check-config does: every engine line against the real
+        # parser of its release (detection may run an engine's --version: off the loop), then
+        # the units systemd would refuse (binaries, ...).
+        versions, capability = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: (detect_versions(new.supervised_models), compute_capability().value))
+        refuse_bad_lines(new, versions, capability)
+        render_units(new, systemd_version=sup.systemd_version, engine_versions=versions,
+                     capability=capability)
         # Not accepted unless durable: engines' prestart reads the kept copy.
         sup.deps.accept_config(new)
     except ConfigError as exc:

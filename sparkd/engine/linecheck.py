@@ -42,6 +42,17 @@ class LineReport:
     warnings: list[str] = field(default_factory=list)
 
 
+def refuse_bad_lines(config: Config, detected: Mapping[str, str] | None = None,
+                     capability: tuple[int, int] | None = None) -> LineReport:
+    """check_lines, with its errors raised as one ConfigError (check-config, and the daemon's
+    reload: a file whose engine lines a real parser refuses is refused everywhere); the
+    report's warnings are the caller's to say."""
+    report = check_lines(config, detected, capability)
+    if report.errors:
+        raise ConfigError("\n".join(report.errors))
+    return report
+
+
 def engine_args(command: EngineCommand) -> list[str]:
     """The words a parser sees: vLLM's from `serve` on, SGLang's and llama.cpp's after the
     program and entrypoint."""
@@ -154,7 +165,7 @@ def _explain(where: str, model: ModelConfig, version: str, problem: str,
         problem = problem.removeprefix(f"{token}: ")
     elif in_args:
         key = f"{where}.args"
-        if token == MOE_BACKEND_FLAG and model.engine == "vllm":
+        if token == MOE_BACKEND_FLAG and model.engine == "vllm" and "not a flag of" in problem:
             value = MOE_FLAG_TO_ENV.get(flag_value(model.args, token) or "", "latency")
             fix = (f"vLLM {version} reads the MoE pin from a variable, not a flag: remove "
                    f'it from args and set env = {{ {MOE_BACKEND_ENV} = "{value}" }} in '

@@ -190,3 +190,21 @@ def test_a_file_of_flags_is_refused(engine: str, word: str) -> None:
 def test_llamacpp_has_no_config_file_flag_to_refuse() -> None:
     parse_config(config_text({"engine": "llamacpp", "args": ["--ctx-size", "4096"]}),
                  source=Path("/c.toml"))
+
+
+def test_a_bad_moe_backend_choice_is_not_told_to_use_the_variable() -> None:
+    """`--moe-backend bogus` on vLLM 0.34 was told "vLLM 0.34.0 reads the MoE pin from a
+    variable, not a flag" (the variable is gone from 0.24; found on the installed .deb). That
+    fix is for a release with no such flag (0.11.2); a bad choice is corrected in args."""
+    from sparkd.engine.linecheck import check_lines
+
+    def errors(version: str, args: list[str]) -> list[str]:
+        config = parse_config(config_text({"engine_version": version, "args": args}),
+                              source=Path("/c.toml"))
+        return check_lines(config).errors
+
+    [bad_choice] = errors("0.34.0", ["--moe-backend", "bogus"])
+    assert "not one of the choices" in bad_choice and "from a variable" not in bad_choice
+    assert bad_choice.endswith("fix: correct it in models.m.args"), bad_choice
+    [no_flag] = errors("0.11.2", ["--moe-backend", "flashinfer_cutlass"])
+    assert "reads the MoE pin from a variable, not a flag" in no_flag

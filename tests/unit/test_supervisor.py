@@ -147,6 +147,26 @@ def test_invalid_reload_keeps_the_old_config(tmp_path: Path) -> None:
     assert reload is not None and reload.ok is False
 
 
+@pytest.mark.parametrize("word", ["--moe-backend", "--moe-backend=bogus"])
+def test_a_reload_refuses_an_engine_line_the_real_parser_refuses(tmp_path: Path,
+                                                                  word: str) -> None:
+    """check-config refused `--moe-backend bogus` on vLLM 0.34 (not one of the choices of its
+    recorded parser) while `systemctl reload sparkd` took it: the daemon's reload did not run
+    the line check (found on the installed .deb). Now the reload is refused and the old config
+    kept."""
+    w = world(tmp_path)
+    run(started(w.sup))
+    old = w.sup.config
+    args = f'["{word}", "bogus"]' if "=" not in word else f'["{word}"]'
+    w.sup.config.source.write_text(
+        w.sup.config.source.read_text() + '\n[models.moe]\nengine = "vllm"\n'
+        f'engine_version = "0.34.0"\npath = "/srv/m"\nport = 8300\nargs = {args}\n')
+    with pytest.raises(ConfigError, match=r"--moe-backend.*bogus.*not one of the choices"):
+        run(w.sup.reload())
+    assert w.sup.config is old
+    assert len(w.applied) == 1
+
+
 def test_valid_reload_reconciles_again(tmp_path: Path) -> None:
     w = world(tmp_path)
     run(started(w.sup))
